@@ -1,0 +1,6 @@
+"""Shared pieces: position schemes, feed-forward, the pre-norm decoder layer."""
+
+from memzoo.layers.decoder import DecoderLayer, FeedForward
+from memzoo.layers.positions import POSITION_SCHEMES, NoPositions, PositionScheme, RoPE, make_positions
+
+__all__ = ["DecoderLayer", "FeedForward", "POSITION_SCHEMES", "NoPositions", "PositionScheme", "RoPE", "make_positions"]

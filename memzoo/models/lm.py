@@ -1,0 +1,58 @@
+"""The language model wrapper: token embedding -> backbone -> final norm -> LM head."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from memzoo.errors import InputError
+from memzoo.state import State
+from memzoo.variants.base import Backbone
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # (B, T, V)
+    state: State
+
+
+class MemzooLM(nn.Module):
+    def __init__(self, backbone: Backbone, vocab_size: int, tie_embeddings: bool = False) -> None:
+        super().__init__()
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.backbone = backbone
+        self.embed = nn.Embedding(vocab_size, backbone.d_model)
+        self.norm = nn.RMSNorm(backbone.d_model)
+        self.head = nn.Linear(backbone.d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @property
+    def variant(self) -> str:
+        return self.backbone.variant
+
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        return self.backbone.init_state(batch_size, device=device, dtype=dtype)
+
+    def check_tokens(self, tokens: Tensor) -> None:
+        if not isinstance(tokens, Tensor):
+            raise InputError(f"tokens must be a torch.LongTensor of shape (B, T), got {type(tokens).__name__}")
+        if tokens.dtype != torch.long:
+            raise InputError(f"tokens must have dtype torch.int64 (long), got {tokens.dtype}")
+        if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+            raise InputError(f"tokens must have shape (B, T) with B, T >= 1, got {tuple(tokens.shape)}")
+        if tokens.device != self.embed.weight.device:
+            raise InputError(f"tokens are on {tokens.device}, the model is on {self.embed.weight.device}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise InputError(f"token ids must lie in [0, {self.vocab_size - 1}] (vocab_size={self.vocab_size}); got min {lo}, max {hi}")
+
+    def forward(self, tokens: Tensor, state: State | None = None) -> ModelOutput:
+        self.check_tokens(tokens)
+        y, new_state = self.backbone(self.embed(tokens), state)
+        return ModelOutput(self.head(self.norm(y)), new_state)

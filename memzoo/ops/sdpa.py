@@ -1,0 +1,133 @@
+"""Block-gathered ``scaled_dot_product_attention``: the default fast path.
+
+For a bounded layout (block size ``L``, window ``W``) the queries are cut into their
+blocks, and each block gets its own small key set ``[extra rows (F), memory (W), own
+block (L)]``; one batched SDPA call then does all blocks at once::
+
+    q      (B, H, nb, L, D)
+    keys   (B, H, nb, F + W + L, D)     memory part is an unfold (view) of the keys
+    mask   (nb, L, F + W + L)           own block causal; padding masked
+
+Score entries: ``nb·L·(F+W+L)`` instead of ``T·(T+F)`` for a dense mask. The first and
+last blocks of a call may be partial: they are padded with zeros and masked, and
+padding query rows (whose outputs are dropped) see every key so no row is empty.
+Unbounded layouts (``full``) use one causal SDPA call (lower-right aligned).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from memzoo.ops.base import AttentionCall, Backend, register_backend
+from memzoo.ops.layout import BlockLayout
+
+
+def span(x: Tensor, x_start: int, lo: int, hi: int) -> Tensor:
+    """``x`` (B,H,T,D) covers positions ``[x_start, x_start+T)``; return positions
+    ``[lo, hi)``, zero-padded where ``x`` has nothing."""
+    x_end = x_start + x.shape[2]
+    a = max(lo, x_start)
+    b = max(min(hi, x_end), a)
+    core = x[:, :, a - x_start : b - x_start]
+    return F.pad(core, (0, 0, a - lo, hi - b))
+
+
+def gather_blocks(
+    x: Tensor, x_start: int, first_block: int, n_blocks: int, block_size: int, window: int
+) -> Tensor:
+    """Per query block, the ``window`` positions before its start: (B,H,nb,W,D)."""
+    lo = first_block * block_size - window
+    hi = (first_block + n_blocks - 1) * block_size
+    padded = span(x, x_start, lo, hi)  # (B, H, (nb-1)*L + W, D)
+    return padded.unfold(2, window, block_size).transpose(-1, -2)
+
+
+def block_mask(
+    layout: BlockLayout, q_start: int, n_queries: int, k_start: int, n_extra: int, device: torch.device
+) -> Tensor:
+    """Boolean (nb, L, F + W + L) mask for :func:`gather_blocks` keys; True = may attend."""
+    size, window = layout.block_size, layout.window
+    assert size is not None and window is not None
+    end = q_start + n_queries
+    b0 = q_start // size
+    nb = layout.n_query_blocks(q_start, n_queries)
+    starts = (b0 + torch.arange(nb, device=device)) * size  # (nb,)
+    q_pos = starts[:, None] + torch.arange(size, device=device)  # (nb, L)
+    mem_pos = starts[:, None] - window + torch.arange(window, device=device)  # (nb, W)
+    own = (q_pos[:, None, :] <= q_pos[:, :, None]) & (q_pos[:, None, :] >= k_start)  # (nb, L, L)
+    mem = (mem_pos >= k_start)[:, None, :].expand(nb, size, window)
+    extra = torch.ones(nb, size, n_extra, dtype=torch.bool, device=device)
+    mask = torch.cat([extra, mem, own], dim=-1)
+    padding_rows = (q_pos < q_start) | (q_pos >= end)  # (nb, L)
+    return mask | padding_rows[:, :, None]
+
+
+@register_backend
+class SDPABackend(Backend):
+    name = "sdpa"
+    priority = 10
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        if not call.layout.bounded and (call.has_extra or call.has_memory_tensors):
+            return ["an unbounded layout (window=None) with memory tensors or extra rows is not block-gatherable"]
+        return []
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        layout: BlockLayout,
+        q_start: int,
+        scale: float,
+        k_mem: Tensor | None = None,
+        v_mem: Tensor | None = None,
+        extra_k: Tensor | None = None,
+        extra_v: Tensor | None = None,
+    ) -> Tensor:
+        tq, tk = q.shape[2], k.shape[2]
+        end = q_start + tq
+        k_start = end - tk
+        if not layout.bounded:
+            if extra_k is not None or k_mem is not None:
+                raise ValueError("sdpa: unbounded layout takes no memory tensors or extra rows")
+            if tq == tk:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            q_pos = torch.arange(q_start, end, device=q.device)
+            k_pos = torch.arange(k_start, end, device=q.device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+        size, window = layout.block_size, layout.window
+        assert size is not None and window is not None
+        b, h = q.shape[:2]
+        b0 = q_start // size
+        nb = layout.n_query_blocks(q_start, tq)
+        lo, hi = b0 * size, (b0 + nb) * size
+
+        qb = span(q, q_start, lo, hi).unflatten(2, (nb, size))  # (B,H,nb,L,D)
+        keys = [span(k, k_start, lo, hi).unflatten(2, (nb, size))]  # own block
+        values = [span(v, k_start, lo, hi).unflatten(2, (nb, size))]
+        if window > 0:
+            km = k if k_mem is None else k_mem
+            vm = v if v_mem is None else v_mem
+            keys.insert(0, gather_blocks(km, k_start, b0, nb, size, window))
+            values.insert(0, gather_blocks(vm, k_start, b0, nb, size, window))
+        n_extra = 0
+        if extra_k is not None:
+            assert extra_v is not None
+            n_extra = extra_k.shape[3]
+            keys.insert(0, extra_k)
+            values.insert(0, extra_v)
+        kb = torch.cat(keys, dim=3) if len(keys) > 1 else keys[0]
+        vb = torch.cat(values, dim=3) if len(values) > 1 else values[0]
+        mask = block_mask(layout, q_start, tq, k_start, n_extra, q.device)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # (B,H,nb,L,Dv)
+        out = out.flatten(2, 3)
+        return out[:, :, q_start - lo : q_start - lo + tq]
+
+    def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -1,0 +1,159 @@
+"""The variant contract: a backbone maps hidden states and a state to hidden states
+and a new state::
+
+    y, new_state = backbone(x, state)      # x, y: (B, T, D); state: None or this variant's State
+
+``T`` is any length >= 1. Running a sequence in one call or in consecutive chunks,
+each with the state the previous chunk returned, gives the same outputs and final
+state (the *state equivalence property*, checked for every registered variant by
+:mod:`memzoo.testing`).
+
+Subclasses implement :meth:`Backbone.empty_state` and :meth:`Backbone.step`; the base
+class validates inputs and states so every variant refuses bad input the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple, TypedDict
+
+import torch
+from torch import Tensor, nn
+
+from memzoo.errors import InputError, StateError
+from memzoo.layers import DecoderLayer, PositionScheme, make_positions
+from memzoo.ops import check_backend_name
+from memzoo.state import State, describe_mismatch, fingerprint_of
+
+
+class BackboneOutput(NamedTuple):
+    y: Tensor
+    state: State
+
+
+class CommonArgs(TypedDict, total=False):
+    """The shared keyword arguments of every backbone constructor."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    block_size: int
+    d_ff: int | None
+    rope_base: float
+    backend: str
+
+
+class Backbone(nn.Module):
+    """Base class of every variant. Register subclasses with ``@memzoo.register_variant``."""
+
+    variant: ClassVar[str] = ""
+    State: ClassVar[type[State]] = State
+
+    def __init__(
+        self,
+        *,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        block_size: int = 64,
+        d_ff: int | None = None,
+        rope_base: float = 10000.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("block_size", block_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_layers, self.n_heads, self.block_size = d_model, n_layers, n_heads, block_size
+        self.head_dim = d_model // n_heads
+        self.d_ff = d_ff or 4 * d_model
+        self.rope_base = rope_base
+        self.backend = check_backend_name(backend)
+        #: hyper-parameters that decide what a state means (backend excluded: it does not)
+        self.hparams: dict[str, Any] = dict(
+            d_model=d_model, n_layers=n_layers, n_heads=n_heads, block_size=block_size, d_ff=self.d_ff, rope_base=rope_base
+        )
+
+    # ------------------------------------------------------------ building blocks
+    def make_positions(self) -> PositionScheme:
+        return make_positions("rope", self.head_dim, self.rope_base)
+
+    def make_layers(self) -> nn.ModuleList:
+        return nn.ModuleList(
+            DecoderLayer(self.d_model, self.n_heads, self.d_ff, self.make_positions()) for _ in range(self.n_layers)
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.variant, self.hparams)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def param_device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --------------------------------------------------------------- the contract
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        """The state before the first token (``forward(x, None)`` starts from it)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        device = torch.device(device) if device is not None else self.param_device
+        return self.empty_state(batch_size, device, dtype or self.param_dtype)
+
+    def forward(self, x: Tensor, state: State | None = None) -> BackboneOutput:
+        self.check_input(x)
+        if state is None:
+            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        else:
+            self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
+        y, new_state = self.step(x, state)
+        return BackboneOutput(y, new_state)
+
+    def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """Process ``x`` (B, T, D) continuing from a validated ``state``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- validation
+    def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise InputError(f"{self.variant}: x must be a torch.Tensor of shape (B, T, {self.d_model}), got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise InputError(f"{self.variant}: x must have shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise InputError(f"{self.variant}: x needs B >= 1 and T >= 1, got shape {tuple(x.shape)}")
+        if x.dtype != self.param_dtype:
+            raise InputError(f"{self.variant}: x has dtype {x.dtype} but the parameters are {self.param_dtype}; cast one of them")
+        if x.device != self.param_device:
+            raise InputError(f"{self.variant}: x is on {x.device} but the parameters are on {self.param_device}")
+
+    def check_state(self, state: State, *, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        if not isinstance(state, State):
+            raise StateError(f"{self.variant}: state must be a memzoo State or None, got {type(state).__name__}")
+        if not isinstance(state, self.State):
+            raise StateError(
+                f"{self.variant}: got a {type(state).__name__} from variant {state.variant!r}; "
+                f"this backbone takes {self.State.__name__} (or None to start fresh)"
+            )
+        if state.fingerprint != self.fingerprint:
+            raise StateError(
+                f"{self.variant}: state was built for another config ({describe_mismatch(self.fingerprint, state.fingerprint)})"
+            )
+        if state.batch_size != batch_size:
+            raise StateError(f"{self.variant}: state has batch size {state.batch_size}, input has {batch_size}")
+        if state.device != device:
+            raise StateError(f"{self.variant}: state is on {state.device}, input is on {device}; use state.to(device)")
+        if state.dtype is not None and state.dtype != dtype:
+            raise StateError(f"{self.variant}: state has dtype {state.dtype}, input has {dtype}; use state.to(dtype)")
+
+    def positions(self, state: State, n: int, device: torch.device) -> Tensor:
+        """Absolute positions of the next ``n`` tokens: (n,) int64."""
+        return torch.arange(state.pos, state.pos + n, device=device)

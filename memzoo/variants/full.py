@@ -1,0 +1,44 @@
+"""``full``: plain causal attention, the upper bound the memory variants approximate.
+
+Every query sees every earlier key. Streaming state: the whole K/V cache (it grows
+with the tokens streamed; that is the point of the memory variants).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memzoo.config import VariantConfig
+from memzoo.ops import BlockLayout
+from memzoo.registry import register_variant
+from memzoo.variants.base import CommonArgs
+from memzoo.variants.kv import KVCacheBackbone, KVState
+
+try:
+    from typing import Unpack
+except ImportError:  # Python 3.10
+    from typing_extensions import Unpack
+
+
+class FullConfig(VariantConfig):
+    """``full`` has no fields of its own."""
+
+
+@dataclass
+class FullState(KVState):
+    """The whole K/V cache per layer."""
+
+
+@register_variant("full", config=FullConfig)
+class Full(KVCacheBackbone):
+    State = FullState
+
+    def __init__(self, **common: Unpack[CommonArgs]) -> None:
+        super().__init__(**common)
+        self.layers = self.make_layers()
+
+    def layout(self) -> BlockLayout:
+        return BlockLayout(block_size=None, window=None)
+
+    def keep_from(self, next_pos: int) -> int:
+        return 0
