@@ -96,6 +96,25 @@ class State:
                 return t.dtype
         return None
 
+    def where(self: S, keep: Tensor, other: S) -> S:
+        """Rows where ``keep`` (B,) is True from ``self``, the others from ``other``
+        (same type and shapes), e.g. to reset some rows of a batch to a fresh state."""
+        if type(other) is not type(self) or other.pos != self.pos or other.fingerprint != self.fingerprint:
+            raise StateError("State.where needs two states of the same variant, config and position")
+        if keep.dtype != torch.bool or keep.shape != (self.batch_size,):
+            raise StateError(f"keep must be a bool tensor of shape ({self.batch_size},), got {keep.dtype} {tuple(keep.shape)}")
+        def pick(t: Tensor, o: Tensor) -> Tensor:
+            return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, o)
+
+        changes: dict[str, Any] = {}
+        theirs = other.tensor_fields()
+        for name, value in self.tensor_fields().items():
+            if isinstance(value, (list, tuple)):
+                changes[name] = [pick(t, o) for t, o in zip(value, theirs[name])]
+            else:
+                changes[name] = pick(value, theirs[name])
+        return dataclasses.replace(self, **changes)
+
     # --------------------------------------------------------------- flat dict
     def to_dict(self) -> dict[str, Tensor]:
         flat: dict[str, Tensor] = {
