@@ -118,6 +118,13 @@ class Backbone(nn.Module):
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
         raise NotImplementedError
 
+    def carry_state(self, state: State) -> State:
+        """The state to start an unrelated *next* sequence from (Random State Passing,
+        TransformerFAM §B.2.3, generalised). Default: the state itself, detached, i.e. the
+        next sequence reads as a continuation. Variants whose memory is separable from
+        their positional cache (FAM) override this to keep the memory only."""
+        return state.detach()
+
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Process ``x`` (B, T, D) continuing from a validated ``state``."""
         raise NotImplementedError

@@ -1,0 +1,136 @@
+"""The conformance suite, generated from the registry: every registered variant, with
+every entry of its config's ``conformance_options``, passes every check of
+:mod:`memzoo.testing`. A new variant is tested here the moment it registers."""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import memzoo
+from memzoo import testing as kit
+
+CASES = [
+    pytest.param(name, dict(opts), id=f"{name}-{i}")
+    for name in memzoo.list_variants()
+    for i, opts in enumerate(memzoo.get_variant(name).config.conformance_options)
+]
+
+
+def test_every_variant_declares_conformance_options():
+    assert CASES, "no registered variants"
+    for name in memzoo.list_variants():
+        assert memzoo.get_variant(name).config.conformance_options, name
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str, opts_key: tuple, dtype: torch.dtype = torch.float64):
+    return kit.tiny_model(name, dict(opts_key), dtype=dtype)
+
+
+def model_for(name, opts, dtype=torch.float64):
+    return _model(name, tuple(sorted(opts.items())), dtype)
+
+
+def cutting(max_len: int = 22):
+    """(batch, T, sorted cut points) including 1-token chunks and cuts inside blocks."""
+
+    @st.composite
+    def strat(draw):
+        batch = draw(st.integers(1, 2))
+        length = draw(st.integers(1, max_len))
+        token_by_token = draw(st.booleans()) if length > 1 else False
+        if token_by_token:
+            cuts = list(range(1, length))
+        else:
+            cuts = sorted(draw(st.sets(st.integers(1, max(1, length - 1)), max_size=max(0, length - 1)))) if length > 1 else []
+        seed = draw(st.integers(0, 2**16))
+        return batch, length, cuts, seed
+
+    return strat()
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+@given(case=cutting())
+def test_state_equivalence_float64(name, opts, case):
+    batch, length, cuts, seed = case
+    model = model_for(name, opts)
+    tokens = kit.random_tokens(model, batch, length, seed)
+    kit.check_state_equivalence(model, tokens, cuts)
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+@given(case=cutting(max_len=14))
+def test_gradient_equivalence_float64(name, opts, case):
+    batch, length, cuts, seed = case
+    model = model_for(name, opts)
+    tokens = kit.random_tokens(model, batch, length, seed)
+    kit.check_gradient_equivalence(model, tokens, cuts)
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_state_equivalence_float32(name, opts):
+    model = model_for(name, opts, torch.float32)
+    rng = random.Random(0)
+    for trial in range(3):
+        tokens = kit.random_tokens(model, 2, 21, trial)
+        kit.check_state_equivalence(model, tokens, kit.random_cuts(rng, 21))
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_shapes_and_causality(name, opts):
+    model = model_for(name, opts)
+    tokens = kit.random_tokens(model, 2, 15)
+    kit.check_shapes(model, tokens)
+    for at in (1, 5, 9, 14):
+        kit.check_causality(model, tokens, at)
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_every_parameter_gets_gradient(name, opts):
+    model = model_for(name, opts)
+    kit.check_every_parameter_gets_gradient(model, kit.random_tokens(model, 2, 15))
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+@pytest.mark.parametrize("state_cut", [None, 6])
+def test_default_backend_matches_reference(name, opts, state_cut):
+    model = model_for(name, opts)
+    kit.check_backend_matches_reference(model, kit.random_tokens(model, 2, 17), "auto", state_cut=state_cut)
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_state_roundtrip(name, opts):
+    model = model_for(name, opts)
+    kit.check_state_roundtrip(model, kit.random_tokens(model, 2, 11))
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_bad_inputs_are_refused(name, opts):
+    kit.check_bad_inputs(model_for(name, opts))
+
+
+@pytest.mark.parametrize("name", memzoo.list_variants())
+def test_build_backbone_contract(name):
+    opts = dict(memzoo.get_variant(name).config.conformance_options[0])
+    fields = {k: v for k, v in kit.TINY.items() if k != "vocab_size"}
+    torch.manual_seed(0)
+    backbone = memzoo.build_backbone(name, **fields, **opts)
+    x = torch.randn(2, 9, fields["d_model"])
+    y, state = backbone(x, None)
+    assert y.shape == x.shape and state.pos == 9
+    y2, state2 = backbone(x[:, :4], None)
+    y3, state3 = backbone(x[:, 4:], state2)
+    kit.assert_close(torch.cat([y2, y3], 1).detach(), y.detach(), "backbone chunked vs whole")
+    assert backbone.init_state(batch_size=3).batch_size == 3
+
+
+@pytest.mark.parametrize("name", memzoo.list_variants())
+def test_run_conformance_kit(name):
+    """The contributor's one-liner runs green on every built-in variant."""
+    kit.run_conformance(name, trials=2)
