@@ -1,0 +1,370 @@
+"""``fam``: TransformerFAM, Feedback Attention Memory (Hwang et al. 2024, arXiv 2404.09173).
+
+BSWA (see :mod:`memzoo.variants.bswa`) plus, in every layer, a working memory ``F`` of
+``fam_len`` vectors that the layer feeds back to itself. Per layer ``l`` and block τ::
+
+    block queries of τ   -> [ memory blocks τ-m..τ-1 (all) | F_{τ-1} (all) | block τ (causal) ]
+    FAM queries (F_{τ-1}) -> [                               F_{τ-1} (all) | block τ (all)    ]
+
+    A   = Attn(Norm1(F_{τ-1}) -> q; keys/values above) + r·F_{τ-1}     r = 0 on the first update
+    F_τ = A + FF(Norm2(A))                                            of a fresh (prompt) FAM, else 1
+
+``F_τ`` is layer ``l``'s own FAM input for block τ+1 (same-layer feedback). Every weight is
+shared with the token path; the only new parameter is the initial FAM (the prompt,
+``F × D``; or with ``init="prefix"`` one ``F × D`` per layer). Positions: ``F_τ`` sits at
+the positions of the last ``F`` tokens of block τ, the initial FAM at ``-F … -1``; every
+position of a sequence is shifted by its row's random offset (training only).
+
+Two implementations of the same function live here:
+
+* :meth:`FAM.step` (the fast path): per layer, Q/K/V of all tokens at once, a sequential
+  scan over the blocks completed in this call that updates ``F`` (``F`` queries against
+  ``F + L`` keys, and the feed-forward on ``F`` vectors), then one :func:`memzoo.ops.attend`
+  call for all block queries with ``F_{τ-1}``'s keys/values as the per-block extra rows.
+* :meth:`FAM.step_reference`: the paper's Algorithm 2, block by block and layer by layer,
+  with queries ``[block tokens ; F]`` and keys ``[memory ; F ; block]`` under an explicit
+  boolean mask and a plain softmax (any dtype). Tests hold the two equal.
+
+Shapes: B batch, T tokens in this call, D d_model, H heads, Dh head width, L block_size,
+m memory_blocks, F fam_len, nb query blocks touched by the call. Mask polarity: True =
+may attend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from memzoo import ops
+from memzoo.config import BackboneConfig, VariantConfig
+from memzoo.errors import StateError
+from memzoo.layers import DecoderLayer
+from memzoo.ops import BlockLayout
+from memzoo.registry import register_variant
+from memzoo.state import State
+from memzoo.variants.base import Backbone, CommonArgs
+
+try:
+    from typing import Unpack
+except ImportError:  # Python 3.10
+    from typing_extensions import Unpack
+
+
+class FAMConfig(VariantConfig):
+    memory_blocks: int = Field(3, ge=0, description="m: previous blocks every query sees in full (paper default 3)")
+    fam_len: int = Field(64, ge=0, description="F: feedback memory vectors per layer (paper 64); 0 = plain BSWA")
+    stop_gradient_memory: bool = Field(False, description="detach the memory blocks' keys/values (BSWA ablation M1_SG); the FAM is never detached")
+    position_offset_max: int = Field(
+        0, ge=0, description="Random Position Offset: in training, each sequence's positions shift by U[0, max), zeroed with prob. 1/2 (paper ~63000); 0 = off"
+    )
+    init: Literal["prompt", "prefix"] = Field(
+        "prompt", description="initial FAM: a learned prompt passed up through the layers (paper), or a learned FAM per layer (prefix; worse in the paper)"
+    )
+
+    conformance_options = (
+        {"memory_blocks": 1, "fam_len": 2},
+        {"memory_blocks": 0, "fam_len": 3},
+        {"memory_blocks": 2, "fam_len": 1, "stop_gradient_memory": True},
+        {"memory_blocks": 1, "fam_len": 4, "init": "prefix"},
+    )
+
+    def check_shared(self, shared: BackboneConfig) -> None:
+        if self.fam_len > shared.block_size:
+            raise ValueError(
+                f"fam_len ({self.fam_len}) must be <= block_size ({shared.block_size}): "
+                "the FAM takes the positions of the last fam_len tokens of a block"
+            )
+
+
+@dataclass
+class FAMState(State):
+    """Everything a sequence needs to continue, per row of the batch.
+
+    * ``k[l]``, ``v[l]``: (B, H, t, Dh) keys (positions applied) and values of the last m
+      complete blocks and the current partial block (as in BSWA);
+    * ``fam[l]``: (B, F, D) layer ``l``'s current FAM input (pre-norm hidden vectors), i.e.
+      ``F_{c-1}`` for the block ``c = pos // L`` that the next token falls in; its positions
+      follow from ``pos`` (``c·L - F … c·L - 1``) and ``offset``;
+    * ``offset``: (B,) int64 Random Position Offset of each row (0 in eval);
+    * ``residual``: (B,) weight of ``F`` in the next FAM update's residual: 0 for a fresh
+      learned FAM (the paper's first update), 1 once it has been updated.
+    """
+
+    k: list[Tensor]
+    v: list[Tensor]
+    fam: list[Tensor]
+    offset: Tensor
+    residual: Tensor
+
+
+@register_variant("fam", config=FAMConfig)
+class FAM(Backbone):
+    State = FAMState
+
+    def __init__(
+        self,
+        *,
+        memory_blocks: int = 3,
+        fam_len: int = 64,
+        stop_gradient_memory: bool = False,
+        position_offset_max: int = 0,
+        init: Literal["prompt", "prefix"] = "prompt",
+        **common: Unpack[CommonArgs],
+    ) -> None:
+        super().__init__(**common)
+        if memory_blocks < 0:
+            raise ValueError(f"memory_blocks must be >= 0, got {memory_blocks}")
+        if not 0 <= fam_len <= self.block_size:
+            raise ValueError(f"fam_len must be in [0, block_size={self.block_size}], got {fam_len}")
+        if position_offset_max < 0:
+            raise ValueError(f"position_offset_max must be >= 0 (0 = off), got {position_offset_max}")
+        if init not in ("prompt", "prefix"):
+            raise ValueError(f"init must be 'prompt' or 'prefix', got {init!r}")
+        self.memory_blocks, self.fam_len = memory_blocks, fam_len
+        self.stop_gradient_memory = stop_gradient_memory
+        self.position_offset_max = position_offset_max
+        self.init = init
+        self.hparams.update(memory_blocks=memory_blocks, fam_len=fam_len)
+        # named like BSWA's so a BSWA state_dict loads into FAM (plus the initial FAM)
+        self.layers = self.make_layers()
+        # The learned initial FAM, initialised like token embeddings (N(0, 1)). With F = 0
+        # there is none (a zero-size parameter would look like one that never gets a gradient).
+        prompt = prefix = None
+        if fam_len and init == "prompt":
+            prompt = nn.Parameter(torch.randn(fam_len, self.d_model))  # (F, D), enters at the embedding level
+        elif fam_len:
+            prefix = nn.Parameter(torch.randn(self.n_layers, fam_len, self.d_model))  # (n_layers, F, D)
+        self.register_parameter("prompt", prompt)
+        self.register_parameter("prefix", prefix)
+
+    # ------------------------------------------------------------------ helpers
+    def layout(self) -> BlockLayout:
+        return BlockLayout(block_size=self.block_size, window=self.memory_blocks * self.block_size)
+
+    def keep_from(self, next_pos: int) -> int:
+        """First position whose K/V a query at ``next_pos`` or later can still see."""
+        return (next_pos // self.block_size - self.memory_blocks) * self.block_size
+
+    def fam_positions(self, block: int, offset: Tensor) -> Tensor:
+        """Positions (B, F) of the FAM input of ``block`` (= the output of ``block - 1``):
+        the last F positions before the block starts, plus each row's offset."""
+        start = block * self.block_size - self.fam_len
+        return torch.arange(start, start + self.fam_len, device=offset.device)[None, :] + offset[:, None]
+
+    def draw_offsets(self, batch_size: int, device: torch.device) -> Tensor:
+        """Random Position Offset (paper B.2.2): (B,) int64, uniform in ``[0, max)`` and
+        zeroed with probability 1/2; all zero in eval mode or when switched off. Drawn on
+        the CPU from torch's global generator, so ``torch.manual_seed`` fixes it."""
+        if not (self.training and self.position_offset_max > 0):
+            return torch.zeros(batch_size, dtype=torch.int64, device=device)
+        offset = torch.randint(0, self.position_offset_max, (batch_size,), dtype=torch.int64)
+        keep = torch.rand(batch_size) >= 0.5
+        return (offset * keep).to(device)
+
+    def initial_fam(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+        """Each layer's initial FAM, (B, F, D) per layer, differentiable in the learned init.
+
+        Prompt init (paper B.1): the prompt enters at the embedding level and goes up
+        through the layers with full (non-causal) attention among the prompt vectors at
+        positions ``-F … -1``; layer ``l``'s initial FAM is layer ``l``'s input for the
+        prompt. RoPE is relative, so the row's offset cannot change this and it is
+        computed once for the batch.
+        """
+        if self.fam_len == 0:
+            empty = torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype)
+            return [empty] * self.n_layers
+        if self.prefix is not None:
+            per_layer = list(self.prefix.unbind(0))
+        else:
+            assert self.prompt is not None
+            h = self.prompt[None]  # (1, F, D)
+            pos = torch.arange(-self.fam_len, 0, device=h.device)
+            per_layer = []
+            for i, layer in enumerate(self.layers):
+                per_layer.append(h[0])
+                if i + 1 < self.n_layers:  # the last layer's output on the prompt is never used
+                    q, k, v = layer.project(h, pos)
+                    heads = ops.dense(q, k, v, scale=layer.positions.scale, backend=self.backend)
+                    h = layer.feed_forward(layer.attend_residual(h, heads))
+        return [f.to(device=device, dtype=dtype).expand(batch_size, -1, -1) for f in per_layer]
+
+    # --------------------------------------------------------------- the contract
+    def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FAMState:
+        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return FAMState(
+            pos=0,
+            fingerprint=self.fingerprint,
+            k=[empty] * self.n_layers,
+            v=[empty] * self.n_layers,
+            fam=self.initial_fam(batch_size, device, dtype),
+            offset=self.draw_offsets(batch_size, device),
+            residual=torch.zeros(batch_size, device=device, dtype=dtype),
+        )
+
+    def carry_state(self, state: State) -> FAMState:
+        """Random State Passing (paper B.2.3): the state a *new* sequence starts from,
+        keeping ``state``'s FAM (detached) and nothing else: position 0, no K/V, new
+        offsets. The residual weight is kept (1 once the FAM was updated; a FAM never
+        updated is still the prompt's and keeps its zero first-update residual). To reset
+        some rows to the learned FAM: ``carried.where(keep, backbone.init_state(B))``."""
+        if not isinstance(state, FAMState) or state.fingerprint != self.fingerprint:
+            raise StateError(f"{self.variant}: carry_state needs a FAMState made by this backbone's config")
+        b, device = state.batch_size, state.device
+        empty = state.k[0].new_zeros(b, self.n_heads, 0, self.head_dim)
+        return FAMState(
+            pos=0,
+            fingerprint=self.fingerprint,
+            k=[empty] * self.n_layers,
+            v=[empty] * self.n_layers,
+            fam=[f.detach() for f in state.fam],
+            offset=self.draw_offsets(b, device),
+            residual=state.residual.detach(),
+        )
+
+    def compress(self, layer: DecoderLayer, fam: Tensor, residual: Tensor, heads: Tensor) -> Tensor:
+        """FAM update from the FAM queries' attention output ``heads`` (B, H, F, Dh):
+        ``A = r·F + Out(heads)``, ``F_new = A + FF(Norm2(A))``. (B, F, D)."""
+        return layer.feed_forward(layer.attend_residual(residual[:, None, None] * fam, heads))
+
+    def step(self, x: Tensor, state: FAMState) -> tuple[Tensor, FAMState]:
+        b, t, _ = x.shape
+        size, n_fam = self.block_size, self.fam_len
+        start, end = state.pos, state.pos + t
+        pos = torch.arange(start, end, device=x.device)[None, :] + state.offset[:, None]  # (B, T)
+        first_block = start // size
+        n_blocks = (end - 1) // size - first_block + 1  # query blocks touched: nb
+        completed = end // size > start // size  # does this call update the FAM at all?
+        residual = torch.ones_like(state.residual) if completed else state.residual
+        layout = self.layout()
+        new_k, new_v, new_fam = [], [], []
+        for layer, k_cache, v_cache, fam in zip(self.layers, state.k, state.v, state.fam):
+            q, k, v = layer.project(x, pos)  # (B, H, T, Dh)
+            keys = torch.cat([k_cache, k], dim=2)  # positions [k_start, end)
+            values = torch.cat([v_cache, v], dim=2)
+            k_start = end - keys.shape[2]
+            extra: dict[str, Tensor] = {}
+            if n_fam:
+                # the scan: F_{τ-1}'s keys/values for each query block, updating F at every
+                # block that completes in this call
+                fam_k, fam_v, r = [], [], state.residual
+                for block in range(first_block, first_block + n_blocks):
+                    fq, fk, fv = layer.project(fam, self.fam_positions(block, state.offset))  # (B, H, F, Dh)
+                    fam_k.append(fk)
+                    fam_v.append(fv)
+                    if (block + 1) * size <= end:
+                        lo, hi = block * size - k_start, (block + 1) * size - k_start
+                        heads = ops.dense(
+                            fq,
+                            torch.cat([fk, keys[:, :, lo:hi]], dim=2),  # (B, H, F + L, Dh)
+                            torch.cat([fv, values[:, :, lo:hi]], dim=2),
+                            scale=layer.positions.scale,
+                            backend=self.backend,
+                        )
+                        fam, r = self.compress(layer, fam, r, heads), torch.ones_like(r)
+                extra = dict(extra_k=torch.stack(fam_k, dim=2), extra_v=torch.stack(fam_v, dim=2))  # (B, H, nb, F, Dh)
+            memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
+            heads = ops.attend(
+                q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale,
+                backend=self.backend, **memory, **extra,
+            )
+            x = layer.feed_forward(layer.attend_residual(x, heads))
+            drop = max(0, self.keep_from(end) - k_start)
+            new_k.append(keys[:, :, drop:])
+            new_v.append(values[:, :, drop:])
+            new_fam.append(fam)
+        return x, FAMState(
+            pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, fam=new_fam, offset=state.offset, residual=residual
+        )
+
+    # ------------------------------------------------------------ the reference
+    def step_reference(self, x: Tensor, state: FAMState) -> tuple[Tensor, FAMState]:
+        """The paper's Algorithm 2, slow and plain: same contract and results as :meth:`step`.
+
+        The input is cut at block boundaries; each piece lies in one block τ and goes up
+        through the layers. In each layer the queries are ``[piece tokens ; F_{τ-1}]`` (the
+        FAM queries only if the piece completes block τ) and the keys
+        ``[memory blocks ; F_{τ-1} ; block τ so far]``, under an explicit mask, with a
+        plain softmax. Positions are the same as in :meth:`step`.
+        """
+        b, t, _ = x.shape
+        size, n_fam, scale = self.block_size, self.fam_len, self.layers[0].positions.scale
+        keys, values, fams = list(state.k), list(state.v), list(state.fam)
+        residual = state.residual
+        p, done, outs = state.pos, 0, []
+        while done < t:
+            block = p // size
+            n = min(size - p % size, t - done)  # tokens of this piece
+            completes = (p + n) % size == 0
+            h = x[:, done : done + n]  # (B, n, D)
+            tok_pos = torch.arange(p, p + n, device=x.device)[None, :] + state.offset[:, None]  # (B, n)
+            fam_pos = self.fam_positions(block, state.offset)  # (B, F)
+            for i, layer in enumerate(self.layers):
+                fam = fams[i]
+                n_q = n + (n_fam if completes else 0)  # token queries, then FAM queries
+                q, k, v = layer.project(torch.cat([h, fam], dim=1), torch.cat([tok_pos, fam_pos], dim=1))
+                q = q[:, :, :n_q]
+                tok_k, fam_k = k[:, :, :n], k[:, :, n:]
+                tok_v, fam_v = v[:, :, :n], v[:, :, n:]
+                # the cache covers [p - len, p): memory blocks, then the block's earlier tokens
+                n_own = p - block * size
+                n_mem = keys[i].shape[2] - n_own
+                mem_k, own_k = keys[i][:, :, :n_mem], keys[i][:, :, n_mem:]
+                mem_v, own_v = values[i][:, :, :n_mem], values[i][:, :, n_mem:]
+                if self.stop_gradient_memory:
+                    mem_k, mem_v = mem_k.detach(), mem_v.detach()
+                blk_k = torch.cat([own_k, tok_k], dim=2)  # block τ's keys so far: (B, H, n_own + n, Dh)
+                blk_v = torch.cat([own_v, tok_v], dim=2)
+                all_k = torch.cat([mem_k, fam_k, blk_k], dim=2)
+                all_v = torch.cat([mem_v, fam_v, blk_v], dim=2)
+
+                # mask (n_q, n_mem + F + n_own + n); True = may attend
+                q_off = torch.arange(n, device=x.device) + n_own  # token queries' offsets in the block
+                k_off = torch.arange(n_own + n, device=x.device)
+                tok_rows = torch.cat(
+                    [
+                        torch.ones(n, n_mem + n_fam, dtype=torch.bool, device=x.device),  # memory, FAM: all
+                        k_off[None, :] <= q_off[:, None],  # own block: causal
+                    ],
+                    dim=1,
+                )
+                fam_rows = torch.cat(
+                    [
+                        torch.zeros(n_q - n, n_mem, dtype=torch.bool, device=x.device),  # memory: none
+                        torch.ones(n_q - n, n_fam + n_own + n, dtype=torch.bool, device=x.device),  # FAM, block: all
+                    ],
+                    dim=1,
+                )
+                mask = torch.cat([tok_rows, fam_rows], dim=0)
+                scores = (q @ all_k.transpose(-1, -2)) * scale  # (B, H, n_q, n_keys)
+                probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+                heads = probs @ all_v  # (B, H, n_q, Dh)
+
+                h_next = layer.feed_forward(layer.attend_residual(h, heads[:, :, :n]))
+                if completes and n_fam:
+                    fams[i] = self.compress(layer, fam, residual, heads[:, :, n:])
+                keys[i] = torch.cat([keys[i], tok_k], dim=2)
+                values[i] = torch.cat([values[i], tok_v], dim=2)
+                drop = max(0, self.keep_from(p + n) - (p + n - keys[i].shape[2]))
+                keys[i], values[i] = keys[i][:, :, drop:], values[i][:, :, drop:]
+                h = h_next
+            if completes:
+                residual = torch.ones_like(residual)
+            outs.append(h)
+            p, done = p + n, done + n
+        y = torch.cat(outs, dim=1)
+        return y, FAMState(
+            pos=p, fingerprint=self.fingerprint, k=keys, v=values, fam=fams, offset=state.offset, residual=residual
+        )
+
+    def forward_reference(self, x: Tensor, state: FAMState | None = None) -> tuple[Tensor, FAMState]:
+        """:meth:`forward` through :meth:`step_reference` (validation and a fresh state included)."""
+        self.check_input(x)
+        if state is None:
+            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        else:
+            self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
+        return self.step_reference(x, state)
