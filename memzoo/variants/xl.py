@@ -1,0 +1,209 @@
+"""``xl``: Transformer-XL (Dai et al. 2019) segment recurrence with a stop-gradient memory.
+
+A query in a segment of ``L = block_size`` tokens attends, in every layer, to the
+previous ``M = memory_len`` positions' hidden states of that layer and causally to its
+own segment. The memory is the *detached* layer input of earlier positions,
+re-projected with the *current* K/V weights: W_k, W_v and the norm still learn from
+memory keys, but no gradient flows into earlier positions::
+
+    L=4, M=6            keys:  0 1 2 3 | 4 5 6 7 | 8 9 10 11
+    query 9 (segment 2)            m m   m m m m   x x  .  .     m = detached memory
+
+Positions: XL's relative positional attention (:mod:`memzoo.layers.relative`, the
+default) or RoPE (``positions="rope"``) to hold positions fixed across variants.
+
+Forward values do not depend on the stop-gradient, so a whole sequence is computed
+layer by layer in parallel: every layer projects keys/values from its inputs twice,
+normally (own-segment keys) and from the detached inputs (memory keys, handed to the
+backend as ``k_mem``/``v_mem``), and one block-gathered attention call does every
+segment at once (``BlockLayout(block_size=L, window=M)``).
+
+Shape notation: B batch, T new positions, n = cached + new positions, D model width,
+H heads, Dh head width.
+
+Streaming state per layer: the layer inputs (hidden states) of positions
+``[segment_start - M, pos)``: the memory of the current segment, kept detached, and
+the current partial segment, kept with its graph (its own later queries use it).
+At most ``M + L - 1`` positions per layer, so the state is bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from memzoo import ops
+from memzoo.config import VariantConfig
+from memzoo.layers import DecoderLayer, PositionScheme
+from memzoo.layers.relative import RelativePositions, relative_attention_reference
+from memzoo.ops import BlockLayout
+from memzoo.registry import register_variant
+from memzoo.state import State
+from memzoo.variants.base import Backbone, CommonArgs
+
+try:
+    from typing import Unpack
+except ImportError:  # Python 3.10
+    from typing_extensions import Unpack
+
+
+class XLConfig(VariantConfig):
+    memory_len: int = Field(512, ge=0, description="M: earlier positions (hidden states) every query sees (XL enwik8 base: 512)")
+    positions: Literal["relative", "rope"] = Field(
+        "relative", description="XL's relative positional attention (the paper) or RoPE"
+    )
+    relative_dim: int | None = Field(
+        None, ge=2, description="width R of the sinusoidal relative encoding (even); None = d_model, as in the official code"
+    )
+
+    conformance_options = (
+        {"memory_len": 3},
+        {"memory_len": 4},
+        {"memory_len": 6, "relative_dim": 6},
+        {"memory_len": 5, "positions": "rope"},
+    )
+
+    @model_validator(mode="after")
+    def _even_relative_dim(self) -> "XLConfig":
+        if self.relative_dim is not None and self.relative_dim % 2:
+            raise ValueError(f"relative_dim must be even (sine and cosine pairs), got {self.relative_dim}")
+        return self
+
+
+@dataclass
+class XLState(State):
+    """Per layer, the layer inputs of positions ``[pos - t, pos)``: ``h[l]`` (B, t, D),
+    with ``pos - t = max(0, segment_start - memory_len)``."""
+
+    h: list[Tensor]
+
+
+@register_variant("xl", config=XLConfig)
+class TransformerXL(Backbone):
+    State = XLState
+
+    def __init__(
+        self,
+        *,
+        memory_len: int = 512,
+        positions: Literal["relative", "rope"] = "relative",
+        relative_dim: int | None = None,
+        **common: Unpack[CommonArgs],
+    ) -> None:
+        super().__init__(**common)
+        if not isinstance(memory_len, int) or memory_len < 0:
+            raise ValueError(f"memory_len must be an int >= 0, got {memory_len!r}")
+        if positions not in ("relative", "rope"):
+            raise ValueError(f"positions must be 'relative' or 'rope', got {positions!r}")
+        if relative_dim is not None and (relative_dim < 2 or relative_dim % 2):
+            raise ValueError(f"relative_dim must be even and >= 2, got {relative_dim}")
+        self.memory_len = memory_len
+        self.position_kind = positions
+        self.relative_dim = relative_dim if relative_dim is not None else self.d_model
+        self.hparams.update(memory_len=memory_len, positions=positions, relative_dim=relative_dim)
+        self.layers = self.make_layers()
+
+    def make_positions(self) -> PositionScheme:
+        if self.position_kind == "rope":
+            return super().make_positions()
+        # one set of u, v, W_r per layer (the official code's untie_r=True; see docs/variants/xl.md)
+        return RelativePositions(self.head_dim, self.n_heads, self.relative_dim)
+
+    def layout(self) -> BlockLayout:
+        return BlockLayout(block_size=self.block_size, window=self.memory_len)
+
+    # ------------------------------------------------------------------ the contract
+    def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> XLState:
+        empty = torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype)
+        return XLState(pos=0, fingerprint=self.fingerprint, h=[empty] * self.n_layers)
+
+    def step(self, x: Tensor, state: XLState) -> tuple[Tensor, XLState]:
+        size, mem = self.block_size, self.memory_len
+        start, end = state.pos, state.pos + x.shape[1]
+        next_segment = end // size * size
+        keep = max(0, next_segment - mem)  # first position a later query can still see
+        new_h = []
+        for layer, cache in zip(self.layers, state.h):
+            h = torch.cat([cache, x], dim=1)  # layer inputs of positions [a, end): (B, n, D)
+            a = end - h.shape[1]
+            heads = self._attend(layer, h, a, start)
+            kept = h[:, keep - a :]
+            # positions before the next segment are only ever memory from now on: detach them
+            n_mem = next_segment - keep
+            new_h.append(torch.cat([kept[:, :n_mem].detach(), kept[:, n_mem:]], dim=1))
+            x = layer.feed_forward(layer.attend_residual(x, heads))
+        return x, XLState(pos=end, fingerprint=self.fingerprint, h=new_h)
+
+    def _kv(self, layer: DecoderLayer, normed: Tensor, pos: Tensor, w_kv: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = F.linear(normed, w_kv).chunk(2, dim=-1)
+        return layer.positions.key(layer.split_heads(k), pos), layer.split_heads(v)
+
+    def _attend(self, layer: DecoderLayer, h: Tensor, a: int, start: int) -> Tensor:
+        """Attention of the queries ``[start, end)`` over layer inputs ``h`` of positions
+        ``[a, end)``: per-head outputs (B, H, T, Dh).
+
+        Keys split into three regions by the segments of the queries:
+        ``[a, first)`` is memory for every query, ``[first, last)`` is memory for some
+        and own segment for others, ``[last, end)`` is own segment only (``first`` /
+        ``last``: start of the first / last query's segment). Memory keys come from the
+        detached inputs, own-segment keys from the inputs themselves.
+        """
+        size = self.block_size
+        end = a + h.shape[1]
+        pos = torch.arange(a, end, device=h.device)
+        i_first = start // size * size - a
+        i_last = (end - 1) // size * size - a
+        i_q = start - a
+        w_q, w_kv = layer.qkv.weight.split([self.d_model, 2 * self.d_model])
+        # the detached projection changes gradients only; skip it when none are taken or no key is memory
+        split = torch.is_grad_enabled() and self.memory_len > 0 and i_last > 0
+        i_g = i_first if split else 0  # the graph projection covers [a + i_g, end)
+        normed = layer.norm1(h[:, i_g:])
+        q = layer.positions.query(layer.split_heads(F.linear(normed[:, i_q - i_g :], w_q)), pos[i_q:])
+        k, v = self._kv(layer, normed, pos[i_g:], w_kv)
+        common = dict(layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend)
+        if not split:
+            return ops.attend(q, k, v, **common)
+        k_d, v_d = self._kv(layer, layer.norm1(h[:, :i_last].detach()), pos[:i_last], w_kv)
+        keys = torch.cat([k_d[:, :, :i_first], k], dim=2)
+        values = torch.cat([v_d[:, :, :i_first], v], dim=2)
+        k_mem = torch.cat([k_d, k[:, :, i_last - i_first :].detach()], dim=2)
+        v_mem = torch.cat([v_d, v[:, :, i_last - i_first :].detach()], dim=2)
+        return ops.attend(q, keys, values, k_mem=k_mem, v_mem=v_mem, **common)
+
+
+def xl_reference(model: TransformerXL, x: Tensor) -> Tensor:
+    """The paper's recurrence, written out slowly: ``x`` (B, T, D) from an empty state ->
+    (B, T, D). Segment by segment, every layer concatenates the *detached* inputs of the
+    previous M positions with the segment's inputs, projects keys/values from that,
+    and attends with an explicit dense mask: relative positions through
+    :func:`relative_attention_reference` (an explicit ``R_{i-j}``), or RoPE."""
+    size, mem = model.block_size, model.memory_len
+    inputs: list[list[Tensor]] = [[] for _ in model.layers]  # per layer, inputs of every segment so far
+    outputs = []
+    for s in range(0, x.shape[1], size):
+        hs = x[:, s : s + size]
+        for layer, seen in zip(model.layers, inputs):
+            past = torch.cat(seen, dim=1) if seen else hs[:, :0]
+            memory = past[:, max(0, past.shape[1] - mem) :].detach()
+            seen.append(hs)
+            context = torch.cat([memory, hs], dim=1)
+            q_pos = torch.arange(s, s + hs.shape[1], device=x.device)
+            k_pos = torch.arange(s - memory.shape[1], s + hs.shape[1], device=x.device)
+            allowed = k_pos[None, :] <= q_pos[:, None]
+            q, _, _ = layer.project_raw(hs)
+            _, k, v = layer.project_raw(context)
+            if isinstance(layer.positions, RelativePositions):
+                heads = relative_attention_reference(q, k, v, q_pos, k_pos, allowed, layer.positions)
+            else:
+                qp, kp = layer.positions.query(q, q_pos), layer.positions.key(k, k_pos)
+                scores = (qp @ kp.transpose(-1, -2)) * layer.positions.scale
+                heads = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+            hs = layer.feed_forward(layer.attend_residual(hs, heads))
+        outputs.append(hs)
+    return torch.cat(outputs, dim=1)
