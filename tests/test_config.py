@@ -1,0 +1,95 @@
+"""Configs: validation, clear refusals, round-trips, and agreement with the modules."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import memzoo
+from memzoo.config import BackboneConfig, ModelConfig
+from memzoo.variants.base import Backbone
+
+
+def test_flat_and_nested_variant_fields_are_the_same_config():
+    a = ModelConfig(variant="bswa", memory_blocks=1)
+    b = ModelConfig(variant="bswa", options={"memory_blocks": 1})
+    assert a == b
+    assert a.options == {"memory_blocks": 1, "stop_gradient_memory": False}
+    assert a.variant_config.memory_blocks == 1
+
+
+def test_json_round_trip():
+    cfg = ModelConfig(variant="bswa", d_model=32, memory_blocks=2, tie_embeddings=True)
+    assert ModelConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+@pytest.mark.parametrize(
+    "fields,words",
+    [
+        ({"memory_blok": 1}, ["unknown field 'memory_blok'", "memory_blocks", "d_model"]),
+        ({"options": {"wat": 1}}, ["unknown option", "wat", "memory_blocks"]),
+        ({"d_model": 30, "n_heads": 4}, ["divisible by n_heads"]),
+        ({"d_model": 12, "n_heads": 4}, ["must be even"]),
+        ({"n_layers": 0}, ["n_layers"]),
+        ({"backend": "cuda-magic"}, ["unknown attention backend", "reference", "sdpa"]),
+        ({"memory_blocks": -1}, ["memory_blocks"]),
+        ({"memory_blocks": "three"}, ["memory_blocks"]),
+    ],
+)
+def test_bad_configs_are_refused_with_what_is_valid(fields, words):
+    with pytest.raises(ValueError) as info:
+        memzoo.build_model("bswa", **fields)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_no_silent_coercion_of_field_types():
+    with pytest.raises(ValueError):
+        ModelConfig(variant="bswa", d_model=64.5)
+
+
+def test_build_from_config_and_name_agree():
+    cfg = ModelConfig(variant="bswa", vocab_size=40, d_model=16, n_heads=2, block_size=4, memory_blocks=1)
+    torch.manual_seed(0)
+    a = memzoo.build_model(cfg)
+    torch.manual_seed(0)
+    b = memzoo.build_model("bswa", vocab_size=40, d_model=16, n_heads=2, block_size=4, memory_blocks=1)
+    tokens = torch.randint(0, 40, (1, 9))
+    assert torch.equal(a(tokens).logits, b(tokens).logits)
+    with pytest.raises(TypeError, match="not both"):
+        memzoo.build_model(cfg, d_model=8)
+
+
+def test_every_default_builds_and_runs():
+    for name in memzoo.list_variants():
+        model = memzoo.build_model(name)
+        logits, state = model(torch.zeros(1, 3, dtype=torch.long))
+        assert logits.shape == (1, 3, 256)
+
+
+def test_backbone_defaults_match_the_config_defaults():
+    params = inspect.signature(Backbone.__init__).parameters
+    for field, info in BackboneConfig.model_fields.items():
+        if field in ("variant", "options"):
+            continue
+        assert params[field].default == info.default, field
+
+
+def test_variant_constructor_defaults_match_their_configs():
+    for name in memzoo.list_variants():
+        spec = memzoo.get_variant(name)
+        params = inspect.signature(spec.cls.__init__).parameters
+        for field, info in spec.config.model_fields.items():
+            assert field in params, f"{name}: config field {field!r} is not a constructor argument"
+            assert params[field].default == info.default, f"{name}.{field}"
+
+
+def test_tied_embeddings_share_the_weight():
+    model = memzoo.build_model("full", tie_embeddings=True, d_model=16, n_heads=2)
+    assert model.head.weight is model.embed.weight
+    untied = memzoo.build_model("full", d_model=16, n_heads=2)
+    n_tied = sum(p.numel() for p in model.parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - n_tied == 256 * 16

@@ -1,0 +1,107 @@
+"""The attention seam: the block-gathered SDPA path equals the dense-mask reference
+for any layout, call offset, partial blocks, memory tensors and extra rows
+(outputs and every input gradient, float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memzoo import ops
+from memzoo.ops import BlockLayout
+from memzoo.testing import assert_close
+
+
+@st.composite
+def calls(draw):
+    size = draw(st.integers(1, 6))
+    window = draw(st.one_of(st.none(), st.integers(0, 13)))
+    bounded = window is not None
+    tq = draw(st.integers(1, 17))
+    q_start = draw(st.integers(0, 20))
+    tk = tq + draw(st.integers(0, q_start))  # keys reach back at most to position 0
+    extra = draw(st.integers(0, 3)) if bounded else 0
+    memory = draw(st.booleans()) if bounded else False
+    return size if bounded else None, window, tq, tk, q_start, extra, memory
+
+
+def _inputs(tq, tk, nb, extra, memory, seed, dv=5):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    b, h, d = 2, 3, 4
+    q, k, v = rnd(b, h, tq, d), rnd(b, h, tk, d), rnd(b, h, tk, dv)
+    ins = {"q": q, "k": k, "v": v}
+    if memory:
+        ins["k_mem"], ins["v_mem"] = rnd(b, h, tk, d), rnd(b, h, tk, dv)
+    if extra:
+        ins["extra_k"], ins["extra_v"] = rnd(b, h, nb, extra, d), rnd(b, h, nb, extra, dv)
+    return ins
+
+
+@given(call=calls(), seed=st.integers(0, 1000))
+def test_sdpa_equals_reference(call, seed):
+    size, window, tq, tk, q_start, extra, memory = call
+    layout = BlockLayout(size, window)
+    nb = layout.n_query_blocks(q_start, tq)
+    ins = _inputs(tq, tk, nb, extra, memory, seed)
+    results = {}
+    for name in ("reference", "sdpa"):
+        out = ops.attend(**ins, layout=layout, q_start=q_start, scale=0.7, backend=name)
+        grads = torch.autograd.grad((out * out.detach().sin()).sum(), list(ins.values()), allow_unused=True)
+        results[name] = (out, [torch.zeros_like(t) if g is None else g for t, g in zip(ins.values(), grads)])
+    assert_close(results["sdpa"][0], results["reference"][0], "output")
+    for key, ga, gr in zip(ins, results["sdpa"][1], results["reference"][1]):
+        assert_close(ga, gr, f"grad of {key}")
+
+
+def test_reference_mask_by_hand():
+    """L=2, W=2, 6 queries from position 0: the visible pattern drawn by hand."""
+    layout = BlockLayout(2, 2)
+    pos = torch.arange(6)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [0, 0, 1, 1, 1, 0],
+            [0, 0, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(layout.visible(pos[:, None], pos[None, :]), expected)
+    memory = layout.is_memory(pos[:, None], pos[None, :]) & expected
+    assert memory.sum() == 8  # blocks 1 and 2 each see a full 2-key previous block, 2 queries each
+
+
+def test_extra_rows_are_seen_only_by_their_block():
+    layout = BlockLayout(2, 0)
+    q = torch.zeros(1, 1, 4, 2, dtype=torch.float64)
+    k = torch.zeros(1, 1, 4, 2, dtype=torch.float64)
+    v = torch.zeros(1, 1, 4, 1, dtype=torch.float64)
+    extra_k = torch.zeros(1, 1, 2, 1, 2, dtype=torch.float64)
+    extra_v = torch.tensor([10.0, 20.0], dtype=torch.float64).view(1, 1, 2, 1, 1)
+    for backend in ("reference", "sdpa"):
+        out = ops.attend(q, k, v, layout=layout, q_start=0, scale=1.0, extra_k=extra_k, extra_v=extra_v, backend=backend)
+        # uniform scores: query 0 sees [extra0, k0] -> 10/2; query 1 sees [extra0, k0, k1] -> 10/3
+        torch.testing.assert_close(out.flatten(), torch.tensor([5.0, 10 / 3, 10.0, 20 / 3], dtype=torch.float64))
+
+
+def test_unknown_backend_is_refused_with_the_valid_names():
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'.*reference.*sdpa"):
+        ops.get_backend("nope")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        with ops.use_backend("nope"):
+            pass
+
+
+def test_sdpa_refuses_what_it_cannot_do():
+    call = ops.AttentionCall("cpu", torch.float32, BlockLayout(None, None), False, True, False)
+    assert ops.get_backend("sdpa").not_supported_reasons(call)
+    with pytest.raises(ops.BackendUnavailable, match="sdpa.*cannot run"):
+        ops.resolve_backend("sdpa", call)

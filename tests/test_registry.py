@@ -1,0 +1,166 @@
+"""Registration by decorator and by entry point, and the registry cards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import memzoo
+from memzoo.cards import check_cards, load_cards
+from memzoo.registry import unregister_variant
+from memzoo.variants.bswa import BSWA, BSWAConfig
+
+
+def test_list_variants_has_the_seeds():
+    names = memzoo.list_variants()
+    assert {"full", "bswa"} <= set(names)
+    assert names == sorted(names)
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(memzoo.UnknownNameError, match="registered: .*bswa.*full"):
+        memzoo.get_variant("nope")
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        memzoo.register_variant("bswa", config=BSWAConfig)(BSWA)
+
+
+def test_register_requires_a_backbone_and_defaults():
+    with pytest.raises(TypeError, match="Backbone subclass"):
+        memzoo.register_variant("not_a_backbone", config=BSWAConfig)(object)
+
+    class NoDefault(memzoo.VariantConfig):
+        size: int
+
+    with pytest.raises(ValueError, match="needs a default"):
+        memzoo.register_variant("no_default", config=NoDefault)
+    with pytest.raises(ValueError, match="must match"):
+        memzoo.register_variant("Bad-Name", config=BSWAConfig)
+
+
+def test_a_new_variant_registers_and_builds():
+    from dataclasses import dataclass
+
+    from memzoo.variants.kv import KVCacheBackbone, KVState
+    from memzoo.ops import BlockLayout
+
+    class WindowConfig(memzoo.VariantConfig):
+        window: int = 3
+
+    @dataclass
+    class WindowState(KVState):
+        pass
+
+    @memzoo.register_variant("token_window_test", config=WindowConfig)
+    class TokenWindow(KVCacheBackbone):
+        State = WindowState
+
+        def __init__(self, *, window: int = 3, **common):
+            super().__init__(**common)
+            self.window = window
+            self.hparams.update(window=window)
+            self.layers = self.make_layers()
+
+        def layout(self):
+            return BlockLayout(block_size=1, window=self.window)
+
+        def keep_from(self, next_pos):
+            return next_pos - self.window
+
+    try:
+        assert "token_window_test" in memzoo.list_variants()
+        memzoo.testing.run_conformance("token_window_test", {"window": 2}, trials=2)
+    finally:
+        unregister_variant("token_window_test")
+
+
+def test_cards_agree_with_the_code_registry():
+    assert check_cards() == []
+
+
+def test_card_disagreements_are_reported(tmp_path: Path):
+    for card in Path(memzoo.cards.DEFAULT_DIR).glob("*.toml"):
+        (tmp_path / card.name).write_text(card.read_text())
+    bswa = tmp_path / "bswa.toml"
+    bswa.write_text(bswa.read_text().replace("memory_blocks = 3\nstop", "memory_blocks = 2\nstop"))
+    (tmp_path / "full.toml").unlink()
+    ghost = (tmp_path / "bswa.toml").read_text().replace('name = "bswa"', 'name = "ghost"')
+    (tmp_path / "ghost.toml").write_text(ghost)
+    problems = "\n".join(check_cards(tmp_path))
+    assert "'full' is registered but has no card" in problems
+    assert "card 'ghost' has no registered variant" in problems
+    assert "bswa: card defaults" in problems
+
+
+def test_card_schema_refuses_unknown_keys(tmp_path: Path):
+    text = (Path(memzoo.cards.DEFAULT_DIR) / "full.toml").read_text()
+    (tmp_path / "full.toml").write_text('colour = "red"\n' + text)
+    with pytest.raises(ValueError, match="colour"):
+        load_cards(tmp_path)
+
+
+def test_entry_point_plugin_in_a_separate_environment(tmp_path: Path):
+    """A real distribution (dist-info with entry_points.txt) on sys.path of a fresh
+    interpreter: importlib.metadata finds it, memzoo loads it, the variant works."""
+    site = tmp_path / "site"
+    pkg = site / "memzoo_plugin_demo"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        import memzoo
+        from memzoo.ops import BlockLayout
+        from memzoo.variants.kv import KVCacheBackbone, KVState
+
+        class DemoConfig(memzoo.VariantConfig):
+            pass
+
+        @dataclass
+        class DemoState(KVState):
+            pass
+
+        @memzoo.register_variant("plugin_demo", config=DemoConfig)
+        class Demo(KVCacheBackbone):
+            State = DemoState
+            def __init__(self, **common):
+                super().__init__(**common)
+                self.layers = self.make_layers()
+            def layout(self):
+                return BlockLayout(block_size=None, window=None)
+            def keep_from(self, next_pos):
+                return 0
+    '''))
+    info = site / "memzoo_plugin_demo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: memzoo-plugin-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[memzoo.variants]\nplugin_demo = memzoo_plugin_demo\n")
+    (info / "RECORD").write_text("")
+    code = (
+        "import memzoo, torch\n"
+        "assert 'plugin_demo' in memzoo.list_variants(), memzoo.list_variants()\n"
+        "m = memzoo.build_model('plugin_demo', vocab_size=11, d_model=8, n_heads=2, block_size=4)\n"
+        "print(m(torch.zeros(1, 3, dtype=torch.long)).logits.shape)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(memzoo.__file__).parent.parent)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([1, 3, 11])" in out.stdout
+
+
+def test_broken_plugin_warns_and_does_not_break_memzoo(tmp_path: Path):
+    info = tmp_path / "broken_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[memzoo.variants]\nbroken = no_such_module_xyz\n")
+    code = "import warnings, memzoo\nwarnings.simplefilter('always')\nprint(memzoo.list_variants())\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(memzoo.__file__).parent.parent)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "could not load variant plug-in 'broken'" in out.stderr
+    assert "bswa" in out.stdout
