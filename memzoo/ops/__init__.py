@@ -1,25 +1,41 @@
-"""Attention backends behind one seam (see :mod:`memzoo.ops.base`)."""
+"""Attention backends behind one seam (see :mod:`memzoo.ops.base`).
+
+Registered backends: ``reference`` (dense masks, the oracle), ``sdpa`` (block-gathered
+``scaled_dot_product_attention``), ``flex`` (FlexAttention block masks) and
+``xformers`` (``memory_efficient_attention`` with block-diagonal biases). See
+``docs/backends.md`` for what each supports and how ``auto`` picks.
+"""
 
 from memzoo.ops.base import (
     AttentionCall,
     Backend,
+    BackendRecord,
     BackendUnavailable,
+    Support,
+    Tolerance,
     check_backend_name,
+    explain,
     get_backend,
     list_backends,
+    note_resolved,
+    record_backends,
     register_backend,
     resolve_backend,
+    resolve_backend_name,
     use_backend,
 )
 from memzoo.ops.layout import BlockLayout
 from memzoo.ops import reference as _reference  # noqa: F401  (registers "reference")
 from memzoo.ops import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
+from memzoo.ops import flex as _flex  # noqa: F401  (registers "flex")
+from memzoo.ops import xformers_backend as _xformers  # noqa: F401  (registers "xformers"; imports xformers lazily)
 
 
 def attend(q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem=None, extra_k=None, extra_v=None):
     """Dispatch one layout attention call to ``backend`` (a name or ``"auto"``)."""
-    call = AttentionCall.describe(q, k, layout, k_mem, extra_k)
+    call = AttentionCall.describe(q, k, layout, k_mem, extra_k, v=v, v_mem=v_mem, extra_v=extra_v)
     impl = resolve_backend(backend, call)
+    note_resolved(impl.name)
     return impl.attend(
         q, k, v, layout=layout, q_start=q_start, scale=scale,
         k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v,
@@ -28,11 +44,14 @@ def attend(q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem
 
 def dense(q, k, v, *, scale, backend="auto"):
     """Unmasked attention of every query to every key, through ``backend``."""
-    call = AttentionCall.describe(q, k, BlockLayout(), None, None)
-    return resolve_backend(backend, call).dense(q, k, v, scale=scale)
+    call = AttentionCall.describe(q, k, BlockLayout(), None, None, v=v)
+    impl = resolve_backend(backend, call)
+    note_resolved(impl.name)
+    return impl.dense(q, k, v, scale=scale)
 
 
 __all__ = [
-    "AttentionCall", "Backend", "BackendUnavailable", "BlockLayout", "attend", "dense",
-    "check_backend_name", "get_backend", "list_backends", "register_backend", "resolve_backend", "use_backend",
+    "AttentionCall", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "Tolerance",
+    "attend", "check_backend_name", "dense", "explain", "get_backend", "list_backends", "record_backends",
+    "register_backend", "resolve_backend", "resolve_backend_name", "use_backend",
 ]

@@ -7,22 +7,38 @@ Every backend implements two calls with one signature each:
 * :meth:`Backend.dense` — every query attends to every key (FAM's block compression,
   memory-token updates), no mask.
 
+Each backend *declares* what it supports in a :class:`Support` (devices, dtypes per
+device, devices with a backward, layout features, tolerances per dtype); the generic
+:meth:`Backend.not_supported_reasons` turns the declaration into readable reasons, and
+a backend adds run-time reasons of its own (a missing or broken install) in
+:meth:`Backend.availability_reasons`. Tests are generated from the declarations.
+
 Backends register themselves with :func:`register_backend`; adding one is a new file.
-:func:`resolve_backend` turns a name (or ``"auto"``) into a backend instance and, when
-the asked-for backend cannot run a call, raises an error listing every reason.
+:func:`resolve_backend` turns a name (or ``"auto"``) into a backend instance; when the
+asked-for backend cannot run a call it raises :class:`BackendUnavailable` listing every
+backend's reasons. Nothing switches silently: ``auto`` resolves per call, and
+:func:`record_backends` collects the names that actually ran.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
+from memzoo.errors import MemzooError
 from memzoo.ops.layout import BlockLayout
+
+FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,9 @@ class AttentionCall:
     requires_grad: bool
     has_memory_tensors: bool
     has_extra: bool
+    #: D and Dv (None: not known, e.g. a hand-made call in a test)
+    head_dim: int | None = None
+    value_dim: int | None = None
 
     @classmethod
     def describe(
@@ -44,9 +63,12 @@ class AttentionCall:
         layout: BlockLayout,
         k_mem: Tensor | None,
         extra_k: Tensor | None,
+        v: Tensor | None = None,
+        v_mem: Tensor | None = None,
+        extra_v: Tensor | None = None,
     ) -> "AttentionCall":
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, k_mem, extra_k)
+            t is not None and t.requires_grad for t in (q, k, v, k_mem, v_mem, extra_k, extra_v)
         )
         return cls(
             device_type=q.device.type,
@@ -55,19 +77,127 @@ class AttentionCall:
             requires_grad=needs_grad,
             has_memory_tensors=k_mem is not None,
             has_extra=extra_k is not None,
+            head_dim=q.shape[-1],
+            value_dim=None if v is None else v.shape[-1],
         )
+
+    def summary(self) -> str:
+        """One line for error messages: ``cpu, float32, training, BlockLayout(...), extra rows``."""
+        parts = [self.device_type, dtype_name(self.dtype), "training" if self.requires_grad else "inference", repr(self.layout)]
+        if self.has_memory_tensors:
+            parts.append("memory tensors")
+        if self.has_extra:
+            parts.append("extra rows")
+        if self.head_dim is not None and self.value_dim is not None and self.head_dim != self.value_dim:
+            parts.append(f"Dv={self.value_dim} != D={self.head_dim}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|actual - reference| <= atol + rtol * |reference|`` elementwise (torch.allclose)."""
+
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a backend declares it can run. Device types are ``torch.device.type`` names."""
+
+    #: device type -> dtypes that run there
+    dtypes: Mapping[str, frozenset[torch.dtype]]
+    #: device types with a backward pass (training); the others are inference only
+    training: frozenset[str]
+    #: window=None layouts (``full``): every earlier key visible
+    unbounded: bool = True
+    #: separate ``k_mem``/``v_mem`` tensors for memory keys
+    memory_tensors: bool = True
+    #: per-block extra rows (FAM's feedback memory)
+    extra_rows: bool = True
+    #: memory tensors / extra rows together with a window=None layout
+    unbounded_with_memory: bool = True
+    #: value width Dv different from the query/key width D
+    value_dim_differs: bool = True
+    #: device type -> why it is not supported (replaces the generic "runs on ..." reason)
+    no_device_because: Mapping[str, str] = field(default_factory=dict)
+    #: device type -> smallest head width D the kernels there take
+    min_head_dim: Mapping[str, int] = field(default_factory=dict)
+    #: comparison with the reference backend (same dtype, model level), per dtype
+    tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=dict)
+    #: why training is refused on a device it runs on (a remedy, not just a "no")
+    no_training_because: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted(self.dtypes)
+
+    def dtypes_on(self, device_type: str) -> frozenset[torch.dtype] | None:
+        """The dtypes declared for ``device_type`` (``"*"`` = any device); None: not supported."""
+        return self.dtypes.get(device_type, self.dtypes.get("*"))
+
+    def trains_on(self, device_type: str) -> bool:
+        return device_type in self.training or "*" in self.training
 
 
 class Backend:
-    """Base class. Subclasses set ``name`` and implement ``attend``/``dense``."""
+    """Base class. Subclasses set ``name``, ``priority``, ``support`` and implement
+    ``attend``/``dense``; add install/run-time checks in :meth:`availability_reasons`."""
 
     name: ClassVar[str] = ""
-    #: lower is preferred by ``auto``
+    #: lower is preferred by ``auto`` (see :meth:`rank`)
     priority: ClassVar[int] = 100
+    support: ClassVar[Support] = Support(dtypes={"*": FLOATS}, training=frozenset({"*"}))
+
+    def rank(self, call: AttentionCall) -> int:
+        """Preference of ``auto`` for ``call`` among backends that can run it (lower wins)."""
+        return self.priority
+
+    def availability_reasons(self, call: AttentionCall) -> list[str]:
+        """Run-time reasons beyond the declaration (missing install, no GPU, ...)."""
+        return []
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         """Readable reasons why this backend cannot run ``call`` (empty: it can)."""
-        return []
+        s = self.support
+        reasons: list[str] = []
+        dev = call.device_type
+        dtypes = s.dtypes_on(dev)
+        if dtypes is None:
+            reasons.append(s.no_device_because.get(dev, f"device {dev!r} is not supported (runs on: {', '.join(s.devices)})"))
+        elif call.dtype not in dtypes:
+            valid = ", ".join(sorted(dtype_name(d) for d in dtypes))
+            reasons.append(f"dtype {dtype_name(call.dtype)} is not supported on {dev} (supported: {valid})")
+        if call.requires_grad and dtypes is not None and not s.trains_on(dev):
+            reasons.append(s.no_training_because.get(dev, f"no backward on {dev} (inference only)"))
+        lay = call.layout
+        if not lay.bounded and not s.unbounded:
+            reasons.append(f"unbounded layouts ({lay!r}: every earlier key visible) are not supported")
+        if call.has_memory_tensors and not s.memory_tensors:
+            reasons.append("separate memory tensors (k_mem/v_mem) are not supported")
+        if call.has_extra and not s.extra_rows:
+            reasons.append("per-block extra rows are not supported")
+        if not lay.bounded and (call.has_extra or call.has_memory_tensors) and not s.unbounded_with_memory:
+            reasons.append("an unbounded layout (window=None) with memory tensors or extra rows is not block-gatherable")
+        if (
+            not s.value_dim_differs
+            and call.head_dim is not None
+            and call.value_dim is not None
+            and call.head_dim != call.value_dim
+        ):
+            reasons.append(f"value width Dv={call.value_dim} must equal the key width D={call.head_dim}")
+        least = s.min_head_dim.get(dev)
+        if least is not None and call.head_dim is not None and call.head_dim < least:
+            reasons.append(f"head width D={call.head_dim} is below the {least} the {dev} kernels take")
+        return reasons + self.availability_reasons(call)
+
+    def tolerance(self, dtype: torch.dtype) -> Tolerance:
+        """The declared tolerance against the reference for ``dtype``."""
+        try:
+            return self.support.tolerances[dtype]
+        except KeyError:
+            valid = ", ".join(dtype_name(d) for d in self.support.tolerances)
+            raise MemzooError(f"backend {self.name!r} declares no tolerance for {dtype_name(dtype)} (declared: {valid})") from None
 
     def attend(
         self,
@@ -94,10 +224,15 @@ class Backend:
         """Unmasked attention over the last two dims; any leading batch dims."""
         raise NotImplementedError
 
+    def versions(self) -> dict[str, str]:
+        """Library versions this backend runs on (for benchmark and leaderboard records)."""
+        return {"torch": torch.__version__}
+
 
 _BACKENDS: dict[str, type[Backend]] = {}
 _INSTANCES: dict[str, Backend] = {}
 _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("memzoo_backend", default=None)
+_RECORDERS: contextvars.ContextVar[tuple["BackendRecord", ...]] = contextvars.ContextVar("memzoo_backend_records", default=())
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
@@ -146,22 +281,114 @@ class BackendUnavailable(RuntimeError):
     """No backend (or not the asked-for one) can run this call; the message says why."""
 
 
+def explain(call: AttentionCall) -> dict[str, list[str]]:
+    """Every registered backend's reasons for refusing ``call`` (``[]``: it can run it),
+    in ``auto``'s order of preference."""
+    out: dict[str, list[str]] = {}
+    for backend in _ordered(call):
+        out[backend.name] = backend.not_supported_reasons(call)
+    return out
+
+
+def _ordered(call: AttentionCall) -> list[Backend]:
+    backends = [get_backend(n) for n in _BACKENDS]
+    return sorted(backends, key=lambda b: (b.rank(call), b.name))
+
+
+def _report(verdicts: dict[str, list[str]], skip: str | None = None) -> str:
+    lines = []
+    for name, reasons in verdicts.items():
+        if name == skip:
+            continue
+        lines.append(f"  {name}: " + ("can run it" if not reasons else "; ".join(reasons)))
+    return "\n".join(lines)
+
+
 def resolve_backend(name: str, call: AttentionCall) -> Backend:
     """The backend that runs ``call``: ``name`` itself (or the context override), or for
     ``"auto"`` the preferred backend that supports it. Never switches silently: a named
-    backend that cannot run the call raises with its reasons."""
+    backend that cannot run the call raises with its reasons and every other backend's."""
     name = _OVERRIDE.get() or name
     if name != "auto":
         backend = get_backend(name)
         reasons = backend.not_supported_reasons(call)
         if reasons:
-            raise BackendUnavailable(f"backend {name!r} cannot run this call: " + "; ".join(reasons))
+            verdicts = explain(call)
+            raise BackendUnavailable(
+                f"backend {name!r} cannot run this call ({call.summary()}):\n  {name}: "
+                + "; ".join(reasons)
+                + "\nthe other backends for this call:\n"
+                + _report(verdicts, skip=name)
+            )
         return backend
-    rejected: list[str] = []
-    for cand in sorted(_BACKENDS.values(), key=lambda c: (c.priority, c.name)):
-        backend = get_backend(cand.name)
+    verdicts = {}
+    for backend in _ordered(call):
         reasons = backend.not_supported_reasons(call)
         if not reasons:
             return backend
-        rejected.append(f"{cand.name}: {'; '.join(reasons)}")
-    raise BackendUnavailable("no attention backend can run this call: " + " | ".join(rejected))
+        verdicts[backend.name] = reasons
+    raise BackendUnavailable(f"no attention backend can run this call ({call.summary()}):\n" + _report(verdicts))
+
+
+def resolve_backend_name(
+    name: str = "auto",
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    training: bool = False,
+    layout: BlockLayout = BlockLayout(block_size=64, window=64),
+    memory_tensors: bool = False,
+    extra_rows: bool = False,
+    head_dim: int | None = None,
+) -> str:
+    """The backend ``name`` (or ``"auto"``) resolves to for a typical call on ``device``
+    in ``dtype``, without running anything. Raises like :func:`resolve_backend` when
+    nothing can run it. A model makes several kinds of calls; to know exactly which ran,
+    use :func:`record_backends` around a forward pass."""
+    call = AttentionCall(
+        device_type=torch.device(device).type,
+        dtype=dtype,
+        layout=layout,
+        requires_grad=training,
+        has_memory_tensors=memory_tensors,
+        has_extra=extra_rows,
+        head_dim=head_dim,
+        value_dim=head_dim,
+    )
+    return resolve_backend(name, call).name
+
+
+@dataclass
+class BackendRecord:
+    """The backends that ran attention calls inside :func:`record_backends` (name -> calls)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.counts)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{n} ({c} calls)" for n, c in sorted(self.counts.items())) or "(no attention calls)"
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[BackendRecord]:
+    """Collect the backends that actually ran::
+
+        with ops.record_backends() as rec:
+            model(tokens)
+        rec.names      # e.g. ['sdpa']
+    """
+    record = BackendRecord()
+    token = _RECORDERS.set(_RECORDERS.get() + (record,))
+    try:
+        yield record
+    finally:
+        _RECORDERS.reset(token)
+
+
+def note_resolved(name: str) -> None:
+    """Called by the dispatcher for every call: counts ``name`` in the open records."""
+    for record in _RECORDERS.get():
+        record.counts[name] += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from memzoo.ops.base import AttentionCall, Backend, register_backend
+from memzoo.ops.base import FLOATS, AttentionCall, Backend, Support, Tolerance, register_backend
 from memzoo.ops.layout import BlockLayout
 
 
@@ -18,6 +18,12 @@ from memzoo.ops.layout import BlockLayout
 class ReferenceBackend(Backend):
     name = "reference"
     priority = 1000  # never preferred by "auto"; always available
+    #: any device, any floating dtype, every layout feature; it *is* the oracle (tolerance 0)
+    support = Support(
+        dtypes={"*": FLOATS},
+        training=frozenset({"*"}),
+        tolerances={d: Tolerance(0.0, 0.0) for d in FLOATS},
+    )
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         return []

@@ -11,7 +11,16 @@ block (L)]``; one batched SDPA call then does all blocks at once::
 Score entries: ``nb·L·(F+W+L)`` instead of ``T·(T+F)`` for a dense mask. The first and
 last blocks of a call may be partial: they are padded with zeros and masked, and
 padding query rows (whose outputs are dropped) see every key so no row is empty.
-Unbounded layouts (``full``) use one causal SDPA call (lower-right aligned).
+Unbounded layouts (``full``) use one causal SDPA call (lower-right aligned; on CUDA
+through ``causal_lower_right`` rather than a mask tensor when ``Tq != Tk``).
+
+On CUDA, blocks whose whole key window exists (``b·L - W >= k_start``: no zero-padded
+memory keys) need no explicit mask: their mask *is* the bottom-right causal one
+(extra rows and memory fully visible, own block causal, trailing padding rows dropped),
+so they go through ``torch.nn.attention.bias.causal_lower_right``, which reaches the
+flash kernel; only the first few blocks of a call (at most ``ceil(W/L)+1``) keep the
+explicit mask. ``is_causal=True`` would be top-left aligned when ``L != F+W+L``, which
+is wrong here. On CPU one masked call does all blocks (as before).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memzoo.ops.base import AttentionCall, Backend, register_backend
+from memzoo.ops.base import FLOATS, Backend, Support, Tolerance, register_backend
 from memzoo.ops.layout import BlockLayout
 
 
@@ -64,15 +73,46 @@ def block_mask(
     return mask | padding_rows[:, :, None]
 
 
+def full_history_from(layout: BlockLayout, q_start: int, k_start: int) -> int:
+    """Index (within the call) of the first query block whose ``W`` memory keys all lie
+    at or after ``k_start``; from there on the block mask is bottom-right causal."""
+    size, window = layout.block_size, layout.window
+    assert size is not None and window is not None
+    b0 = q_start // size
+    first_full = -(-(k_start + window) // size)  # ceil((k_start + W) / L)
+    return max(0, first_full - b0)
+
+
+def lower_right_sdpa(qb: Tensor, kb: Tensor, vb: Tensor, scale: float) -> Tensor:
+    """(B,H,n,L,D) queries over (B,H,n,S,D) keys, bottom-right causal per block, no mask tensor."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    h, n, size = qb.shape[1:4]
+    s = kb.shape[3]
+    out = F.scaled_dot_product_attention(
+        qb.flatten(1, 2), kb.flatten(1, 2), vb.flatten(1, 2), attn_mask=causal_lower_right(size, s), scale=scale
+    )  # (B, H*n, L, Dv)
+    return out.unflatten(1, (h, n))
+
+
 @register_backend
 class SDPABackend(Backend):
     name = "sdpa"
     priority = 10
-
-    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
-        if not call.layout.bounded and (call.has_extra or call.has_memory_tensors):
-            return ["an unbounded layout (window=None) with memory tensors or extra rows is not block-gatherable"]
-        return []
+    support = Support(
+        dtypes={"*": FLOATS},
+        training=frozenset({"*"}),
+        unbounded_with_memory=False,
+        tolerances={
+            torch.float64: Tolerance(1e-10, 1e-8),
+            torch.float32: Tolerance(5e-5, 1e-4),
+            torch.bfloat16: Tolerance(8e-2, 5e-2),
+            torch.float16: Tolerance(1e-2, 1e-2),
+        },
+    )
+    #: device types where full-history blocks use ``causal_lower_right`` instead of a mask
+    #: (the flash kernel exists there); tests add "cpu" to check the split on CPU
+    lower_right_devices: frozenset[str] = frozenset({"cuda"})
 
     def attend(
         self,
@@ -96,6 +136,10 @@ class SDPABackend(Backend):
                 raise ValueError("sdpa: unbounded layout takes no memory tensors or extra rows")
             if tq == tk:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            if q.device.type in self.lower_right_devices:
+                from torch.nn.attention.bias import causal_lower_right
+
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale)
             q_pos = torch.arange(q_start, end, device=q.device)
             k_pos = torch.arange(k_start, end, device=q.device)
             mask = k_pos[None, :] <= q_pos[:, None]
@@ -125,7 +169,19 @@ class SDPABackend(Backend):
         kb = torch.cat(keys, dim=3) if len(keys) > 1 else keys[0]
         vb = torch.cat(values, dim=3) if len(values) > 1 else values[0]
         mask = block_mask(layout, q_start, tq, k_start, n_extra, q.device)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # (B,H,nb,L,Dv)
+        split = full_history_from(layout, q_start, k_start) if q.device.type in self.lower_right_devices else nb
+        if split >= nb:
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # (B,H,nb,L,Dv)
+        else:
+            parts = []
+            if split > 0:
+                parts.append(
+                    F.scaled_dot_product_attention(
+                        qb[:, :, :split], kb[:, :, :split], vb[:, :, :split], attn_mask=mask[:split], scale=scale
+                    )
+                )
+            parts.append(lower_right_sdpa(qb[:, :, split:], kb[:, :, split:], vb[:, :, split:], scale))
+            out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         out = out.flatten(2, 3)
         return out[:, :, q_start - lo : q_start - lo + tq]
 

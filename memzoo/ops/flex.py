@@ -1,0 +1,220 @@
+"""FlexAttention (``torch.nn.attention.flex_attention``) with a block mask built from
+the :class:`BlockLayout`.
+
+One flex call over one key sequence that holds every key a query of the call may see::
+
+    keys    [extra rows (nb·F) | k (Tk) | k_mem (Tk), only with memory tensors]
+    mask    mask_mod(b, h, q_idx, kv_idx) -> bool, True = may attend
+
+* an extra row of call-block ``j`` is visible to the queries of block ``j`` only;
+* a key position is visible under :meth:`BlockLayout.visible`; with memory tensors the
+  position appears twice, and the mask keeps the ``k_mem`` copy where the key is the
+  query's memory (before its block) and the ``k`` copy elsewhere, which is exactly
+  the reference's selection (values likewise).
+
+The mask only depends on shapes and on the call's phase inside a block
+(``q_start mod L``), so block masks are cached per ``(layout, phase, Tq, Tk, F, ...)``;
+``create_block_mask`` is the costly part. Streaming calls reuse a small set of them.
+
+Device facts (torch 2.13): on CPU flex is **forward only** (its backward raises), and
+eager flex is unfused (it materialises the scores), so on CPU it is an inference
+backend that ``auto`` never prefers. On CUDA it is compiled with ``torch.compile`` and
+trains; its kernels take head widths from 16 up. Keep ``L`` a multiple of 128 on GPU
+so mask tiles are full, empty or diagonal.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from memzoo.ops.base import FLOATS, AttentionCall, Backend, Support, Tolerance, register_backend
+from memzoo.ops.layout import BlockLayout
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+NO_CPU_BACKWARD = (
+    "FlexAttention has no backward on CPU in torch "
+    f"{torch.__version__.split('+')[0]} (forward only: its backward raises 'does not support backward on CPU'); "
+    "run it under torch.no_grad()/torch.inference_mode(), or train with backend='sdpa' or 'reference'"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def flex_available() -> str | None:
+    """None when ``torch.nn.attention.flex_attention`` imports, else why not."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError as exc:  # torch < 2.5
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention ({exc}); FlexAttention needs torch >= 2.5"
+    return None
+
+
+def layout_mask_mod(
+    layout: BlockLayout, q_start: int, n_queries: int, n_keys: int, extra_per_block: int, n_blocks: int, memory_copy: bool
+) -> tuple[MaskMod, tuple]:
+    """The mask_mod for a call and the key it may be cached under.
+
+    Positions are shifted by a multiple of ``L`` so the first query block of the call
+    starts at 0; the mask then depends on the call only through the returned key.
+    """
+    size, window = layout.block_size, layout.window
+    k_start = q_start + n_queries - n_keys
+    n_extra = extra_per_block * n_blocks
+    f = extra_per_block
+    if size is None:
+        # one block from position 0: visible = causal (window counts from 0, so it never bites)
+        offset = n_keys - n_queries
+
+        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            t = kv_idx - n_extra
+            # block start is 0, so no key is memory: a k_mem copy (t >= Tk) is never visible
+            tok = (t <= q_idx + offset) & (t >= 0) & (t < n_keys)
+            return (kv_idx < n_extra) | tok if n_extra else tok
+
+        return mask_mod, ("unblocked", n_queries, n_keys, n_extra, memory_copy)
+
+    shift = (q_start // size) * size
+    phase = q_start - shift  # in [0, L)
+    ks = k_start - shift  # position of key 0, relative to the first query block's start
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        qp = q_idx + phase
+        q_block = qp // size
+        start = q_block * size
+        t = kv_idx - n_extra
+        if memory_copy:
+            mem_copy = t >= n_keys
+            kp = ks + torch.where(mem_copy, t - n_keys, t)
+        else:
+            kp = ks + t
+        tok = kp <= qp
+        if window is not None:
+            tok = tok & (kp >= start - window)
+        is_memory = kp < start
+        tok = tok & ((is_memory == mem_copy) if memory_copy else torch.ones_like(tok))
+        if not n_extra:
+            return tok
+        return torch.where(kv_idx < n_extra, (kv_idx // f) == q_block, tok)
+
+    return mask_mod, (size, window, phase, ks, n_queries, n_keys, f, n_blocks, memory_copy)
+
+
+def dense_mask(mask_mod: MaskMod, n_queries: int, n_kv: int) -> Tensor:
+    """``mask_mod`` evaluated on the whole (Tq, n_kv) grid (for tests; O(Tq·n_kv))."""
+    zero = torch.zeros((), dtype=torch.long)
+    q_idx = torch.arange(n_queries)[:, None].expand(n_queries, n_kv)
+    kv_idx = torch.arange(n_kv)[None, :].expand(n_queries, n_kv)
+    return mask_mod(zero, zero, q_idx, kv_idx)
+
+
+_MASKS: dict[tuple, object] = {}
+_MASK_CACHE_SIZE = 256
+
+
+def cached_block_mask(mask_mod: MaskMod, key: tuple, n_queries: int, n_kv: int, device: torch.device):
+    """``create_block_mask`` once per ``(key, n_kv, device)``; a bounded FIFO cache."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    full_key = (key, n_kv, str(device))
+    mask = _MASKS.get(full_key)
+    if mask is None:
+        # on GPU the compiled builder avoids materialising the (Tq, n_kv) grid
+        mask = create_block_mask(mask_mod, None, None, n_queries, n_kv, device=device, _compile=device.type == "cuda")
+        if len(_MASKS) >= _MASK_CACHE_SIZE:
+            _MASKS.pop(next(iter(_MASKS)))
+        _MASKS[full_key] = mask
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, compile: bool) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compile:
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+    if not torch.is_grad_enabled():
+        # flex refuses CPU inputs that merely *carry* requires_grad, even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    with warnings.catch_warnings():
+        # declared above: eager flex is unfused; that is why auto never picks it on CPU
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+@register_backend
+class FlexBackend(Backend):
+    name = "flex"
+    priority = 50
+    support = Support(
+        dtypes={"cpu": FLOATS, "cuda": frozenset({torch.float16, torch.bfloat16, torch.float32})},
+        training=frozenset({"cuda"}),
+        no_training_because={"cpu": NO_CPU_BACKWARD},
+        min_head_dim={"cuda": 16},
+        tolerances={
+            torch.float64: Tolerance(1e-10, 1e-8),
+            torch.float32: Tolerance(5e-5, 1e-4),
+            torch.bfloat16: Tolerance(8e-2, 5e-2),
+            torch.float16: Tolerance(1e-2, 1e-2),
+        },
+    )
+    #: device types where flex runs compiled (fused); elsewhere eager (unfused, correct)
+    compile_devices: frozenset[str] = frozenset({"cuda"})
+
+    def rank(self, call: AttentionCall) -> int:
+        # eager CPU flex materialises every score: never auto's choice there. On CUDA it
+        # compiles per shape, so auto still prefers the uncompiled kernels (see docs/backends.md)
+        return self.priority if call.device_type == "cuda" else 500
+
+    def availability_reasons(self, call: AttentionCall) -> list[str]:
+        missing = flex_available()
+        return [missing] if missing else []
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        layout: BlockLayout,
+        q_start: int,
+        scale: float,
+        k_mem: Tensor | None = None,
+        v_mem: Tensor | None = None,
+        extra_k: Tensor | None = None,
+        extra_v: Tensor | None = None,
+    ) -> Tensor:
+        tq, tk = q.shape[2], k.shape[2]
+        nb = layout.n_query_blocks(q_start, tq)
+        keys, values = [k], [v]
+        f = 0
+        if extra_k is not None:
+            assert extra_v is not None
+            f = extra_k.shape[3]
+            keys.insert(0, extra_k.flatten(2, 3))  # (B, H, nb*F, D)
+            values.insert(0, extra_v.flatten(2, 3))
+        if k_mem is not None:
+            assert v_mem is not None
+            keys.append(k_mem)
+            values.append(v_mem)
+        kk = torch.cat(keys, dim=2) if len(keys) > 1 else k
+        vv = torch.cat(values, dim=2) if len(values) > 1 else v
+        mask_mod, key = layout_mask_mod(layout, q_start, tq, tk, f, nb, k_mem is not None)
+        block_mask = cached_block_mask(mask_mod, key, tq, kk.shape[2], q.device)
+        return _run_flex(q, kk, vv, block_mask, scale, q.device.type in self.compile_devices)
+
+    def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
+        lead = q.shape[:-2]
+        q4, k4, v4 = (x.reshape(-1, 1, *x.shape[-2:]) for x in (q, k, v))  # (prod(lead), 1, T, D)
+        out = _run_flex(q4, k4, v4, None, scale, q.device.type in self.compile_devices)
+        return out.reshape(*lead, *out.shape[-2:])
