@@ -41,7 +41,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from memzoo.layers.positions import PositionScheme
+from memzoo.layers.positions import POSITION_SCHEMES, PositionScheme
 
 
 def inverse_frequencies(rel_dim: int, base: float = 10000.0) -> Tensor:
@@ -103,6 +103,14 @@ class RelativePositions(PositionScheme):
         sin, cos = self._angles(pos, k)
         shape = (*k.shape[:-1], sin.shape[-1])
         return torch.cat([k, cos.expand(shape), sin.expand(shape)], dim=-1)
+
+
+# Registered from here, not listed in positions.py, so positions.py never imports this
+# module back (no import cycle). make_positions("relative", head_dim) then builds one
+# with shared biases across heads; variants build it with their own head count.
+if "relative" in POSITION_SCHEMES:
+    raise ValueError("position scheme 'relative' is already registered")
+POSITION_SCHEMES["relative"] = RelativePositions
 
 
 def relative_attention_reference(

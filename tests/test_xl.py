@@ -1,0 +1,230 @@
+"""Transformer-XL beyond the conformance suite: the relative position scheme against the
+paper's formula, the variant against a slow segment-by-segment reference, both halves
+of the stop-gradient, the degenerate case, receptive field and bounded state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memzoo
+from memzoo import ops
+from memzoo import testing as kit
+from memzoo.layers import POSITION_SCHEMES, make_positions
+from memzoo.layers.relative import RelativePositions, relative_attention_reference
+from memzoo.ops import BlockLayout
+from memzoo.variants.xl import XLConfig, xl_reference
+
+F64 = torch.float64
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 3) -> list[torch.Tensor]:
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return list(torch.autograd.grad((out * w).sum(), inputs, allow_unused=False))
+
+
+def _scheme(heads: int = 3, head_dim: int = 4, rel_dim: int = 10, seed: int = 0) -> RelativePositions:
+    torch.manual_seed(seed)
+    scheme = RelativePositions(head_dim, heads, rel_dim).to(F64)
+    with torch.no_grad():  # biases away from their small init, so every term matters
+        scheme.u.normal_()
+        scheme.v.normal_()
+    return scheme
+
+
+# ------------------------------------------------------------ the position scheme
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("q_start,n_keys,window", [(0, 11, None), (9, 14, 5), (100_003, 9, 3), (7, 7, 0)])
+def test_relative_scheme_equals_the_papers_formula(backend, q_start, n_keys, window):
+    """query(q, i)·key(k, j) as ordinary attention == explicit (i-j) encoding, outputs
+    and gradients of q, k, v, u, v-bias and W_r, with key width != value width."""
+    scheme = _scheme()
+    layout = BlockLayout(block_size=4, window=window) if window is not None else BlockLayout()
+    n_q = min(n_keys, 6)
+    b, h, dh = 2, scheme.n_heads, scheme.head_dim
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(b, h, n_q, dh, generator=gen, dtype=F64, requires_grad=True)
+    k = torch.randn(b, h, n_keys, dh, generator=gen, dtype=F64, requires_grad=True)
+    v = torch.randn(b, h, n_keys, dh, generator=gen, dtype=F64, requires_grad=True)
+    q_pos = torch.arange(q_start, q_start + n_q)
+    k_pos = torch.arange(q_start + n_q - n_keys, q_start + n_q)
+    fast = ops.attend(
+        scheme.query(q, q_pos), scheme.key(k, k_pos), v,
+        layout=layout, q_start=q_start, scale=scheme.scale, backend=backend,
+    )
+    allowed = layout.visible(q_pos[:, None], k_pos[None, :])
+    slow = relative_attention_reference(q, k, v, q_pos, k_pos, allowed, scheme)
+    kit.assert_close(fast, slow, "relative scheme vs explicit R_{i-j}")
+    inputs = [q, k, v, scheme.u, scheme.v, scheme.w_r]
+    for name, a, e in zip(["q", "k", "v", "u", "v_bias", "w_r"], _grads(fast, inputs), _grads(slow, inputs)):
+        kit.assert_close(a, e, f"grad of {name}")
+
+
+def test_relative_scores_depend_only_on_distance():
+    scheme = _scheme()
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 3, 5, 4, generator=gen, dtype=F64)
+    k = torch.randn(1, 3, 5, 4, generator=gen, dtype=F64)
+    pos = torch.arange(5)
+    near = scheme.query(q, pos) @ scheme.key(k, pos).transpose(-1, -2)
+    far = scheme.query(q, pos + 1_000_000) @ scheme.key(k, pos + 1_000_000).transpose(-1, -2)
+    kit.assert_close(far, near, "scores shifted by 10^6 positions")
+    # distinct distances do give distinct position terms
+    assert not torch.allclose(near[..., 1:, :1], near[..., :-1, :1])
+
+
+def test_relative_scheme_float32_at_large_positions():
+    scheme = _scheme()
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 3, 6, 4, generator=gen, dtype=F64) for _ in range(2))
+    pos = torch.arange(123_456, 123_462)
+    exact = scheme.query(q, pos) @ scheme.key(k, pos).transpose(-1, -2)
+    s32 = scheme.to(torch.float32)
+    approx = s32.query(q.float(), pos) @ s32.key(k.float(), pos).transpose(-1, -2)
+    torch.testing.assert_close(approx.double(), exact, atol=2e-4, rtol=1e-4)
+
+
+def test_relative_scheme_is_registered_and_validates():
+    assert POSITION_SCHEMES["relative"] is RelativePositions
+    scheme = make_positions("relative", 8)
+    assert isinstance(scheme, RelativePositions) and scheme.rel_dim == 8
+    out = scheme.query(torch.zeros(1, 2, 3, 8), torch.arange(3))
+    assert out.shape == (1, 2, 3, 16)
+    with pytest.raises(ValueError, match="even"):
+        RelativePositions(4, 2, rel_dim=5)
+
+
+# -------------------------------------------------------- the variant vs the paper
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize(
+    "opts",
+    [{"memory_len": 3}, {"memory_len": 6, "relative_dim": 6}, {"memory_len": 9, "positions": "rope"}, {"memory_len": 0}],
+)
+def test_xl_equals_segment_by_segment_reference(backend, opts):
+    """Parallel layer-by-layer XL == the paper's segment loop with detached memory:
+    outputs, input gradients and every parameter gradient (float64)."""
+    model = kit.tiny_model("xl", opts, backend=backend).backbone
+    x = torch.randn(2, 19, 16, dtype=F64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y, _ = model(x)
+    ref = xl_reference(model, x)
+    kit.assert_close(y, ref, f"xl {opts} vs reference")
+    names, params = zip(*model.named_parameters())
+    for name, a, e in zip(("x", *names), _grads(y, [x, *params]), _grads(ref, [x, *params])):
+        kit.assert_close(a, e, f"grad of {name}")
+
+
+def test_streaming_with_uneven_memory_matches_reference():
+    """M not a multiple of L, token-by-token and odd chunks, with gradients."""
+    model = kit.tiny_model("xl", {"memory_len": 7}).backbone
+    x = torch.randn(1, 23, 16, dtype=F64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    ref = xl_reference(model, x)
+    (g_ref,) = _grads(ref, [x])
+    for cuts in ([3, 4, 5, 11, 12, 20], list(range(1, 23))):
+        state, outs = None, []
+        for a, b in zip([0, *cuts], [*cuts, 23]):
+            y, state = model(x[:, a:b], state)
+            outs.append(y)
+        y = torch.cat(outs, 1)
+        kit.assert_close(y, ref, f"chunked at {cuts} vs reference")
+        kit.assert_close(_grads(y, [x])[0], g_ref, f"input grad chunked at {cuts}")
+
+
+# -------------------------------------------------------------- the stop-gradient
+def test_no_gradient_flows_into_earlier_segments():
+    model = kit.tiny_model("xl", {"memory_len": 4}, n_layers=2).backbone
+    x = torch.randn(1, 12, 16, dtype=F64, requires_grad=True)
+    y, _ = model(x)
+    (g,) = torch.autograd.grad(y[:, 4:8].sum(), x)
+    assert g[:, :4].abs().sum() == 0, "segment 1's outputs must not send gradient into segment 0"
+    assert g[:, 4:8].abs().sum() > 0
+    # while the forward values do depend on segment 0 (the memory is used)
+    x2 = x.detach().clone()
+    x2[:, 0] += 1.0
+    assert not torch.allclose(model(x2).y[:, 4:8], y[:, 4:8].detach())
+
+
+def _segment1_kv_weight_grad(model, x, memory_keys_learn: bool) -> torch.Tensor:
+    """Gradient of segment 1's output wrt the layer's K/V weights, one layer, written out:
+    memory keys projected from the detached inputs with live weights (XL) or with
+    frozen weights (what it would be if the memory were cached keys)."""
+    layer = model.layers[0]
+    h0, h1 = x[:, :4].detach(), x[:, 4:8]
+    q, k1, v1 = layer.project_raw(h1)
+    if memory_keys_learn:
+        _, k0, v0 = layer.project_raw(h0)
+    else:
+        with torch.no_grad():
+            _, k0, v0 = layer.project_raw(h0)
+    q_pos, k_pos = torch.arange(4, 8), torch.arange(0, 8)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    heads = relative_attention_reference(q, torch.cat([k0, k1], 2), torch.cat([v0, v1], 2), q_pos, k_pos, allowed, layer.positions)
+    out = layer.feed_forward(layer.attend_residual(h1, heads))
+    return _grads(out, [layer.qkv.weight])[0]
+
+
+def test_kv_weights_learn_through_memory_keys():
+    model = kit.tiny_model("xl", {"memory_len": 4}, n_layers=1).backbone
+    x = torch.randn(1, 8, 16, dtype=F64, generator=torch.Generator().manual_seed(6))
+    y, _ = model(x)
+    (g,) = _grads(y[:, 4:8], [model.layers[0].qkv.weight])
+    kit.assert_close(g, _segment1_kv_weight_grad(model, x, True), "W_qkv grad vs memory re-projected with live weights")
+    frozen = _segment1_kv_weight_grad(model, x, False)
+    k_and_v = slice(16, 48)
+    assert (g[k_and_v] - frozen[k_and_v]).abs().max() > 1e-6, "memory keys must contribute to the K/V weight gradient"
+    kit.assert_close(g[:16], frozen[:16], "W_q grad does not depend on how memory keys were made")
+
+
+# ------------------------------------------------------------ structural facts
+def test_xl_rope_with_memory_covering_everything_equals_full():
+    t = 19
+    full = kit.tiny_model("full")
+    xl = kit.tiny_model("xl", {"memory_len": t, "positions": "rope"})
+    xl.load_state_dict(full.state_dict())
+    tokens = kit.random_tokens(full, 2, t)
+    kit.assert_close(xl(tokens).logits, full(tokens).logits, "xl(rope, M >= T) vs full")
+    # the stop-gradient is the only difference: gradients into earlier positions differ
+    x = full.embed(tokens).detach().requires_grad_(True)
+    g_full = _grads(full.backbone(x).y, [x])[0]
+    g_xl = _grads(xl.backbone(x).y, [x])[0]
+    assert not torch.allclose(g_xl, g_full)
+    short = kit.tiny_model("xl", {"memory_len": 4, "positions": "rope"})
+    short.load_state_dict(full.state_dict())
+    assert not torch.allclose(short(tokens).logits, full(tokens).logits)
+
+
+@pytest.mark.parametrize("mem,layers", [(4, 1), (4, 2), (8, 2)])
+def test_forward_reach_grows_by_the_memory_per_layer(mem, layers):
+    """Token 0 reaches exactly positions < n_layers·M + L (M a multiple of L): layer 1
+    reaches the segments that still hold it in memory, each further layer M more."""
+    size = 4
+    model = kit.tiny_model("xl", {"memory_len": mem}, n_layers=layers)
+    reach = layers * mem + size
+    tokens = kit.random_tokens(model, 1, reach + 2 * size)
+    changed = tokens.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % model.vocab_size
+    with torch.no_grad():
+        diff = (model(tokens).logits - model(changed).logits).abs().amax(dim=(0, 2))
+    assert torch.all(diff[reach:] == 0), f"changed beyond reach {reach}: {diff[reach:]}"
+    assert diff[reach - 1] > 0
+
+
+def test_streaming_state_is_bounded():
+    size, mem = 4, 6
+    model = kit.tiny_model("xl", {"memory_len": mem})
+    state, lengths = None, []
+    with torch.no_grad():
+        for i in range(40):
+            _, state = model(torch.full((1, 1), i % 20), state=state)
+            lengths.append(state.h[0].shape[1])
+    assert max(lengths) == mem + size - 1
+    assert lengths[-size:] == lengths[-2 * size : -size]
+
+
+def test_config_errors_say_what_is_valid():
+    with pytest.raises(ValueError, match="relative_dim must be even"):
+        XLConfig(relative_dim=5)
+    with pytest.raises(ValueError, match="relative"):
+        memzoo.build_model("xl", positions="alibi")
+    with pytest.raises(ValueError, match="memory_len"):
+        memzoo.build_model("xl", memory_len=-1)
+    assert XLConfig().memory_len == 512 and XLConfig().positions == "relative"
