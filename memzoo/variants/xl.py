@@ -57,8 +57,9 @@ class XLConfig(VariantConfig):
     positions: Literal["relative", "rope"] = Field(
         "relative", description="XL's relative positional attention (the paper) or RoPE"
     )
-    relative_dim: int | None = Field(
-        None, ge=2, description="width R of the sinusoidal relative encoding (even); None = d_model, as in the official code"
+    # 0 rather than None for "the default width": registry cards are TOML, which has no null
+    relative_dim: int = Field(
+        0, ge=0, description="width R of the sinusoidal relative encoding (even); 0 = d_model, as in the official code"
     )
 
     conformance_options = (
@@ -70,7 +71,7 @@ class XLConfig(VariantConfig):
 
     @model_validator(mode="after")
     def _even_relative_dim(self) -> "XLConfig":
-        if self.relative_dim is not None and self.relative_dim % 2:
+        if self.relative_dim % 2:
             raise ValueError(f"relative_dim must be even (sine and cosine pairs), got {self.relative_dim}")
         return self
 
@@ -92,7 +93,7 @@ class TransformerXL(Backbone):
         *,
         memory_len: int = 512,
         positions: Literal["relative", "rope"] = "relative",
-        relative_dim: int | None = None,
+        relative_dim: int = 0,
         **common: Unpack[CommonArgs],
     ) -> None:
         super().__init__(**common)
@@ -100,11 +101,11 @@ class TransformerXL(Backbone):
             raise ValueError(f"memory_len must be an int >= 0, got {memory_len!r}")
         if positions not in ("relative", "rope"):
             raise ValueError(f"positions must be 'relative' or 'rope', got {positions!r}")
-        if relative_dim is not None and (relative_dim < 2 or relative_dim % 2):
-            raise ValueError(f"relative_dim must be even and >= 2, got {relative_dim}")
+        if not isinstance(relative_dim, int) or relative_dim < 0 or relative_dim % 2:
+            raise ValueError(f"relative_dim must be an even int >= 2, or 0 for d_model; got {relative_dim!r}")
         self.memory_len = memory_len
         self.position_kind = positions
-        self.relative_dim = relative_dim if relative_dim is not None else self.d_model
+        self.relative_dim = relative_dim or self.d_model
         self.hparams.update(memory_len=memory_len, positions=positions, relative_dim=relative_dim)
         self.layers = self.make_layers()
 

@@ -1,0 +1,198 @@
+"""``rmt``: Recurrent Memory Transformer (Bulatov et al. 2022), decoder form.
+
+The sequence is cut into segments of ``L = block_size`` tokens. Each segment runs
+through the *whole* stack as ``[read memory (K), segment tokens (L), write memory (K)]``
+with an ordinary causal mask over that concatenation, positions restarting at 0 in
+every segment (RoPE). The last layer's outputs at the write positions become the next
+segment's read memory. The first read memory and the write placeholders are learned
+``K × D`` parameters. Gradients flow across segments (BPTT) unless ``bptt_segments``
+truncates them::
+
+    K=2, L=4, one segment:   r r | t t t t | w w        (causal over the 2K+L rows)
+    segment τ+1 reads the last layer's outputs at w w of segment τ
+
+Shape notation: B batch, T new tokens, K memory tokens, D model width, H heads, Dh
+head width; "local" positions count from the start of the segment's concatenation.
+
+Streaming: a token's output depends only on the read memory and earlier tokens of its
+segment, so the state keeps, per layer, the keys/values of ``[read memory, tokens so
+far]`` of the current segment. A new token costs one row through the stack against that
+cache (the segment is never recomputed). When a segment completes, the K write
+placeholders run through the stack against the cache and the last layer's write
+outputs become the new read memory. A whole-sequence call is parallel within each
+segment and sequential across segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from memzoo import ops
+from memzoo.config import VariantConfig
+from memzoo.ops import BlockLayout
+from memzoo.registry import register_variant
+from memzoo.state import State
+from memzoo.variants.base import Backbone, CommonArgs
+
+try:
+    from typing import Unpack
+except ImportError:  # Python 3.10
+    from typing_extensions import Unpack
+
+
+class RMTConfig(VariantConfig):
+    num_memory_tokens: int = Field(10, ge=0, description="K: memory tokens read at the start and written at the end of every segment")
+    # 0 rather than None for "never truncate": registry cards are TOML, which has no null
+    bptt_segments: int = Field(
+        0, ge=0, description="0: backpropagate through every segment; N: detach the read memory of every N-th segment"
+    )
+
+    conformance_options = (
+        {"num_memory_tokens": 2},
+        {"num_memory_tokens": 3, "bptt_segments": 2},
+        {"num_memory_tokens": 1, "bptt_segments": 3},
+        {"num_memory_tokens": 0},
+    )
+
+
+@dataclass
+class RMTState(State):
+    """``mem`` (B, K, D): the read memory of the current segment. ``k[l]``, ``v[l]``
+    (B, H, c, Dh): keys (RoPE at local positions) and values of the first ``c`` rows of
+    the current segment's concatenation, ``c = K + pos % L`` inside a segment and 0 at
+    a segment boundary (the next segment's rows are not computed yet)."""
+
+    mem: Tensor
+    k: list[Tensor]
+    v: list[Tensor]
+
+
+@register_variant("rmt", config=RMTConfig)
+class RecurrentMemoryTransformer(Backbone):
+    State = RMTState
+
+    def __init__(
+        self, *, num_memory_tokens: int = 10, bptt_segments: int = 0, **common: Unpack[CommonArgs]
+    ) -> None:
+        super().__init__(**common)
+        if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
+            raise ValueError(f"num_memory_tokens must be an int >= 0, got {num_memory_tokens!r}")
+        if not isinstance(bptt_segments, int) or bptt_segments < 0:
+            raise ValueError(f"bptt_segments must be 0 (full BPTT) or an int N >= 1 (truncate every N segments), got {bptt_segments!r}")
+        self.num_memory_tokens = num_memory_tokens
+        self.bptt_segments = bptt_segments
+        self.hparams.update(num_memory_tokens=num_memory_tokens, bptt_segments=bptt_segments)
+        self.layers = self.make_layers()
+        self.read_init: nn.Parameter | None = None
+        self.write_init: nn.Parameter | None = None
+        if num_memory_tokens:  # no zero-size parameters when K = 0
+            self.read_init = nn.Parameter(torch.randn(num_memory_tokens, self.d_model) * 0.02)
+            self.write_init = nn.Parameter(torch.randn(num_memory_tokens, self.d_model) * 0.02)
+
+    # --------------------------------------------------------------------- pieces
+    def _write_rows(self, batch: int, like: Tensor) -> Tensor:
+        """The learned write placeholders for a batch: (B, K, D)."""
+        assert self.write_init is not None
+        return self.write_init.to(like.dtype).expand(batch, -1, -1)
+
+    def _read_memory(self, mem: Tensor, segment: int) -> Tensor:
+        """The read memory segment ``segment`` starts from, cut from the graph every
+        ``bptt_segments`` segments (counted from the sequence start, so chunking does
+        not move the cuts; segment 0 keeps the gradient into the learned memory)."""
+        n = self.bptt_segments
+        if n and segment > 0 and segment % n == 0:
+            return mem.detach()
+        return mem
+
+    def _run(self, z: Tensor, start: int, k_cache: list[Tensor], v_cache: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Rows ``z`` (B, n, D) at local positions ``[start, start+n)`` through the whole
+        stack, causally over the cached rows ``[0, start)`` and themselves. Returns the
+        last layer's outputs (B, n, D) and per-layer keys/values of rows ``[0, start+n)``."""
+        pos = torch.arange(start, start + z.shape[1], device=z.device)
+        new_k, new_v = [], []
+        for layer, kc, vc in zip(self.layers, k_cache, v_cache):
+            q, k, v = layer.project(z, pos)
+            keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
+            heads = ops.attend(
+                q, keys, values, layout=BlockLayout(), q_start=start, scale=layer.positions.scale, backend=self.backend
+            )
+            z = layer.feed_forward(layer.attend_residual(z, heads))
+            new_k.append(keys)
+            new_v.append(values)
+        return z, new_k, new_v
+
+    # ------------------------------------------------------------------ the contract
+    def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> RMTState:
+        if self.read_init is not None:
+            mem = self.read_init.to(device=device, dtype=dtype).expand(batch_size, -1, -1)
+        else:
+            mem = torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype)
+        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return RMTState(pos=0, fingerprint=self.fingerprint, mem=mem, k=[empty] * self.n_layers, v=[empty] * self.n_layers)
+
+    def step(self, x: Tensor, state: RMTState) -> tuple[Tensor, RMTState]:
+        size, n_mem = self.block_size, self.num_memory_tokens
+        pos, mem, k_cache, v_cache = state.pos, state.mem, state.k, state.v
+        outputs, i = [], 0
+        while i < x.shape[1]:  # one piece per segment touched by this call
+            done = pos % size  # tokens of this segment already in the cache
+            take = min(size - done, x.shape[1] - i)
+            completes = done + take == size
+            rows, first = [x[:, i : i + take]], 0  # first: index of the first token row
+            if done == 0:  # a fresh segment starts with its read memory (the cache is empty)
+                mem = self._read_memory(mem, pos // size)
+                rows, first = [mem, *rows], n_mem
+            if completes and n_mem:
+                rows.append(self._write_rows(x.shape[0], x))
+            start = n_mem + done if done else 0
+            z, k_cache, v_cache = self._run(torch.cat(rows, dim=1), start, k_cache, v_cache)
+            outputs.append(z[:, first : first + take])
+            if completes:  # new read memory; the next segment's rows are computed when it starts
+                if n_mem:
+                    mem = z[:, first + take :]  # the last layer's outputs at the write rows
+                k_cache = [kc[:, :, :0] for kc in k_cache]
+                v_cache = [vc[:, :, :0] for vc in v_cache]
+            pos += take
+            i += take
+        return torch.cat(outputs, dim=1), RMTState(pos=pos, fingerprint=self.fingerprint, mem=mem, k=k_cache, v=v_cache)
+
+    def carry_state(self, state: State) -> RMTState:
+        """To start an unrelated sequence: keep the memory only (the read memory of the
+        segment ``state`` is in), detached, at position 0 with an empty cache."""
+        assert isinstance(state, RMTState)
+        fresh = self.empty_state(state.batch_size, state.device, state.mem.dtype)
+        return RMTState(pos=0, fingerprint=state.fingerprint, mem=state.mem.detach(), k=fresh.k, v=fresh.v)
+
+
+def rmt_reference(model: RecurrentMemoryTransformer, x: Tensor) -> Tensor:
+    """RMT as the official code runs it, slowly: ``x`` (B, T, D) from the learned memory
+    -> (B, T, D). Every segment is an independent forward pass of the stack over
+    ``[read, tokens, write]`` at positions ``0 ..``, with a dense causal mask; the last
+    layer's write outputs are the next read memory (detached every ``bptt_segments``)."""
+    size, n_mem = model.block_size, model.num_memory_tokens
+    batch = x.shape[0]
+    mem = model.read_init.expand(batch, -1, -1) if model.read_init is not None else x[:, :0]
+    outputs = []
+    for s in range(0, x.shape[1], size):
+        segment = s // size
+        if model.bptt_segments and segment > 0 and segment % model.bptt_segments == 0:
+            mem = mem.detach()
+        tokens = x[:, s : s + size]
+        complete = tokens.shape[1] == size
+        write = model.write_init.expand(batch, -1, -1) if (complete and n_mem) else x[:, :0]
+        z = torch.cat([mem, tokens, write], dim=1)
+        pos = torch.arange(z.shape[1], device=x.device)
+        causal = pos[None, :] <= pos[:, None]
+        for layer in model.layers:
+            q, k, v = layer.project(z, pos)
+            scores = (q @ k.transpose(-1, -2)) * layer.positions.scale
+            heads = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v
+            z = layer.feed_forward(layer.attend_residual(z, heads))
+        outputs.append(z[:, n_mem : n_mem + tokens.shape[1]])
+        if complete and n_mem:
+            mem = z[:, n_mem + size :]
+    return torch.cat(outputs, dim=1)
