@@ -1,0 +1,28 @@
+"""The comparison API: train and evaluate variants on the same tasks, under the same
+budget and seeds, and write leaderboards.
+
+>>> from memzoo.compare import compare
+>>> rows = compare(["bswa"], "copy", train={"steps": 2, "length": 16}, eval={"examples": 2}, model={"d_model": 16})
+>>> sorted({(r.variant, r.eval_length, r.metric) for r in rows})[:2]
+[('bswa', 16, 'accuracy'), ('bswa', 16, 'exact')]
+"""
+
+from memzoo.compare.leaderboard import build_leaderboard, markdown, markdown_table, write_leaderboard
+from memzoo.compare.results import Leaderboard, Provenance, ResultRow, RunRecord, RunSpec, load_leaderboard
+from memzoo.compare.runner import compare, compare_runs
+from memzoo.compare.settings import (
+    PRESETS,
+    SMALL_SETTING_DEFAULTS,
+    CompareConfig,
+    EvalSettings,
+    ModelSettings,
+    TrainSettings,
+    preset,
+    variant_options,
+)
+
+__all__ = [
+    "PRESETS", "SMALL_SETTING_DEFAULTS", "CompareConfig", "EvalSettings", "Leaderboard", "ModelSettings", "Provenance",
+    "ResultRow", "RunRecord", "RunSpec", "TrainSettings", "build_leaderboard", "compare", "compare_runs", "load_leaderboard",
+    "markdown", "markdown_table", "preset", "variant_options", "write_leaderboard",
+]

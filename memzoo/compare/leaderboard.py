@@ -1,0 +1,155 @@
+"""Leaderboard files from result rows: ``<task>.json`` (the rows, validated by
+:class:`~memzoo.compare.results.Leaderboard` on load), ``<task>.md`` (mean ± standard
+deviation over seeds) and ``<task>.png`` (headline metric vs length per variant;
+needs matplotlib, the ``plot`` extra)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable
+
+from memzoo.compare.results import Leaderboard, ResultRow, RunRecord, dump, write_atomic
+from memzoo.compare.settings import CompareConfig
+
+
+def cell(values: list[float], digits: int = 3) -> str:
+    """'mean ± std' over seeds (sample std); just the mean for one seed."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _by(rows: Iterable[ResultRow], metric: str, slice_: str) -> dict[tuple[str, int], list[float]]:
+    out: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in rows:
+        if r.metric == metric and r.slice == slice_:
+            out[(r.variant, r.eval_length)].append(r.value)
+    return out
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:.1f}"
+
+
+def markdown_table(rows: list[ResultRow], metric: str | None = None) -> str:
+    """The headline table: one line per variant, one column per eval length, plus
+    parameters, state size at the longest length, training throughput and wall time."""
+    if not rows:
+        return "(no results)\n"
+    metric = metric or rows[0].metric
+    variants = sorted({r.variant for r in rows})
+    lengths = sorted({r.eval_length for r in rows})
+    seeds = sorted({r.seed for r in rows})
+    train_length = rows[0].train_length
+    values = _by(rows, metric, "all")
+    better = "higher" if rows[0].higher_is_better else "lower"
+    head = [f"{metric} ({better} is better) at length →"] + [
+        f"{n}{' (train)' if n == train_length else ''}" for n in lengths
+    ] + ["params", f"state KiB @{lengths[-1]}", "train tok/s", "wall s", "backend"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in variants:
+        mine = [r for r in rows if r.variant == v]
+        longest = [r for r in mine if r.eval_length == lengths[-1]]
+        per_seed = {r.seed: r for r in mine}
+        cells = [cell(values[(v, n)]) if values.get((v, n)) else "–" for n in lengths]
+        lines.append(
+            "| " + " | ".join([
+                f"`{v}`",
+                *cells,
+                f"{mine[0].parameters:,}",
+                _kib(max(r.state_bytes for r in longest)),
+                f"{statistics.fmean(r.tokens_per_s for r in per_seed.values()):,.0f}",
+                f"{statistics.fmean(r.wall_s for r in per_seed.values()):.0f}",
+                "+".join(sorted({r.backend for r in mine})),
+            ]) + " |"
+        )
+    note = f"\n{len(seeds)} seed(s): {', '.join(map(str, seeds))}; cells are mean ± standard deviation over seeds.\n"
+    return "\n".join(lines) + "\n" + note
+
+
+def slice_table(rows: list[ResultRow], metric: str, length: int) -> str | None:
+    """The headline metric by slice (depth, number of pairs) at one length, if the task has slices."""
+    slices = sorted({r.slice for r in rows if r.metric == metric and r.slice != "all"}, key=_slice_key)
+    if not slices:
+        return None
+    mine = [r for r in rows if r.eval_length == length]
+    head = [f"{metric} at length {length}, by slice →", *slices]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in sorted({r.variant for r in mine}):
+        cells = []
+        for s in slices:
+            vals = [r.value for r in mine if r.variant == v and r.metric == metric and r.slice == s]
+            cells.append(cell(vals) if vals else "–")
+        lines.append("| " + " | ".join([f"`{v}`", *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _slice_key(s: str) -> tuple[str, float]:
+    name, _, value = s.partition("=")
+    try:
+        return (name, float(value))
+    except ValueError:
+        return (name, float("inf"))
+
+
+def markdown(board: Leaderboard, image: str | None = None) -> str:
+    rows = list(board.rows)
+    if not rows:
+        return f"# {board.task}\n\n(no results)\n"
+    headline = rows[0].metric
+    lengths = sorted({r.eval_length for r in rows})
+    parts = [f"# `{board.task}` leaderboard\n"]
+    if image:
+        parts.append(f"![{board.task}: {headline} vs length]({image})\n")
+    if board.command:
+        parts.append(f"Made by:\n\n```\n{board.command}\n```\n")
+    parts.append(markdown_table(rows, headline))
+    for n in lengths:
+        table = slice_table(rows, headline, n)
+        if table:
+            parts.append(table)
+    others = sorted({r.metric for r in rows} - {headline})
+    for metric in others:
+        parts.append(markdown_table(rows, metric))
+    s = board.settings
+    parts.append(
+        "Settings: "
+        f"model {s['model']}; train {s['train']}; eval {s['eval']} at lengths {s.get('eval_lengths')}; "
+        f"task options {s['task_options']}; variant options {board.variant_options}.\n"
+    )
+    return "\n".join(parts)
+
+
+def build_leaderboard(config: CompareConfig, records: list[RunRecord], command: str | None = None) -> Leaderboard:
+    settings = config.model_dump(mode="json")
+    settings["variants"] = config.variant_names
+    settings["eval_lengths"] = list(config.eval_lengths)
+    return Leaderboard(
+        task=config.task,
+        command=command,
+        settings=settings,
+        variant_options={r.spec.variant: r.spec.variant_options for r in records},
+        rows=[row for r in records for row in r.rows],
+    )
+
+
+def write_leaderboard(board: Leaderboard, out: str | Path, *, stem: str | None = None) -> dict[str, Path | str]:
+    """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png`` into ``out``.
+    Returns the paths written; ``"png"`` is a message instead when the plot was skipped."""
+    from memzoo.compare.plots import plot_headline
+
+    out = Path(out)
+    stem = stem or board.task
+    written: dict[str, Path | str] = {}
+    json_path = out / f"{stem}.json"
+    write_atomic(json_path, dump(board))
+    written["json"] = json_path
+    png = plot_headline(board, out / f"{stem}.png")
+    written["png"] = png
+    md_path = out / f"{stem}.md"
+    write_atomic(md_path, markdown(board, image=f"{stem}.png" if isinstance(png, Path) else None))
+    written["md"] = md_path
+    return written

@@ -1,0 +1,57 @@
+"""The leaderboard plot: the headline metric against evaluation length, one line per
+variant (mean over seeds, bars = min..max over seeds), the training length marked.
+
+matplotlib is optional (the ``plot`` / ``dev`` extras); without it the plot is
+skipped with a message and every other file is still written.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from memzoo.compare.results import Leaderboard, write_atomic
+
+MISSING = "matplotlib is not installed (pip install 'memzoo[plot]'); skipped the PNG plot"
+
+
+def plot_headline(board: Leaderboard, path: Path) -> Path | str:
+    """Write the PNG to ``path`` and return it, or return why it was skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return MISSING
+    rows = [r for r in board.rows if r.slice == "all"]
+    if not rows:
+        return "no rows to plot"
+    metric = board.rows[0].metric
+    series: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.metric == metric:
+            series[r.variant][r.eval_length].append(r.value)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for variant in sorted(series):
+        lengths = sorted(series[variant])
+        means = [statistics.fmean(series[variant][n]) for n in lengths]
+        lo = [m - min(series[variant][n]) for m, n in zip(means, lengths)]
+        hi = [max(series[variant][n]) - m for m, n in zip(means, lengths)]
+        ax.errorbar(lengths, means, yerr=[lo, hi], marker="o", capsize=3, label=variant)
+    ax.axvline(rows[0].train_length, color="grey", linestyle=":", label="train length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel(metric)
+    seeds = len({r.seed for r in rows})
+    ax.set_title(f"{board.task}: {metric} vs length ({seeds} seed{'s' if seeds != 1 else ''})")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return path

@@ -1,0 +1,242 @@
+"""``compare(...)``: train and evaluate variants on one task under one budget.
+
+Runs are (variant, seed) pairs. With a ``results_dir``, each finished run is written
+there atomically as ``<task>/<variant>-seed<seed>-<config hash>.json``; a rerun with
+the same settings loads it instead of recomputing, so an interrupted comparison
+resumes where it stopped. Changing any setting changes the hash, so stale results
+are never mixed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+import memzoo
+from memzoo import ops
+from memzoo.compare.progress import Progress
+from memzoo.compare.results import Provenance, ResultRow, RunRecord, RunSpec, dump, load, write_atomic
+from memzoo.compare.settings import CompareConfig, merge, variant_options
+from memzoo.compare.settings import preset as settings_preset
+from memzoo.compare.trainer import evaluate, train
+from memzoo.tasks import Task, make_task
+
+#: how many points of the training loss curve a run record keeps
+LOSS_POINTS = 20
+
+
+@contextlib.contextmanager
+def recording_backends() -> Iterator[set[str]]:
+    """Collect the names of the attention backends that actually run inside the block.
+
+    ``ops.attend``/``ops.dense`` look ``resolve_backend`` up in :mod:`memzoo.ops` at
+    call time; wrapping it there sees every resolution (including ``"auto"``'s
+    per-call choices) without touching the backends."""
+    used: set[str] = set()
+    original = ops.resolve_backend
+
+    def resolve_and_record(name: str, call: ops.AttentionCall) -> ops.Backend:
+        backend = original(name, call)
+        used.add(backend.name)
+        return backend
+
+    ops.resolve_backend = resolve_and_record  # type: ignore[assignment]
+    try:
+        yield used
+    finally:
+        ops.resolve_backend = original  # type: ignore[assignment]
+
+
+def git_info() -> tuple[str | None, bool | None]:
+    """(commit, whether memzoo/ differs from it) of the checkout memzoo runs from."""
+    root = Path(memzoo.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "memzoo"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit or None, bool(status.strip())
+
+
+def device_name(device: str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return dev.type if dev.type != "cpu" else f"cpu ({platform.machine() or 'unknown'})"
+
+
+def run_spec(config: CompareConfig, variant: str, seed: int) -> RunSpec:
+    return RunSpec(
+        variant=variant,
+        variant_options=variant_options(variant, config.model, config.variant_options.get(variant)),
+        task=config.task,
+        task_options=make_task(config.task, **config.task_options).config.model_dump(mode="json"),
+        seed=seed,
+        model=config.model.model_dump(mode="json"),
+        train=config.train.model_dump(mode="json"),
+        eval={**config.eval.model_dump(mode="json"), "chunk_len": config.eval_chunk},
+        eval_lengths=list(config.eval_lengths),
+        backend=config.backend,
+        device=config.device,
+    )
+
+
+def run_path(results_dir: Path, spec: RunSpec) -> Path:
+    return results_dir / spec.task / f"{spec.variant}-seed{spec.seed}-{spec.config_hash}.json"
+
+
+def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecord:
+    """Train and evaluate one (variant, seed) and return its record."""
+    task: Task = make_task(spec.task, **spec.task_options)
+    start = time.perf_counter()
+    torch.manual_seed(spec.seed)  # initial weights: the same seed gives the same init for a variant
+    model = memzoo.build_model(
+        spec.variant, vocab_size=task.vocab_size, backend=spec.backend, **spec.model, **spec.variant_options
+    ).to(spec.device)
+    parameters = sum(p.numel() for p in model.parameters())
+    bar = Progress(config.train.steps, f"{spec.task} {spec.variant} seed {spec.seed}", enabled=progress)
+    with recording_backends() as used:
+        report = train(model, task, config.train, seed=spec.seed, progress=bar)
+        bar.close()
+        evals = {
+            n: evaluate(model, task, n, config.eval, chunk_len=config.eval_chunk, seed=spec.seed)
+            for n in spec.eval_lengths
+        }
+    wall = time.perf_counter() - start
+    commit, dirty = git_info()
+    provenance = Provenance(
+        memzoo_version=memzoo.__version__,
+        git_commit=commit,
+        git_dirty=dirty,
+        torch_version=torch.__version__,
+        python_version=platform.python_version(),
+        device=device_name(spec.device),
+        threads=torch.get_num_threads(),
+        config_hash=spec.config_hash,
+    )
+    rows = [
+        ResultRow(
+            variant=spec.variant,
+            task=spec.task,
+            train_length=config.train.length,
+            eval_length=n,
+            seed=spec.seed,
+            metric=metric,
+            slice=slice_,
+            value=value,
+            higher_is_better=task.higher_is_better,
+            backend="+".join(sorted(used)) or "none",
+            parameters=parameters,
+            state_bytes=ev.state_bytes,
+            tokens_per_s=report.tokens_per_s,
+            eval_tokens_per_s=ev.tokens_per_s,
+            wall_s=wall,
+            provenance=provenance,
+        )
+        for n, ev in evals.items()
+        for metric, by_slice in ev.scores.items()
+        for slice_, value in by_slice.items()
+    ]
+    every = max(1, len(report.losses) // LOSS_POINTS)
+    return RunRecord(
+        spec=spec,
+        config_hash=spec.config_hash,
+        losses=report.losses[::every],
+        log_every=every,
+        carried_steps=report.carried_steps,
+        rows=rows,
+    )
+
+
+def _log(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"memzoo compare: {message}", file=sys.stderr, flush=True)
+
+
+def compare_runs(
+    config: CompareConfig,
+    *,
+    results_dir: str | Path | None = None,
+    progress: bool | None = None,
+    quiet: bool = False,
+    threads: int | None = 1,
+) -> list[RunRecord]:
+    """Every (variant, seed) run of ``config``: loaded from ``results_dir`` when finished
+    there before, otherwise computed (and then written there)."""
+    show = sys.stderr.isatty() if progress is None else progress
+    specs = [run_spec(config, v, s) for v in config.variant_names for s in config.seeds]
+    records = []
+    for i, spec in enumerate(specs, 1):
+        path = run_path(Path(results_dir), spec) if results_dir is not None else None
+        if path is not None and path.exists():
+            record = load(path, RunRecord)
+            if record.config_hash == spec.config_hash and record.spec == spec:
+                _log(f"[{i}/{len(specs)}] {spec.variant} seed {spec.seed}: finished before, loaded {path}", quiet)
+                records.append(record)
+                continue
+        _log(f"[{i}/{len(specs)}] {spec.variant} seed {spec.seed}: training", quiet)
+        with torch_threads(threads):
+            record = run_one(spec, config, progress=show and not quiet)
+        if path is not None:
+            write_atomic(path, dump(record))
+        records.append(record)
+    return records
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (None: leave the setting alone).
+    Tiny models run fastest on one thread, and much faster than on several when the
+    cores are shared: threads then wait on each other."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def compare(
+    variants: list[str] | tuple[str, ...] | str | None = None,
+    task: str = "passkey",
+    *,
+    results_dir: str | Path | None = None,
+    progress: bool | None = None,
+    quiet: bool = True,
+    threads: int | None = 1,
+    preset: str | None = None,
+    config: CompareConfig | None = None,
+    **fields: Any,
+) -> list[ResultRow]:
+    """Train and evaluate ``variants`` (default: every registered one) on ``task`` under
+    the same budget and seeds; return tidy :class:`ResultRow` rows.
+
+    ``fields`` are :class:`CompareConfig` fields (``seeds``, ``model``, ``train``,
+    ``eval``, ``task_options``, ``variant_options``, ``backend``, ``device``); nested
+    ones take dicts, e.g. ``train={"steps": 50}``, and are merged over ``preset``
+    (a name in :data:`~memzoo.compare.settings.PRESETS`) if given. Or pass a whole
+    ``config``. ``threads``: torch CPU threads during the runs (None: unchanged).
+    """
+    if config is not None:
+        if fields or variants is not None or preset is not None:
+            raise TypeError("pass either config=... or variants/task/preset/fields, not both")
+    else:
+        if isinstance(variants, str):
+            variants = [v for v in variants.split(",") if v]
+        base = settings_preset(preset, task) if preset is not None else {"task": task}
+        config = CompareConfig(**merge(base, {**fields, "variants": tuple(variants or ())}))
+    records = compare_runs(config, results_dir=results_dir, progress=progress, quiet=quiet, threads=threads)
+    return [row for record in records for row in record.rows]

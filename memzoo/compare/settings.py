@@ -1,0 +1,190 @@
+"""What a comparison runs: one pydantic config (``extra="forbid"``, every field a
+default) shared by every variant, plus each variant's own fields for small settings.
+
+Fairness is structural: every variant gets the same :class:`ModelSettings`,
+:class:`TrainSettings`, :class:`EvalSettings`, task and seeds. Only the variant's
+own fields differ; they come from one declared place, :data:`SMALL_SETTING_DEFAULTS`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from memzoo.errors import UnknownNameError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Strict):
+    """The shared model fields every variant is built with."""
+
+    d_model: int = Field(32, ge=2)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(2, ge=1)
+    block_size: int = Field(8, ge=1, description="L: tokens per block/segment (memory update unit)")
+    d_ff: int | None = Field(None, ge=1, description="None = 4 * d_model")
+
+
+class TrainSettings(_Strict):
+    """The training budget: identical for every variant."""
+
+    steps: int = Field(200, ge=0)
+    batch_size: int = Field(16, ge=1)
+    length: int = Field(64, ge=2, description="training sequence length")
+    chunk_len: int | None = Field(
+        None, ge=1, description="feed each training sequence in chunks of this many tokens, carrying the state; None = one call"
+    )
+    detach_every: int = Field(
+        0, ge=0, description="cut the gradient through the state every N chunks (truncated BPTT); 0 = never"
+    )
+    rsp_prob: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Random State Passing: probability that a step starts from the previous step's final state "
+        "(through the backbone's carry_state) instead of a fresh one",
+    )
+    lr: float = Field(3e-3, gt=0.0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up, then cosine decay to min_lr_ratio * lr")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradient norm; None = no clipping")
+
+
+class EvalSettings(_Strict):
+    """Evaluation, through the streaming path (chunks carrying the state)."""
+
+    lengths: tuple[int, ...] = Field((), description="sequence lengths to evaluate at; () = train length, 2x and 4x")
+    examples: int = Field(64, ge=1, description="sequences per length")
+    batch_size: int = Field(32, ge=1)
+    chunk_len: int | None = Field(None, ge=1, description="streaming chunk; None = the training length")
+
+
+class CompareConfig(_Strict):
+    """Everything a comparison runs; ``compare(**fields)`` and the CLI build one."""
+
+    task: str = "passkey"
+    task_options: dict[str, Any] = Field(default_factory=dict, description="the task's own fields")
+    variants: tuple[str, ...] = Field((), description="variant names; () = every registered variant")
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+    variant_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-variant overrides of its own fields, e.g. {'fam': {'fam_len': 4}}"
+    )
+    backend: str = Field("auto", description="attention backend name, or 'auto'")
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _check(self) -> "CompareConfig":
+        from memzoo.ops import check_backend_name
+        from memzoo.registry import get_variant
+        from memzoo.tasks import get_task
+
+        get_task(self.task)
+        for name in (*self.variants, *self.variant_options):
+            get_variant(name)
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants are listed more than once: {list(self.variants)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds are listed more than once: {list(self.seeds)}")
+        check_backend_name(self.backend)
+        bad = [n for n in self.eval.lengths if n < 2]
+        if bad:
+            raise ValueError(f"eval lengths must be >= 2, got {bad}")
+        return self
+
+    @property
+    def variant_names(self) -> list[str]:
+        from memzoo.registry import list_variants
+
+        return list(self.variants) or list_variants()
+
+    @property
+    def eval_lengths(self) -> tuple[int, ...]:
+        n = self.train.length
+        return self.eval.lengths or (n, 2 * n, 4 * n)
+
+    @property
+    def eval_chunk(self) -> int:
+        return self.eval.chunk_len or self.train.length
+
+
+#: Defaults for variants' own fields at small settings, keyed by *field name* and
+#: derived from the shared model settings. A variant gets the entries whose names are
+#: fields of its config; any other field keeps the variant's own default, so a variant
+#: registered later works unchanged (and can be tuned with ``variant_options``).
+SMALL_SETTING_DEFAULTS: dict[str, Callable[[ModelSettings], Any]] = {
+    "memory_blocks": lambda m: 1,  # bswa, fam: one previous block in full
+    "fam_len": lambda m: max(1, m.block_size // 4),  # fam: working memory vectors (paper: 64 of 1024)
+    "memory_len": lambda m: m.block_size,  # xl: as many cached positions as one bswa memory block
+    "num_memory_tokens": lambda m: 4,  # rmt: read/write memory tokens
+}
+
+
+def variant_options(name: str, model: ModelSettings, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The variant's own fields for a comparison: :data:`SMALL_SETTING_DEFAULTS` that
+    the variant's config has, then ``overrides`` (refused if not a field of it)."""
+    from memzoo.registry import get_variant
+
+    fields = get_variant(name).config.model_fields
+    chosen = {key: make(model) for key, make in SMALL_SETTING_DEFAULTS.items() if key in fields}
+    unknown = set(overrides or {}) - set(fields)
+    if unknown:
+        raise UnknownNameError(
+            f"unknown option(s) {sorted(unknown)} for variant {name!r}; valid: {', '.join(sorted(fields)) or '(none)'}"
+        )
+    chosen.update(copy.deepcopy(overrides or {}))
+    return chosen
+
+
+#: Named settings. ``tiny`` is the README's main job (all variants, a few minutes on
+#: 2 CPU cores); ``small`` made the committed leaderboards. Per task; ``"*"`` applies
+#: to tasks without their own entry. Values are CompareConfig fields (nested dicts).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "passkey": {
+            "task_options": {"n_digits": 2, "n_filler": 4, "eval_depths": (0.0, 0.5, 1.0)},
+            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 8},
+            "train": {"steps": 150, "batch_size": 16, "length": 32, "lr": 3e-3, "warmup_steps": 15},
+            "eval": {"lengths": (32, 64, 128), "examples": 48, "batch_size": 48},
+        },
+        "mqar": {
+            "task_options": {"n_keys": 16, "n_values": 16, "num_pairs": 4, "eval_pairs": (2, 4, 8)},
+            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 8},
+            "train": {"steps": 150, "batch_size": 16, "length": 32, "lr": 3e-3, "warmup_steps": 15},
+            "eval": {"lengths": (32, 64, 128), "examples": 48, "batch_size": 48},
+        },
+        "*": {
+            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 8},
+            "train": {"steps": 150, "batch_size": 16, "length": 32, "lr": 3e-3, "warmup_steps": 15},
+            "eval": {"lengths": (32, 64, 128), "examples": 48, "batch_size": 48},
+        },
+    },
+}
+
+
+def preset(name: str, task: str) -> dict[str, Any]:
+    """The CompareConfig fields of preset ``name`` for ``task`` (a fresh copy)."""
+    if name not in PRESETS:
+        raise UnknownNameError(f"unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}")
+    table = PRESETS[name]
+    fields = copy.deepcopy(table.get(task, table.get("*", {})))
+    fields["task"] = task
+    return fields
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict update: ``override`` wins, sub-dicts are merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,172 @@
+"""The fair trainer and the streaming evaluator.
+
+Every variant gets the same optimiser (AdamW), steps, batch, learning-rate schedule
+(linear warm-up, cosine decay) and data: training batches come from a generator
+seeded by the run's seed alone, so two variants with the same seed see the same
+sequences. The loss is the mean cross-entropy over the task's scored positions.
+
+A training sequence can be fed in consecutive chunks with the state carried
+between them (``chunk_len``); ``detach_every=N`` cuts the gradient through the
+state every N chunks (truncated backpropagation through time: the gradient of the
+chunks so far is computed then, so memory stays bounded). Random State Passing
+(``rsp_prob``) starts a step from the previous step's final state, passed through
+the backbone's ``carry_state`` (FAM keeps only its memory; by default the whole
+state, detached), instead of a fresh state.
+
+Evaluation always streams: each sequence is fed ``chunk_len`` tokens at a time
+with the state carried, and only per-example sums are kept (see
+:class:`memzoo.tasks.ExampleStats`), so memory stays bounded at any length (apart
+from what a variant's own state holds, e.g. ``full``'s growing K/V cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from memzoo.compare.progress import Progress
+from memzoo.compare.settings import EvalSettings, TrainSettings
+from memzoo.models import MemzooLM
+from memzoo.state import State
+from memzoo.tasks import ExampleStats, Task
+
+
+def seeded(*parts: object) -> torch.Generator:
+    """A CPU generator seeded from ``parts`` (stable across processes and platforms)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def lr_factor(step: int, settings: TrainSettings) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up over
+    ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at the last step."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    decay_steps = max(settings.steps - settings.warmup_steps, 1)
+    progress = min((step - settings.warmup_steps) / decay_steps, 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cosine
+
+
+def carry_state(model: MemzooLM, state: State) -> State:
+    """The state an unrelated next sequence starts from (Random State Passing)."""
+    carry: Callable[[State], State] = getattr(model.backbone, "carry_state", lambda s: s.detach())
+    return carry(state)
+
+
+def chunk_bounds(length: int, chunk_len: int | None) -> list[tuple[int, int]]:
+    step = chunk_len or length
+    return [(a, min(a + step, length)) for a in range(0, length, step)]
+
+
+@dataclass
+class TrainReport:
+    losses: list[float] = field(default_factory=list)  # (steps,) mean scored loss per step, nats
+    carried_steps: int = 0  # steps started from the previous step's state (RSP)
+    tokens: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def train(
+    model: MemzooLM,
+    task: Task,
+    settings: TrainSettings,
+    *,
+    seed: int,
+    progress: Progress | None = None,
+) -> TrainReport:
+    """Train ``model`` in place on ``task``; deterministic given ``seed`` on CPU."""
+    device = next(model.parameters()).device
+    data = seeded("train-data", task.name, seed)
+    coin = seeded("rsp", seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, settings))
+    report = TrainReport()
+    previous: State | None = None
+    model.train()
+    start = time.perf_counter()
+    for _ in range(settings.steps):
+        batch = task.sample(settings.batch_size, settings.length, data, split="train").to(device)
+        # drawn every step, so the data stream does not depend on rsp_prob
+        pass_state = bool(torch.rand((), generator=coin) < settings.rsp_prob)
+        state = carry_state(model, previous) if (pass_state and previous is not None) else None
+        report.carried_steps += state is not None
+        scored = batch.mask.sum().clamp(min=1)
+        chunks = chunk_bounds(settings.length, settings.chunk_len)
+        pending: Tensor | None = None
+        total = 0.0
+        for i, (a, b) in enumerate(chunks):
+            logits, state = model(batch.tokens[:, a:b], state)
+            nll = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), batch.targets[:, a:b], reduction="none"
+            )  # (B, t)
+            loss = (nll * batch.mask[:, a:b]).sum() / scored
+            pending = loss if pending is None else pending + loss
+            last = i == len(chunks) - 1
+            if last or (settings.detach_every and (i + 1) % settings.detach_every == 0):
+                pending.backward()
+                total += float(pending.detach())
+                pending = None
+                state = state.detach()
+        if settings.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        previous = state
+        report.losses.append(total)
+        report.tokens += batch.tokens.numel()
+        if progress is not None:
+            progress.update(1, f"loss {total:.3f}")
+    report.wall_s = time.perf_counter() - start
+    return report
+
+
+@dataclass
+class EvalReport:
+    scores: dict[str, dict[str, float]]  # metric -> slice -> value
+    state_bytes: int  # per sequence, at the end of the evaluated length
+    tokens_per_s: float
+
+
+@torch.no_grad()
+def evaluate(
+    model: MemzooLM,
+    task: Task,
+    length: int,
+    settings: EvalSettings,
+    *,
+    chunk_len: int,
+    seed: int,
+) -> EvalReport:
+    """Score ``settings.examples`` sequences of ``length`` tokens, streamed in chunks."""
+    device = next(model.parameters()).device
+    model.eval()
+    full = task.sample(settings.examples, length, seeded("eval-data", task.name, seed, length), split="eval")
+    parts: list[ExampleStats] = []
+    state_bytes = 0
+    start = time.perf_counter()
+    for lo in range(0, settings.examples, settings.batch_size):
+        hi = min(lo + settings.batch_size, settings.examples)
+        tokens, targets, mask = (t[lo:hi].to(device) for t in (full.tokens, full.targets, full.mask))
+        stats = ExampleStats.zeros(hi - lo)
+        state: State | None = None
+        for a, b in chunk_bounds(length, chunk_len):
+            logits, state = model(tokens[:, a:b], state)
+            stats.add(logits, targets[:, a:b], mask[:, a:b])
+        assert state is not None
+        state_bytes = max(state_bytes, state.nbytes // (hi - lo))
+        parts.append(stats)
+    wall = time.perf_counter() - start
+    stats = ExampleStats(*(torch.cat([getattr(p, f) for p in parts]) for f in ("scored", "correct", "nll")))
+    return EvalReport(task.score(stats, full.groups), state_bytes, settings.examples * length / wall if wall > 0 else 0.0)

@@ -1,0 +1,316 @@
+"""The comparison runner, trainer, results schema, leaderboard files and the CLI, on
+micro settings (tiny models, a few steps)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import memzoo
+from memzoo.cli import main
+from memzoo.compare import (
+    CompareConfig,
+    Leaderboard,
+    ResultRow,
+    RunRecord,
+    TrainSettings,
+    build_leaderboard,
+    compare,
+    compare_runs,
+    load_leaderboard,
+    markdown_table,
+    variant_options,
+    write_leaderboard,
+)
+from memzoo.compare import runner
+from memzoo.compare.leaderboard import cell
+from memzoo.compare.plots import MISSING
+from memzoo.compare.results import dump, load, write_atomic
+from memzoo.compare.settings import ModelSettings
+from memzoo.compare.trainer import lr_factor, train
+from memzoo.config import VariantConfig
+from memzoo.errors import UnknownNameError
+from memzoo.registry import register_variant, unregister_variant
+from memzoo.tasks import make_task
+from memzoo.variants.full import Full
+from memzoo.variants.kv import KVState
+
+MICRO = dict(
+    model={"d_model": 16, "n_layers": 1, "n_heads": 2, "block_size": 4},
+    train={"steps": 3, "batch_size": 4, "length": 16, "warmup_steps": 1},
+    eval={"lengths": (16, 32), "examples": 4, "batch_size": 4},
+    task_options={"n_digits": 2, "n_filler": 3, "eval_depths": (0.0, 1.0)},
+)
+MICRO_ARGS = [
+    "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.block_size=4",
+    "--set", "train.batch_size=4", "--set", "train.length=16", "--set", "train.warmup_steps=1",
+    "--set", "eval.lengths=[16,32]", "--set", "eval.examples=4", "--set", "task_options.n_digits=2",
+    "--steps", "3", "--no-progress",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on shared cores run fastest on one thread (as compare() does)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def measured(rows: list[ResultRow]) -> list[tuple]:
+    """The parts of rows that do not depend on timing."""
+    return [(r.variant, r.eval_length, r.seed, r.metric, r.slice, r.value, r.state_bytes, r.parameters) for r in rows]
+
+
+def test_compare_rows_are_tidy_and_honest() -> None:
+    rows = compare(["bswa", "full"], "passkey", **MICRO)
+    assert {r.variant for r in rows} == {"bswa", "full"}
+    assert {r.eval_length for r in rows} == {16, 32}
+    assert {(r.metric, r.slice) for r in rows} == {
+        (m, s) for m in ("accuracy", "digit_accuracy") for s in ("all", "depth=0", "depth=1")
+    }
+    for r in rows:
+        assert 0.0 <= r.value <= 1.0 and r.higher_is_better
+        assert r.train_length == 16 and r.task == "passkey" and r.seed == 0
+        assert r.backend in memzoo.list_backends() or "+" in r.backend
+        assert r.parameters > 0 and r.tokens_per_s > 0 and r.wall_s > 0
+        assert r.provenance.memzoo_version == memzoo.__version__ and r.provenance.torch_version == torch.__version__
+        assert len(r.provenance.config_hash) == 16
+    state = {(r.variant, r.eval_length): r.state_bytes for r in rows}
+    # full keeps every key/value (grows with length); bswa keeps a bounded window
+    assert state[("full", 32)] == 2 * state[("full", 16)]
+    assert state[("bswa", 32)] == state[("bswa", 16)] < state[("full", 32)]
+
+
+def test_compare_is_deterministic_and_records_the_backend() -> None:
+    a = compare("bswa", "mqar", seeds=(3,), **{**MICRO, "task_options": {"num_pairs": 2}}, backend="reference")
+    b = compare("bswa", "mqar", seeds=(3,), **{**MICRO, "task_options": {"num_pairs": 2}}, backend="reference")
+    assert measured(a) == measured(b)
+    assert {r.backend for r in a} == {"reference"}
+    c = compare("bswa", "mqar", seeds=(4,), **{**MICRO, "task_options": {"num_pairs": 2}}, backend="reference")
+    assert measured(a) != measured(c)
+
+
+def test_every_registered_variant_runs() -> None:
+    names = memzoo.list_variants()
+    rows = compare(names, "copy", **{**MICRO, "task_options": {"segment_len": 3}, "eval": {"lengths": (16,), "examples": 2}})
+    assert {r.variant for r in rows} == set(names)
+
+
+def run_train(**settings) -> list[float]:
+    torch.manual_seed(0)
+    model = memzoo.build_model("bswa", vocab_size=18, d_model=16, n_layers=2, n_heads=2, block_size=4, memory_blocks=1)
+    model = model.double()
+    fields = dict(steps=3, batch_size=2, length=16, warmup_steps=1, grad_clip=None)
+    report = train(model, make_task("copy", segment_len=3), TrainSettings(**{**fields, **settings}), seed=0)
+    return report.losses
+
+
+def test_chunked_training_equals_whole_sequence_training() -> None:
+    whole = run_train()
+    chunked = run_train(chunk_len=5)  # chunks 5,5,5,1 carrying the state, full BPTT
+    assert chunked == pytest.approx(whole, abs=1e-10)
+    truncated = run_train(chunk_len=4, detach_every=1)
+    assert truncated[0] == pytest.approx(whole[0], abs=1e-10)  # same weights, same first loss
+    assert truncated[1:] != pytest.approx(whole[1:], abs=1e-6)  # different gradients, different path
+
+
+def test_random_state_passing_starts_from_the_carried_state() -> None:
+    task = make_task("copy", segment_len=3)
+    torch.manual_seed(0)
+    model = memzoo.build_model("bswa", vocab_size=task.vocab_size, d_model=16, n_layers=1, n_heads=2, block_size=4)
+    seen: list[int] = []
+    original = model.backbone.forward
+
+    def spy(x, state=None):
+        seen.append(-1 if state is None else state.pos)
+        return original(x, state)
+
+    model.backbone.forward = spy  # type: ignore[method-assign]
+    report = train(model, task, TrainSettings(steps=4, batch_size=2, length=12, rsp_prob=1.0), seed=0)
+    assert report.carried_steps == 3
+    assert seen == [-1, 12, 24, 36]  # every step after the first continues from the previous final state
+    fresh = train(model, task, TrainSettings(steps=3, batch_size=2, length=12, rsp_prob=0.0), seed=0)
+    assert fresh.carried_steps == 0
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    s = TrainSettings(steps=11, warmup_steps=2, min_lr_ratio=0.1)
+    assert lr_factor(0, s) == pytest.approx(0.5) and lr_factor(1, s) == pytest.approx(1.0)
+    assert lr_factor(2, s) == pytest.approx(1.0)
+    assert lr_factor(2 + 9 / 2, s) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(11, s) == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------- variant options
+def test_variant_options_come_from_field_names() -> None:
+    m = ModelSettings(block_size=8)
+    assert variant_options("bswa", m) == {"memory_blocks": 1}
+    assert variant_options("full", m) == {}
+    assert variant_options("bswa", m, {"memory_blocks": 2}) == {"memory_blocks": 2}
+    with pytest.raises(UnknownNameError, match="valid: memory_blocks"):
+        variant_options("bswa", m, {"fam_len": 2})
+
+
+def test_a_newly_registered_variant_uses_its_own_defaults() -> None:
+    class PlainConfig(VariantConfig):
+        pass
+
+    @dataclass
+    class PlainState(KVState):
+        pass
+
+    @register_variant("zz_plain_test", config=PlainConfig)
+    class Plain(Full):
+        State = PlainState
+
+    try:
+        assert variant_options("zz_plain_test", ModelSettings()) == {}
+        rows = compare(["zz_plain_test"], "copy", **{**MICRO, "task_options": {"segment_len": 3}})
+        assert {r.variant for r in rows} == {"zz_plain_test"}
+    finally:
+        unregister_variant("zz_plain_test")
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        CompareConfig(train={"stepz": 3})
+    with pytest.raises(ValueError, match="unknown variant 'nope'; registered: .*bswa"):
+        CompareConfig(variants=("nope",))
+    with pytest.raises(ValueError, match="unknown task 'nope'; registered: .*passkey"):
+        CompareConfig(task="nope")
+    with pytest.raises(ValidationError, match="more than once"):
+        CompareConfig(seeds=(0, 0))
+
+
+# ------------------------------------------------------------- results & resume
+def test_results_round_trip_and_schema_refuses_bad_files(tmp_path: Path) -> None:
+    config = CompareConfig(task="passkey", variants=("bswa",), **MICRO)
+    records = compare_runs(config, quiet=True)
+    board = build_leaderboard(config, records, command="memzoo compare test")
+    written = write_leaderboard(board, tmp_path)
+    loaded = load_leaderboard(written["json"])
+    assert loaded == board
+    assert Leaderboard.model_validate_json(dump(loaded)) == board
+    data = json.loads(Path(written["json"]).read_text())
+    assert data["schema"] == "memzoo.compare.leaderboard/1"
+    bad = dict(data, schema="memzoo.compare.leaderboard/0")
+    with pytest.raises(ValidationError):
+        Leaderboard.model_validate(bad)
+    extra = dict(data, rows=[dict(data["rows"][0], colour="red")])
+    with pytest.raises(ValidationError, match="colour"):
+        Leaderboard.model_validate(extra)
+    md = Path(written["md"]).read_text()
+    assert "| `bswa` |" in md and "memzoo compare test" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert written["png"] == MISSING and not (tmp_path / "passkey.png").exists() and ".png" not in md
+    else:
+        assert Path(written["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "passkey.png" in md
+
+
+def test_write_atomic_never_leaves_half_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "r.json"
+    write_atomic(target, "old")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, "new" * 1000)
+    monkeypatch.undo()
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_cli_writes_files_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    calls: list[tuple[str, int]] = []
+    real = runner.run_one
+
+    def counting(spec, config, *, progress):
+        calls.append((spec.variant, spec.seed))
+        return real(spec, config, progress=progress)
+
+    monkeypatch.setattr(runner, "run_one", counting)
+    out = tmp_path / "lb"
+    args = ["compare", "--task", "passkey", "--variants", "bswa,full", "--out", str(out), *MICRO_ARGS]
+    assert main(args) == 0
+    assert sorted(calls) == [("bswa", 0), ("full", 0)]
+    table = capsys.readouterr().out
+    assert "| `bswa` |" in table and "| `full` |" in table
+    board = load_leaderboard(out / "passkey.json")
+    assert board.command is not None and "--variants bswa,full" in board.command
+    runs = sorted((out / "runs" / "passkey").glob("*.json"))
+    assert [p.name.split("-")[0] for p in runs] == ["bswa", "full"]
+    for p in runs:
+        load(p, RunRecord)
+    first = {p.name: p.read_text() for p in runs}
+
+    # an interrupted comparison: one run's file is missing; only that run recomputes
+    calls.clear()
+    runs[1].unlink()
+    assert main(args) == 0
+    assert calls == [("full", 0)]
+    assert runs[0].read_text() == first[runs[0].name]
+    again = load_leaderboard(out / "passkey.json")
+    assert measured(again.rows) == measured(board.rows)
+
+    # another setting is another experiment: nothing is reused
+    calls.clear()
+    assert main([*args, "--set", "train.lr=0.001"]) == 0
+    assert sorted(calls) == [("bswa", 0), ("full", 0)]
+    assert main(["compare", "--set", "train.stepz=3"]) == 2
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_cli_help_and_list(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "compare" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "--variants" in capsys.readouterr().out
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    for name in memzoo.list_variants():
+        assert f"  {name} " in listed
+    assert "passkey" in listed and "mqar" in listed
+
+
+def test_cli_as_a_subprocess(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(memzoo.__file__).parent.parent)}
+    args = ["compare", "--task", "mqar", "--variants", "bswa", "--out", str(tmp_path), "--quiet", *MICRO_ARGS[:-5],
+            "--set", "task_options.num_pairs=2", "--set", "task_options.eval_pairs=[2]", "--steps", "2"]
+    done = subprocess.run([sys.executable, "-m", "memzoo.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    board = load_leaderboard(tmp_path / "mqar.json")
+    assert {r.variant for r in board.rows} == {"bswa"} and "| `bswa` |" in done.stdout
+
+
+# ------------------------------------------------------------------ tables
+def test_table_cells_are_mean_and_std_over_seeds() -> None:
+    assert cell([0.5]) == "0.500"
+    assert cell([0.25, 0.75]) == f"0.500 ± {math.sqrt(0.125):.3f}"
+    prov = dict(memzoo_version="0", git_commit=None, git_dirty=None, torch_version="0", python_version="3",
+                device="cpu", threads=1, config_hash="0" * 16)
+    rows = [
+        ResultRow(variant="a", task="t", train_length=8, eval_length=8, seed=s, metric="accuracy", value=v,
+                  higher_is_better=True, backend="sdpa", parameters=10, state_bytes=2048, tokens_per_s=1.0,
+                  eval_tokens_per_s=1.0, wall_s=1.0, provenance=prov)
+        for s, v in ((0, 0.25), (1, 0.75))
+    ]
+    table = markdown_table(rows)
+    assert f"| `a` | 0.500 ± {math.sqrt(0.125):.3f} | 10 | 2.0 |" in table
+    assert "2 seed(s): 0, 1" in table
