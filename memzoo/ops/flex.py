@@ -26,6 +26,7 @@ so mask tiles are full, empty or diagonal.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from typing import Callable
 
@@ -131,6 +132,9 @@ def cached_block_mask(mask_mod: MaskMod, key: tuple, n_queries: int, n_kv: int, 
     return mask
 
 
+_EAGER_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -146,10 +150,20 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, compile
     if not torch.is_grad_enabled():
         # flex refuses CPU inputs that merely *carry* requires_grad, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
-    with warnings.catch_warnings():
-        # declared above: eager flex is unfused; that is why auto never picks it on CPU
+    import torch.nn.attention.flex_attention as fa
+
+    # Uncompiled flex still traces every new shape and mask closure with dynamo (~1 s
+    # each on CPU). torch's documented debug switch runs the same unfused forward
+    # directly instead; it is only unsafe for backward, which is refused for uncompiled
+    # flex anyway (see FlexBackend.rank/support). Scoped and locked: torch's global.
+    with _EAGER_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+        saved = fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
+        fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+        try:
+            return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+        finally:
+            fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = saved
 
 
 @register_backend
