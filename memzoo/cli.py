@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default=None, help="attention backend (default: auto)")
     c.add_argument("--device", default=None, help="torch device (default: cpu)")
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads during runs (default: 1; 0 = leave torch's default)")
+    c.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1),
+        help="runs at once, in worker processes (default: min(2, CPU count)); results do not depend on it",
+    )
     c.add_argument("--out", default=None, help="write <task>.json/.md/.png here (and finished runs under OUT/runs/)")
     c.add_argument("--results-dir", default=None, help="where finished runs are kept for resuming (default: OUT/runs)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -130,6 +135,7 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         progress=False if args.no_progress else None,
         quiet=args.quiet,
         threads=args.threads or None,
+        jobs=args.jobs,
     )
     command = "memzoo compare " + shlex.join(argv[1:] if argv and argv[0] == "compare" else argv)
     board = build_leaderboard(config, records, command=command.strip())

@@ -50,12 +50,12 @@ MICRO = dict(
     eval={"lengths": (16, 32), "examples": 4, "batch_size": 4},
     task_options={"n_digits": 2, "n_filler": 3, "eval_depths": (0.0, 1.0)},
 )
-MICRO_ARGS = [
+MICRO_SIZES = [
     "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.block_size=4",
     "--set", "train.batch_size=4", "--set", "train.length=16", "--set", "train.warmup_steps=1",
-    "--set", "eval.lengths=[16,32]", "--set", "eval.examples=4", "--set", "task_options.n_digits=2",
-    "--steps", "3", "--no-progress",
+    "--set", "eval.lengths=[16,32]", "--set", "eval.examples=4", "--no-progress",
 ]
+MICRO_ARGS = [*MICRO_SIZES, "--set", "task_options.n_digits=2", "--steps", "3", "--jobs", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -291,12 +291,25 @@ def test_cli_help_and_list(capsys) -> None:
 
 def test_cli_as_a_subprocess(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(memzoo.__file__).parent.parent)}
-    args = ["compare", "--task", "mqar", "--variants", "bswa", "--out", str(tmp_path), "--quiet", *MICRO_ARGS[:-5],
-            "--set", "task_options.num_pairs=2", "--set", "task_options.eval_pairs=[2]", "--steps", "2"]
+    args = ["compare", "--task", "mqar", "--out", str(tmp_path), "--quiet", *MICRO_SIZES,
+            "--set", "task_options.num_pairs=2", "--set", "task_options.eval_pairs=[2]", "--steps", "2",
+            "--jobs", "1", "--variants", "bswa"]
     done = subprocess.run([sys.executable, "-m", "memzoo.cli", *args], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     board = load_leaderboard(tmp_path / "mqar.json")
     assert {r.variant for r in board.rows} == {"bswa"} and "| `bswa` |" in done.stdout
+    # the settings stored in the file reproduce its numbers
+    config = CompareConfig.model_validate(board.settings)
+    again = [row for record in compare_runs(config, quiet=True) for row in record.rows]
+    assert measured(again) == measured(board.rows)
+
+
+def test_worker_processes_give_the_same_numbers(tmp_path: Path) -> None:
+    config = CompareConfig(task="copy", variants=("bswa", "full"), **{**MICRO, "task_options": {"segment_len": 3}})
+    parallel = compare_runs(config, quiet=True, jobs=2, results_dir=tmp_path)
+    assert len(list((tmp_path / "copy").glob("*.json"))) == 2  # the workers wrote their runs
+    serial = compare_runs(config, quiet=True, jobs=1)
+    assert [measured(r.rows) for r in parallel] == [measured(r.rows) for r in serial]
 
 
 # ------------------------------------------------------------------ tables

@@ -117,7 +117,7 @@ def markdown(board: Leaderboard, image: str | None = None) -> str:
     s = board.settings
     parts.append(
         "Settings: "
-        f"model {s['model']}; train {s['train']}; eval {s['eval']} at lengths {s.get('eval_lengths')}; "
+        f"model {s['model']}; train {s['train']}; eval {s['eval']} at lengths {board.eval_lengths}; "
         f"task options {s['task_options']}; variant options {board.variant_options}.\n"
     )
     return "\n".join(parts)
@@ -126,11 +126,11 @@ def markdown(board: Leaderboard, image: str | None = None) -> str:
 def build_leaderboard(config: CompareConfig, records: list[RunRecord], command: str | None = None) -> Leaderboard:
     settings = config.model_dump(mode="json")
     settings["variants"] = config.variant_names
-    settings["eval_lengths"] = list(config.eval_lengths)
     return Leaderboard(
         task=config.task,
         command=command,
         settings=settings,
+        eval_lengths=list(config.eval_lengths),
         variant_options={r.spec.variant: r.spec.variant_options for r in records},
         rows=[row for r in records for row in r.rows],
     )

@@ -98,7 +98,8 @@ class Leaderboard(_Strict):
     schema_: Literal["memzoo.compare.leaderboard/1"] = Field(LEADERBOARD_SCHEMA, alias="schema")
     task: str
     command: str | None = Field(None, description="the command line that produced this file")
-    settings: dict[str, Any] = Field(description="the CompareConfig, resolved")
+    settings: dict[str, Any] = Field(description="the CompareConfig (variants resolved): CompareConfig.model_validate(settings)")
+    eval_lengths: list[int]
     variant_options: dict[str, dict[str, Any]] = Field(description="each variant's own fields as run")
     rows: list[ResultRow]
 

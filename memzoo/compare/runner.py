@@ -172,27 +172,62 @@ def compare_runs(
     progress: bool | None = None,
     quiet: bool = False,
     threads: int | None = 1,
+    jobs: int = 1,
 ) -> list[RunRecord]:
     """Every (variant, seed) run of ``config``: loaded from ``results_dir`` when finished
-    there before, otherwise computed (and then written there)."""
-    show = sys.stderr.isatty() if progress is None else progress
+    there before, otherwise computed (and then written there).
+
+    ``jobs > 1`` runs that many runs at once in worker processes (each with ``threads``
+    torch threads); results are identical to ``jobs=1``. Workers import memzoo afresh,
+    so every variant must be importable (built in, or registered by an entry point)."""
+    show = (sys.stderr.isatty() if progress is None else progress) and not quiet and jobs == 1
     specs = [run_spec(config, v, s) for v in config.variant_names for s in config.seeds]
-    records = []
-    for i, spec in enumerate(specs, 1):
+    records: dict[int, RunRecord] = {}
+    todo: list[tuple[int, RunSpec, Path | None]] = []
+    for i, spec in enumerate(specs):
         path = run_path(Path(results_dir), spec) if results_dir is not None else None
         if path is not None and path.exists():
             record = load(path, RunRecord)
             if record.config_hash == spec.config_hash and record.spec == spec:
-                _log(f"[{i}/{len(specs)}] {spec.variant} seed {spec.seed}: finished before, loaded {path}", quiet)
-                records.append(record)
+                _log(f"[{i + 1}/{len(specs)}] {spec.variant} seed {spec.seed}: finished before, loaded {path}", quiet)
+                records[i] = record
                 continue
-        _log(f"[{i}/{len(specs)}] {spec.variant} seed {spec.seed}: training", quiet)
-        with torch_threads(threads):
-            record = run_one(spec, config, progress=show and not quiet)
-        if path is not None:
-            write_atomic(path, dump(record))
-        records.append(record)
-    return records
+        todo.append((i, spec, path))
+    if jobs <= 1:
+        for i, spec, path in todo:
+            _log(f"[{i + 1}/{len(specs)}] {spec.variant} seed {spec.seed}: training", quiet)
+            with torch_threads(threads):
+                records[i] = run_one(spec, config, progress=show)
+            if path is not None:
+                write_atomic(path, dump(records[i]))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: forking a process whose torch thread pools are running can hang
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for i, spec, path in todo:
+                args = (spec.model_dump_json(), config.model_dump_json(), threads, str(path) if path else None)
+                futures[pool.submit(_job, *args)] = (i, spec)
+            _log(f"running {len(todo)} run(s) in {jobs} worker processes", quiet)
+            for future in as_completed(futures):
+                i, spec = futures[future]
+                records[i] = RunRecord.model_validate_json(future.result())
+                _log(f"[{i + 1}/{len(specs)}] {spec.variant} seed {spec.seed}: done", quiet)
+    return [records[i] for i in range(len(specs))]
+
+
+def _job(spec_json: str, config_json: str, threads: int | None, path: str | None) -> str:
+    """One run in a worker process; writes its file itself, so a finished run is kept
+    even if the parent is interrupted."""
+    spec = RunSpec.model_validate_json(spec_json)
+    with torch_threads(threads):
+        record = run_one(spec, CompareConfig.model_validate_json(config_json), progress=False)
+    text = dump(record)
+    if path is not None:
+        write_atomic(Path(path), text)
+    return text
 
 
 @contextlib.contextmanager
@@ -217,6 +252,7 @@ def compare(
     progress: bool | None = None,
     quiet: bool = True,
     threads: int | None = 1,
+    jobs: int = 1,
     preset: str | None = None,
     config: CompareConfig | None = None,
     **fields: Any,
@@ -228,7 +264,8 @@ def compare(
     ``eval``, ``task_options``, ``variant_options``, ``backend``, ``device``); nested
     ones take dicts, e.g. ``train={"steps": 50}``, and are merged over ``preset``
     (a name in :data:`~memzoo.compare.settings.PRESETS`) if given. Or pass a whole
-    ``config``. ``threads``: torch CPU threads during the runs (None: unchanged).
+    ``config``. ``threads``: torch CPU threads per run (None: unchanged); ``jobs``: runs at once
+    in worker processes.
     """
     if config is not None:
         if fields or variants is not None or preset is not None:
@@ -238,5 +275,5 @@ def compare(
             variants = [v for v in variants.split(",") if v]
         base = settings_preset(preset, task) if preset is not None else {"task": task}
         config = CompareConfig(**merge(base, {**fields, "variants": tuple(variants or ())}))
-    records = compare_runs(config, results_dir=results_dir, progress=progress, quiet=quiet, threads=threads)
+    records = compare_runs(config, results_dir=results_dir, progress=progress, quiet=quiet, threads=threads, jobs=jobs)
     return [row for record in records for row in record.rows]
