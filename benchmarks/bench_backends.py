@@ -1,0 +1,374 @@
+"""Attention backends x registered variants x sequence lengths, printing JSON (issue 5).
+
+For every registered variant, every backend that can run on the device, and every T:
+
+* ``train_tokens_per_s``: forward+backward of a whole sequence (batch 1); for a backend
+  that is inference-only on the device (flex on CPU) ``forward_tokens_per_s`` instead;
+* ``decode_tokens_per_s``: streaming decode, one token per call, after a prefill of T
+  tokens streamed in chunks (the state then holds what T tokens leave behind);
+* ``state_bytes`` after the prefill;
+* ``peak_memory_mb``: CPU: growth of the process's peak RSS (``resource.getrusage``
+  ``ru_maxrss``) over its level just before the measured forward+backward, in a fresh
+  subprocess per cell (tracemalloc does not see torch's allocations); CUDA:
+  ``torch.cuda.max_memory_allocated`` after a reset;
+* ``attention``: the variant's largest attention call at that T (captured from the
+  forward pass), replayed alone through the backend: seconds, *useful* FLOPs (only the
+  query-key pairs the layout lets a query see: 4·D per pair forward, x3.5 with the
+  backward), achieved FLOP/s, and the same run's dense square matmul of similar FLOPs
+  on the same device, so ``fraction_of_matmul`` reads as a share of what the machine
+  can do;
+* ``cost_growth``: time(T_hi)/time(T_lo) per variant and backend (linear = T_hi/T_lo,
+  i.e. 8 for 16k/2k).
+
+Every cell runs in its own subprocess (clean memory peak, no cross-talk); a cell that
+cannot run says why in the JSON (``skipped``): the dense reference and uncompiled CPU
+flex materialise (T, T) scores, so they stop at ``--max-dense-t`` on CPU.
+
+    python benchmarks/bench_backends.py                    # T in 1k, 2k, 4k, 16k (CPU: minutes)
+    python benchmarks/bench_backends.py --quick            # T in 256, 512, 1024, 2048 (a smoke run)
+    python benchmarks/bench_backends.py --threads 1        # on a shared CPU: thread contention costs 10-30x
+    python benchmarks/bench_backends.py --device cuda --dtype bfloat16 --lengths 1024 4096 16384 32768
+    python benchmarks/bench_backends.py --variants bswa fam --backends sdpa flex --lengths 1024 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+#: per-variant settings at benchmark scale (block_size comes from --block-size); a variant
+#: not listed runs with its own defaults, so new variants are benchmarked too
+BENCH_OPTIONS: dict[str, dict[str, Any]] = {
+    "bswa": {"memory_blocks": 1},
+    "fam": {"memory_blocks": 1, "fam_len": 16},
+    "xl": {"memory_len": 128},
+    "rmt": {"num_memory_tokens": 16},
+}
+
+
+# ------------------------------------------------------------------------ one cell
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """Everything for one (variant, backend, T), in this (fresh) process."""
+    import torch
+
+    import memzoo
+    from memzoo import ops
+
+    if cell["threads"]:
+        torch.set_num_threads(cell["threads"])
+    torch.manual_seed(0)
+    device = torch.device(cell["device"])
+    dtype = getattr(torch, cell["dtype"])
+    name, backend, t = cell["variant"], cell["backend"], cell["T"]
+    fields = dict(vocab_size=256, d_model=cell["d_model"], n_heads=cell["n_heads"], n_layers=cell["n_layers"],
+                  block_size=cell["block_size"], backend=backend, **cell["options"])
+    model = memzoo.build_model(name, **fields).to(device=device, dtype=dtype)
+    trains = not ops.get_backend(backend).not_supported_reasons(
+        ops.AttentionCall(device.type, dtype, ops.BlockLayout(cell["block_size"], cell["block_size"]), True, False, False,
+                          cell["d_model"] // cell["n_heads"], cell["d_model"] // cell["n_heads"])
+    )
+    tokens = torch.randint(0, 256, (1, t), device=device)
+    out: dict[str, Any] = {"mode": "forward+backward" if trains else "forward (inference-only backend here)"}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step() -> None:
+        if trains:
+            logits, _ = model(tokens)
+            logits.float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                model(tokens)
+
+    # warm-up on a short prefix (lazy initialisation, kernel selection, flex block masks)
+    with torch.no_grad():
+        model(tokens[:, : min(t, 2 * cell["block_size"])])
+
+    # the measured step; the first attend call of the largest size is captured for replay
+    captured: dict[str, Any] = {}
+    real_attend = ops.attend
+
+    def spy(q, k, v, **kw):
+        size = q.shape[2] * k.shape[2]
+        if size > captured.get("size", -1):
+            captured.update(size=size, q=q.shape, k=k.shape, v=v.shape, layout=kw["layout"], q_start=kw["q_start"],
+                            k_mem=kw.get("k_mem") is not None,
+                            extra=None if kw.get("extra_k") is None else tuple(kw["extra_k"].shape))
+        return real_attend(q, k, v, **kw)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ops.attend = spy
+    try:
+        with ops.record_backends() as rec:
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            elapsed = time.perf_counter() - t0
+    finally:
+        ops.attend = real_attend
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        out["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+        out["peak_memory_how"] = "torch.cuda.max_memory_allocated over the allocation before the step"
+    else:
+        out["peak_memory_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        out["peak_memory_how"] = "growth of ru_maxrss (peak RSS) during the step, fresh subprocess"
+    times = [elapsed]
+    for _ in range(cell["repeats"] - 1):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    out["step_s"] = statistics.median(times)
+    out["train_tokens_per_s" if trains else "forward_tokens_per_s"] = t / out["step_s"]
+    out["backends_used"] = rec.names
+
+    # streaming: prefill in chunks, then one token per call
+    chunk = cell["prefill_chunk"]
+    state = None
+    with torch.no_grad():
+        for a in range(0, t, chunk):
+            _, state = model(tokens[:, a : a + chunk], state=state)
+        out["state_bytes"] = state.nbytes
+        tok = tokens[:, :1]
+        _, s = model(tok, state=state)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(cell["decode_tokens"]):
+            _, s = model(tok, state=s)
+        sync()
+        out["decode_tokens_per_s"] = cell["decode_tokens"] / (time.perf_counter() - t0)
+
+    if captured:
+        out["attention"] = replay_attention(captured, backend, device, dtype, trains)
+    return out
+
+
+def useful_pairs(layout, q_start: int, tq: int, tk: int, extra_rows: int) -> int:
+    """Query-key pairs the layout lets queries see (extra rows included), counted in chunks."""
+    import torch
+
+    end = q_start + tq
+    k_pos = torch.arange(end - tk, end)
+    total = 0
+    for a in range(0, tq, 1024):
+        q_pos = torch.arange(q_start + a, min(q_start + a + 1024, end))
+        total += int(layout.visible(q_pos[:, None], k_pos[None, :]).sum())
+    return total + extra_rows * tq
+
+
+def replay_attention(c: dict[str, Any], backend: str, device, dtype, trains: bool) -> dict[str, Any]:
+    import torch
+
+    from memzoo import ops
+
+    b, h, tq, d = c["q"]
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(shape):
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_(trains)
+
+    ins = {"q": rnd(c["q"]), "k": rnd(c["k"]), "v": rnd(c["v"])}
+    if c["k_mem"]:
+        ins["k_mem"], ins["v_mem"] = rnd(c["k"]), rnd(c["v"])
+    if c["extra"]:
+        ins["extra_k"], ins["extra_v"] = rnd(c["extra"]), rnd((*c["extra"][:-1], c["v"][-1]))
+    kwargs = dict(layout=c["layout"], q_start=c["q_start"], scale=d**-0.5, backend=backend)
+
+    def go():
+        if trains:
+            ops.attend(**ins, **kwargs).float().sum().backward()
+        else:
+            with torch.no_grad():
+                ops.attend(**ins, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    go()  # warm-up
+    t0 = time.perf_counter()
+    go()
+    seconds = time.perf_counter() - t0
+    pairs = b * h * useful_pairs(c["layout"], c["q_start"], tq, c["k"][2], c["extra"][3] if c["extra"] else 0)
+    flops = 4 * d * pairs * (3.5 if trains else 1.0)
+    # a square matmul of about the same FLOPs (capped), same device and dtype, same run
+    n = int(min(4096, max(128, round((flops / 2) ** (1 / 3)))))
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    y = torch.randn(n, n, device=device, dtype=dtype)
+    x @ y
+    reps, t0 = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - t0 < 0.2:
+        x @ y
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    mm_flops_s = 2 * n**3 * reps / (time.perf_counter() - t0)
+    return {
+        "call": {"q": list(c["q"]), "k": list(c["k"]), "layout": repr(c["layout"]), "q_start": c["q_start"],
+                 "memory_tensors": c["k_mem"], "extra": list(c["extra"]) if c["extra"] else None},
+        "seconds": seconds,
+        "useful_flops": flops,
+        "flops_per_s": flops / seconds,
+        "matmul": {"n": n, "flops_per_s": mm_flops_s},
+        "fraction_of_matmul": flops / seconds / mm_flops_s,
+    }
+
+
+# --------------------------------------------------------------------- the driver
+def environment(args) -> dict[str, Any]:
+    import torch
+
+    import memzoo
+    from memzoo import ops
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "memzoo": memzoo.__version__,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads or torch.get_num_threads(),
+        "machine": platform.machine(),
+        "backend_versions": {n: ops.get_backend(n).versions() for n in ops.list_backends()},
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    except OSError:
+        env["cpu"] = platform.processor()
+    env["cpu_count"] = os.cpu_count()
+    if args.device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def plan_cells(args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, list[str]]]]:
+    import torch
+
+    import memzoo
+    from memzoo import ops
+
+    dtype = getattr(torch, args.dtype)
+    variants = args.variants or memzoo.list_variants()
+    backends = args.backends or ops.list_backends()
+    head_dim = args.d_model // args.n_heads
+    cells, skipped, unavailable = [], [], {}
+    for backend in backends:
+        call = ops.AttentionCall(args.device, dtype, ops.BlockLayout(args.block_size, args.block_size), False, False, False,
+                                 head_dim, head_dim)
+        reasons = ops.get_backend(backend).not_supported_reasons(call)
+        if reasons:
+            unavailable[backend] = reasons
+            continue
+        for name in variants:
+            for t in args.lengths:
+                cell = dict(variant=name, backend=backend, T=t, device=args.device, dtype=args.dtype,
+                            d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
+                            block_size=args.block_size, options=BENCH_OPTIONS.get(name, {}),
+                            repeats=args.repeats if t <= 4096 else 1, decode_tokens=args.decode_tokens,
+                            prefill_chunk=args.prefill_chunk, threads=args.threads)
+                dense = backend == "reference" or (backend == "flex" and args.device == "cpu")
+                if dense and t > args.max_dense_t:
+                    why = ("the dense reference" if backend == "reference" else "uncompiled CPU flex") + (
+                        f" materialises (T, T) scores: at T={t} that is {t * t * 4 * args.n_heads / 2**30:.1f} GiB per "
+                        f"layer call and minutes on this device; raise --max-dense-t to run it")
+                    skipped.append({**{k: cell[k] for k in ("variant", "backend", "T")}, "skipped": why})
+                    continue
+                cells.append(cell)
+    return cells, skipped, unavailable
+
+
+def growth(results: list[dict[str, Any]], lo: int, hi: int) -> list[dict[str, Any]]:
+    rows = []
+    by_key = {(r["variant"], r["backend"], r["T"]): r for r in results if "step_s" in r}
+    for (name, backend, t), r in sorted(by_key.items()):
+        if t != hi or (name, backend, lo) not in by_key:
+            continue
+        rows.append({
+            "variant": name, "backend": backend, "T_lo": lo, "T_hi": hi,
+            "time_ratio": r["step_s"] / by_key[(name, backend, lo)]["step_s"],
+            "linear_would_be": hi / lo,
+            "mode": r["mode"],
+        })
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="T in 256..2048, 8 decode tokens: a smoke run in a few minutes")
+    p.add_argument("--variants", nargs="*", help="default: every registered variant")
+    p.add_argument("--backends", nargs="*", help="default: every registered backend that can run here")
+    p.add_argument("--lengths", nargs="*", type=int, help="default: 1024 2048 4096 16384")
+    p.add_argument("--growth", nargs=2, type=int, metavar=("T_LO", "T_HI"), help="default: 2048 16384 (quick: 256 2048)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-heads", type=int, default=2)
+    p.add_argument("--n-layers", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per cell (0: torch's default); use 1 on a shared CPU")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats for T <= 4096 (one above)")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--max-dense-t", type=int, default=None, help="largest T for the dense reference and CPU flex (default: 4096 on CPU, no limit on CUDA)")
+    p.add_argument("--cell-timeout", type=int, default=900, help="seconds per (variant, backend, T) subprocess")
+    p.add_argument("--cell", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.cell:
+        print(json.dumps(run_cell(json.loads(args.cell))))
+        return
+    if args.quick:
+        args.lengths = args.lengths or [256, 512, 1024, 2048]
+        args.growth = args.growth or [256, 2048]
+        args.decode_tokens = min(args.decode_tokens, 8)
+        args.repeats = min(args.repeats, 2)
+    args.lengths = args.lengths or [1024, 2048, 4096, 16384]
+    args.growth = args.growth or [2048, 16384]
+    if args.max_dense_t is None:
+        args.max_dense_t = 4096 if args.device == "cpu" else 1 << 30
+
+    cells, skipped, unavailable = plan_cells(args)
+    results = []
+    for cell in cells:
+        key = {k: cell[k] for k in ("variant", "backend", "T")}
+        print(f"[bench_backends] {key}", file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True,
+                                  timeout=args.cell_timeout)
+        except subprocess.TimeoutExpired:
+            results.append({**key, "skipped": f"timed out after {args.cell_timeout} s (--cell-timeout)"})
+            continue
+        if proc.returncode != 0:
+            results.append({**key, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"})
+            continue
+        results.append({**key, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    print(json.dumps({
+        "benchmark": "backends",
+        "command": "python benchmarks/bench_backends.py " + " ".join(sys.argv[1:]),
+        "environment": environment(args),
+        "settings": {"batch": 1, "d_model": args.d_model, "n_heads": args.n_heads, "n_layers": args.n_layers,
+                     "block_size": args.block_size, "variant_options": BENCH_OPTIONS, "decode_tokens": args.decode_tokens,
+                     "prefill_chunk": args.prefill_chunk, "lengths": args.lengths},
+        "unavailable_backends": unavailable,
+        "results": results + skipped,
+        "cost_growth": growth(results, *args.growth),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
