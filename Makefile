@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# pytest-xdist workers (each runs torch single-threaded: the test models are tiny)
+WORKERS ?= auto
 
 .PHONY: run test install clean
 
@@ -20,7 +22,7 @@ run: $(BIN)/.installed
 	$(BIN)/memzoo compare
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(WORKERS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
