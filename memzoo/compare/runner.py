@@ -10,12 +10,14 @@ are never mixed in.
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import torch
 
@@ -178,8 +180,9 @@ def compare_runs(
     there before, otherwise computed (and then written there).
 
     ``jobs > 1`` runs that many runs at once in worker processes (each with ``threads``
-    torch threads); results are identical to ``jobs=1``. Workers import memzoo afresh,
-    so every variant must be importable (built in, or registered by an entry point)."""
+    torch threads); results are identical to ``jobs=1``. Workers are fresh
+    interpreters, so every variant and task must be importable (built in, or
+    registered by an entry point)."""
     show = (sys.stderr.isatty() if progress is None else progress) and not quiet and jobs == 1
     specs = [run_spec(config, v, s) for v in config.variant_names for s in config.seeds]
     records: dict[int, RunRecord] = {}
@@ -201,33 +204,61 @@ def compare_runs(
             if path is not None:
                 write_atomic(path, dump(records[i]))
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        # spawn, not fork: forking a process whose torch thread pools are running can hang
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {}
-            for i, spec, path in todo:
-                args = (spec.model_dump_json(), config.model_dump_json(), threads, str(path) if path else None)
-                futures[pool.submit(_job, *args)] = (i, spec)
-            _log(f"running {len(todo)} run(s) in {jobs} worker processes", quiet)
-            for future in as_completed(futures):
-                i, spec = futures[future]
-                records[i] = RunRecord.model_validate_json(future.result())
-                _log(f"[{i + 1}/{len(specs)}] {spec.variant} seed {spec.seed}: done", quiet)
+        run_in_workers(todo, config, specs=len(specs), threads=threads, jobs=jobs, records=records, quiet=quiet)
     return [records[i] for i in range(len(specs))]
 
 
-def _job(spec_json: str, config_json: str, threads: int | None, path: str | None) -> str:
-    """One run in a worker process; writes its file itself, so a finished run is kept
-    even if the parent is interrupted."""
-    spec = RunSpec.model_validate_json(spec_json)
-    with torch_threads(threads):
-        record = run_one(spec, CompareConfig.model_validate_json(config_json), progress=False)
-    text = dump(record)
-    if path is not None:
-        write_atomic(Path(path), text)
-    return text
+def run_in_workers(
+    todo: list[tuple[int, RunSpec, Path | None]],
+    config: CompareConfig,
+    *,
+    specs: int,
+    threads: int | None,
+    jobs: int,
+    records: dict[int, RunRecord],
+    quiet: bool,
+) -> None:
+    """Run ``todo`` in at most ``jobs`` worker processes (:mod:`memzoo.compare.worker`)."""
+    from memzoo.registry import get_variant
+    from memzoo.tasks import get_task
+
+    # modules that register the variants and task; the worker imports them first
+    modules = sorted({get_variant(spec.variant).cls.__module__ for _, spec, _ in todo} | {get_task(config.task).__module__})
+    if "__main__" in modules:
+        raise RuntimeError("a variant or task defined in __main__ cannot be re-created in a worker process; use jobs=1")
+    pending = list(todo)
+    running: list[tuple[subprocess.Popen, int, RunSpec, IO[str], IO[str]]] = []
+    _log(f"running {len(todo)} run(s) in up to {jobs} worker processes", quiet)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, spec, path = pending.pop(0)
+                job = {"spec": spec.model_dump(mode="json"), "config": config.model_dump(mode="json"),
+                       "threads": threads, "path": str(path) if path is not None else None, "imports": modules}
+                out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "memzoo.compare.worker"], stdin=subprocess.PIPE, stdout=out, stderr=err, text=True
+                )
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps(job))
+                proc.stdin.close()
+                running.append((proc, i, spec, out, err))
+                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: training (worker {proc.pid})", quiet)
+            time.sleep(0.1)
+            for entry in [e for e in running if e[0].poll() is not None]:
+                proc, i, spec, out, err = entry
+                running.remove(entry)
+                out.seek(0)
+                err.seek(0)
+                if proc.returncode != 0:
+                    raise RuntimeError(
+                        f"worker for {spec.variant} seed {spec.seed} failed (exit {proc.returncode}):\n{err.read()[-4000:]}"
+                    )
+                records[i] = RunRecord.model_validate_json(out.read())
+                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: done", quiet)
+    finally:
+        for proc, *_ in running:
+            proc.kill()
 
 
 @contextlib.contextmanager
