@@ -6,7 +6,6 @@ and Random State Passing helpers."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -187,8 +186,8 @@ def test_positions_and_first_update_zero_residual_by_hand():
     model = backbone(memory_blocks=0, fam_len=3, n_layers=1)
     layer = model.layers[0]
     x = torch.randn(2, 2 * L, D, dtype=torch.float64)
-    state = model.init_state(2)
-    state = dataclasses.replace(state, offset=torch.tensor([0, 1000]))
+    fresh = model.init_state(2)
+    state = model.new_sequence(fresh.fam, fresh.residual, offset=torch.tensor([0, 1000]))
     y, out_state = model(x, state)
     f0 = model.prompt.expand(2, -1, -1)
     off = state.offset[:, None]
@@ -204,26 +203,46 @@ def test_positions_and_first_update_zero_residual_by_hand():
 
 
 def test_fam_positions_used_by_the_fast_path():
-    """Record every (B, F)-shaped position tensor handed to RoPE for keys: the FAM input
-    of block c sits at c·L-F .. c·L-1 plus the row offset."""
+    """Record every (B, F)-shaped position tensor handed to RoPE: the FAM input of block c
+    sits at c·L-F .. c·L-1 plus the row offset, for its keys (made once, when the FAM is
+    made) and for its queries (at the update)."""
     model = backbone(memory_blocks=1, fam_len=2, n_layers=1)
     rope = model.layers[0].positions
-    seen: list[torch.Tensor] = []
-    original = rope.key
+    seen: dict[str, list[list[list[int]]]] = {"key": [], "query": []}
+    for kind in seen:
+        def recording(t, pos, original=getattr(rope, kind), kind=kind):
+            if pos.shape[-1] == 2:
+                seen[kind].append(pos.tolist())
+            return original(t, pos)
+        setattr(rope, kind, recording)
 
-    def recording(k, pos):
-        if pos.shape[-1] == 2:
-            seen.append(pos.clone())
-        return original(k, pos)
+    def shifted(*blocks):
+        return [[[a + 5, b + 5], [a, b]] for a, b in blocks]
 
-    rope.key = recording
-    state = dataclasses.replace(model.init_state(2), offset=torch.tensor([5, 0]))
+    fresh = model.init_state(2)
+    seen["key"].clear()
     with torch.no_grad():
-        _, state = model(torch.randn(2, 6, D, dtype=torch.float64), state)  # blocks 0, 1 (partial)
+        state = model.new_sequence(fresh.fam, fresh.residual, offset=torch.tensor([5, 0]))
+        assert seen["key"] == shifted([-2, -1]) and seen["query"] == []
+        _, state = model(torch.randn(2, 6, D, dtype=torch.float64), state)  # block 0, block 1 partial
+        assert seen["key"] == shifted([-2, -1], [2, 3])  # F_1 made at block 1's FAM positions
+        assert seen["query"] == shifted([-2, -1], [2, 3])  # F_0's queries; F_1's (made with it)
         model(torch.randn(2, 5, D, dtype=torch.float64), state)  # positions 6..10: blocks 1, 2
-    expected = [[-2, -1], [2, 3], [2, 3], [6, 7]]  # blocks 0, 1 | 1, 2
-    assert [p.tolist() for p in seen] == [[[a + 5, b + 5], [a, b]] for a, b in expected]
+        assert seen["key"] == shifted([-2, -1], [2, 3], [6, 7])
+        assert seen["query"] == shifted([-2, -1], [2, 3], [2, 3], [6, 7])  # F_1 from the state
     assert model.fam_positions(0, torch.zeros(1, dtype=torch.long)).tolist() == [[-2, -1]]
+
+
+def test_the_fam_keys_in_the_state_belong_to_its_fam():
+    model = backbone(memory_blocks=1, fam_len=3, position_offset_max=100).train()
+    x = torch.randn(2, 11, D, dtype=torch.float64)
+    state = model.init_state(2)
+    for a, b in [(0, 3), (3, 4), (4, 11)]:
+        _, state = model(x[:, a:b], state)
+        fk, fv = model.fam_kv(state.fam, state.pos // L, state.offset)
+        for i in range(2):
+            kit.assert_close(state.fam_k[i], fk[i], "cached FAM keys")
+            kit.assert_close(state.fam_v[i], fv[i], "cached FAM values")
 
 
 def test_initial_fam_is_each_layers_input_for_the_prompt_with_full_attention():
@@ -256,7 +275,7 @@ def test_a_partial_block_gets_outputs_but_no_fam_update():
         assert not torch.allclose(s_three.fam[0], s_two.fam[0]), "no update when the block completed"
         # the partial block's queries see the previous FAM
         y, _ = model(x[:, 2 * L : 2 * L + 2], s_two)
-        bumped = dataclasses.replace(s_two, fam=[f + 1 for f in s_two.fam])
+        bumped = model.replace_fam(s_two, [f + 1 for f in s_two.fam])
         y_bumped, _ = model(x[:, 2 * L : 2 * L + 2], bumped)
         assert (y - y_bumped).abs().amin() > 0
         # residual weight: 0 until the first block completes
@@ -294,7 +313,7 @@ def test_state_equivalence_in_training_mode_with_offsets():
     kit.assert_states_equal(s, s_whole)
     assert torch.equal(s.offset, state.offset)
     # RoPE is relative: a whole-sequence offset changes nothing but rounding
-    plain, _ = model(x, dataclasses.replace(state, offset=torch.zeros_like(state.offset)))
+    plain, _ = model(x, model.new_sequence(state.fam, state.residual, torch.zeros_like(state.offset)))
     kit.assert_close(whole, plain, "outputs with vs without offsets")
 
 
@@ -303,19 +322,23 @@ def test_carry_state_keeps_only_the_fam():
     model = backbone(memory_blocks=1, fam_len=2, position_offset_max=1000).train()
     x = torch.randn(2, 2 * L + 1, D, dtype=torch.float64)
     _, state = model(x)
+    torch.manual_seed(1)
     carried = model.carry_state(state)
     assert isinstance(carried, FAMState) and carried.pos == 0
     assert all(k.shape[2] == 0 for k in carried.k + carried.v)
     assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(carried.fam, state.fam))
     assert torch.equal(carried.residual, state.residual) and torch.all(carried.residual == 1)
+    torch.manual_seed(1)
+    assert torch.equal(carried.offset, model.draw_offsets(2, x.device))  # new offsets, drawn (training)
+    assert torch.any(carried.offset > 0)  # [0, 139] with this seed
     # a new sequence from the carried FAM differs from one from the learned prompt
     model.eval()
-    fresh = model.init_state(2)
-    y_carried, _ = model(x[:, :3], dataclasses.replace(carried, offset=fresh.offset))
+    carried, fresh = model.carry_state(state), model.init_state(2)
+    y_carried, _ = model(x[:, :3], carried)
     y_fresh, _ = model(x[:, :3], fresh)
     assert not torch.allclose(y_carried, y_fresh)
     # per-row reset to the learned FAM
-    mixed = dataclasses.replace(carried, offset=fresh.offset).where(torch.tensor([True, False]), fresh)
+    mixed = carried.where(torch.tensor([True, False]), fresh)
     y_mixed, _ = model(x[:, :3], mixed)
     kit.assert_close(y_mixed[0], y_carried[0], "kept row")
     kit.assert_close(y_mixed[1], y_fresh[1], "reset row")

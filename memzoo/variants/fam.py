@@ -32,6 +32,7 @@ may attend.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -89,6 +90,9 @@ class FAMState(State):
     * ``fam[l]``: (B, F, D) layer ``l``'s current FAM input (pre-norm hidden vectors), i.e.
       ``F_{c-1}`` for the block ``c = pos // L`` that the next token falls in; its positions
       follow from ``pos`` (``c·L - F … c·L - 1``) and ``offset``;
+    * ``fam_k[l]``, ``fam_v[l]``: (B, H, F, Dh) the keys (positions applied) and values of
+      ``fam[l]``, computed once when the FAM is made, so that decoding token by token
+      does not project the FAM again at every token (the paper's ~0.5% inference cost);
     * ``offset``: (B,) int64 Random Position Offset of each row (0 in eval);
     * ``residual``: (B,) weight of ``F`` in the next FAM update's residual: 0 for a fresh
       learned FAM (the paper's first update), 1 once it has been updated.
@@ -97,6 +101,8 @@ class FAMState(State):
     k: list[Tensor]
     v: list[Tensor]
     fam: list[Tensor]
+    fam_k: list[Tensor]
+    fam_v: list[Tensor]
     offset: Tensor
     residual: Tensor
 
@@ -194,16 +200,33 @@ class FAM(Backbone):
 
     # --------------------------------------------------------------- the contract
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FAMState:
-        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        residual = torch.zeros(batch_size, device=device, dtype=dtype)
+        return self.new_sequence(self.initial_fam(batch_size, device, dtype), residual, self.draw_offsets(batch_size, device))
+
+    def new_sequence(self, fam: list[Tensor], residual: Tensor, offset: Tensor) -> FAMState:
+        """A state at position 0 (no K/V yet) whose FAM inputs are ``fam`` (B, F, D) per layer."""
+        b, device, dtype = residual.shape[0], residual.device, residual.dtype
+        empty = torch.zeros(b, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        fam_k, fam_v = self.fam_kv(fam, 0, offset)
         return FAMState(
-            pos=0,
-            fingerprint=self.fingerprint,
-            k=[empty] * self.n_layers,
-            v=[empty] * self.n_layers,
-            fam=self.initial_fam(batch_size, device, dtype),
-            offset=self.draw_offsets(batch_size, device),
-            residual=torch.zeros(batch_size, device=device, dtype=dtype),
+            pos=0, fingerprint=self.fingerprint, k=[empty] * self.n_layers, v=[empty] * self.n_layers,
+            fam=fam, fam_k=fam_k, fam_v=fam_v, offset=offset, residual=residual,
         )
+
+    def fam_kv(self, fam: list[Tensor], block: int, offset: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per layer, the keys and values (B, H, F, Dh) of the FAM input ``fam[l]`` of ``block``."""
+        pos = self.fam_positions(block, offset)
+        keys, values = [], []
+        for layer, f in zip(self.layers, fam):
+            _, k, v = layer.project_raw(f)
+            keys.append(layer.positions.key(k, pos))
+            values.append(v)
+        return keys, values
+
+    def replace_fam(self, state: FAMState, fam: list[Tensor]) -> FAMState:
+        """``state`` with other FAM inputs (B, F, D) per layer, their keys/values recomputed."""
+        fam_k, fam_v = self.fam_kv(fam, state.pos // self.block_size, state.offset)
+        return dataclasses.replace(state, fam=fam, fam_k=fam_k, fam_v=fam_v)
 
     def carry_state(self, state: State) -> FAMState:
         """Random State Passing (paper B.2.3): the state a *new* sequence starts from,
@@ -213,17 +236,8 @@ class FAM(Backbone):
         some rows to the learned FAM: ``carried.where(keep, backbone.init_state(B))``."""
         if not isinstance(state, FAMState) or state.fingerprint != self.fingerprint:
             raise StateError(f"{self.variant}: carry_state needs a FAMState made by this backbone's config")
-        b, device = state.batch_size, state.device
-        empty = state.k[0].new_zeros(b, self.n_heads, 0, self.head_dim)
-        return FAMState(
-            pos=0,
-            fingerprint=self.fingerprint,
-            k=[empty] * self.n_layers,
-            v=[empty] * self.n_layers,
-            fam=[f.detach() for f in state.fam],
-            offset=self.draw_offsets(b, device),
-            residual=state.residual.detach(),
-        )
+        fam = [f.detach() for f in state.fam]
+        return self.new_sequence(fam, state.residual.detach(), self.draw_offsets(state.batch_size, state.device))
 
     def compress(self, layer: DecoderLayer, fam: Tensor, residual: Tensor, heads: Tensor) -> Tensor:
         """FAM update from the FAM queries' attention output ``heads`` (B, H, F, Dh):
@@ -240,8 +254,10 @@ class FAM(Backbone):
         completed = end // size > start // size  # does this call update the FAM at all?
         residual = torch.ones_like(state.residual) if completed else state.residual
         layout = self.layout()
-        new_k, new_v, new_fam = [], [], []
-        for layer, k_cache, v_cache, fam in zip(self.layers, state.k, state.v, state.fam):
+        new_k, new_v, new_fam, new_fam_k, new_fam_v = [], [], [], [], []
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache, fam = state.k[i], state.v[i], state.fam[i]
+            fk, fv = state.fam_k[i], state.fam_v[i]  # F's keys/values: (B, H, F, Dh)
             q, k, v = layer.project(x, pos)  # (B, H, T, Dh)
             keys = torch.cat([k_cache, k], dim=2)  # positions [k_start, end)
             values = torch.cat([v_cache, v], dim=2)
@@ -250,12 +266,13 @@ class FAM(Backbone):
             if n_fam:
                 # the scan: F_{τ-1}'s keys/values for each query block, updating F at every
                 # block that completes in this call
-                fam_k, fam_v, r = [], [], state.residual
+                fam_k, fam_v, r, fq = [], [], state.residual, None
                 for block in range(first_block, first_block + n_blocks):
-                    fq, fk, fv = layer.project(fam, self.fam_positions(block, state.offset))  # (B, H, F, Dh)
                     fam_k.append(fk)
                     fam_v.append(fv)
                     if (block + 1) * size <= end:
+                        if fq is None:  # F came with the state: its queries were never needed
+                            fq = layer.positions.query(layer.project_raw(fam)[0], self.fam_positions(block, state.offset))
                         lo, hi = block * size - k_start, (block + 1) * size - k_start
                         heads = ops.dense(
                             fq,
@@ -265,6 +282,7 @@ class FAM(Backbone):
                             backend=self.backend,
                         )
                         fam, r = self.compress(layer, fam, r, heads), torch.ones_like(r)
+                        fq, fk, fv = layer.project(fam, self.fam_positions(block + 1, state.offset))
                 extra = dict(extra_k=torch.stack(fam_k, dim=2), extra_v=torch.stack(fam_v, dim=2))  # (B, H, nb, F, Dh)
             memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
             heads = ops.attend(
@@ -276,8 +294,11 @@ class FAM(Backbone):
             new_k.append(keys[:, :, drop:])
             new_v.append(values[:, :, drop:])
             new_fam.append(fam)
+            new_fam_k.append(fk)
+            new_fam_v.append(fv)
         return x, FAMState(
-            pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, fam=new_fam, offset=state.offset, residual=residual
+            pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, fam=new_fam, fam_k=new_fam_k, fam_v=new_fam_v,
+            offset=state.offset, residual=residual,
         )
 
     # ------------------------------------------------------------ the reference
@@ -292,7 +313,8 @@ class FAM(Backbone):
         """
         b, t, _ = x.shape
         size, n_fam, scale = self.block_size, self.fam_len, self.layers[0].positions.scale
-        keys, values, fams = list(state.k), list(state.v), list(state.fam)
+        keys, values = list(state.k), list(state.v)
+        fams, fam_keys, fam_values = list(state.fam), list(state.fam_k), list(state.fam_v)
         residual = state.residual
         p, done, outs = state.pos, 0, []
         while done < t:
@@ -307,8 +329,9 @@ class FAM(Backbone):
                 n_q = n + (n_fam if completes else 0)  # token queries, then FAM queries
                 q, k, v = layer.project(torch.cat([h, fam], dim=1), torch.cat([tok_pos, fam_pos], dim=1))
                 q = q[:, :, :n_q]
-                tok_k, fam_k = k[:, :, :n], k[:, :, n:]
-                tok_v, fam_v = v[:, :, :n], v[:, :, n:]
+                tok_k, tok_v = k[:, :, :n], v[:, :, :n]
+                # F's keys/values are the ones made with F (the same projection, at fam_pos)
+                fam_k, fam_v = fam_keys[i], fam_values[i]
                 # the cache covers [p - len, p): memory blocks, then the block's earlier tokens
                 n_own = p - block * size
                 n_mem = keys[i].shape[2] - n_own
@@ -346,6 +369,7 @@ class FAM(Backbone):
                 h_next = layer.feed_forward(layer.attend_residual(h, heads[:, :, :n]))
                 if completes and n_fam:
                     fams[i] = self.compress(layer, fam, residual, heads[:, :, n:])
+                    _, fam_keys[i], fam_values[i] = layer.project(fams[i], self.fam_positions(block + 1, state.offset))
                 keys[i] = torch.cat([keys[i], tok_k], dim=2)
                 values[i] = torch.cat([values[i], tok_v], dim=2)
                 drop = max(0, self.keep_from(p + n) - (p + n - keys[i].shape[2]))
@@ -357,7 +381,8 @@ class FAM(Backbone):
             p, done = p + n, done + n
         y = torch.cat(outs, dim=1)
         return y, FAMState(
-            pos=p, fingerprint=self.fingerprint, k=keys, v=values, fam=fams, offset=state.offset, residual=residual
+            pos=p, fingerprint=self.fingerprint, k=keys, v=values, fam=fams, fam_k=fam_keys, fam_v=fam_values,
+            offset=state.offset, residual=residual,
         )
 
     def forward_reference(self, x: Tensor, state: FAMState | None = None) -> tuple[Tensor, FAMState]:
