@@ -228,3 +228,18 @@ def test_config_errors_say_what_is_valid():
     with pytest.raises(ValueError, match="memory_len"):
         memzoo.build_model("xl", memory_len=-1)
     assert XLConfig().memory_len == 512 and XLConfig().positions == "relative"
+
+
+def test_a_biased_qkv_projection_is_honoured():
+    """The split Q / K-V projection uses the fused layer's bias too (if a layer has one)."""
+    model = kit.tiny_model("xl", {"memory_len": 4}).backbone
+    for layer in model.layers:
+        biased = torch.nn.Linear(16, 48, bias=True).to(F64)
+        with torch.no_grad():
+            biased.weight.copy_(layer.qkv.weight)
+        layer.qkv = biased
+    x = torch.randn(1, 11, 16, dtype=F64, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    y, _ = model(x)
+    ref = xl_reference(model, x)
+    kit.assert_close(y, ref, "xl with biased qkv vs reference")
+    kit.assert_close(_grads(y, [x])[0], _grads(ref, [x])[0], "input grad with biased qkv")

@@ -140,8 +140,17 @@ class TransformerXL(Backbone):
             x = layer.feed_forward(layer.attend_residual(x, heads))
         return x, XLState(pos=end, fingerprint=self.fingerprint, h=new_h)
 
-    def _kv(self, layer: DecoderLayer, normed: Tensor, pos: Tensor, w_kv: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = F.linear(normed, w_kv).chunk(2, dim=-1)
+    def _split_qkv(self, layer: DecoderLayer) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+        """The Q and the K/V parts of the layer's fused projection (weight, bias)."""
+        sizes = [self.d_model, 2 * self.d_model]
+        w_q, w_kv = layer.qkv.weight.split(sizes)
+        b_q, b_kv = layer.qkv.bias.split(sizes) if layer.qkv.bias is not None else (None, None)
+        return (w_q, b_q), (w_kv, b_kv)
+
+    def _kv(
+        self, layer: DecoderLayer, normed: Tensor, pos: Tensor, proj: tuple[Tensor, Tensor | None]
+    ) -> tuple[Tensor, Tensor]:
+        k, v = F.linear(normed, *proj).chunk(2, dim=-1)
         return layer.positions.key(layer.split_heads(k), pos), layer.split_heads(v)
 
     def _attend(self, layer: DecoderLayer, h: Tensor, a: int, start: int) -> Tensor:
@@ -160,17 +169,17 @@ class TransformerXL(Backbone):
         i_first = start // size * size - a
         i_last = (end - 1) // size * size - a
         i_q = start - a
-        w_q, w_kv = layer.qkv.weight.split([self.d_model, 2 * self.d_model])
+        proj_q, proj_kv = self._split_qkv(layer)
         # the detached projection changes gradients only; skip it when none are taken or no key is memory
         split = torch.is_grad_enabled() and self.memory_len > 0 and i_last > 0
         i_g = i_first if split else 0  # the graph projection covers [a + i_g, end)
         normed = layer.norm1(h[:, i_g:])
-        q = layer.positions.query(layer.split_heads(F.linear(normed[:, i_q - i_g :], w_q)), pos[i_q:])
-        k, v = self._kv(layer, normed, pos[i_g:], w_kv)
+        q = layer.positions.query(layer.split_heads(F.linear(normed[:, i_q - i_g :], *proj_q)), pos[i_q:])
+        k, v = self._kv(layer, normed, pos[i_g:], proj_kv)
         common = dict(layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend)
         if not split:
             return ops.attend(q, k, v, **common)
-        k_d, v_d = self._kv(layer, layer.norm1(h[:, :i_last].detach()), pos[:i_last], w_kv)
+        k_d, v_d = self._kv(layer, layer.norm1(h[:, :i_last].detach()), pos[:i_last], proj_kv)
         keys = torch.cat([k_d[:, :, :i_first], k], dim=2)
         values = torch.cat([v_d[:, :, :i_first], v], dim=2)
         k_mem = torch.cat([k_d, k[:, :, i_last - i_first :].detach()], dim=2)
