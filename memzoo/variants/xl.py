@@ -29,8 +29,9 @@ At most ``M + L - 1`` positions per layer, so the state is bounded.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,34 @@ class XLState(State):
     h: list[Tensor]
 
 
+@dataclass
+class _ProjectionMemo:
+    """Keys/values a no-grad call computed for the rows of the state tensor ``h`` it
+    returned, with everything they were computed from. The next no-grad call on that
+    very tensor reuses them instead of re-projecting the memory, but only if nothing
+    changed: the tensor (identity, in-place version, first position) and the values of
+    the parameters the keys depend on (compared in full, so weights changed by any
+    means, ``.data`` included, are noticed)."""
+
+    h: "weakref.ref[Tensor]"
+    h_version: int
+    first: int
+    weights: list[Tensor]
+    k: Tensor
+    v: Tensor
+
+
+def _key_dependencies(layer: DecoderLayer) -> list[Tensor]:
+    return [t for m in (layer.norm1, layer.qkv, layer.positions) for t in (*m.parameters(), *m.buffers())]
+
+
+def _unchanged(snapshot: list[Tensor], current: list[Tensor]) -> bool:
+    return len(snapshot) == len(current) and all(
+        s.shape == c.shape and s.dtype == c.dtype and s.device == c.device and torch.equal(s, c)
+        for s, c in zip(snapshot, current)
+    )
+
+
 @register_variant("xl", config=XLConfig)
 class TransformerXL(Backbone):
     State = XLState
@@ -108,6 +137,13 @@ class TransformerXL(Backbone):
         self.relative_dim = relative_dim or self.d_model
         self.hparams.update(memory_len=memory_len, positions=positions, relative_dim=relative_dim)
         self.layers = self.make_layers()
+        #: per layer, the keys/values of the last no-grad call's state (an inference cache, see step)
+        self._kv_memo: dict[int, _ProjectionMemo] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_kv_memo"] = {}  # holds weak references; a cache, never saved
+        return state
 
     def make_positions(self) -> PositionScheme:
         if self.position_kind == "rope":
@@ -129,16 +165,60 @@ class TransformerXL(Backbone):
         next_segment = end // size * size
         keep = max(0, next_segment - mem)  # first position a later query can still see
         new_h = []
-        for layer, cache in zip(self.layers, state.h):
+        for i, (layer, cache) in enumerate(zip(self.layers, state.h)):
             h = torch.cat([cache, x], dim=1)  # layer inputs of positions [a, end): (B, n, D)
             a = end - h.shape[1]
-            heads = self._attend(layer, h, a, start)
+            if torch.is_grad_enabled():
+                heads = self._attend(layer, h, a, start)
+            else:
+                # Inference: XL re-projects the memory with the current weights on every
+                # call; when neither the state tensor nor the weights changed since the last
+                # no-grad call, its keys/values are reused, so a decoded token projects one
+                # row instead of up to M + L - 1 (exactly the same values).
+                memo = self._memo_for(i, layer, cache, a)
+                heads, (k, v) = self._attend_inference(layer, h, a, start, memo)
             kept = h[:, keep - a :]
             # positions before the next segment are only ever memory from now on: detach them
             n_mem = next_segment - keep
             new_h.append(torch.cat([kept[:, :n_mem].detach(), kept[:, n_mem:]], dim=1))
+            if not torch.is_grad_enabled():
+                self._remember(i, layer, new_h[-1], keep, k[:, :, keep - a :], v[:, :, keep - a :], memo)
             x = layer.feed_forward(layer.attend_residual(x, heads))
         return x, XLState(pos=end, fingerprint=self.fingerprint, h=new_h)
+
+    # ------------------------------------------------------------ inference cache
+    def _memo_for(self, i: int, layer: DecoderLayer, cache: Tensor, first: int) -> _ProjectionMemo | None:
+        memo = self._kv_memo.get(i)
+        if memo is None or memo.h() is not cache or memo.h_version != cache._version or memo.first != first:
+            return None
+        return memo if _unchanged(memo.weights, _key_dependencies(layer)) else None
+
+    def _remember(
+        self, i: int, layer: DecoderLayer, h: Tensor, first: int, k: Tensor, v: Tensor, hit: _ProjectionMemo | None
+    ) -> None:
+        # copy the kept rows when they are a slice of more, so a long call's keys are not held alive
+        k, v = (t.clone() if t._base is not None and t._base.numel() > t.numel() else t for t in (k, v))
+        weights = hit.weights if hit is not None else [t.detach().clone() for t in _key_dependencies(layer)]
+        self._kv_memo[i] = _ProjectionMemo(weakref.ref(h), h._version, first, weights, k, v)
+
+    def _attend_inference(
+        self, layer: DecoderLayer, h: Tensor, a: int, start: int, memo: _ProjectionMemo | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """No-grad attention of the queries ``[start, end)`` over ``h`` (positions
+        ``[a, end)``), projecting only the rows the memo does not hold. Returns the
+        per-head outputs and the keys/values of every row of ``h``."""
+        pos = torch.arange(a, a + h.shape[1], device=h.device)
+        proj_q, proj_kv = self._split_qkv(layer)
+        done = 0 if memo is None else memo.k.shape[2]  # rows [a, a + done) come from the memo
+        normed = layer.norm1(h[:, done:])
+        q = layer.positions.query(layer.split_heads(F.linear(normed[:, start - a - done :], *proj_q)), pos[start - a :])
+        k, v = self._kv(layer, normed, pos[done:], proj_kv)
+        if memo is not None:
+            k, v = torch.cat([memo.k, k], dim=2), torch.cat([memo.v, v], dim=2)
+        heads = ops.attend(
+            q, k, v, layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend
+        )
+        return heads, (k, v)
 
     def _split_qkv(self, layer: DecoderLayer) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
         """The Q and the K/V parts of the layer's fused projection (weight, bias)."""
@@ -154,8 +234,8 @@ class TransformerXL(Backbone):
         return layer.positions.key(layer.split_heads(k), pos), layer.split_heads(v)
 
     def _attend(self, layer: DecoderLayer, h: Tensor, a: int, start: int) -> Tensor:
-        """Attention of the queries ``[start, end)`` over layer inputs ``h`` of positions
-        ``[a, end)``: per-head outputs (B, H, T, Dh).
+        """Attention (gradients enabled) of the queries ``[start, end)`` over layer inputs
+        ``h`` of positions ``[a, end)``: per-head outputs (B, H, T, Dh).
 
         Keys split into three regions by the segments of the queries:
         ``[a, first)`` is memory for every query, ``[first, last)`` is memory for some
@@ -170,8 +250,8 @@ class TransformerXL(Backbone):
         i_last = (end - 1) // size * size - a
         i_q = start - a
         proj_q, proj_kv = self._split_qkv(layer)
-        # the detached projection changes gradients only; skip it when none are taken or no key is memory
-        split = torch.is_grad_enabled() and self.memory_len > 0 and i_last > 0
+        # the detached projection changes gradients only; skip it when no key is memory
+        split = self.memory_len > 0 and i_last > 0
         i_g = i_first if split else 0  # the graph projection covers [a + i_g, end)
         normed = layer.norm1(h[:, i_g:])
         q = layer.positions.query(layer.split_heads(F.linear(normed[:, i_q - i_g :], *proj_q)), pos[i_q:])
