@@ -133,6 +133,7 @@ def cached_block_mask(mask_mod: MaskMod, key: tuple, n_queries: int, n_kv: int, 
 
 
 _EAGER_LOCK = threading.Lock()
+_DEBUG_SWITCH = "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG"
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,12 +159,14 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, compile
     # flex anyway (see FlexBackend.rank/support). Scoped and locked: torch's global.
     with _EAGER_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        saved = fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
-        fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+        saved = getattr(fa, _DEBUG_SWITCH, None)
+        if saved is None:  # a torch without the switch: plain (traced) uncompiled flex
+            return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+        setattr(fa, _DEBUG_SWITCH, True)
         try:
             return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
         finally:
-            fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = saved
+            setattr(fa, _DEBUG_SWITCH, saved)
 
 
 @register_backend
