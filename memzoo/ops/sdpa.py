@@ -150,6 +150,8 @@ class SDPABackend(Backend):
         b, h = q.shape[:2]
         b0 = q_start // size
         nb = layout.n_query_blocks(q_start, tq)
+        if nb == 1:
+            return self._one_block(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v)
         lo, hi = b0 * size, (b0 + nb) * size
 
         qb = span(q, q_start, lo, hi).unflatten(2, (nb, size))  # (B,H,nb,L,D)
@@ -184,6 +186,47 @@ class SDPABackend(Backend):
             out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         out = out.flatten(2, 3)
         return out[:, :, q_start - lo : q_start - lo + tq]
+
+    @staticmethod
+    def _one_block(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layout: BlockLayout,
+        q_start: int,
+        scale: float,
+        k_mem: Tensor | None,
+        v_mem: Tensor | None,
+        extra_k: Tensor | None,
+        extra_v: Tensor | None,
+    ) -> Tensor:
+        """All queries in one block (streaming decode, short chunks): no query padding,
+        keys ``[extra rows (F), memory (W), own block so far]``, one (Tq, F+W+n) mask.
+        Costs ``Tq·(F+W+n)`` score entries instead of ``L·(F+W+L)``."""
+        size, window = layout.block_size, layout.window
+        assert size is not None and window is not None
+        tq = q.shape[2]
+        end = q_start + tq
+        k_start = end - k.shape[2]
+        start = (q_start // size) * size  # the block's first position
+        dev = q.device
+        keys, values = [span(k, k_start, start, end)], [span(v, k_start, start, end)]  # own block so far
+        own_pos = torch.arange(start, end, device=dev)
+        q_pos = torch.arange(q_start, end, device=dev)
+        masks = [(own_pos[None, :] <= q_pos[:, None]) & (own_pos[None, :] >= k_start)]
+        if window > 0:
+            keys.insert(0, span(k if k_mem is None else k_mem, k_start, start - window, start))
+            values.insert(0, span(v if v_mem is None else v_mem, k_start, start - window, start))
+            mem_pos = torch.arange(start - window, start, device=dev)
+            masks.insert(0, (mem_pos >= k_start)[None, :].expand(tq, window))
+        if extra_k is not None:
+            assert extra_v is not None
+            keys.insert(0, extra_k[:, :, 0])
+            values.insert(0, extra_v[:, :, 0])
+            masks.insert(0, torch.ones(tq, extra_k.shape[3], dtype=torch.bool, device=dev))
+        return F.scaled_dot_product_attention(
+            q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=torch.cat(masks, dim=1), scale=scale
+        )
 
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
