@@ -144,27 +144,39 @@ def variant_options(name: str, model: ModelSettings, overrides: dict[str, Any] |
 
 
 #: Named settings. ``tiny`` is the README's main job (all variants, a few minutes on
-#: 2 CPU cores); ``small`` made the committed leaderboards. Per task; ``"*"`` applies
-#: to tasks without their own entry. Values are CompareConfig fields (nested dicts).
+#: 2 CPU cores); ``small`` made the committed leaderboards (about 15 minutes per task
+#: and two seeds on 2 shared CPU cores). Per task; ``"*"`` applies to tasks without
+#: their own entry. Values are CompareConfig fields (nested dicts).
+_TINY_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "block_size": 8}
+_TINY_TRAIN = {"steps": 300, "batch_size": 16, "length": 32, "lr": 3e-3, "warmup_steps": 20}
+_TINY_EVAL = {"lengths": (32, 64, 128), "examples": 48, "batch_size": 48}
+_SMALL_TRAIN = {"steps": 800, "batch_size": 16, "length": 64, "lr": 3e-3, "warmup_steps": 40}
+_SMALL_EVAL = {"lengths": (64, 128, 256, 512), "examples": 60, "batch_size": 60}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "passkey": {
             "task_options": {"n_digits": 2, "n_filler": 4, "eval_depths": (0.0, 0.5, 1.0)},
-            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 8},
-            "train": {"steps": 150, "batch_size": 16, "length": 32, "lr": 3e-3, "warmup_steps": 15},
-            "eval": {"lengths": (32, 64, 128), "examples": 48, "batch_size": 48},
+            "model": _TINY_MODEL, "train": _TINY_TRAIN, "eval": _TINY_EVAL,
         },
         "mqar": {
             "task_options": {"n_keys": 16, "n_values": 16, "num_pairs": 4, "eval_pairs": (2, 4, 8)},
-            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 8},
-            "train": {"steps": 150, "batch_size": 16, "length": 32, "lr": 3e-3, "warmup_steps": 15},
-            "eval": {"lengths": (32, 64, 128), "examples": 48, "batch_size": 48},
+            "model": _TINY_MODEL, "train": _TINY_TRAIN, "eval": _TINY_EVAL,
         },
-        "*": {
-            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 8},
-            "train": {"steps": 150, "batch_size": 16, "length": 32, "lr": 3e-3, "warmup_steps": 15},
-            "eval": {"lengths": (32, 64, 128), "examples": 48, "batch_size": 48},
+        "copy": {"task_options": {"n_symbols": 8, "segment_len": 4}, "model": _TINY_MODEL, "train": _TINY_TRAIN, "eval": _TINY_EVAL},
+        "*": {"model": _TINY_MODEL, "train": _TINY_TRAIN, "eval": _TINY_EVAL},
+    },
+    "small": {
+        "passkey": {
+            "task_options": {"n_digits": 2, "n_filler": 4, "eval_depths": (0.0, 0.25, 0.5, 0.75, 1.0)},
+            "model": _TINY_MODEL, "train": _SMALL_TRAIN, "eval": _SMALL_EVAL,
         },
+        "mqar": {
+            "task_options": {"n_keys": 16, "n_values": 16, "num_pairs": 4, "eval_pairs": (2, 4, 8)},
+            "model": _TINY_MODEL, "train": _SMALL_TRAIN, "eval": _SMALL_EVAL,
+        },
+        "copy": {"task_options": {"n_symbols": 8, "segment_len": 8}, "model": _TINY_MODEL, "train": _SMALL_TRAIN, "eval": _SMALL_EVAL},
+        "*": {"model": _TINY_MODEL, "train": _SMALL_TRAIN, "eval": _SMALL_EVAL},
     },
 }
 
