@@ -24,7 +24,10 @@ H heads, Dh head width.
 Streaming state per layer: the layer inputs (hidden states) of positions
 ``[segment_start - M, pos)``: the memory of the current segment, kept detached, and
 the current partial segment, kept with its graph (its own later queries use it).
-At most ``M + L - 1`` positions per layer, so the state is bounded.
+At most ``M + L - 1`` positions per layer, so the state is bounded. Under no_grad the
+keys/values computed for a returned state are cached on the backbone and reused by the
+next no-grad call on that same state while it and the weights are unchanged (see
+:class:`_ProjectionMemo`), so decoding projects one row per token and layer.
 """
 
 from __future__ import annotations
@@ -178,9 +181,13 @@ class TransformerXL(Backbone):
                 memo = self._memo_for(i, layer, cache, a)
                 heads, (k, v) = self._attend_inference(layer, h, a, start, memo)
             kept = h[:, keep - a :]
-            # positions before the next segment are only ever memory from now on: detach them
-            n_mem = next_segment - keep
-            new_h.append(torch.cat([kept[:, :n_mem].detach(), kept[:, n_mem:]], dim=1))
+            if kept.requires_grad:
+                # positions before the next segment are only ever memory from now on: detach them
+                n_mem = next_segment - keep
+                kept = torch.cat([kept[:, :n_mem].detach(), kept[:, n_mem:]], dim=1)
+            elif keep > a:
+                kept = kept.clone()  # do not hold the dropped rows alive through a view
+            new_h.append(kept)
             if not torch.is_grad_enabled():
                 self._remember(i, layer, new_h[-1], keep, k[:, :, keep - a :], v[:, :, keep - a :], memo)
             x = layer.feed_forward(layer.attend_residual(x, heads))
