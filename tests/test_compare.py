@@ -191,6 +191,18 @@ def test_bad_settings_are_refused() -> None:
         CompareConfig(task="nope")
     with pytest.raises(ValidationError, match="more than once"):
         CompareConfig(seeds=(0, 0))
+    with pytest.raises(ValidationError, match="at least 17 tokens for split 'train'"):
+        CompareConfig(task="copy", train={"length": 16})  # refused before any training
+    with pytest.raises(ValidationError, match="at least 32 tokens for split 'eval'"):
+        CompareConfig(task="mqar", task_options={"num_pairs": 2, "eval_pairs": (8,)}, train={"length": 16})
+
+
+def test_memzoo_compare_is_the_function_and_the_package() -> None:
+    import memzoo.compare.runner as runner_module
+
+    assert runner_module is runner and callable(memzoo.compare)
+    rows = memzoo.compare(["bswa"], "copy", **{**MICRO, "task_options": {"segment_len": 3}})
+    assert measured(rows) == measured(compare(["bswa"], "copy", **{**MICRO, "task_options": {"segment_len": 3}}))
 
 
 # ------------------------------------------------------------- results & resume

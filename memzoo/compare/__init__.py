@@ -5,7 +5,13 @@ budget and seeds, and write leaderboards.
 >>> rows = compare(["bswa"], "copy", train={"steps": 2, "length": 16}, eval={"examples": 2}, model={"d_model": 16})
 >>> sorted({(r.variant, r.eval_length, r.metric) for r in rows})[:2]
 [('bswa', 16, 'accuracy'), ('bswa', 16, 'exact')]
+
+``memzoo.compare`` itself is callable and means :func:`compare`, so the package (its
+modules, ``memzoo.compare.runner`` ...) and the one-call API share one name.
 """
+
+import sys
+import types
 
 from memzoo.compare.leaderboard import build_leaderboard, markdown, markdown_table, write_leaderboard
 from memzoo.compare.results import Leaderboard, Provenance, ResultRow, RunRecord, RunSpec, load_leaderboard
@@ -26,3 +32,13 @@ __all__ = [
     "ResultRow", "RunRecord", "RunSpec", "TrainSettings", "build_leaderboard", "compare", "compare_runs", "load_leaderboard",
     "markdown", "markdown_table", "preset", "variant_options", "write_leaderboard",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``memzoo.compare(...)`` calls :func:`compare`; attributes are the package's."""
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

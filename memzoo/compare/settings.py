@@ -84,9 +84,9 @@ class CompareConfig(_Strict):
     def _check(self) -> "CompareConfig":
         from memzoo.ops import check_backend_name
         from memzoo.registry import get_variant
-        from memzoo.tasks import get_task
+        from memzoo.tasks import make_task
 
-        get_task(self.task)
+        task = make_task(self.task, **self.task_options)  # refuses unknown tasks and fields
         for name in (*self.variants, *self.variant_options):
             get_variant(name)
         if len(set(self.variants)) != len(self.variants):
@@ -97,6 +97,9 @@ class CompareConfig(_Strict):
         bad = [n for n in self.eval.lengths if n < 2]
         if bad:
             raise ValueError(f"eval lengths must be >= 2, got {bad}")
+        task.check_length(self.train.length, "train")  # fail now, not after training
+        for n in self.eval_lengths:
+            task.check_length(n, "eval")
         return self
 
     @property
