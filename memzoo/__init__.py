@@ -18,9 +18,13 @@ from memzoo.models import MemzooLM, ModelOutput, build_backbone, build_model
 
 __version__ = "0.1.0"
 
+# last: the comparison API uses everything above. ``memzoo.compare`` is the package
+# memzoo/compare/, callable as ``memzoo.compare(variants, task, ...)``
+from memzoo import compare  # noqa: E402
+
 __all__ = [
     "Backbone", "BackboneConfig", "BackboneOutput", "InputError", "MemzooError", "MemzooLM", "ModelConfig",
-    "ModelOutput", "State", "StateError", "UnknownNameError", "VariantConfig", "__version__", "build_backbone",
+    "ModelOutput", "State", "StateError", "UnknownNameError", "VariantConfig", "__version__", "build_backbone", "compare",
     "build_model", "get_variant", "list_backends", "list_variants", "load_state", "register_variant", "save_state",
     "use_backend",
 ]
