@@ -205,7 +205,7 @@ def test_positions_and_first_update_zero_residual_by_hand():
 def test_fam_positions_used_by_the_fast_path():
     """Record every (B, F)-shaped position tensor handed to RoPE: the FAM input of block c
     sits at c·L-F .. c·L-1 plus the row offset, for its keys (made once, when the FAM is
-    made) and for its queries (at the update)."""
+    made) and for its queries (rotated only for an update)."""
     model = backbone(memory_blocks=1, fam_len=2, n_layers=1)
     rope = model.layers[0].positions
     seen: dict[str, list[list[list[int]]]] = {"key": [], "query": []}
@@ -226,10 +226,10 @@ def test_fam_positions_used_by_the_fast_path():
         assert seen["key"] == shifted([-2, -1]) and seen["query"] == []
         _, state = model(torch.randn(2, 6, D, dtype=torch.float64), state)  # block 0, block 1 partial
         assert seen["key"] == shifted([-2, -1], [2, 3])  # F_1 made at block 1's FAM positions
-        assert seen["query"] == shifted([-2, -1], [2, 3])  # F_0's queries; F_1's (made with it)
+        assert seen["query"] == shifted([-2, -1])  # F_0's, for its update; block 1 is not complete
         model(torch.randn(2, 5, D, dtype=torch.float64), state)  # positions 6..10: blocks 1, 2
         assert seen["key"] == shifted([-2, -1], [2, 3], [6, 7])
-        assert seen["query"] == shifted([-2, -1], [2, 3], [2, 3], [6, 7])  # F_1 from the state
+        assert seen["query"] == shifted([-2, -1], [2, 3])  # F_1 (from the state) updated at block 1's end
     assert model.fam_positions(0, torch.zeros(1, dtype=torch.long)).tolist() == [[-2, -1]]
 
 

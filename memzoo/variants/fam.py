@@ -239,10 +239,12 @@ class FAM(Backbone):
         fam = [f.detach() for f in state.fam]
         return self.new_sequence(fam, state.residual.detach(), self.draw_offsets(state.batch_size, state.device))
 
-    def compress(self, layer: DecoderLayer, fam: Tensor, residual: Tensor, heads: Tensor) -> Tensor:
+    def compress(self, layer: DecoderLayer, fam: Tensor, residual: Tensor | None, heads: Tensor) -> Tensor:
         """FAM update from the FAM queries' attention output ``heads`` (B, H, F, Dh):
-        ``A = r·F + Out(heads)``, ``F_new = A + FF(Norm2(A))``. (B, F, D)."""
-        return layer.feed_forward(layer.attend_residual(residual[:, None, None] * fam, heads))
+        ``A = r·F + Out(heads)``, ``F_new = A + FF(Norm2(A))``. (B, F, D). ``residual``
+        (B,) is ``r`` per row; ``None`` means 1."""
+        kept = fam if residual is None else residual[:, None, None] * fam
+        return layer.feed_forward(layer.attend_residual(kept, heads))
 
     def step(self, x: Tensor, state: FAMState) -> tuple[Tensor, FAMState]:
         b, t, _ = x.shape
@@ -265,24 +267,31 @@ class FAM(Backbone):
             extra: dict[str, Tensor] = {}
             if n_fam:
                 # the scan: F_{τ-1}'s keys/values for each query block, updating F at every
-                # block that completes in this call
-                fam_k, fam_v, r, fq = [], [], state.residual, None
-                for block in range(first_block, first_block + n_blocks):
+                # block that completes in this call. The scan is a chain of small ops, so it
+                # keeps their count down: queries are only rotated when an update uses them.
+                fam_k, fam_v, fq = [], [], None
+                r: Tensor | None = state.residual  # None: 1 (after the first update)
+                fam_pos = self.fam_positions(first_block, state.offset)  # (B, F), + j·L for block first_block + j
+                for j in range(n_blocks):
+                    block = first_block + j
                     fam_k.append(fk)
                     fam_v.append(fv)
-                    if (block + 1) * size <= end:
-                        if fq is None:  # F came with the state: its queries were never needed
-                            fq = layer.positions.query(layer.project_raw(fam)[0], self.fam_positions(block, state.offset))
-                        lo, hi = block * size - k_start, (block + 1) * size - k_start
-                        heads = ops.dense(
-                            fq,
-                            torch.cat([fk, keys[:, :, lo:hi]], dim=2),  # (B, H, F + L, Dh)
-                            torch.cat([fv, values[:, :, lo:hi]], dim=2),
-                            scale=layer.positions.scale,
-                            backend=self.backend,
-                        )
-                        fam, r = self.compress(layer, fam, r, heads), torch.ones_like(r)
-                        fq, fk, fv = layer.project(fam, self.fam_positions(block + 1, state.offset))
+                    if (block + 1) * size > end:  # only the last block of a call can be partial
+                        break
+                    if fq is None:  # F came with the state: its queries were never needed
+                        fq = layer.positions.query(layer.project_raw(fam)[0], fam_pos + j * size)
+                    lo, hi = block * size - k_start, (block + 1) * size - k_start
+                    heads = ops.dense(
+                        fq,
+                        torch.cat([fk, keys[:, :, lo:hi]], dim=2),  # (B, H, F + L, Dh)
+                        torch.cat([fv, values[:, :, lo:hi]], dim=2),
+                        scale=layer.positions.scale,
+                        backend=self.backend,
+                    )
+                    fam, r = self.compress(layer, fam, r, heads), None
+                    fq_raw, fk_raw, fv = layer.project_raw(fam)
+                    fk = layer.positions.key(fk_raw, fam_pos + (j + 1) * size)
+                    fq = layer.positions.query(fq_raw, fam_pos + (j + 1) * size) if (block + 2) * size <= end else None
                 extra = dict(extra_k=torch.stack(fam_k, dim=2), extra_v=torch.stack(fam_v, dim=2))  # (B, H, nb, F, Dh)
             memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
             heads = ops.attend(
