@@ -272,6 +272,12 @@ class FAM(Backbone):
                 fam_k, fam_v, fq = [], [], None
                 r: Tensor | None = state.residual  # None: 1 (after the first update)
                 fam_pos = self.fam_positions(first_block, state.offset)  # (B, F), + j·L for block first_block + j
+                # the keys/values of the blocks completed here, cut once: slicing the whole
+                # sequence in every step would make backward build a full-size gradient per block
+                n_done = end // size - first_block
+                lo = first_block * size - k_start  # >= 0: the cache holds the partial block from its start
+                block_k = keys[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)  # (B, H, L, Dh) each
+                block_v = values[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)
                 for j in range(n_blocks):
                     block = first_block + j
                     fam_k.append(fk)
@@ -280,11 +286,10 @@ class FAM(Backbone):
                         break
                     if fq is None:  # F came with the state: its queries were never needed
                         fq = layer.positions.query(layer.project_raw(fam)[0], fam_pos + j * size)
-                    lo, hi = block * size - k_start, (block + 1) * size - k_start
                     heads = ops.dense(
                         fq,
-                        torch.cat([fk, keys[:, :, lo:hi]], dim=2),  # (B, H, F + L, Dh)
-                        torch.cat([fv, values[:, :, lo:hi]], dim=2),
+                        torch.cat([fk, block_k[j]], dim=2),  # (B, H, F + L, Dh)
+                        torch.cat([fv, block_v[j]], dim=2),
                         scale=layer.positions.scale,
                         backend=self.backend,
                     )
