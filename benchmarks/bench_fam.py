@@ -5,6 +5,8 @@
 2. FAM vs BSWA with the same shared settings, forward+backward, float32.
    Both at: 2 layers, d_model 256, 4 heads, T=4096, L=256, m=1, fam_len=16, B=1; the
    three are run interleaved (noise hits all alike); medians and minimums are reported.
+   For context the same at small blocks (L=32, fam_len 16): FAM then adds F/L = 1/2 of a
+   block's tokens to every block, and the scan has 128 steps per layer.
 3. Streaming decode with a FAM model (same sizes): state bytes and per-token time after
    1,024 and after 102,400 streamed tokens (both at the start of a block; reached in
    no-grad chunks of 4,096, then one whole block decoded token by token: the median
@@ -124,17 +126,19 @@ def main() -> None:
     if args.quick:
         sizes = dict(d_model=64, n_layers=2, n_heads=4, block_size=64, memory_blocks=1)
         training = bench_training(sizes, t=512, fam_len=8, repeats=2)
+        small = bench_training({**sizes, "block_size": 16}, t=512, fam_len=8, repeats=2)
         decode = bench_decode(sizes, fam_len=8, points=[256, 2048], chunk=1024)
     else:
         sizes = dict(d_model=256, n_layers=2, n_heads=4, block_size=256, memory_blocks=1)
         training = bench_training(sizes, t=4096, fam_len=16, repeats=7)
+        small = bench_training({**sizes, "block_size": 32}, t=4096, fam_len=16, repeats=3)
         decode = bench_decode(sizes, fam_len=16, points=[1024, 102_400], chunk=4096)
     print(json.dumps({
         "benchmark": "fam",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
         "memzoo": memzoo.__version__, "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
-        "training": training, "decode": decode,
+        "training": training, "training_small_blocks": small, "decode": decode,
     }, indent=2))
 
 
