@@ -13,9 +13,9 @@ for ``xl``; ``recurrent-memory-transformer-pytorch`` for ``rmt`` (XL memories an
 connections off, rotary, plain causal mask). They are *not* memzoo dependencies: install
 them in a separate virtual environment and run this script from it::
 
-    python -m venv .venv --system-site-packages
-    .venv/bin/pip install x-transformers==2.31.10 recurrent-memory-transformer-pytorch==0.7.0
-    .venv/bin/python benchmarks/bench_peers.py > bench_peers.json
+    python -m venv .venv-bench --system-site-packages
+    .venv-bench/bin/pip install x-transformers==2.31.10 recurrent-memory-transformer-pytorch==0.7.0
+    .venv-bench/bin/python benchmarks/bench_peers.py > bench_peers.json
 
 Without the peers the memzoo rows are still measured and the peer rows say why not.
 """

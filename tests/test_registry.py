@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import memzoo
+import memzoo.testing
 from memzoo.cards import check_cards, load_cards
 from memzoo.registry import unregister_variant
 from memzoo.variants.bswa import BSWA, BSWAConfig
