@@ -3,6 +3,7 @@
     memzoo compare                       # the main job: every variant, tiny passkey, prints the table
     memzoo compare --task mqar --variants fam,bswa --seeds 0,1 --out leaderboards/
     memzoo list                          # registered variants (with their own fields) and tasks
+    memzoo render leaderboards/passkey.json   # re-write its .md/.png from the rows (no training)
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memzoo", description="memzoo: a zoo of attention-memory architectures behind one streaming interface."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{compare,list}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,list,render}")
     sub.add_parser("list", help="list registered variants (with their own fields) and tasks")
+    r = sub.add_parser(
+        "render", help="re-write the .md and .png beside a leaderboard JSON from its rows (no training)"
+    )
+    r.add_argument("json", help="a leaderboard file written by `memzoo compare --out`, e.g. leaderboards/passkey.json")
     c = sub.add_parser(
         "compare",
         help="train and evaluate variants on one task under one budget; print the table, optionally write a leaderboard",
@@ -150,6 +155,18 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_render(path: str) -> int:
+    from pathlib import Path
+
+    from memzoo.compare.leaderboard import write_leaderboard
+    from memzoo.compare.results import load_leaderboard
+
+    board = load_leaderboard(path)
+    for kind, where in write_leaderboard(board, Path(path).parent, stem=Path(path).stem).items():
+        print(f"memzoo render: {kind}: {where}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -157,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return cmd_list()
+        if args.command == "render":
+            return cmd_render(args.json)
         if args.command == "compare":
             return cmd_compare(args, argv)
         parser.print_help()

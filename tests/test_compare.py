@@ -270,6 +270,12 @@ def test_cli_writes_files_and_resumes(tmp_path: Path, monkeypatch: pytest.Monkey
         load(p, RunRecord)
     first = {p.name: p.read_text() for p in runs}
 
+    # re-rendering from the JSON alone gives the same files
+    md_before, json_before = (out / "passkey.md").read_text(), (out / "passkey.json").read_text()
+    (out / "passkey.md").unlink()
+    assert main(["render", str(out / "passkey.json")]) == 0
+    assert (out / "passkey.md").read_text() == md_before and (out / "passkey.json").read_text() == json_before
+
     # an interrupted comparison: one run's file is missing; only that run recomputes
     calls.clear()
     runs[1].unlink()
