@@ -7,7 +7,7 @@ BSWA (see :mod:`memzoo.variants.bswa`) plus, in every layer, a working memory ``
     FAM queries (F_{τ-1}) -> [                               F_{τ-1} (all) | block τ (all)    ]
 
     A   = Attn(Norm1(F_{τ-1}) -> q; keys/values above) + r·F_{τ-1}     r = 0 on the first update
-    F_τ = A + FF(Norm2(A))                                            of a fresh (prompt) FAM, else 1
+    F_τ = A + FF(Norm2(A))                                            of a fresh learned FAM, else 1
 
 ``F_τ`` is layer ``l``'s own FAM input for block τ+1 (same-layer feedback). Every weight is
 shared with the token path; the only new parameter is the initial FAM (the prompt,
