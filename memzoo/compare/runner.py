@@ -183,7 +183,7 @@ def compare_runs(
     torch threads); results are identical to ``jobs=1``. Workers are fresh
     interpreters, so every variant and task must be importable (built in, or
     registered by an entry point)."""
-    show = (sys.stderr.isatty() if progress is None else progress) and not quiet and jobs == 1
+    show = (sys.stderr.isatty() if progress is None else progress) and not quiet
     specs = [run_spec(config, v, s) for v in config.variant_names for s in config.seeds]
     records: dict[int, RunRecord] = {}
     todo: list[tuple[int, RunSpec, Path | None]] = []
@@ -204,7 +204,8 @@ def compare_runs(
             if path is not None:
                 write_atomic(path, dump(records[i]))
     else:
-        run_in_workers(todo, config, specs=len(specs), threads=threads, jobs=jobs, records=records, quiet=quiet)
+        bar = Progress(len(todo), f"{config.task}: runs", enabled=show) if todo else None
+        run_in_workers(todo, config, specs=len(specs), threads=threads, jobs=jobs, records=records, quiet=quiet, bar=bar)
     return [records[i] for i in range(len(specs))]
 
 
@@ -217,6 +218,7 @@ def run_in_workers(
     jobs: int,
     records: dict[int, RunRecord],
     quiet: bool,
+    bar: Progress | None = None,
 ) -> None:
     """Run ``todo`` in at most ``jobs`` worker processes (:mod:`memzoo.compare.worker`)."""
     from memzoo.registry import get_variant
@@ -226,6 +228,7 @@ def run_in_workers(
     modules = sorted({get_variant(spec.variant).cls.__module__ for _, spec, _ in todo} | {get_task(config.task).__module__})
     if "__main__" in modules:
         raise RuntimeError("a variant or task defined in __main__ cannot be re-created in a worker process; use jobs=1")
+    bar_on = bar is not None and bar.enabled
     pending = list(todo)
     running: list[tuple[subprocess.Popen, int, RunSpec, IO[str], IO[str]]] = []
     _log(f"running {len(todo)} run(s) in up to {jobs} worker processes", quiet)
@@ -243,19 +246,26 @@ def run_in_workers(
                 proc.stdin.write(json.dumps(job))
                 proc.stdin.close()
                 running.append((proc, i, spec, out, err))
-                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: training (worker {proc.pid})", quiet)
+                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: training (worker {proc.pid})", quiet or bar_on)
             time.sleep(0.1)
             for entry in [e for e in running if e[0].poll() is not None]:
                 proc, i, spec, out, err = entry
                 running.remove(entry)
                 out.seek(0)
                 err.seek(0)
+                result, errors = out.read(), err.read()
+                out.close()
+                err.close()
                 if proc.returncode != 0:
                     raise RuntimeError(
-                        f"worker for {spec.variant} seed {spec.seed} failed (exit {proc.returncode}):\n{err.read()[-4000:]}"
+                        f"worker for {spec.variant} seed {spec.seed} failed (exit {proc.returncode}):\n{errors[-4000:]}"
                     )
-                records[i] = RunRecord.model_validate_json(out.read())
-                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: done", quiet)
+                records[i] = RunRecord.model_validate_json(result)
+                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: done", quiet or bar_on)
+                if bar is not None:
+                    bar.update(1, f"{spec.variant} seed {spec.seed} done")
+        if bar is not None:
+            bar.close()
     finally:
         for proc, *_ in running:
             proc.kill()
