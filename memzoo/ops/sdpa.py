@@ -95,6 +95,20 @@ def lower_right_sdpa(qb: Tensor, kb: Tensor, vb: Tensor, scale: float) -> Tensor
     return out.unflatten(1, (h, n))
 
 
+def masked_block_sdpa(qb: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """(B,H,nb,L,D) queries over (B,H,nb,S,D) keys with a (nb, L, S) mask.
+
+    Batch and heads are folded into one dimension and the blocks take the place of
+    heads, so the call is 4-D with a mask broadcast over the batch: that reaches the
+    fused CPU kernel, where 5-D inputs fall back to the unfused math path (measured in
+    torch 2.13 at B=2, H=8, nb=16, L=256, S=512: forward+backward ~1.4 s vs 4-18 s)."""
+    b, h = qb.shape[:2]
+    out = F.scaled_dot_product_attention(
+        qb.flatten(0, 1), kb.flatten(0, 1), vb.flatten(0, 1), attn_mask=mask[None], scale=scale
+    )  # (B*H, nb, L, Dv)
+    return out.unflatten(0, (b, h))
+
+
 @register_backend
 class SDPABackend(Backend):
     name = "sdpa"
@@ -173,15 +187,11 @@ class SDPABackend(Backend):
         mask = block_mask(layout, q_start, tq, k_start, n_extra, q.device)
         split = full_history_from(layout, q_start, k_start) if q.device.type in self.lower_right_devices else nb
         if split >= nb:
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # (B,H,nb,L,Dv)
+            out = masked_block_sdpa(qb, kb, vb, mask, scale)  # (B,H,nb,L,Dv)
         else:
             parts = []
             if split > 0:
-                parts.append(
-                    F.scaled_dot_product_attention(
-                        qb[:, :, :split], kb[:, :, :split], vb[:, :, :split], attn_mask=mask[:split], scale=scale
-                    )
-                )
+                parts.append(masked_block_sdpa(qb[:, :, :split], kb[:, :, :split], vb[:, :, :split], mask[:split], scale))
             parts.append(lower_right_sdpa(qb[:, :, split:], kb[:, :, split:], vb[:, :, split:], scale))
             out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         out = out.flatten(2, 3)
