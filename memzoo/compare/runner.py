@@ -10,6 +10,7 @@ are never mixed in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 import subprocess
@@ -56,8 +57,11 @@ def recording_backends() -> Iterator[set[str]]:
         ops.resolve_backend = original  # type: ignore[assignment]
 
 
+@functools.lru_cache(maxsize=1)
 def git_info() -> tuple[str | None, bool | None]:
-    """(commit, whether memzoo/ differs from it) of the checkout memzoo runs from."""
+    """(commit, whether memzoo/ differs from it) of the checkout memzoo runs from, read
+    once per process, at its first run: the code a process runs is the code it
+    imported, not whatever the checkout holds when a run ends."""
     root = Path(memzoo.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -101,6 +105,7 @@ def run_path(results_dir: Path, spec: RunSpec) -> Path:
 
 def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecord:
     """Train and evaluate one (variant, seed) and return its record."""
+    commit, dirty = git_info()
     task: Task = make_task(spec.task, **spec.task_options)
     start = time.perf_counter()
     torch.manual_seed(spec.seed)  # initial weights: the same seed gives the same init for a variant
@@ -117,7 +122,6 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
             for n in spec.eval_lengths
         }
     wall = time.perf_counter() - start
-    commit, dirty = git_info()
     provenance = Provenance(
         memzoo_version=memzoo.__version__,
         git_commit=commit,
