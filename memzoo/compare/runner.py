@@ -35,28 +35,6 @@ from memzoo.tasks import Task, make_task
 LOSS_POINTS = 20
 
 
-@contextlib.contextmanager
-def recording_backends() -> Iterator[set[str]]:
-    """Collect the names of the attention backends that actually run inside the block.
-
-    ``ops.attend``/``ops.dense`` look ``resolve_backend`` up in :mod:`memzoo.ops` at
-    call time; wrapping it there sees every resolution (including ``"auto"``'s
-    per-call choices) without touching the backends."""
-    used: set[str] = set()
-    original = ops.resolve_backend
-
-    def resolve_and_record(name: str, call: ops.AttentionCall) -> ops.Backend:
-        backend = original(name, call)
-        used.add(backend.name)
-        return backend
-
-    ops.resolve_backend = resolve_and_record  # type: ignore[assignment]
-    try:
-        yield used
-    finally:
-        ops.resolve_backend = original  # type: ignore[assignment]
-
-
 @functools.lru_cache(maxsize=1)
 def git_info() -> tuple[str | None, bool | None]:
     """(commit, whether memzoo/ differs from it) of the checkout memzoo runs from, read
@@ -114,7 +92,7 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
     ).to(spec.device)
     parameters = sum(p.numel() for p in model.parameters())
     bar = Progress(config.train.steps, f"{spec.task} {spec.variant} seed {spec.seed}", enabled=progress)
-    with recording_backends() as used:
+    with ops.record_backends() as record:
         report = train(model, task, config.train, seed=spec.seed, progress=bar)
         bar.close()
         evals = {
@@ -143,7 +121,7 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
             slice=slice_,
             value=value,
             higher_is_better=task.higher_is_better,
-            backend="+".join(sorted(used)) or "none",
+            backend="+".join(sorted(record.names)) or "none",
             parameters=parameters,
             state_bytes=ev.state_bytes,
             tokens_per_s=report.tokens_per_s,
