@@ -275,28 +275,46 @@ def test_decoding_projects_only_the_new_row(monkeypatch):
     kit.assert_close(decoded, whole, "decoded with the cache vs one call")
 
 
-@pytest.mark.parametrize("how", ["in_place", "data", "load_state_dict"])
+@pytest.mark.parametrize("how", ["in_place", "load_state_dict", "to_dtype_and_back", "data_then_clear"])
 def test_changed_weights_are_noticed_by_the_inference_cache(how):
-    """XL re-projects the memory with the current weights: change them between calls by
-    any means and the continuation equals a fresh re-projection."""
+    """XL re-projects the memory with the current weights: change them between calls and
+    the continuation equals a fresh re-projection. In-place updates (optimizer steps),
+    load_state_dict and .to() are noticed by version/storage; a write through .data is
+    not (it bypasses version counting) and needs clear_inference_cache()."""
     model = kit.tiny_model("xl", {"memory_len": 6})
     tokens = kit.random_tokens(model, 1, 14)
     _, state = _decode(model, tokens[:, :13])  # fills the cache
-    new_weight = model.backbone.layers[0].qkv.weight.detach() * 1.5
+    weight = model.backbone.layers[0].qkv.weight
+    new_weight = weight.detach() * 1.5
     if how == "in_place":
         with torch.no_grad():
-            model.backbone.layers[0].qkv.weight.mul_(1.5)
-    elif how == "data":
-        model.backbone.layers[0].qkv.weight.data.copy_(new_weight)  # bumps no version counter
-    else:
+            weight.mul_(1.5)
+    elif how == "load_state_dict":
         sd = model.state_dict()
         sd["backbone.layers.0.qkv.weight"] = new_weight
         model.load_state_dict(sd)
+    elif how == "to_dtype_and_back":
+        model.float().double()
+        with torch.no_grad():
+            model.backbone.layers[0].qkv.weight.mul_(1.5)
+    else:
+        weight.data.copy_(new_weight)  # bumps no version counter
+        model.backbone.clear_inference_cache()
     with torch.no_grad():
         cached, _ = model(tokens[:, 13:], state=state)
-        model.backbone._kv_memo.clear()
+        model.backbone.clear_inference_cache()
         fresh, _ = model(tokens[:, 13:], state=state)
     kit.assert_close(cached, fresh, f"continuation after weights changed ({how})")
+
+
+def test_inference_mode_works_and_matches():
+    model = kit.tiny_model("xl", {"memory_len": 5})
+    tokens = kit.random_tokens(model, 2, 13)
+    with torch.no_grad():
+        whole, _ = model(tokens)
+    with torch.inference_mode():
+        streamed, _ = kit.run_chunked(model, tokens, [3, 4, 9])
+    kit.assert_close(streamed, whole, "inference_mode streaming vs one no-grad call")
 
 
 def test_the_cache_is_not_pickled_and_never_used_with_gradients():

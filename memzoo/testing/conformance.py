@@ -132,12 +132,27 @@ def check_causality(model: MemzooLM, tokens: Tensor, at: int) -> None:
 
 
 def check_state_equivalence(model: MemzooLM, tokens: Tensor, cuts: Sequence[int]) -> None:
-    """Chunked run (any cuts) == one call: outputs and final state."""
+    """Chunked run (any cuts) == one call: outputs and final state, under ``no_grad``
+    and under ``inference_mode``."""
     with torch.no_grad():
         whole, whole_state = model(tokens)
         chunked, chunked_state = run_chunked(model, tokens, cuts)
     assert_close(chunked, whole, f"outputs chunked at {list(cuts)} vs one call")
     assert_states_equal(chunked_state, whole_state, f"final state chunked at {list(cuts)} vs one call")
+    with torch.inference_mode():
+        inferred, inferred_state = run_chunked(model, tokens, cuts)
+    assert_close(inferred, whole, f"outputs chunked at {list(cuts)} under inference_mode vs one call")
+    assert_states_equal(inferred_state, whole_state, f"final state chunked at {list(cuts)} under inference_mode")
+
+
+def check_state_owns_its_memory(model: MemzooLM, batch_size: int = 2) -> None:
+    """No state tensor shares storage with a parameter (an optimizer step must not
+    change states that already exist)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for state in (model.init_state(batch_size), model(torch.zeros(batch_size, 3, dtype=torch.long)).state):
+        shared = [i for i, t in enumerate(state.tensors()) if t.numel() and t.untyped_storage().data_ptr() in params]
+        if shared:
+            raise AssertionError(f"{type(state).__name__} tensors {shared} share storage with parameters")
 
 
 def check_gradient_equivalence(model: MemzooLM, tokens: Tensor, cuts: Sequence[int]) -> None:
@@ -234,6 +249,17 @@ def check_bad_inputs(model: MemzooLM, other_options: dict[str, Any] | None = Non
     _expect(StateError, ["on meta"], lambda: model(good, state=state.to("meta")), "state on another device")
     _expect(StateError, ["State"], lambda: model(good, state=object()), "a non-state object")
 
+    # damaged states: a wrong position (where the shapes show it), a missing layer
+    flat = state.to_dict()
+    shapes = model.backbone.expected_state_shapes
+    if shapes(state.pos + 1, state.batch_size) != shapes(state.pos, state.batch_size):
+        moved = dict(flat, __pos__=flat["__pos__"] + 1)
+        _expect(StateError, ["malformed state"], lambda: model(good, state=type(state).from_dict(moved)), "state with a wrong pos")
+    last = f".{model.backbone.n_layers - 1}"
+    if model.backbone.n_layers > 1 and any(k.endswith(last) for k in flat):
+        short = {k: v for k, v in flat.items() if not k.endswith(last)}
+        _expect(StateError, ["malformed state", "one per layer"], lambda: model(good, state=type(state).from_dict(short)), "state missing a layer")
+
     # another config of the same variant
     name = model.variant
     cfg = model.config.model_dump()
@@ -283,6 +309,7 @@ def run_conformance(name: str, options: dict[str, Any] | None = None, *, trials:
     check_backend_matches_reference(model, long)
     check_backend_matches_reference(model, long, state_cut=size + 2)
     check_state_roundtrip(model, long)
+    check_state_owns_its_memory(model)
     check_bad_inputs(model)
     for trial in range(trials):
         tokens = random_tokens(model, rng.randint(1, 2), rng.randint(1, 5 * size + 1), seed + trial)

@@ -160,6 +160,38 @@ class Backbone(nn.Module):
             raise StateError(f"{self.variant}: state is on {state.device}, input is on {device}; use state.to(device)")
         if state.dtype is not None and state.dtype != dtype:
             raise StateError(f"{self.variant}: state has dtype {state.dtype}, input has {dtype}; use state.to(dtype)")
+        self._check_state_structure(state, batch_size, device, dtype)
+
+    def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
+        """The shape of every tensor field of a valid state at position ``pos``: a tuple,
+        or a list of tuples (one per layer). Variants override it so a damaged or
+        hand-edited state is refused instead of silently running a smaller model."""
+        return {}
+
+    def _check_state_structure(self, state: State, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        where = f"{self.variant}: malformed state"
+        if isinstance(state.pos, bool) or not isinstance(state.pos, int) or state.pos < 0:
+            raise StateError(f"{where}: pos must be an int >= 0, got {state.pos!r}")
+        for t in state.tensors():
+            if t.device != device:
+                raise StateError(f"{where}: tensors on several devices ({t.device} and {device})")
+            if t.is_floating_point() and t.dtype != dtype:
+                raise StateError(f"{where}: tensors of several dtypes ({t.dtype} and {dtype})")
+        fields = state.tensor_fields()
+        for name, shape in self.expected_state_shapes(state.pos, batch_size).items():
+            value = fields[name]
+            if isinstance(shape, list):
+                if not isinstance(value, (list, tuple)) or len(value) != len(shape):
+                    got = len(value) if isinstance(value, (list, tuple)) else "a single tensor"
+                    raise StateError(f"{where}: field {name!r} has {got} entries, expected {len(shape)} (one per layer)")
+                pairs = [(f"{name}[{i}]", t, s) for i, (t, s) in enumerate(zip(value, shape))]
+            else:
+                pairs = [(name, value, shape)]
+            for label, t, s in pairs:
+                if tuple(t.shape) != tuple(s):
+                    raise StateError(
+                        f"{where}: {label} has shape {tuple(t.shape)}, expected {tuple(s)} for a state at position {state.pos}"
+                    )
 
     def positions(self, state: State, n: int, device: torch.device) -> Tensor:
         """Absolute positions of the next ``n`` tokens: (n,) int64."""

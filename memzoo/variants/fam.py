@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -196,9 +196,19 @@ class FAM(Backbone):
                     q, k, v = layer.project(h, pos)
                     heads = ops.dense(q, k, v, scale=layer.positions.scale, backend=self.backend)
                     h = layer.feed_forward(layer.attend_residual(h, heads))
-        return [f.to(device=device, dtype=dtype).expand(batch_size, -1, -1) for f in per_layer]
+        # clone: a state must not share storage with a parameter (an optimizer step would change it)
+        return [f.to(device=device, dtype=dtype).clone().expand(batch_size, -1, -1) for f in per_layer]
 
     # --------------------------------------------------------------- the contract
+    def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
+        b, n = batch_size, self.n_layers
+        kv = [(b, self.n_heads, pos - max(0, self.keep_from(pos)), self.head_dim)] * n
+        fam_kv = [(b, self.n_heads, self.fam_len, self.head_dim)] * n
+        return {
+            "k": kv, "v": kv, "fam": [(b, self.fam_len, self.d_model)] * n,
+            "fam_k": fam_kv, "fam_v": fam_kv, "offset": (b,), "residual": (b,),
+        }
+
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FAMState:
         residual = torch.zeros(batch_size, device=device, dtype=dtype)
         return self.new_sequence(self.initial_fam(batch_size, device, dtype), residual, self.draw_offsets(batch_size, device))

@@ -6,6 +6,7 @@ cache must reach (:meth:`keep_from`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,10 @@ class KVCacheBackbone(Backbone):
     def keep_from(self, next_pos: int) -> int:
         """The first position whose K/V a query at ``next_pos`` or later can still see."""
         raise NotImplementedError
+
+    def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
+        kv = [(batch_size, self.n_heads, pos - max(0, self.keep_from(pos)), self.head_dim)] * self.n_layers
+        return {"k": kv, "v": kv}
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVState:
         empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)

@@ -26,6 +26,7 @@ segment and sequential across segments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -126,9 +127,16 @@ class RecurrentMemoryTransformer(Backbone):
         return z, new_k, new_v
 
     # ------------------------------------------------------------------ the contract
+    def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
+        done = pos % self.block_size
+        rows = self.num_memory_tokens + done if done else 0  # see RMTState
+        kv = [(batch_size, self.n_heads, rows, self.head_dim)] * self.n_layers
+        return {"mem": (batch_size, self.num_memory_tokens, self.d_model), "k": kv, "v": kv}
+
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> RMTState:
         if self.read_init is not None:
-            mem = self.read_init.to(device=device, dtype=dtype).expand(batch_size, -1, -1)
+            # clone: a state must not share storage with a parameter (an optimizer step would change it)
+            mem = self.read_init.to(device=device, dtype=dtype).clone().expand(batch_size, -1, -1)
         else:
             mem = torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype)
         empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)

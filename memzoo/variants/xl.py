@@ -27,7 +27,8 @@ the current partial segment, kept with its graph (its own later queries use it).
 At most ``M + L - 1`` positions per layer, so the state is bounded. Under no_grad the
 keys/values computed for a returned state are cached on the backbone and reused by the
 next no-grad call on that same state while it and the weights are unchanged (see
-:class:`_ProjectionMemo`), so decoding projects one row per token and layer.
+:class:`_ProjectionMemo`), so decoding projects one row per token and layer; under
+``torch.inference_mode`` every call re-projects.
 """
 
 from __future__ import annotations
@@ -91,28 +92,31 @@ class XLState(State):
 @dataclass
 class _ProjectionMemo:
     """Keys/values a no-grad call computed for the rows of the state tensor ``h`` it
-    returned, with everything they were computed from. The next no-grad call on that
-    very tensor reuses them instead of re-projecting the memory, but only if nothing
-    changed: the tensor (identity, in-place version, first position) and the values of
-    the parameters the keys depend on (compared in full, so weights changed by any
-    means, ``.data`` included, are noticed)."""
+    returned, with what they were computed from. The next no-grad call on that very
+    tensor reuses them instead of re-projecting the memory, but only if nothing changed:
+    the tensor (identity, in-place version, first position) and the parameters the keys
+    depend on (identity of their storage and in-place version: ``optimizer.step()``,
+    ``load_state_dict``, ``.to()``, any in-place update is noticed; a write through
+    ``.data``, which bypasses version counting, is not). Holds no copy of the weights.
+    Not used under ``torch.inference_mode`` (inference tensors have no version counter)."""
 
     h: "weakref.ref[Tensor]"
     h_version: int
     first: int
-    weights: list[Tensor]
+    weights: tuple
     k: Tensor
     v: Tensor
 
 
-def _key_dependencies(layer: DecoderLayer) -> list[Tensor]:
-    return [t for m in (layer.norm1, layer.qkv, layer.positions) for t in (*m.parameters(), *m.buffers())]
+def _weights_key(layer: DecoderLayer) -> tuple:
+    """What the memory's keys/values depend on, by storage and version (no copies)."""
+    deps = (t for m in (layer.norm1, layer.qkv, layer.positions) for t in (*m.parameters(), *m.buffers()))
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in deps)
 
 
-def _unchanged(snapshot: list[Tensor], current: list[Tensor]) -> bool:
-    return len(snapshot) == len(current) and all(
-        s.shape == c.shape and s.dtype == c.dtype and s.device == c.device and torch.equal(s, c)
-        for s, c in zip(snapshot, current)
+def _memo_allowed(*tensors: Tensor) -> bool:
+    return not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not any(
+        t.is_inference() for t in tensors
     )
 
 
@@ -158,6 +162,10 @@ class TransformerXL(Backbone):
         return BlockLayout(block_size=self.block_size, window=self.memory_len)
 
     # ------------------------------------------------------------------ the contract
+    def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
+        kept = pos - max(0, pos // self.block_size * self.block_size - self.memory_len)
+        return {"h": [(batch_size, kept, self.d_model)] * self.n_layers}
+
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> XLState:
         empty = torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype)
         return XLState(pos=0, fingerprint=self.fingerprint, h=[empty] * self.n_layers)
@@ -178,7 +186,7 @@ class TransformerXL(Backbone):
                 # call; when neither the state tensor nor the weights changed since the last
                 # no-grad call, its keys/values are reused, so a decoded token projects one
                 # row instead of up to M + L - 1 (exactly the same values).
-                memo = self._memo_for(i, layer, cache, a)
+                memo = self._memo_for(i, layer, cache, a) if _memo_allowed(cache) else None
                 heads, (k, v) = self._attend_inference(layer, h, a, start, memo)
             kept = h[:, keep - a :]
             if kept.requires_grad:
@@ -188,25 +196,29 @@ class TransformerXL(Backbone):
             elif keep > a:
                 kept = kept.clone()  # do not hold the dropped rows alive through a view
             new_h.append(kept)
-            if not torch.is_grad_enabled():
-                self._remember(i, layer, new_h[-1], keep, k[:, :, keep - a :], v[:, :, keep - a :], memo)
+            if _memo_allowed(new_h[-1]):
+                self._remember(i, layer, new_h[-1], keep, k[:, :, keep - a :], v[:, :, keep - a :])
             x = layer.feed_forward(layer.attend_residual(x, heads))
         return x, XLState(pos=end, fingerprint=self.fingerprint, h=new_h)
 
     # ------------------------------------------------------------ inference cache
+    def clear_inference_cache(self) -> None:
+        """Forget the cached memory keys/values (needed only after writing weights through
+        ``.data``, which no version counter sees)."""
+        self._kv_memo.clear()
+
     def _memo_for(self, i: int, layer: DecoderLayer, cache: Tensor, first: int) -> _ProjectionMemo | None:
         memo = self._kv_memo.get(i)
         if memo is None or memo.h() is not cache or memo.h_version != cache._version or memo.first != first:
             return None
-        return memo if _unchanged(memo.weights, _key_dependencies(layer)) else None
+        return memo if memo.weights == _weights_key(layer) else None
 
     def _remember(
-        self, i: int, layer: DecoderLayer, h: Tensor, first: int, k: Tensor, v: Tensor, hit: _ProjectionMemo | None
+        self, i: int, layer: DecoderLayer, h: Tensor, first: int, k: Tensor, v: Tensor
     ) -> None:
         # copy the kept rows when they are a slice of more, so a long call's keys are not held alive
         k, v = (t.clone() if t._base is not None and t._base.numel() > t.numel() else t for t in (k, v))
-        weights = hit.weights if hit is not None else [t.detach().clone() for t in _key_dependencies(layer)]
-        self._kv_memo[i] = _ProjectionMemo(weakref.ref(h), h._version, first, weights, k, v)
+        self._kv_memo[i] = _ProjectionMemo(weakref.ref(h), h._version, first, _weights_key(layer), k, v)
 
     def _attend_inference(
         self, layer: DecoderLayer, h: Tensor, a: int, start: int, memo: _ProjectionMemo | None
