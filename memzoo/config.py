@@ -19,7 +19,7 @@ from memzoo.errors import UnknownNameError
 class VariantConfig(BaseModel):
     """Base class of a variant's own fields. Every field must have a default."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     #: small settings the conformance suite runs this variant with (block_size 4, T <= ~20)
     conformance_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
@@ -31,7 +31,7 @@ class VariantConfig(BaseModel):
 class BackboneConfig(BaseModel):
     """Fields every backbone takes, plus the variant's own (``options``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     variant: str
     d_model: int = Field(64, ge=1, description="model width D")

@@ -104,7 +104,12 @@ class State:
         if keep.dtype != torch.bool or keep.shape != (self.batch_size,):
             raise StateError(f"keep must be a bool tensor of shape ({self.batch_size},), got {keep.dtype} {tuple(keep.shape)}")
         def pick(t: Tensor, o: Tensor) -> Tensor:
-            return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, o)
+            if t.shape != o.shape or t.dtype != o.dtype or t.device != o.device:
+                raise StateError(
+                    f"State.where: tensors differ ({tuple(t.shape)} {t.dtype} {t.device} vs "
+                    f"{tuple(o.shape)} {o.dtype} {o.device}); both states need the same batch, shapes, dtype and device"
+                )
+            return torch.where(keep.view(-1, *([1] * (t.dim() - 1))).to(t.device), t, o)
 
         changes: dict[str, Any] = {}
         theirs = other.tensor_fields()

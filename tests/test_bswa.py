@@ -96,3 +96,5 @@ def test_state_to_detach_and_reset_rows():
     assert torch.equal(mixed.k[1][0], state.k[1][0]) and torch.equal(mixed.k[1][1], other.k[1][1])
     with pytest.raises(memzoo.StateError, match="bool tensor of shape"):
         state.where(torch.tensor([1, 0]), other)
+    with pytest.raises(memzoo.StateError, match="same batch, shapes, dtype"):
+        state.where(torch.tensor([True, False]), other.to(torch.float32))

@@ -45,9 +45,22 @@ def test_bad_configs_are_refused_with_what_is_valid(fields, words):
         assert word in str(info.value)
 
 
-def test_no_silent_coercion_of_field_types():
+@pytest.mark.parametrize(
+    "fields",
+    [{"d_model": 64.5}, {"d_model": "64"}, {"n_layers": True}, {"block_size": 4.0},
+     {"memory_blocks": True}, {"stop_gradient_memory": "yes"}, {"tie_embeddings": 1}],
+)
+def test_no_silent_coercion_of_field_types(fields):
     with pytest.raises(ValueError):
-        ModelConfig(variant="bswa", d_model=64.5)
+        ModelConfig(variant="bswa", **fields)
+
+
+@pytest.mark.parametrize("bad", [{"n_layers": True}, {"d_ff": 0}, {"d_ff": -4}, {"block_size": 2.0}])
+def test_backbone_constructors_refuse_bad_plain_arguments(bad):
+    from memzoo.variants.bswa import BSWA
+
+    with pytest.raises(ValueError):
+        BSWA(**{"d_model": 16, "n_heads": 2, **bad})
 
 
 def test_build_from_config_and_name_agree():
