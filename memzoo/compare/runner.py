@@ -144,6 +144,19 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
     )
 
 
+def _code_changed(record: RunRecord) -> str | None:
+    """Why a loaded run may be stale (made by other code than this process runs), or None."""
+    commit, dirty = git_info()
+    made = record.rows[0].provenance if record.rows else None
+    if made is None or commit is None:
+        return None
+    if made.git_commit != commit:
+        return f"was made by commit {str(made.git_commit)[:12]}, this is {commit[:12]}"
+    if made.git_dirty or dirty:
+        return "was made or is loaded with uncommitted changes in memzoo/"
+    return None
+
+
 def _log(message: str, quiet: bool) -> None:
     if not quiet:
         print(f"memzoo compare: {message}", file=sys.stderr, flush=True)
@@ -175,6 +188,9 @@ def compare_runs(
             record = load(path, RunRecord)
             if record.config_hash == spec.config_hash and record.spec == spec:
                 _log(f"[{i + 1}/{len(specs)}] {spec.variant} seed {spec.seed}: finished before, loaded {path}", quiet)
+                stale = _code_changed(record)
+                if stale:  # the settings match, the code may not: never silent about it
+                    print(f"memzoo compare: warning: {path} {stale}; delete it to recompute", file=sys.stderr, flush=True)
                 records[i] = record
                 continue
         todo.append((i, spec, path))
