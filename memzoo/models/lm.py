@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from memzoo.errors import InputError
+from memzoo.generation import GenerationMixin
 from memzoo.state import State
 from memzoo.variants.base import Backbone
 
@@ -17,7 +18,7 @@ class ModelOutput(NamedTuple):
     state: State
 
 
-class MemzooLM(nn.Module):
+class MemzooLM(GenerationMixin, nn.Module):
     def __init__(self, backbone: Backbone, vocab_size: int, tie_embeddings: bool = False) -> None:
         super().__init__()
         if vocab_size < 1:
