@@ -1,0 +1,187 @@
+"""A thin ``transformers`` wrapper: any memzoo model, any variant, driven by
+``transformers``' ``generate``, ``pipeline("text-generation")`` and the tools built on
+them (e.g. lm-evaluation-harness's HF model). Needs ``transformers`` (optional).
+
+* :class:`MemzooConfig` (``model_type="memzoo"``): a ``PreTrainedConfig`` holding the
+  memzoo :class:`~memzoo.ModelConfig` dump under ``"memzoo"``;
+* :class:`MemzooForCausalLM`: a ``PreTrainedModel`` + ``GenerationMixin`` whose
+  ``self.model`` is the :class:`~memzoo.MemzooLM` (so its state-dict keys are
+  ``model.<MemzooLM key>``, and a folder whose ``model.safetensors`` holds bare MemzooLM
+  keys loads too) and whose generation cache is the memzoo state;
+* :func:`register` makes ``AutoConfig`` / ``AutoModelForCausalLM`` know them (importing
+  this module calls it).
+
+What transformers 5 needs from such a model (``../shared/design/pretrained.md``):
+no default ``DynamicCache`` (:meth:`MemzooForCausalLM._supports_default_dynamic_cache`
+is False, as for Mamba), the cache passed as ``cache=``, and non-persistent buffers
+(RoPE frequencies) recomputed after meta-device loading (:meth:`_init_weights`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+except ImportError as err:  # pragma: no cover - exercised only without transformers
+    raise ImportError("memzoo.hf needs the optional dependency `transformers` (pip install transformers)") from err
+
+from memzoo.config import ModelConfig
+from memzoo.errors import InputError
+from memzoo.generation import check_attention_mask
+from memzoo.models.builder import build_model
+from memzoo.models.lm import MemzooLM
+from memzoo.state import State
+
+
+class MemzooConfig(PreTrainedConfig):
+    """``memzoo``: the memzoo ``ModelConfig`` dump; the usual HF size fields mirror it."""
+
+    model_type = "memzoo"
+
+    memzoo: dict | None = None
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.memzoo is not None:
+            cfg = ModelConfig.model_validate(self.memzoo)  # refuses unknown or ill-typed fields
+            self.memzoo = cfg.model_dump()
+            self.vocab_size, self.hidden_size = cfg.vocab_size, cfg.d_model
+            self.num_hidden_layers, self.num_attention_heads = cfg.n_layers, cfg.n_heads
+            self.tie_word_embeddings = cfg.tie_embeddings
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_memzoo(cls, config: ModelConfig, **kwargs: Any) -> "MemzooConfig":
+        return cls(memzoo=config.model_dump(), **kwargs)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        if self.memzoo is None:
+            raise InputError("this MemzooConfig holds no memzoo model config (its 'memzoo' field is empty)")
+        return ModelConfig.model_validate(self.memzoo)
+
+
+class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MemzooConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _is_stateful = True  # the cache is a recurrent state: no beam reordering, no assisted decoding
+
+    def __init__(self, config: MemzooConfig) -> None:
+        super().__init__(config)
+        self.model: MemzooLM = build_model(config.model_config)
+        if config.model_config.tie_embeddings:
+            self._tied_weights_keys = {"model.head.weight": "model.embed.weight"}
+        self.post_init()
+
+    @classmethod
+    def from_memzoo(cls, model: MemzooLM, **config_kwargs: Any) -> "MemzooForCausalLM":
+        """Wrap an existing :class:`~memzoo.MemzooLM` (shares its weights)."""
+        wrapper = cls(MemzooConfig.from_memzoo(model.config, **config_kwargs))
+        wrapper.model = model
+        return wrapper
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the cache is the memzoo state, made by forward
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # memzoo initialises its own parameters when built. After meta-device loading only
+        # the non-persistent buffers (RoPE frequencies) are missing: transformers calls this
+        # for the modules holding them; copy them from a fresh model of the same config.
+        own = getattr(module, "_non_persistent_buffers_set", set())
+        if not own or not any(module is m for m in self.model.modules()):
+            return
+        fresh = self.__dict__.get("_memzoo_fresh_buffers")
+        if fresh is None:
+            with torch.device("cpu"):
+                model = build_model(self.config.model_config)
+            fresh = {n: b for n, b in model.named_buffers() if n.rpartition(".")[2] in model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set}
+            self.__dict__["_memzoo_fresh_buffers"] = fresh
+        prefix = next(n for n, m in self.model.named_modules() if m is module)
+        for leaf in own:
+            buf = getattr(module, leaf)
+            value = fresh[f"{prefix}.{leaf}" if prefix else leaf]
+            module.register_buffer(leaf, value.to(device=buf.device, dtype=buf.dtype).clone(), persistent=False)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.embed = value
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.model.head
+
+    def prepare_inputs_for_generation(  # type: ignore[override]
+        self,
+        input_ids: Tensor,
+        cache: State | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        if inputs_embeds is not None:
+            raise InputError("memzoo models take input_ids, not inputs_embeds")
+        first = bool(is_first_iteration) or cache is None
+        # first call: the whole prompt (after the state, if one was given); then one new token per call
+        return {
+            "input_ids": input_ids if first else input_ids[:, -1:],
+            "cache": cache,
+            "attention_mask": attention_mask if first else None,
+            "logits_to_keep": kwargs.get("logits_to_keep") or 0,
+            "use_cache": True,
+        }
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: State | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """``input_ids`` (B, T) continuing ``cache`` (a memzoo state, or None to start).
+        ``attention_mask`` must mask nothing (no per-row positions yet)."""
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, input_ids)
+        self.model.check_tokens(input_ids)
+        y, state = self.model.backbone(self.model.embed(input_ids), cache)
+        if logits_to_keep:
+            y = y[:, -logits_to_keep:]
+        logits = self.model.head(self.model.norm(y))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=state if use_cache is not False else None)
+
+
+def register() -> None:
+    """Make ``AutoConfig`` and ``AutoModelForCausalLM`` know ``model_type="memzoo"`` (idempotent)."""
+    try:
+        AutoConfig.register("memzoo", MemzooConfig)
+    except ValueError:  # already registered
+        pass
+    try:
+        AutoModelForCausalLM.register(MemzooConfig, MemzooForCausalLM)
+    except ValueError:
+        pass
+
+
+register()
+
+__all__ = ["MemzooConfig", "MemzooForCausalLM", "register"]
