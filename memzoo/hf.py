@@ -96,23 +96,36 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the cache is the memzoo state, made by forward
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        # memzoo initialises its own parameters when built. After meta-device loading only
-        # the non-persistent buffers (RoPE frequencies) are missing: transformers calls this
-        # for the modules holding them; copy them from a fresh model of the same config.
-        own = getattr(module, "_non_persistent_buffers_set", set())
-        if not own or not any(module is m for m in self.model.modules()):
-            return
-        fresh = self.__dict__.get("_memzoo_fresh_buffers")
-        if fresh is None:
-            with torch.device("cpu"):
-                model = build_model(self.config.model_config)
-            fresh = {n: b for n, b in model.named_buffers() if n.rpartition(".")[2] in model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set}
-            self.__dict__["_memzoo_fresh_buffers"] = fresh
-        prefix = next(n for n, m in self.model.named_modules() if m is module)
-        for leaf in own:
-            buf = getattr(module, leaf)
-            value = fresh[f"{prefix}.{leaf}" if prefix else leaf]
-            module.register_buffer(leaf, value.to(device=buf.device, dtype=buf.dtype).clone(), persistent=False)
+        """memzoo initialises its own parameters when it builds a model; nothing to do
+        (what meta-device loading leaves missing is restored by :meth:`from_pretrained`)."""
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "MemzooForCausalLM":  # type: ignore[override]
+        model = super().from_pretrained(*args, **kwargs)
+        model.restore_computed_tensors()
+        return model
+
+    def restore_computed_tensors(self) -> None:
+        """transformers builds the model on the meta device and loads only saved
+        tensors; what memzoo computes at construction (RoPE frequencies: plain tensor
+        attributes or non-persistent buffers) stays on meta. Copy those from a fresh model
+        of the same config built on the CPU, and drop per-device caches of them."""
+        with torch.device("cpu"):
+            fresh = build_model(self.config.model_config)
+        for name, module in self.model.named_modules():
+            source = fresh.get_submodule(name)
+            for leaf in module._non_persistent_buffers_set:
+                buf, value = getattr(module, leaf), getattr(source, leaf)
+                if buf is not None:
+                    dtype = buf.dtype if buf.is_floating_point() else value.dtype
+                    module.register_buffer(leaf, value.to(device=self.device, dtype=dtype), persistent=False)
+            for attr, value in list(vars(module).items()):
+                if attr in ("_parameters", "_buffers", "_modules"):
+                    continue
+                if isinstance(value, Tensor) and value.is_meta:
+                    setattr(module, attr, getattr(source, attr))
+                elif isinstance(value, dict) and any(isinstance(v, Tensor) for v in value.values()):
+                    setattr(module, attr, type(value)(getattr(source, attr)))
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed
