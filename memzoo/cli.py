@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memzoo", description="memzoo: a zoo of attention-memory architectures behind one streaming interface."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{compare,list,render}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,list,render,generate}")
+    from memzoo.cli_generate import add_parser as add_generate  # `memzoo generate`: sets args.run
+
+    add_generate(sub)
     sub.add_parser("list", help="list registered variants (with their own fields) and tasks")
     r = sub.add_parser(
         "render", help="re-write the .md and .png beside a leaderboard JSON from its rows (no training)"
@@ -172,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "run", None):
+            return args.run(args)
         if args.command == "list":
             return cmd_list()
         if args.command == "render":

@@ -21,7 +21,7 @@ it for every registered variant.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -227,6 +227,7 @@ class GenerationMixin:
         return_state: bool = False,
         prefill_chunk: int | None = None,
         attention_mask: Tensor | None = None,
+        streamer: Callable[[Tensor], Any] | None = None,
     ) -> Tensor | tuple[Tensor, State]:
         """``tokens`` (B, T) followed by up to ``max_new_tokens`` new tokens: (B, T + n).
 
@@ -235,7 +236,8 @@ class GenerationMixin:
         the next call continues exactly. Rows that produced an ``eos_token_id`` are padded
         with ``pad_token_id`` (default: the first eos id); generation stops early once
         every row has finished. ``attention_mask`` is accepted only when it masks nothing
-        (ragged batches need per-row positions: not supported yet).
+        (ragged batches need per-row positions: not supported yet). ``streamer`` is called
+        with each new token (B,) as soon as it is chosen (e.g. to print as it decodes).
         """
         options = _options(temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id)
         config = self._check_call(tokens, max_new_tokens, attention_mask, generator, options)
@@ -248,6 +250,8 @@ class GenerationMixin:
         for i in range(max_new_tokens):
             nxt = pick(logits)
             new.append(nxt)
+            if streamer is not None:
+                streamer(nxt)
             stop = False
             if pick.eos is not None:
                 done.append(pick.finished.all())

