@@ -304,10 +304,35 @@ def _report(verdicts: dict[str, list[str]], skip: str | None = None) -> str:
     return "\n".join(lines)
 
 
+@torch.compiler.assume_constant_result
+def _resolved_name_when_traced(
+    name: str, device_type: str, dtype: torch.dtype, block_size: int | None, window: int | None, requires_grad: bool,
+    has_memory_tensors: bool, has_extra: bool, head_dim: int | None, value_dim: int | None,
+) -> str:
+    """Resolution run eagerly when ``torch.compile`` traces a call (Dynamo cannot trace
+    context variables or the backends' availability checks); its result is a constant of
+    the graph."""
+    call = AttentionCall(
+        device_type, dtype, BlockLayout(block_size, window), requires_grad, has_memory_tensors, has_extra, head_dim, value_dim
+    )
+    return _resolve(name, call).name
+
+
 def resolve_backend(name: str, call: AttentionCall) -> Backend:
     """The backend that runs ``call``: ``name`` itself (or the context override), or for
     ``"auto"`` the preferred backend that supports it. Never switches silently: a named
-    backend that cannot run the call raises with its reasons and every other backend's."""
+    backend that cannot run the call raises with its reasons and every other backend's.
+    Under ``torch.compile`` the choice is made once, when the graph is traced."""
+    if torch.compiler.is_compiling():
+        c = call
+        return get_backend(_resolved_name_when_traced(
+            name, c.device_type, c.dtype, c.layout.block_size, c.layout.window, c.requires_grad,
+            c.has_memory_tensors, c.has_extra, c.head_dim, c.value_dim,
+        ))
+    return _resolve(name, call)
+
+
+def _resolve(name: str, call: AttentionCall) -> Backend:
     name = _OVERRIDE.get() or name
     if name != "auto":
         backend = get_backend(name)
@@ -389,6 +414,9 @@ def record_backends() -> Iterator[BackendRecord]:
 
 
 def note_resolved(name: str) -> None:
-    """Called by the dispatcher for every call: counts ``name`` in the open records."""
+    """Called by the dispatcher for every call: counts ``name`` in the open records
+    (not inside ``torch.compile``d code, which cannot read the records' context variable)."""
+    if torch.compiler.is_compiling():
+        return
     for record in _RECORDERS.get():
         record.counts[name] += 1

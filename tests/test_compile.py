@@ -1,0 +1,69 @@
+"""The decode step compiles: ``torch.compile(model.decode_step, fullgraph=True)`` traces
+with no graph break for every registered variant and gives the eager logits and state.
+A variant that cannot yet declares why, as ``compile_graph_breaks`` (a class attribute
+of its backbone) or in :data:`KNOWN_GRAPH_BREAKS` below; the test then checks that it
+does still break (so a fixed variant loses its opt-out) and that, with breaks, it still
+equals eager. Traced with the ``eager`` backend: Dynamo's graph capture, no codegen
+(fast); the benchmark compiles with inductor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import memzoo
+from memzoo import testing as kit
+
+#: variants whose decode step breaks the graph today, with the reason (move into the
+#: variant as ``compile_graph_breaks`` when its owner touches it)
+KNOWN_GRAPH_BREAKS = {
+    "xl": "the no-grad K/V memo (_ProjectionMemo) checks torch.is_inference_mode_enabled(), compares "
+    "data pointers and tensor versions of the state and the weights, and keys a dict on the module: "
+    "Dynamo cannot trace these (xl.py, _memo_allowed / _memo_for)",
+}
+
+#: every variant with its first conformance options (tracing is slow-ish: ~0.5-3 s a case)
+CASES = [pytest.param(name, dict(memzoo.get_variant(name).config.conformance_options[0]), id=name) for name in memzoo.list_variants()]
+
+
+def graph_breaks_declared(name: str) -> str | None:
+    return getattr(memzoo.get_variant(name).cls, "compile_graph_breaks", None) or KNOWN_GRAPH_BREAKS.get(name)
+
+
+def prefilled(name, opts, length=6):
+    model = kit.tiny_model(name, opts)
+    tokens = kit.random_tokens(model, 2, length + 6, seed=3)
+    with torch.no_grad():
+        _, state = model.prefill(tokens[:, :length])
+    return model, tokens, state
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_decode_step_compiles_without_graph_breaks(name, opts):
+    model, tokens, state = prefilled(name, opts)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.decode_step)(tokens[:, 6:7], state)
+    reason = graph_breaks_declared(name)
+    if reason is None:
+        reasons = "; ".join(sorted({str(b.reason).splitlines()[0] for b in explained.break_reasons}))
+        assert explained.graph_break_count == 0, f"{name} decode step breaks the graph: {reasons}"
+    else:
+        assert explained.graph_break_count > 0, f"{name} no longer breaks the graph: remove its opt-out ({reason})"
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_compiled_decode_equals_eager(name, opts):
+    model, tokens, state = prefilled(name, opts)
+    torch._dynamo.reset()
+    step = torch.compile(model.decode_step, backend="eager", fullgraph=graph_breaks_declared(name) is None)
+    eager_state = compiled_state = state
+    with torch.no_grad():
+        for i in range(6, 9):  # positions 6, 7, 8: crosses a block boundary (block_size 4)
+            a, eager_state = model.decode_step(tokens[:, i : i + 1], eager_state)
+            b, compiled_state = step(tokens[:, i : i + 1], compiled_state)
+            kit.assert_close(b, a, f"{name}: compiled decode step {i} vs eager")
+    kit.assert_states_equal(compiled_state, eager_state, f"{name}: state after compiled decode")
+    torch._dynamo.reset()
