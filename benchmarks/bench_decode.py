@@ -1,0 +1,207 @@
+"""Per-token decode cost of every registered variant against a bare PyTorch loop of the
+same size and window, side by side in one run, printing JSON (issue 10).
+
+Sizes: d_model 64, 2 layers, 4 heads, vocab 256, batch 1, one thread, block_size 64;
+``bswa``/``fam`` memory_blocks 1 (fam_len 16), ``xl`` memory_len 128 (RoPE), ``rmt`` 16
+memory tokens. For each variant and each streamed length (the state is reached by
+streaming that many tokens in no-grad chunks), the median time per token of:
+
+* ``forward``: ``model(token, state)``, validated on every call (what a user loop did);
+* ``decode_step``: the unvalidated fast path ``generate`` uses (validated once);
+* ``generate``: the median gap between consecutive tokens of ``model.generate`` (greedy);
+* ``compiled`` (``--compile``): ``torch.compile(model.decode_step)`` (inductor);
+* ``bare``: a hand-written loop of the same size (embedding, RMSNorm, fused QKV, RoPE,
+  SDPA, GELU MLP, head, argmax) over a preallocated K/V ring buffer of the variant's
+  key count, written in place (static shapes).
+
+    python benchmarks/bench_decode.py                 # 1k and 100k streamed tokens (bounded variants)
+    python benchmarks/bench_decode.py --quick         # 1k and 8k, fewer repeats (about a minute)
+    python benchmarks/bench_decode.py --compile       # adds torch.compile'd decode steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import memzoo
+
+D, LAYERS, HEADS, VOCAB, L = 64, 2, 4, 256, 64
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "bswa": {"memory_blocks": 1},
+    "fam": {"memory_blocks": 1, "fam_len": 16},
+    "xl": {"memory_len": 128, "positions": "rope"},
+    "rmt": {"num_memory_tokens": 16},
+}
+
+
+def keys_seen(name: str, opts: dict[str, Any], pos: int) -> int:
+    """How many keys one decode query of ``name`` attends to (per layer), at most."""
+    if name == "full":
+        return pos + 1
+    if name == "bswa":
+        return (opts["memory_blocks"] + 1) * L
+    if name == "fam":
+        return (opts["memory_blocks"] + 1) * L + opts["fam_len"]
+    if name == "xl":
+        return opts["memory_len"] + L
+    if name == "rmt":
+        return opts["num_memory_tokens"] + L
+    return L  # a variant added later: one block
+
+
+class BareDecoder(nn.Module):
+    """The hand-written baseline: one token per call over a preallocated ring buffer."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window, self.dh = window, D // HEADS
+        self.embed = nn.Embedding(VOCAB, D)
+        self.norm1 = nn.ModuleList(nn.RMSNorm(D) for _ in range(LAYERS))
+        self.qkv = nn.ModuleList(nn.Linear(D, 3 * D, bias=False) for _ in range(LAYERS))
+        self.out = nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(LAYERS))
+        self.norm2 = nn.ModuleList(nn.RMSNorm(D) for _ in range(LAYERS))
+        self.up = nn.ModuleList(nn.Linear(D, 4 * D) for _ in range(LAYERS))
+        self.down = nn.ModuleList(nn.Linear(4 * D, D) for _ in range(LAYERS))
+        self.norm = nn.RMSNorm(D)
+        self.head = nn.Linear(D, VOCAB, bias=False)
+        self.inv_freq = 1.0 / (10000.0 ** (torch.arange(0, self.dh, 2, dtype=torch.float32) / self.dh))
+        self.k = torch.zeros(LAYERS, 1, HEADS, window, self.dh)
+        self.v = torch.zeros(LAYERS, 1, HEADS, window, self.dh)
+
+    def rope(self, x: Tensor, pos: int) -> Tensor:
+        ang = pos * self.inv_freq
+        cos, sin = ang.cos(), ang.sin()
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    @torch.no_grad()
+    def step(self, token: Tensor, pos: int) -> Tensor:
+        x = self.embed(token)  # (1, 1, D)
+        slot = pos % self.window
+        for i in range(LAYERS):
+            q, k, v = self.qkv[i](self.norm1[i](x)).view(1, 1, 3, HEADS, self.dh).permute(2, 0, 3, 1, 4)
+            self.k[i, :, :, slot] = self.rope(k, pos)[:, :, 0]
+            self.v[i, :, :, slot] = v[:, :, 0]
+            heads = F.scaled_dot_product_attention(self.rope(q, pos), self.k[i], self.v[i])
+            x = x + self.out[i](heads.transpose(1, 2).flatten(-2))
+            x = x + self.down[i](F.gelu(self.up[i](self.norm2[i](x))))
+        return self.head(self.norm(x[:, -1])).argmax(-1)
+
+
+def interleaved(fns: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, calling them in turn ``repeats`` times (after a warm-up)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def stream_to(model, pos: int, chunk: int = 2048):
+    state = None
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        done = 0
+        while done < pos:
+            n = min(chunk, pos - done)
+            _, state = model.prefill(torch.randint(0, VOCAB, (1, n), generator=gen), state)
+            done += n
+    return state
+
+
+def bench_variant(name: str, opts: dict[str, Any], pos: int, repeats: int, compile_: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = memzoo.build_model(name, vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS, block_size=L, **opts).eval()
+    state = stream_to(model, pos)
+    token = torch.tensor([[1]])
+    row: dict[str, Any] = {"variant": name, "options": opts, "streamed": pos, "state_bytes": state.nbytes}
+
+    # every timing restarts from the same state (a state is immutable: steps return new ones)
+    def fwd():
+        with torch.no_grad():
+            model(token, state)
+
+    def fast():
+        with torch.no_grad():
+            model.decode_step(token, state)[0].argmax(-1)
+
+    window = keys_seen(name, opts, pos)
+    bare = BareDecoder(window).eval()
+    row["bare_keys"] = window
+    n = 32
+    fns = {"forward_ms": fwd, "decode_step_ms": fast, "bare_ms": lambda: bare.step(token, pos)}
+    if compile_:
+        step = torch.compile(model.decode_step, dynamic=True)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            step(token, state)
+        row["compile_s"] = round(time.perf_counter() - t0, 1)
+
+        def compiled():
+            with torch.no_grad():
+                step(token, state)[0].argmax(-1)
+
+        fns["compiled_ms"] = compiled
+    # interleaved, so machine noise hits every contender alike
+    times = interleaved(fns, repeats)
+    row.update({k: statistics.median(v) * 1e3 for k, v in times.items()})
+    # generate: the median gap between consecutive tokens (its streamer's timestamps)
+    stamps: list[float] = []
+    gaps: list[float] = []
+    for _ in range(max(1, repeats // n)):
+        stamps.clear()
+        model.generate(token, n, state=state, streamer=lambda t: stamps.append(time.perf_counter()))
+        gaps += [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    row["generate_ms_per_token"] = statistics.median(gaps) * 1e3
+    row["decode_step_over_bare"] = round(row["decode_step_ms"] / row["bare_ms"], 2)
+    if "compiled_ms" in row:
+        row["compiled_over_bare"] = round(row["compiled_ms"] / row["bare_ms"], 2)
+    for key in ("forward_ms", "decode_step_ms", "generate_ms_per_token", "compiled_ms", "bare_ms"):
+        if key in row:
+            row[key] = round(row[key], 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1k and 8k streamed tokens, fewer repeats")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd decode steps (inductor)")
+    parser.add_argument("--variants", default=None, help="comma-separated (default: every registered one we have sizes for)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lengths = [1024, 8192] if args.quick else [1024, 102400]
+    repeats = 50 if args.quick else 200
+    names = args.variants.split(",") if args.variants else [n for n in memzoo.list_variants() if n in VARIANTS]
+    rows = []
+    for name in names:
+        for pos in lengths:
+            if name == "full" and pos > 8192:
+                continue  # unbounded state: streaming 100k tokens through full attention is the O(T^2) it avoids
+            rows.append(bench_variant(name, VARIANTS[name], pos, repeats, args.compile))
+            print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({
+        "benchmark": "decode", "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "sizes": {"d_model": D, "n_layers": LAYERS, "n_heads": HEADS,
+        "vocab": VOCAB, "block_size": L, "batch": 1}, "rows": rows,
+        "max_decode_step_over_bare": max((r["decode_step_over_bare"] for r in rows), default=math.nan),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
