@@ -148,15 +148,19 @@ def bench_variant(name: str, opts: dict[str, Any], pos: int, repeats: int, compi
     if compile_:
         step = torch.compile(model.decode_step, dynamic=True)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            step(token, state)
-        row["compile_s"] = round(time.perf_counter() - t0, 1)
-
-        def compiled():
+        try:
             with torch.no_grad():
-                step(token, state)[0].argmax(-1)
+                step(token, state)
+        except Exception as err:  # report, and time the rest
+            row["compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        else:
+            row["compile_s"] = round(time.perf_counter() - t0, 1)
 
-        fns["compiled_ms"] = compiled
+            def compiled():
+                with torch.no_grad():
+                    step(token, state)[0].argmax(-1)
+
+            fns["compiled_ms"] = compiled
     # interleaved, so machine noise hits every contender alike
     times = interleaved(fns, repeats)
     row.update({k: statistics.median(v) * 1e3 for k, v in times.items()})
