@@ -17,6 +17,7 @@ streaming that many tokens in no-grad chunks), the median time per token of:
     python benchmarks/bench_decode.py                 # 1k and 100k streamed tokens (bounded variants)
     python benchmarks/bench_decode.py --quick         # 1k and 8k, fewer repeats (about a minute)
     python benchmarks/bench_decode.py --compile       # adds torch.compile'd decode steps
+    python benchmarks/bench_decode.py --profile bswa  # where a decode step's time goes
 """
 
 from __future__ import annotations
@@ -181,14 +182,48 @@ def bench_variant(name: str, opts: dict[str, Any], pos: int, repeats: int, compi
     return row
 
 
+def profile(name: str, steps: int = 500) -> None:
+    """Where one decode step's time goes: share of the step spent under each function."""
+    import cProfile
+    import pstats
+
+    torch.manual_seed(0)
+    model = memzoo.build_model(name, vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS, block_size=L, **VARIANTS[name]).eval()
+    state = stream_to(model, 1024 + 30)
+    token = torch.tensor([[1]])
+
+    def run() -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                model.decode_step(token, state)
+
+    run()
+    prof = cProfile.Profile()
+    prof.runcall(run)
+    stats = pstats.Stats(prof).stats  # (file, line, fn) -> (calls, ncalls, tottime, cumtime, callers)
+    total = max(v[3] for k, v in stats.items() if k[2] == "decode_step")
+    watch = {"attend": "memzoo.ops.attend (dispatch + backend)", "_rotate": "RoPE", "<built-in method torch.cat>": "torch.cat",
+             "resolve_backend": "backend resolution", "feed_forward": "MLP", "project": "norm + QKV + RoPE"}
+    shares = {}
+    for (file, _, fn), v in stats.items():
+        if fn in watch and (fn.startswith("<") or "memzoo" in file):
+            shares[watch[fn]] = shares.get(watch[fn], 0.0) + v[3] / total
+    print(json.dumps({"variant": name, "ms_per_step_under_profile": round(total / steps * 1e3, 3),
+                      "share_of_step": {k: round(v, 3) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1k and 8k streamed tokens, fewer repeats")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd decode steps (inductor)")
     parser.add_argument("--variants", default=None, help="comma-separated (default: every registered one we have sizes for)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", default=None, metavar="VARIANT", help="profile 500 decode steps of VARIANT at 1k (cProfile) and stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args.profile)
+        return
     lengths = [1024, 8192] if args.quick else [1024, 102400]
     repeats = 50 if args.quick else 200
     names = args.variants.split(",") if args.variants else [n for n in memzoo.list_variants() if n in VARIANTS]
