@@ -137,6 +137,8 @@ class _Picker:
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)
 
     def __call__(self, logits: Tensor) -> Tensor:
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # softmax / cumulative sums in float32, as transformers does
         nxt = choose(process_logits(logits, self.seen, self.config), self.config, self.generator)
         if self.eos is not None:
             nxt = torch.where(self.finished, torch.full_like(nxt, self.config.pad_id or 0), nxt)
@@ -352,6 +354,8 @@ def generate_reference(
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool)
     for _ in range(max_new_tokens):
         logits = model(seq).logits[:, -1]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         seen = None
         if config.repetition_penalty is not None:
             seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seq, True)

@@ -257,3 +257,11 @@ def test_logits_processing_equals_transformers():
         if p is not None:
             theirs = tg.TopPLogitsWarper(p)(ids, theirs)
         assert torch.equal(ours, theirs), (temperature, k, p, rep)
+
+
+def test_half_precision_models_sample_in_float32():
+    model = kit.tiny_model("bswa", {"memory_blocks": 1}, dtype=torch.bfloat16)
+    prompt = kit.random_tokens(model, 2, 5)
+    out = model.generate(prompt, 6, generator=gen(0), **SAMPLED)
+    assert out.shape == (2, 11) and out.dtype == torch.long
+    assert torch.equal(out, model.generate(prompt, 6, generator=gen(0), **SAMPLED))
