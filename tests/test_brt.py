@@ -10,7 +10,8 @@ import torch
 
 import memzoo
 from memzoo import testing as kit
-from memzoo.variants.brt import GATES, Gate, brt_reference
+from memzoo.variants.brt import GATES, Gate
+from memzoo.variants.naive import brt_reference
 
 F64 = torch.float64
 SIZE = 4  # the kit's block_size

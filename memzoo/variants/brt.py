@@ -39,7 +39,8 @@ Streaming: the state changes only when a block completes (the absolute grid of
 Two implementations: :meth:`BlockRecurrentTransformer.step` (the fast path: layer by
 layer over the whole call, one batched window attention per layer, a sequential scan
 over the completed blocks for the state, one batched token-to-state attention) and
-:func:`brt_reference` (block by block, dense masks, explicit heads). Tests hold them equal.
+:func:`memzoo.variants.naive.brt_reference` (block by block, dense masks, explicit heads).
+Tests hold them equal.
 
 Shapes: B batch, T tokens in this call, D d_model, H query heads, Hkv key/value heads,
 Dh head width, L block_size, S num_states, nb query blocks touched by the call.
@@ -63,6 +64,7 @@ from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
 from memzoo.variants.base import Backbone
+from memzoo.variants.naive import brt_reference  # noqa: F401  (the slow reference, kept with the others)
 
 GATES = ("fixed:skip", "fixed:dual", "lstm:skip", "lstm:dual")
 
@@ -262,58 +264,3 @@ class BlockRecurrentTransformer(Backbone):
         )
         cross = cross.unflatten(0, (h.shape[0], n_blocks)).transpose(1, 2).flatten(2, 3)[:, :, pad : pad + t]
         return cross, cells
-
-
-def brt_reference(model: BlockRecurrentTransformer, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The Block-Recurrent Transformer written out slowly: ``x`` (B, T, D) from the initial
-    states -> outputs (B, T, D) and the final states (B, S, D). Block by block and layer
-    by layer, every attention an explicit softmax over explicitly built keys and masks
-    (GQA by repeating K/V heads)."""
-    size, batch = model.block_size, x.shape[0]
-    group = model.n_heads // model.n_kv_heads
-    cell = model.cell
-    cells = cell.initial_state.expand(batch, -1, -1)
-    seen_k: list[list[Tensor]] = [[] for _ in model.layers]  # per layer: unrotated keys of each block so far
-    seen_v: list[list[Tensor]] = [[] for _ in model.layers]
-
-    def softmax_attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> Tensor:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * scale
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ v
-
-    outputs = []
-    for s in range(0, x.shape[1], size):
-        hid = x[:, s : s + size]
-        n = hid.shape[1]
-        for i, layer in enumerate(model.layers):
-            normed = layer.input_layernorm(hid)
-            q_raw, k_raw, v = layer.project_normed(normed)
-            prev_k = seen_k[i][-1] if seen_k[i] else k_raw[:, :, :0]  # the previous block (m = 1)
-            prev_v = seen_v[i][-1] if seen_v[i] else v[:, :, :0]
-            k_all, v_all = torch.cat([prev_k, k_raw], 2), torch.cat([prev_v, v], 2)
-            q_pos = torch.arange(s, s + n, device=x.device)
-            k_pos = torch.arange(s - prev_k.shape[2], s + n, device=x.device)
-            allowed = k_pos[None, :] <= q_pos[:, None]  # window = previous block + own block causally
-            q, k = layer.positions.query(q_raw, q_pos), layer.positions.key(k_all, k_pos)
-            out = layer.attend_residual(hid, softmax_attend(q, k, v_all, allowed, layer.positions.scale))
-            if i == model.recurrent_index:
-                hs = cell.state_layernorm(cells + cell.state_ids)
-                sk, sv = cell.split_heads(cell.state_k_proj(hs)), cell.split_heads(cell.state_v_proj(hs))
-                qc = cell.split_heads(cell.cross_q_proj(normed))
-                cross = softmax_attend(qc, sk, sv, None, model.head_dim**-0.5)  # every state, no positions
-                out = out + cell.cross_o_proj(cross.transpose(1, 2).flatten(-2))
-                if n == size:  # the block is complete: the states read it
-                    own = softmax_attend(cell.split_heads(cell.state_q_proj(hs)), sk, sv, None, model.head_dim**-0.5)
-                    reads = softmax_attend(cell.split_heads(cell.state_cross_q_proj(hs)), k_raw, v, None, model.head_dim**-0.5)
-                    a = cell.state_o_proj(torch.cat([own, reads], dim=1).transpose(1, 2).flatten(-2))
-                    new = cell.attn_gate(cells, a)
-                    if cell.dual:
-                        new = cell.mlp_gate(new, cell.state_mlp(cell.state_post_layernorm(new)))
-                    cells = new
-            seen_k[i].append(k_raw)
-            seen_v[i].append(v)
-            hid = layer.feed_forward(out)
-        outputs.append(hid)
-    return torch.cat(outputs, dim=1), cells
