@@ -112,9 +112,8 @@ def test_receptive_field_is_unbounded_through_the_memory_only():
 
 
 def test_memory_is_read_only_after_its_block_completes():
-    """A change inside block 1 leaves block 1's earlier positions alone (causal) and reaches
-    block 2 only once block 1 is written: streaming the first 7 tokens gives the state of
-    6 tokens' memory (block 0 only)."""
+    """The memory holds complete blocks only: after 6 or 7 tokens (block 1 partial) it is
+    still the memory of block 0, and block 1's tokens wait in the state as keys/values."""
     model = kit.tiny_model("infini").backbone
     x = _x(7, batch=1).detach()
     with torch.no_grad():
