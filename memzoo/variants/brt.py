@@ -50,7 +50,7 @@ Mask polarity: True = may attend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -59,15 +59,12 @@ from torch import Tensor, nn
 
 from memzoo import ops
 from memzoo.config import BackboneConfig, VariantConfig
-from memzoo.layers import MLP, DecoderLayer
+from memzoo.layers import MLP
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
 from memzoo.variants.base import Backbone
 from memzoo.variants.naive import brt_reference  # noqa: F401  (the slow reference, kept with the others)
-
-GATES = ("fixed:skip", "fixed:dual", "lstm:skip", "lstm:dual")
-
 
 class BRTConfig(VariantConfig):
     num_states: int = Field(64, ge=1, description="S: state vectors of the recurrent layer (paper: 512, = the block size)")
@@ -89,6 +86,10 @@ class BRTConfig(VariantConfig):
         n = shared.n_layers
         if not -n <= self.recurrent_layer < n:
             raise ValueError(f"recurrent_layer {self.recurrent_layer} is out of range for n_layers={n}: valid are {-n} .. {n - 1}")
+
+
+#: every ``gate`` value (from the config's declaration)
+GATES: tuple[str, ...] = get_args(BRTConfig.model_fields["gate"].annotation)
 
 
 class Gate(nn.Module):
@@ -117,7 +118,7 @@ class Gate(nn.Module):
 
 class RecurrentCell(nn.Module):
     """The recurrent layer's extra weights (the token path's self-attention, norms and MLP
-    are the layer's own :class:`DecoderLayer`)."""
+    are the layer's own :class:`memzoo.layers.DecoderLayer`)."""
 
     def __init__(self, backbone: "BlockRecurrentTransformer") -> None:
         super().__init__()
