@@ -194,3 +194,10 @@ def test_the_generic_registry():
     reg.remove("a_1")
     reg.remove("never_there")
     assert reg.names() == ["b"]
+
+
+def test_the_plugin_card_names_the_plugin_class():
+    """registry/ also holds the card of the worked-example plug-in memzoo's CI installs:
+    it names the class in the plug-in package, and check_cards holds it to the code."""
+    card = load_cards()["infini"]
+    assert card.module == memzoo.get_variant("infini").module == "memzoo_infini.variant.InfiniAttention"
