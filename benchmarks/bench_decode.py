@@ -3,7 +3,7 @@ same size and window, side by side in one run, printing JSON (issue 10).
 
 Sizes: d_model 64, 2 layers, 4 heads, vocab 256, batch 1, one thread, block_size 64;
 ``bswa``/``fam`` memory_blocks 1 (fam_len 16), ``xl`` memory_len 128 (RoPE), ``rmt`` 16
-memory tokens. For each variant and each streamed length (the state is reached by
+memory tokens, ``brt`` 16 states. For each variant and each streamed length (the state is reached by
 streaming that many tokens in no-grad chunks), the median time per token of:
 
 * ``forward``: ``model(token, state)``, validated on every call (what a user loop did);
@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fam": {"memory_blocks": 1, "fam_len": 16},
     "xl": {"memory_len": 128, "positions": "rope"},
     "rmt": {"num_memory_tokens": 16},
+    "brt": {"num_states": 16},
 }
 
 
@@ -58,6 +59,8 @@ def keys_seen(name: str, opts: dict[str, Any], pos: int) -> int:
         return opts["memory_len"] + L
     if name == "rmt":
         return opts["num_memory_tokens"] + L
+    if name == "brt":
+        return 2 * L + opts["num_states"]  # bswa m=1 window + the recurrent layer's states
     return L  # a variant added later: one block
 
 
@@ -226,13 +229,13 @@ def main() -> None:
         return
     lengths = [1024, 8192] if args.quick else [1024, 102400]
     repeats = 50 if args.quick else 200
-    names = args.variants.split(",") if args.variants else [n for n in memzoo.list_variants() if n in VARIANTS]
+    names = args.variants.split(",") if args.variants else memzoo.list_variants()  # a new variant runs with its defaults
     rows = []
     for name in names:
         for pos in lengths:
             if name == "full" and pos > 8192:
                 continue  # unbounded state: streaming 100k tokens through full attention is the O(T^2) it avoids
-            rows.append(bench_variant(name, VARIANTS[name], pos, repeats, args.compile))
+            rows.append(bench_variant(name, VARIANTS.get(name, {}), pos, repeats, args.compile))
             print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({
         "benchmark": "decode", "torch": torch.__version__, "threads": torch.get_num_threads(),
