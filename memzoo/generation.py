@@ -330,9 +330,10 @@ def _options(temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_to
 def check_attention_mask(mask: Tensor, tokens: Tensor) -> None:
     """Accept an attention mask only if it masks nothing: memzoo has no per-row
     positions yet, so a padded (ragged) batch would be silently wrong."""
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(tokens.shape):
+    want = tuple(tokens.shape) if isinstance(tokens, Tensor) else None
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != want:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise InputError(f"attention_mask must be a tensor of the tokens' shape {tuple(tokens.shape)}, got {got}")
+        raise InputError(f"attention_mask must be a tensor of the tokens' shape (B, T) = {want}, got {got}")
     if not bool((mask != 0).all()):
         raise InputError(
             "attention_mask masks some positions: prompts of different lengths (padding) need per-row positions, "
