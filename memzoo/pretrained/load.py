@@ -48,6 +48,9 @@ REFUSED_OPTIONS: dict[tuple[str, str, Any], str] = {
 #: start from (so loading is deterministic)
 INIT_SEED = 0
 
+#: a decoder layer's own tensors (every checkpoint has them; a variant adds none there)
+_DECODER_TENSOR = re.compile(r"^backbone\.layers\.\d+\.(input_layernorm|self_attn|post_attention_layernorm|mlp)\.")
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -202,10 +205,10 @@ def _build(
             if name == variant and options.get(field) == value:
                 raise PretrainedError(f"{what}: {variant} with {field}={value!r} is refused: {why}")
     try:
-        config = ModelConfig(variant=variant, **{**shared, **user_shared}, **options)
         reference = ModelConfig(variant="full", **shared)
     except ValidationError as err:
         raise PretrainedError(f"{what}: the checkpoint's config does not make a memzoo model: {err}") from err
+    config = ModelConfig(variant=variant, **{**shared, **user_shared}, **options)  # the user's fields: their own errors
     fixed = [
         f"{k}={_resolved(config, k)!r} (the checkpoint has {_resolved(reference, k)!r})"
         for k in user_shared if k not in FREE_SHARED_FIELDS and _resolved(config, k) != _resolved(reference, k)
@@ -260,7 +263,7 @@ def _load_weights(model: MemzooLM, tensors: dict[str, Tensor], what: str, *, dro
     missing = [k for k in params if k not in tensors]
     if not missing:
         return
-    outside = [k for k in missing if not k.startswith("backbone.")]
+    outside = [k for k in missing if not k.startswith("backbone.") or _DECODER_TENSOR.match(k)]
     if outside:
         raise PretrainedError(f"{what}: the checkpoint lacks {outside}")
     generator = torch.Generator().manual_seed(INIT_SEED)
