@@ -219,6 +219,18 @@ def test_added_parameters_are_real_token_embeddings(folders):
     assert all(torch.equal(v, full.state_dict()[k]) for k, v in base.items())
 
 
+def test_memzoo_folder_with_wrapper_prefix(folders, tmp_path):
+    """A memzoo folder whose tensors carry the transformers wrapper's "model." prefix loads the same."""
+    from safetensors.torch import load_file, save_file
+
+    model = memzoo.from_pretrained(folders["qwen2_bias"], "rmt", block_size=4, num_memory_tokens=2)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({f"model.{k}": v for k, v in weights.items()}, tmp_path / "model.safetensors")
+    toks = tokens()
+    assert torch.equal(logits(memzoo.from_pretrained(tmp_path), toks), logits(model, toks))
+
+
 def test_changing_variant_of_a_memzoo_folder(folders, tmp_path):
     """A memzoo folder loads as another variant; what its own variant added is dropped, and said."""
     memzoo.from_pretrained(folders["llama_gqa"], "fam", block_size=4, fam_len=2).save_pretrained(tmp_path)

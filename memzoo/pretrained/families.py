@@ -31,14 +31,12 @@ class Family:
     """What differs between the supported families; everything else is shared (below).
 
     ``qkv_bias`` / ``out_bias`` / ``mlp_bias``: a config key to read, or a constant the
-    architecture fixes. ``head_dim_key``: whether the config may carry ``head_dim``.
-    ``window``: the token-level sliding window the checkpoint's own attention applies
+    architecture fixes. ``window``: the token-level sliding window the checkpoint's own attention applies
     (None: none), read from the config."""
 
     qkv_bias: str | bool
     out_bias: str | bool
     mlp_bias: str | bool
-    head_dim_key: bool
     window: Callable[[dict[str, Any]], int | None]
 
 
@@ -59,9 +57,9 @@ def _qwen2_window(cfg: dict[str, Any]) -> int | None:
 
 #: model_type -> family. SmolLM / SmolLM2 are ``llama`` checkpoints (tied embeddings).
 FAMILIES: dict[str, Family] = {
-    "llama": Family(qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias", head_dim_key=True, window=lambda c: None),
-    "mistral": Family(qkv_bias=False, out_bias=False, mlp_bias=False, head_dim_key=True, window=_mistral_window),
-    "qwen2": Family(qkv_bias=True, out_bias=False, mlp_bias=False, head_dim_key=False, window=_qwen2_window),
+    "llama": Family(qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias", window=lambda c: None),
+    "mistral": Family(qkv_bias=False, out_bias=False, mlp_bias=False, window=_mistral_window),
+    "qwen2": Family(qkv_bias=True, out_bias=False, mlp_bias=False, window=_qwen2_window),
 }
 
 #: config.json key -> memzoo field, the same in every family
@@ -207,7 +205,7 @@ def translate_config(cfg: dict[str, Any]) -> Translated:
     fields["qkv_bias"] = _bias(cfg, family.qkv_bias)
     fields["out_bias"] = _bias(cfg, family.out_bias)
     fields["mlp_bias"] = _bias(cfg, family.mlp_bias)
-    if family.head_dim_key and cfg.get("head_dim") is not None:
+    if cfg.get("head_dim") is not None:  # every family reads it when present (Gemma-style widths)
         fields["head_dim"] = cfg["head_dim"]
     fields.update(rope_fields(cfg))
     return Translated(model_type=model_type, fields=fields, window=family.window(cfg))

@@ -226,6 +226,9 @@ def _build(
 def _named(tensors: dict[str, Tensor], *, hf: bool, tied: bool) -> dict[str, Tensor]:
     """Tensors under MemzooLM's names; a tied head left out (memzoo re-ties it)."""
     out: dict[str, Tensor] = {}
+    if not hf and tensors and all(name.startswith("model.") for name in tensors):
+        # saved through transformers by the MemzooForCausalLM wrapper (base_model_prefix "model")
+        tensors = {name[len("model."):]: t for name, t in tensors.items()}
     for name, t in tensors.items():
         ours = memzoo_name(name) if hf else name
         if ours is not None:
