@@ -59,16 +59,22 @@ def variant_fields(args: argparse.Namespace) -> dict[str, dict]:
     }
 
 
+def rms(t: torch.Tensor) -> float:
+    return t.double().pow(2).mean().sqrt().item()
+
+
 @torch.no_grad()
-def perplexity(model: memzoo.MemzooLM, ids: torch.Tensor, chunk: int, tail: int) -> tuple[float, float]:
-    """(perplexity over all predicted tokens, over the last ``tail``); ids (1, T)."""
+def perplexity(model: memzoo.MemzooLM, ids: torch.Tensor, chunk: int, tail: int) -> tuple[float, float, dict]:
+    """(perplexity over all predicted tokens, over the last ``tail``, what the final state
+    says about the memory: for FAM the RMS of each layer's final FAM vectors); ids (1, T)."""
     nll, state = [], None
     for a in range(0, ids.shape[1] - 1, chunk):
         b = min(a + chunk, ids.shape[1] - 1)
         logits, state = model(ids[:, a:b], state)
         nll.append(torch.nn.functional.cross_entropy(logits[0].double(), ids[0, a + 1 : b + 1], reduction="none"))
     per_token = torch.cat(nll)
-    return math.exp(per_token.mean().item()), math.exp(per_token[-tail:].mean().item())
+    memory = {"fam_rms_per_layer": [round(rms(f), 2) for f in state.fam]} if hasattr(state, "fam") else {}
+    return math.exp(per_token.mean().item()), math.exp(per_token[-tail:].mean().item()), memory
 
 
 def main() -> None:
@@ -100,10 +106,11 @@ def main() -> None:
             if length > ids.shape[1]:
                 raise SystemExit(f"the text has {ids.shape[1]} tokens; --lengths must not exceed it")
             t0 = time.perf_counter()
-            ppl, ppl_tail = perplexity(model, ids[:, :length], args.chunk, args.tail)
+            ppl, ppl_tail, memory = perplexity(model, ids[:, :length], args.chunk, args.tail)
             print(json.dumps({
                 "variant": variant, "fields": fields[variant], "length": length, "ppl": round(ppl, 3),
                 "tail": args.tail, "ppl_tail": round(ppl_tail, 3), "seconds": round(time.perf_counter() - t0, 1),
+                "embed_rms": round(rms(model.embed.weight), 4), **memory,
                 "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(), "commit": commit,
                 "text_tokens": ids.shape[1],
             }), flush=True)
