@@ -148,6 +148,17 @@ def test_mistral_window_is_said(folders, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         memzoo.from_pretrained(folders["mistral"])  # no window, nothing to say
+        memzoo.from_pretrained(folders["qwen2_bias"])  # Qwen2's window is off unless use_sliding_window
+    folder = make_hf("qwen2_bias", tmp_path / "q", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with pytest.warns(PretrainedWarning, match="qwen2's sliding_window=8"):
+        memzoo.from_pretrained(folder)
+
+
+def test_dtype_follows_the_checkpoint(folders, tmp_path):
+    """dtype=None keeps the checkpoint's (here bfloat16); dtype= chooses."""
+    hf_model(folders["llama_gqa"], torch.bfloat16).save_pretrained(tmp_path)
+    assert memzoo.from_pretrained(tmp_path).embed.weight.dtype == torch.bfloat16
+    assert memzoo.from_pretrained(tmp_path, dtype=torch.float32).norm.weight.dtype == torch.float32
 
 
 # --------------------------------------------------------- save -> load
@@ -257,7 +268,14 @@ REFUSED = {
     "hidden_act": ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     "attention_dropout": ({"attention_dropout": 0.1}, "attention_dropout=0.1"),
     "layer_types": ({"layer_types": ["chunked_attention", "full_attention"]}, "layer_types"),
+    "quantization_config": ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config="),
 }
+
+
+def test_dequantised_gguf_config_is_read():
+    """transformers' GGUF loader dequantises and keeps a note of the file: not a refusal."""
+    cfg = {**COMMON, "model_type": "llama", "num_attention_heads": 4, "quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf"}}
+    assert translate_config(cfg).fields["d_model"] == 32
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
