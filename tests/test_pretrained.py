@@ -352,3 +352,44 @@ def test_hub_id_offline_says_so(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "REFUSED cannot fetch 'HuggingFaceTB/SmolLM2-135M': the Hugging Face hub is not reachable" in out.stdout, out.stderr[-2000:]
+
+
+# ------------------------------------------------------- rope translation
+ROPES = {
+    "linear": {"rope_type": "linear", "rope_theta": 1e4, "factor": 3.0},
+    "llama3_no_original": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    "yarn_mscale": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64,
+                    "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2},
+    "yarn_attention_factor": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0, "original_max_position_embeddings": 128,
+                              "attention_factor": 1.3, "truncate": False},
+}
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+def test_rope_translation_matches_transformers(name):
+    """The rope fields read from a config give transformers' frequencies and cos/sin factor
+    (memzoo float64, transformers float32), including what transformers fills in."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from memzoo.layers.positions import RopeScaling, rope_frequencies
+
+    config = transformers.LlamaConfig(**COMMON, num_attention_heads=2, max_position_embeddings=512, rope_parameters=dict(ROPES[name]))
+    theirs, their_factor = ROPE_INIT_FUNCTIONS[ROPES[name]["rope_type"]](config, None)
+    fields = translate_config(json.loads(config.to_json_string()))
+    ours, our_factor = rope_frequencies(16, fields.fields["rope_base"], RopeScaling(**fields.fields["rope_scaling"]))
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-6, atol=0)
+    assert our_factor == pytest.approx(their_factor, rel=1e-12)
+
+
+@pytest.mark.parametrize("variant", memzoo.list_variants())
+def test_pretrained_models_keep_the_state_equivalence(folders, variant):
+    """A loaded checkpoint (what the variant added initialised from its embeddings) still
+    streams exactly: chunked == one call."""
+    from memzoo.testing.conformance import check_state_equivalence
+
+    for options in memzoo.get_variant(variant).config.conformance_options:
+        try:
+            model = memzoo.from_pretrained(folders["qwen2_bias"], variant, dtype=torch.float64, **options)
+        except (PretrainedError, ValueError):
+            continue
+        check_state_equivalence(model, tokens(length=13), [3, 4, 9])
