@@ -169,3 +169,8 @@ class ModelConfig(BackboneConfig):
 
     vocab_size: int = Field(256, ge=1)
     tie_embeddings: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict, with the keys that libraries taking a Hugging Face
+        config read from it (PEFT's ``merge_and_unload`` reads ``tie_word_embeddings``)."""
+        return {**self.model_dump(mode="json"), "model_type": "memzoo", "tie_word_embeddings": self.tie_embeddings}

@@ -394,3 +394,24 @@ class FAM(Backbone):
         else:
             self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
         return self.step_reference(x, state)
+
+    def init_from_embeddings(self, embed: Tensor, generator: torch.Generator) -> list[str]:
+        """A pretrained model's initial FAM: ``fam_len`` distinct real tokens' embeddings
+        (see :meth:`Backbone.sample_token_embeddings`). With ``init="prompt"`` they are the
+        prompt; with ``init="prefix"`` each layer's prefix is that layer's input for the
+        same prompt (what the prompt would give it), so both start from the same FAM."""
+        if self.fam_len == 0:
+            return []
+        rows = self.sample_token_embeddings(embed, self.fam_len, generator).to(self.param_dtype)
+        with torch.no_grad():
+            if self.prompt is not None:
+                self.prompt.copy_(rows)
+                return ["prompt"]
+            assert self.prefix is not None
+            h, pos = rows[None], torch.arange(-self.fam_len, 0, device=rows.device)
+            for i, layer in enumerate(self.layers):
+                self.prefix[i].copy_(h[0])
+                q, k, v = layer.project(h, pos)
+                heads = ops.dense(q, k, v, scale=layer.positions.scale, backend=self.backend)
+                h = layer.feed_forward(layer.attend_residual(h, heads))
+        return ["prefix"]

@@ -162,3 +162,16 @@ class RecurrentMemoryTransformer(Backbone):
         assert isinstance(state, RMTState)
         fresh = self.empty_state(state.batch_size, state.device, state.mem.dtype)
         return RMTState(pos=0, fingerprint=state.fingerprint, mem=state.mem.detach(), k=fresh.k, v=fresh.v)
+
+    def init_from_embeddings(self, embed: Tensor, generator: torch.Generator) -> list[str]:
+        """A pretrained model's first read memory and write placeholders: ``2K`` distinct
+        real tokens' embeddings (K for ``read_init``, K for ``write_init``), so the memory
+        rows enter the stack as ordinary tokens would (see
+        :meth:`Backbone.sample_token_embeddings`)."""
+        if self.read_init is None or self.write_init is None:
+            return []
+        rows = self.sample_token_embeddings(embed, 2 * self.num_memory_tokens, generator)
+        with torch.no_grad():
+            self.read_init.copy_(rows[: self.num_memory_tokens])
+            self.write_init.copy_(rows[self.num_memory_tokens :])
+        return ["read_init", "write_init"]
