@@ -393,3 +393,23 @@ def test_pretrained_models_keep_the_state_equivalence(folders, variant):
         except (PretrainedError, ValueError):
             continue
         check_state_equivalence(model, tokens(length=13), [3, 4, 9])
+
+
+def test_brt_on_a_pretrained_model_starts_as_bswa_with_one_memory_block(tmp_path):
+    """brt's recurrent layer is new weights; they start from the host layer's own and the
+    tokens' cross-attention output at zero, so the loaded model is exactly bswa (m=1)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=24, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    toks = torch.randint(0, 40, (2, 19), generator=torch.Generator().manual_seed(0))
+    for gate in ("fixed:skip", "lstm:dual"):
+        brt = memzoo.from_pretrained(tmp_path, "brt", block_size=4, num_states=3, gate=gate, dtype=torch.float64)
+        bswa = memzoo.from_pretrained(tmp_path, "bswa", block_size=4, memory_blocks=1, dtype=torch.float64)
+        with torch.no_grad():
+            assert (brt(toks).logits - bswa(toks).logits).abs().max() < 1e-10, gate
+        cell, host = brt.backbone.cell, brt.backbone.layers[brt.backbone.recurrent_index]
+        assert torch.equal(cell.state_k_proj.weight, host.self_attn.k_proj.weight)
+        assert not cell.cross_o_proj.weight.any()
