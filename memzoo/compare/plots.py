@@ -28,7 +28,7 @@ def plot_headline(board: Leaderboard, path: Path) -> Path | str:
         return MISSING
     rows = [r for r in board.rows if r.slice == "all"]
     if not rows:
-        return "no rows to plot"
+        return "no rows to plot" + (" (every run diverged)" if board.runs and all(r.status == "diverged" for r in board.runs) else "")
     metric = board.rows[0].metric
     series: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -40,7 +40,11 @@ def plot_headline(board: Leaderboard, path: Path) -> Path | str:
         means = [statistics.fmean(series[variant][n]) for n in lengths]
         lo = [m - min(series[variant][n]) for m, n in zip(means, lengths)]
         hi = [max(series[variant][n]) - m for m, n in zip(means, lengths)]
-        ax.errorbar(lengths, means, yerr=[lo, hi], marker="o", capsize=3, label=variant)
+        gone = sorted(r.seed for r in board.runs if r.variant == variant and r.status == "diverged")
+        label = variant + (f" (seed {', '.join(map(str, gone))} diverged)" if gone else "")
+        ax.errorbar(lengths, means, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    for variant in sorted({r.variant for r in board.runs if r.status == "diverged"} - set(series)):
+        ax.plot([], [], linestyle="none", marker="x", color="red", label=f"{variant}: diverged (no scores)")
     ax.axvline(rows[0].train_length, color="grey", linestyle=":", label="train length")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("evaluation length (tokens)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
+import os
 import platform
 import subprocess
 import sys
@@ -25,7 +27,9 @@ import torch
 import memzoo
 from memzoo import ops
 from memzoo.compare.progress import Progress
-from memzoo.compare.results import Provenance, ResultRow, RunRecord, RunSpec, dump, load, write_atomic
+from pydantic import ValidationError
+
+from memzoo.compare.results import Divergence, Provenance, ResultRow, RunRecord, RunSpec, dump, one_line, write_atomic
 from memzoo.compare.settings import CompareConfig, merge, variant_options
 from memzoo.compare.settings import preset as settings_preset
 from memzoo.compare.trainer import evaluate, train
@@ -92,13 +96,26 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
     ).to(spec.device)
     parameters = sum(p.numel() for p in model.parameters())
     bar = Progress(config.train.steps, f"{spec.task} {spec.variant} seed {spec.seed}", enabled=progress)
+    diverged: Divergence | None = None
+    evals = {}
     with ops.record_backends() as record:
         report = train(model, task, config.train, seed=spec.seed, progress=bar)
         bar.close()
-        evals = {
-            n: evaluate(model, task, n, config.eval, chunk_len=config.eval_chunk, seed=spec.seed)
-            for n in spec.eval_lengths
-        }
+        if report.diverged is not None:
+            d = report.diverged
+            diverged = Divergence(step=d.step, last_finite_loss=d.last_finite_loss, reason=d.reason)
+        else:
+            for n in spec.eval_lengths:
+                evals[n] = evaluate(model, task, n, config.eval, chunk_len=config.eval_chunk, seed=spec.seed)
+                bad = [f"{m} ({s})" for m, by in evals[n].scores.items() for s, v in by.items() if not math.isfinite(v)]
+                if bad:
+                    last = next((x for x in reversed(report.losses) if math.isfinite(x)), None)
+                    diverged = Divergence(
+                        step=config.train.steps, last_finite_loss=last,
+                        reason=f"evaluation at length {n} gave non-finite {', '.join(bad)}",
+                    )
+                    evals = {}
+                    break
     wall = time.perf_counter() - start
     provenance = Provenance(
         memzoo_version=memzoo.__version__,
@@ -134,14 +151,117 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
         for slice_, value in by_slice.items()
     ]
     every = max(1, len(report.losses) // LOSS_POINTS)
+    logged = report.losses[::every]
+    if report.diverged is not None and report.losses and (len(report.losses) - 1) % every:
+        logged.append(report.losses[-1])  # the loss that diverged is always kept
     return RunRecord(
         spec=spec,
         config_hash=spec.config_hash,
-        losses=report.losses[::every],
+        status="finished" if diverged is None else "diverged",
+        divergence=diverged,
+        losses=[x if math.isfinite(x) else None for x in logged],
         log_every=every,
         carried_steps=report.carried_steps,
         rows=rows,
-    )
+    ).sealed()
+
+
+def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
+    """Why a loaded run file is not the finished run of ``spec`` (empty: it is): its
+    content hash, spec and config hash, and rows that are exactly one per (eval
+    length, metric, slice) of the task, for this variant, task and seed, in range."""
+    problems = []
+    if record.content_hash != record.computed_hash():
+        problems.append("its content hash does not match its contents (edited or damaged)")
+    if record.spec != spec or record.config_hash != spec.config_hash or record.spec.config_hash != record.config_hash:
+        problems.append("its spec or config hash is not this run's")
+    if problems:
+        return problems
+    if record.status == "diverged":
+        if record.divergence is None or record.rows:
+            problems.append("a diverged run must have a divergence and no rows")
+        return problems
+    if record.divergence is not None:
+        problems.append("a finished run has a divergence")
+    task = make_task(spec.task, **spec.task_options)
+    from memzoo.compare.settings import EvalSettings
+    from memzoo.compare.trainer import seeded
+
+    eval_settings = EvalSettings.model_validate(spec.eval)
+    kinds = dict(task.metrics)
+    expected = set()
+    for n in spec.eval_lengths:
+        groups = task.sample(eval_settings.examples, n, seeded("eval-data", task.name, spec.seed, n), split="eval").groups
+        expected |= {(n, m, s) for m in kinds for s in {"all", *groups}}
+    seen: dict[tuple[int, str, str], int] = {}
+    for r in record.rows:
+        key = (r.eval_length, r.metric, r.slice)
+        seen[key] = seen.get(key, 0) + 1
+        if (r.variant, r.task, r.seed, r.train_length) != (spec.variant, spec.task, spec.seed, spec.train["length"]):
+            problems.append(
+                f"a row is labelled variant {r.variant!r}, task {r.task!r}, seed {r.seed}, train length {r.train_length}"
+            )
+            break
+        kind = kinds.get(r.metric)
+        if kind in ("exact", "token_accuracy") and not 0.0 <= r.value <= 1.0 or kind == "bits" and r.value < 0:
+            problems.append(f"{r.metric} at length {r.eval_length} ({r.slice}) is {r.value}, out of range")
+            break
+        if r.higher_is_better != task.higher_is_better or r.provenance.config_hash != spec.config_hash:
+            problems.append("a row's higher_is_better or provenance config hash is not this run's")
+            break
+    missing, extra = expected - set(seen), set(seen) - expected
+    doubled = sorted(k for k, c in seen.items() if c > 1)
+    if missing:
+        problems.append(f"rows are missing for {_keys(missing)}")
+    if extra:
+        problems.append(f"it has rows this run does not make: {_keys(extra)}")
+    if doubled:
+        problems.append(f"rows appear more than once: {_keys(doubled)}")
+    return problems
+
+
+def _keys(keys) -> str:  # type: ignore[no-untyped-def]
+    shown = sorted(keys)[:4]
+    text = ", ".join(f"length {n} {m} ({s})" for n, m, s in shown)
+    return text + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def load_finished(path: Path, spec: RunSpec) -> tuple[RunRecord | None, str | None]:
+    """(the verified run of ``spec`` at ``path``, None), (None, None) when there is no
+    file, or (None, why) when the file does not parse or does not verify."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"cannot be read ({exc})"
+    try:
+        record = RunRecord.model_validate_json(text)
+    except ValidationError as exc:
+        return None, f"is not a valid run file ({one_line(exc)})"
+    problems = check_record(record, spec)
+    if problems:
+        return None, "does not verify: " + "; ".join(problems)
+    return record, None
+
+
+def set_aside(path: Path) -> Path | None:
+    """Move a bad run file out of the way (never delete it): ``<name>.rejected-<UTC time>[-N]``.
+    None if it is already gone (another process moved or replaced it)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in range(1000):
+        target = path.with_name(f"{path.name}.rejected-{stamp}{f'-{n}' if n else ''}")
+        if target.exists():
+            continue
+        try:
+            os.link(path, target)  # fails if target appeared meanwhile; never overwrites
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            return None
+        path.unlink(missing_ok=True)
+        return target
+    raise RuntimeError(f"cannot find a free name to set {path} aside")
 
 
 def _code_changed(record: RunRecord) -> str | None:
@@ -184,15 +304,19 @@ def compare_runs(
     todo: list[tuple[int, RunSpec, Path | None]] = []
     for i, spec in enumerate(specs):
         path = run_path(Path(results_dir), spec) if results_dir is not None else None
-        if path is not None and path.exists():
-            record = load(path, RunRecord)
-            if record.config_hash == spec.config_hash and record.spec == spec:
+        if path is not None:
+            record, why = load_finished(path, spec)
+            if record is not None:
                 _log(f"[{i + 1}/{len(specs)}] {spec.variant} seed {spec.seed}: finished before, loaded {path}", quiet)
                 stale = _code_changed(record)
                 if stale:  # the settings match, the code may not: never silent about it
                     print(f"memzoo compare: warning: {path} {stale}; delete it to recompute", file=sys.stderr, flush=True)
                 records[i] = record
                 continue
+            if why is not None:
+                moved = set_aside(path)
+                where = f"moved it to {moved.name}" if moved is not None else "it is gone now"
+                print(f"memzoo compare: warning: run file {path} {why}; {where}; running it again", file=sys.stderr, flush=True)
         todo.append((i, spec, path))
     if jobs <= 1:
         for i, spec, path in todo:
