@@ -183,6 +183,7 @@ def write_leaderboard(board: Leaderboard, out: str | Path, *, stem: str | None =
 
     out = Path(out)
     stem = stem or board.task
+    markdown(board, image=f"{stem}.png")  # fails here, before any file is written, if the board cannot be shown
     written: dict[str, Path | str] = {}
     json_path = out / f"{stem}.json"
     write_atomic(json_path, dump(board))

@@ -122,6 +122,7 @@ class CompareConfig(_Strict):
         _no_duplicates("seeds", self.seeds)
         check_backend_name(self.backend)
         check_device(self.device)
+        check_backend_runs(self.backend, self.device, self.model, training=self.train.steps > 0)
         running = self.variant_names
         idle = sorted(set(self.variant_options) - set(running))
         if idle:
@@ -196,6 +197,28 @@ def check_device(device: str) -> None:
             raise ValueError(f"device {device!r}: MPS is not available here")
         return
     raise ValueError(f"device {device!r} is not supported by memzoo compare (valid: cpu, cuda[:N], mps)")
+
+
+def check_backend_runs(backend: str, device: str, model: "ModelSettings", *, training: bool) -> None:
+    """Refuse, before any run, a named backend that cannot run this comparison's
+    attention calls on ``device`` (e.g. ``flex`` training on CPU); the reasons come
+    from the backend's declaration."""
+    if backend == "auto":
+        return
+    import torch
+
+    from memzoo.ops import BackendUnavailable, resolve_backend_name
+    from memzoo.ops.layout import BlockLayout
+
+    try:
+        resolve_backend_name(
+            backend, device=device, dtype=torch.float32, training=training,
+            layout=BlockLayout(block_size=model.block_size, window=model.block_size),
+            head_dim=model.d_model // model.n_heads if model.d_model % model.n_heads == 0 else None,
+        )
+    except BackendUnavailable as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(" ".join(lines[:2])) from None
 
 
 def check_model(
