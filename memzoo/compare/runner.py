@@ -15,9 +15,11 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -354,43 +356,85 @@ def run_in_workers(
     pending = list(todo)
     running: list[tuple[subprocess.Popen, int, RunSpec, IO[str], IO[str]]] = []
     _log(f"running {len(todo)} run(s) in up to {jobs} worker processes", quiet)
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                i, spec, path = pending.pop(0)
-                job = {"spec": spec.model_dump(mode="json"), "config": config.model_dump(mode="json"),
-                       "threads": threads, "path": str(path) if path is not None else None, "imports": modules}
-                out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "memzoo.compare.worker"], stdin=subprocess.PIPE, stdout=out, stderr=err, text=True
-                )
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps(job))
-                proc.stdin.close()
-                running.append((proc, i, spec, out, err))
-                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: training (worker {proc.pid})", quiet or bar_on)
-            time.sleep(0.1)
-            for entry in [e for e in running if e[0].poll() is not None]:
-                proc, i, spec, out, err = entry
-                running.remove(entry)
-                out.seek(0)
-                err.seek(0)
-                result, errors = out.read(), err.read()
-                out.close()
-                err.close()
-                if proc.returncode != 0:
-                    raise RuntimeError(
-                        f"worker for {spec.variant} seed {spec.seed} failed (exit {proc.returncode}):\n{errors[-4000:]}"
+    with _terminate_on_sigterm():
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    i, spec, path = pending.pop(0)
+                    job = {"spec": spec.model_dump(mode="json"), "config": config.model_dump(mode="json"),
+                           "threads": threads, "path": str(path) if path is not None else None, "imports": modules}
+                    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+                    # its own process group (killed as one); stdin stays open: the worker
+                    # stops itself when it reads EOF, i.e. when this process is gone (even SIGKILLed)
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "memzoo.compare.worker"], stdin=subprocess.PIPE, stdout=out, stderr=err,
+                        text=True, start_new_session=True,
                     )
-                records[i] = RunRecord.model_validate_json(result)
-                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: done", quiet or bar_on)
-                if bar is not None:
-                    bar.update(1, f"{spec.variant} seed {spec.seed} done")
-        if bar is not None:
-            bar.close()
+                    running.append((proc, i, spec, out, err))
+                    assert proc.stdin is not None
+                    proc.stdin.write(json.dumps(job) + "\n")
+                    proc.stdin.flush()
+                    _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: training (worker {proc.pid})", quiet or bar_on)
+                time.sleep(0.1)
+                for entry in [e for e in running if e[0].poll() is not None]:
+                    proc, i, spec, out, err = entry
+                    running.remove(entry)
+                    _close(proc)
+                    out.seek(0)
+                    err.seek(0)
+                    result, errors = out.read(), err.read()
+                    out.close()
+                    err.close()
+                    if proc.returncode != 0:
+                        raise RuntimeError(
+                            f"worker for {spec.variant} seed {spec.seed} failed (exit {proc.returncode}):\n{errors[-4000:]}"
+                        )
+                    records[i] = RunRecord.model_validate_json(result)
+                    _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: done", quiet or bar_on)
+                    if bar is not None:
+                        bar.update(1, f"{spec.variant} seed {spec.seed} done")
+            if bar is not None:
+                bar.close()
+        finally:
+            for proc, *_ in running:
+                kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a worker and everything it started (its process group), and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    _close(proc)
+
+
+def _close(proc: subprocess.Popen) -> None:
+    if proc.stdin is not None and not proc.stdin.closed:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)`` in the main thread while workers run, so the
+    ``finally`` that kills their process groups runs (SIGINT already raises
+    KeyboardInterrupt; SIGKILL cannot be caught: the workers notice their stdin close)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
     finally:
-        for proc, *_ in running:
-            proc.kill()
+        signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager

@@ -108,6 +108,16 @@ class CompareConfig(_Strict):
     backend: str = Field("auto", description="attention backend name, or 'auto'")
     device: str = "cpu"
 
+    @field_validator("task_options", "variant_options")
+    @classmethod
+    def _as_json(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Options are JSON values, kept in their JSON form (a tuple is a list), so a
+        config equals itself read back from a leaderboard file."""
+        try:
+            return json.loads(json.dumps(v, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"options must be JSON values (finite numbers, strings, lists, objects): {exc}") from None
+
     @model_validator(mode="after")
     def _check(self) -> "CompareConfig":
         from memzoo.ops import check_backend_name
