@@ -1,19 +1,42 @@
-"""Configs (pydantic v2, ``extra="forbid"``): the shared model fields plus the chosen
-variant's own fields. Configs never reach into modules: :mod:`memzoo.models.builder`
-maps a config to the plain typed arguments of the modules.
+"""Configs (pydantic v2, ``extra="forbid"``, strict): the shared model fields plus the
+chosen variant's own fields. Each field is declared once, here or in the variant's
+config class; everything else is derived from that declaration: a backbone's
+constructor arguments and their checks (:class:`memzoo.Backbone` validates its keyword
+arguments through these configs), the state fingerprint (every field except those
+marked ``json_schema_extra={"fingerprint": False}``), and the defaults ``memzoo list``
+and the registry cards show. :mod:`memzoo.models.builder` maps a config to modules.
 
 A variant's own fields may be given flat (``ModelConfig(variant="bswa",
 memory_blocks=1)``); they are moved into ``options`` and validated by the variant's
 config class. Unknown names are refused with the list of valid ones.
+
+The defaults are memzoo's own preset (the architecture of the committed leaderboards:
+multi-head attention, a GELU MLP with biases, RMSNorm with eps = float32's machine
+epsilon, RoPE base 1e4). A Hugging Face checkpoint sets the fields it needs
+(``memzoo.from_pretrained``): ``n_kv_heads``, ``head_dim``, ``mlp="swiglu"``,
+``norm_eps``, ``rope_scaling`` ...
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from memzoo.errors import UnknownNameError
+from memzoo.layers.positions import RopeScaling
+
+#: float32's machine epsilon: what ``nn.RMSNorm(d)`` used in float32 before the eps was a
+#: field (so memzoo's own preset reproduces the committed leaderboards exactly)
+FLOAT32_EPS = 1.1920928955078125e-07
+
+#: marks a field that does not change what a state means (training-only knobs, the backend)
+NOT_IN_FINGERPRINT: dict[str, Any] = {"fingerprint": False}
+
+
+def in_fingerprint(info: Any) -> bool:
+    extra = info.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("fingerprint") is False)
 
 
 class VariantConfig(BaseModel):
@@ -36,11 +59,21 @@ class BackboneConfig(BaseModel):
     variant: str
     d_model: int = Field(64, ge=1, description="model width D")
     n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1, description="query heads H")
+    n_kv_heads: int | None = Field(None, ge=1, description="key/value heads (grouped-query attention; 1 = multi-query); None = n_heads")
+    head_dim: int | None = Field(None, ge=2, description="per-head width Dh; None = d_model // n_heads")
     block_size: int = Field(64, ge=1, description="tokens per block/segment: the unit at which memory is updated")
     d_ff: int | None = Field(None, ge=1, description="feed-forward width; None = 4 * d_model")
-    rope_base: float = Field(10000.0, gt=0)
-    backend: str = Field("auto", description="attention backend name, or 'auto'")
+    mlp: Literal["gelu", "swiglu", "geglu_tanh"] = Field(
+        "gelu", description="feed-forward: GELU MLP (memzoo), gated SiLU (Llama, Qwen2, Mistral, SmolLM), gated tanh-GELU (Gemma)"
+    )
+    mlp_bias: bool = Field(True, description="biases in the feed-forward projections")
+    qkv_bias: bool = Field(False, description="biases in the q/k/v projections (Qwen2)")
+    out_bias: bool = Field(False, description="bias in the attention output projection")
+    norm_eps: float = Field(FLOAT32_EPS, gt=0, allow_inf_nan=False, description="RMSNorm epsilon (checkpoints: 1e-5 or 1e-6)")
+    rope_base: float = Field(10000.0, gt=0, allow_inf_nan=False, description="RoPE theta")
+    rope_scaling: RopeScaling | None = Field(None, description="RoPE frequency scaling (linear, llama3, yarn); None = plain RoPE")
+    backend: str = Field("auto", description="attention backend name, or 'auto'", json_schema_extra=NOT_IN_FINGERPRINT)
     options: dict[str, Any] = Field(default_factory=dict, description="the variant's own fields")
 
     @model_validator(mode="before")
@@ -81,10 +114,12 @@ class BackboneConfig(BaseModel):
     def _check(self) -> "BackboneConfig":
         from memzoo.ops import check_backend_name
 
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head dim d_model/n_heads = {self.d_model // self.n_heads} must be even (RoPE)")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or give head_dim")
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"head dim {self.resolved_head_dim} must be even (RoPE pairs dimensions)")
+        if self.n_heads % self.resolved_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         check_backend_name(self.backend)
         own = self.variant_config
         own.check_shared(self)
@@ -98,10 +133,35 @@ class BackboneConfig(BaseModel):
 
         return get_variant(self.variant).config.model_validate(self.options)
 
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def resolved_d_ff(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
     def backbone_kwargs(self) -> dict[str, Any]:
         """The backbone constructor's keyword arguments."""
         shared = {k: getattr(self, k) for k in BackboneConfig.model_fields if k not in ("variant", "options")}
         return {**shared, **self.options}
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """What decides a state's meaning: every shared and variant field (resolved: a
+        ``None`` default is replaced by the value it stands for) except those marked
+        :data:`NOT_IN_FINGERPRINT`. JSON-ready."""
+        shared = {
+            k: v for k, v in self.model_dump(mode="json").items()
+            if k not in ("variant", "options") and k in BackboneConfig.model_fields and in_fingerprint(BackboneConfig.model_fields[k])
+        }
+        shared.update(n_kv_heads=self.resolved_kv_heads, head_dim=self.resolved_head_dim, d_ff=self.resolved_d_ff)
+        own_cls = type(self.variant_config)
+        own = {k: v for k, v in self.variant_config.model_dump(mode="json").items() if in_fingerprint(own_cls.model_fields[k])}
+        return {**shared, **own}
 
 
 class ModelConfig(BackboneConfig):

@@ -57,14 +57,51 @@ def register_variant(name: str, *, config: type[VariantConfig]) -> Callable[[B],
             raise TypeError(f"@register_variant({name!r}) must decorate a memzoo.Backbone subclass")
         if name in _REGISTRY:
             raise ValueError(f"variant {name!r} is already registered by {_REGISTRY[name].module}")
+        _check_field_names(name, cls, config)
         if cls.State.variant and cls.State.variant != name:
             raise ValueError(f"{cls.State.__name__}.variant is {cls.State.variant!r}, expected {name!r}")
         cls.variant = name
         cls.State.variant = name
+        cls.__signature__ = constructor_signature(config)  # help(cls) / inspect show the real arguments
         _REGISTRY[name] = VariantSpec(name=name, cls=cls, config=config)
         return cls
 
     return deco
+
+
+def _check_field_names(name: str, cls: type, config: type[VariantConfig]) -> None:
+    """A variant's fields become attributes of its backbone: refuse names that would
+    shadow a shared field, a method or a property."""
+    import inspect
+
+    from memzoo.config import BackboneConfig
+
+    for field in config.model_fields:
+        if field in BackboneConfig.model_fields:
+            raise ValueError(f"{config.__name__}.{field}: {name!r} cannot redeclare the shared field {field!r}")
+        try:
+            attr = inspect.getattr_static(cls, field)
+        except AttributeError:
+            continue
+        if callable(attr) or isinstance(attr, (property, staticmethod, classmethod)):
+            raise ValueError(f"{config.__name__}.{field}: the field would shadow {cls.__name__}.{field}; rename the field")
+
+
+def constructor_signature(config: type[VariantConfig]) -> "inspect.Signature":
+    """The keyword-only constructor arguments of a variant, derived from the shared
+    fields and the variant's config (types and defaults as declared there)."""
+    import inspect
+
+    from memzoo.config import BackboneConfig
+
+    fields = {k: v for k, v in BackboneConfig.model_fields.items() if k not in ("variant", "options")}
+    fields.update(config.model_fields)
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info.get_default(call_default_factory=True),
+                          annotation=info.annotation)
+        for name, info in fields.items()
+    ]
+    return inspect.Signature(params)
 
 
 def _load_entry_points() -> None:

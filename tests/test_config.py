@@ -82,21 +82,47 @@ def test_every_default_builds_and_runs():
         assert logits.shape == (1, 3, 256)
 
 
-def test_backbone_defaults_match_the_config_defaults():
-    params = inspect.signature(Backbone.__init__).parameters
-    for field, info in BackboneConfig.model_fields.items():
-        if field in ("variant", "options"):
-            continue
-        assert params[field].default == info.default, field
-
-
-def test_variant_constructor_defaults_match_their_configs():
+def test_constructor_arguments_are_derived_from_the_configs():
+    """One declaration per field: a variant's constructor signature, defaults and
+    fingerprint come from BackboneConfig + the variant's config class."""
+    shared = {k: v for k, v in BackboneConfig.model_fields.items() if k not in ("variant", "options")}
     for name in memzoo.list_variants():
         spec = memzoo.get_variant(name)
-        params = inspect.signature(spec.cls.__init__).parameters
-        for field, info in spec.config.model_fields.items():
-            assert field in params, f"{name}: config field {field!r} is not a constructor argument"
-            assert params[field].default == info.default, f"{name}.{field}"
+        params = inspect.signature(spec.cls).parameters
+        expected = {**shared, **spec.config.model_fields}
+        assert list(params) == list(expected), name
+        for field, info in expected.items():
+            assert params[field].kind is inspect.Parameter.KEYWORD_ONLY
+            assert params[field].default == info.get_default(call_default_factory=True), f"{name}.{field}"
+        backbone = memzoo.build_backbone(name, d_model=16, n_heads=2)
+        for field in spec.config.model_fields:
+            assert getattr(backbone, field) == getattr(backbone.config.variant_config, field), f"{name}.{field}"
+
+
+def test_fingerprint_leaves_out_only_the_marked_fields():
+    fam = memzoo.build_backbone("fam", d_model=16, n_heads=2, block_size=4, fam_len=2)
+    assert {"backend", "stop_gradient_memory", "position_offset_max"}.isdisjoint(fam.hparams)
+    assert {"d_model", "n_kv_heads", "head_dim", "norm_eps", "mlp", "fam_len", "memory_blocks", "init"} <= set(fam.hparams)
+    other = memzoo.build_backbone("fam", d_model=16, n_heads=2, block_size=4, fam_len=2, norm_eps=1e-5)
+    assert other.fingerprint != fam.fingerprint
+    trained = memzoo.build_backbone("fam", d_model=16, n_heads=2, block_size=4, fam_len=2, position_offset_max=9)
+    assert trained.fingerprint == fam.fingerprint
+
+
+def test_a_field_may_not_shadow_a_method_or_a_shared_field():
+    from memzoo.registry import unregister_variant
+    from memzoo.variants.kv import KVCacheBackbone
+
+    class Shadows(memzoo.VariantConfig):
+        layout: int = 1
+
+    class Redeclares(memzoo.VariantConfig):
+        d_model: int = 8
+
+    for config, match in ((Shadows, "shadow"), (Redeclares, "shared field")):
+        with pytest.raises(ValueError, match=match):
+            memzoo.register_variant("shadow_test", config=config)(type("X", (KVCacheBackbone,), {}))
+        unregister_variant("shadow_test")
 
 
 def test_tied_embeddings_share_the_weight():

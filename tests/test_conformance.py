@@ -5,6 +5,7 @@ every entry of its config's ``conformance_options``, passes every check of
 from __future__ import annotations
 
 import functools
+import json
 import random
 
 import pytest
@@ -20,21 +21,31 @@ CASES = [
     for name in memzoo.list_variants()
     for i, opts in enumerate(memzoo.get_variant(name).config.conformance_options)
 ]
+# the pretrained-shaped layers (GQA, head_dim, SwiGLU, biases, eps, rope scaling): every
+# variant with the first of its options that the preset allows
+CASES += [
+    pytest.param(name, {**kit.options_for_preset(name, preset), **layer}, id=f"{name}-{preset}")
+    for name in memzoo.list_variants()
+    for preset, layer in kit.LAYER_PRESETS.items()
+    if layer
+]
 
 
 def test_every_variant_declares_conformance_options():
     assert CASES, "no registered variants"
     for name in memzoo.list_variants():
         assert memzoo.get_variant(name).config.conformance_options, name
+        for preset in kit.LAYER_PRESETS:
+            assert kit.options_for_preset(name, preset) is not None, f"{name} builds with no option under preset {preset}"
 
 
 @functools.lru_cache(maxsize=None)
-def _model(name: str, opts_key: tuple, dtype: torch.dtype = torch.float64):
-    return kit.tiny_model(name, dict(opts_key), dtype=dtype)
+def _model(name: str, opts_key: str, dtype: torch.dtype = torch.float64):
+    return kit.tiny_model(name, json.loads(opts_key), dtype=dtype)
 
 
 def model_for(name, opts, dtype=torch.float64):
-    return _model(name, tuple(sorted(opts.items())), dtype)
+    return _model(name, json.dumps(opts, sort_keys=True), dtype)
 
 
 def cutting(max_len: int = 22):

@@ -174,10 +174,10 @@ def _manual_layer(layer, h, fam, r, q_pos, f_pos, block_keys_from=None):
     mask = torch.cat([torch.ones(L, fam.shape[1], dtype=torch.bool), causal], 1)
     tok = torch.softmax((q @ keys.transpose(-1, -2) * s).masked_fill(~mask, -math.inf), -1) @ values
     new = torch.softmax(fq @ keys.transpose(-1, -2) * s, -1) @ values
-    a = r * fam + layer.out(new.transpose(1, 2).flatten(-2))
-    f_new = a + layer.ff(layer.norm2(a))
-    hh = h + layer.out(tok.transpose(1, 2).flatten(-2))
-    return hh + layer.ff(layer.norm2(hh)), f_new
+    a = r * fam + layer.self_attn.o_proj(new.transpose(1, 2).flatten(-2))
+    f_new = a + layer.mlp(layer.post_attention_layernorm(a))
+    hh = h + layer.self_attn.o_proj(tok.transpose(1, 2).flatten(-2))
+    return hh + layer.mlp(layer.post_attention_layernorm(hh)), f_new
 
 
 def test_positions_and_first_update_zero_residual_by_hand():

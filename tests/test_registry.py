@@ -63,12 +63,6 @@ def test_a_new_variant_registers_and_builds():
     class TokenWindow(KVCacheBackbone):
         State = WindowState
 
-        def __init__(self, *, window: int = 3, **common):
-            super().__init__(**common)
-            self.window = window
-            self.hparams.update(window=window)
-            self.layers = self.make_layers()
-
         def layout(self):
             return BlockLayout(block_size=1, window=self.window)
 
@@ -90,14 +84,23 @@ def test_card_disagreements_are_reported(tmp_path: Path):
     for card in Path(memzoo.cards.DEFAULT_DIR).glob("*.toml"):
         (tmp_path / card.name).write_text(card.read_text())
     bswa = tmp_path / "bswa.toml"
-    bswa.write_text(bswa.read_text().replace("memory_blocks = 3\nstop", "memory_blocks = 2\nstop"))
+    bswa.write_text(bswa.read_text().replace("memory_blocks = 3\n", "memory_blockz = 3\n"))
     (tmp_path / "full.toml").unlink()
     ghost = (tmp_path / "bswa.toml").read_text().replace('name = "bswa"', 'name = "ghost"')
     (tmp_path / "ghost.toml").write_text(ghost)
     problems = "\n".join(check_cards(tmp_path))
     assert "'full' is registered but has no card" in problems
     assert "card 'ghost' has no registered variant" in problems
-    assert "bswa: card defaults" in problems
+    assert "bswa: paper_defaults name unknown fields ['memory_blockz']" in problems
+
+
+def test_cards_do_not_repeat_the_defaults(tmp_path: Path):
+    """Defaults are declared once, in the config class; a card that repeats them is refused."""
+    text = (Path(memzoo.cards.DEFAULT_DIR) / "bswa.toml").read_text()
+    (tmp_path / "bswa.toml").write_text(text + "\n[defaults]\nmemory_blocks = 3\n")
+    with pytest.raises(ValueError, match="defaults"):
+        load_cards(tmp_path)
+    assert memzoo.cards.defaults("bswa") == {"memory_blocks": 3, "stop_gradient_memory": False}
 
 
 def test_card_schema_refuses_unknown_keys(tmp_path: Path):
@@ -129,9 +132,6 @@ def test_entry_point_plugin_in_a_separate_environment(tmp_path: Path):
         @memzoo.register_variant("plugin_demo", config=DemoConfig)
         class Demo(KVCacheBackbone):
             State = DemoState
-            def __init__(self, **common):
-                super().__init__(**common)
-                self.layers = self.make_layers()
             def layout(self):
                 return BlockLayout(block_size=None, window=None)
             def keep_from(self, next_pos):

@@ -159,14 +159,16 @@ def _segment1_kv_weight_grad(model, x, memory_keys_learn: bool) -> torch.Tensor:
     allowed = k_pos[None, :] <= q_pos[:, None]
     heads = relative_attention_reference(q, torch.cat([k0, k1], 2), torch.cat([v0, v1], 2), q_pos, k_pos, allowed, layer.positions)
     out = layer.feed_forward(layer.attend_residual(h1, heads))
-    return _grads(out, [layer.qkv.weight])[0]
+    attn = layer.self_attn
+    return torch.cat(_grads(out, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
 
 
 def test_kv_weights_learn_through_memory_keys():
     model = kit.tiny_model("xl", {"memory_len": 4}, n_layers=1).backbone
     x = torch.randn(1, 8, 16, dtype=F64, generator=torch.Generator().manual_seed(6))
     y, _ = model(x)
-    (g,) = _grads(y[:, 4:8], [model.layers[0].qkv.weight])
+    attn = model.layers[0].self_attn
+    g = torch.cat(_grads(y[:, 4:8], [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
     kit.assert_close(g, _segment1_kv_weight_grad(model, x, True), "W_qkv grad vs memory re-projected with live weights")
     frozen = _segment1_kv_weight_grad(model, x, False)
     k_and_v = slice(16, 48)
@@ -231,13 +233,12 @@ def test_config_errors_say_what_is_valid():
 
 
 def test_a_biased_qkv_projection_is_honoured():
-    """The split Q / K-V projection uses the fused layer's bias too (if a layer has one)."""
-    model = kit.tiny_model("xl", {"memory_len": 4}).backbone
-    for layer in model.layers:
-        biased = torch.nn.Linear(16, 48, bias=True).to(F64)
-        with torch.no_grad():
-            biased.weight.copy_(layer.qkv.weight)
-        layer.qkv = biased
+    """XL's own memory re-projection uses the layer's projection modules, biases included."""
+    model = kit.tiny_model("xl", {"memory_len": 4}, qkv_bias=True, positions="rope").backbone
+    with torch.no_grad():
+        for layer in model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_()
     x = torch.randn(1, 11, 16, dtype=F64, generator=torch.Generator().manual_seed(7), requires_grad=True)
     y, _ = model(x)
     ref = xl_reference(model, x)
@@ -263,11 +264,11 @@ def test_decoding_projects_only_the_new_row(monkeypatch):
     rows: list[int] = []
     original = type(model.backbone)._kv
 
-    def counting(self, layer, normed, pos, proj):
+    def counting(layer, normed, pos):
         rows.append(normed.shape[1])
-        return original(self, layer, normed, pos, proj)
+        return original(layer, normed, pos)
 
-    monkeypatch.setattr(type(model.backbone), "_kv", counting)
+    monkeypatch.setattr(type(model.backbone), "_kv", staticmethod(counting))
     decoded, _ = _decode(model, tokens)
     assert rows[model.backbone.n_layers :] == [1] * (len(rows) - model.backbone.n_layers)
     with torch.no_grad():
@@ -284,19 +285,19 @@ def test_changed_weights_are_noticed_by_the_inference_cache(how):
     model = kit.tiny_model("xl", {"memory_len": 6})
     tokens = kit.random_tokens(model, 1, 14)
     _, state = _decode(model, tokens[:, :13])  # fills the cache
-    weight = model.backbone.layers[0].qkv.weight
+    weight = model.backbone.layers[0].self_attn.k_proj.weight
     new_weight = weight.detach() * 1.5
     if how == "in_place":
         with torch.no_grad():
             weight.mul_(1.5)
     elif how == "load_state_dict":
         sd = model.state_dict()
-        sd["backbone.layers.0.qkv.weight"] = new_weight
+        sd["backbone.layers.0.self_attn.k_proj.weight"] = new_weight
         model.load_state_dict(sd)
     elif how == "to_dtype_and_back":
         model.float().double()
         with torch.no_grad():
-            model.backbone.layers[0].qkv.weight.mul_(1.5)
+            model.backbone.layers[0].self_attn.k_proj.weight.mul_(1.5)
     else:
         weight.data.copy_(new_weight)  # bumps no version counter
         model.backbone.clear_inference_cache()

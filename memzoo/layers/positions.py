@@ -11,9 +11,45 @@ Shapes: ``x`` (B, H, T, Dh); ``pos`` (T,) shared by the batch or (B, T) per row
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+
+
+class RopeScaling(BaseModel):
+    """RoPE frequency scaling of a pretrained checkpoint (Hugging Face's ``rope_parameters``
+    / ``rope_scaling``). ``type``: ``linear`` (positions interpolated by ``factor``),
+    ``llama3`` (Llama 3.1's per-frequency smoothing), ``yarn`` (NTK-by-parts interpolation
+    plus an attention factor on cos/sin). Fields a type does not use must stay at their
+    defaults; the fields a type needs are required for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    type: Literal["linear", "llama3", "yarn"]
+    factor: float = Field(gt=0)
+    original_max_position_embeddings: int | None = Field(None, ge=1, description="llama3, yarn: the pretraining context")
+    low_freq_factor: float = Field(1.0, gt=0, description="llama3")
+    high_freq_factor: float = Field(4.0, gt=0, description="llama3")
+    beta_fast: float = Field(32.0, gt=0, description="yarn")
+    beta_slow: float = Field(1.0, gt=0, description="yarn")
+    attention_factor: float | None = Field(None, gt=0, description="yarn: scale of cos/sin; None = 0.1·ln(factor) + 1")
+    truncate: bool = Field(True, description="yarn: round the correction range to whole dimensions")
+
+    @model_validator(mode="after")
+    def _fields_of_the_type(self) -> "RopeScaling":
+        if self.type in ("llama3", "yarn") and self.original_max_position_embeddings is None:
+            raise ValueError(f"rope scaling {self.type!r} needs original_max_position_embeddings")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+        defaults = {name: info.default for name, info in type(self).model_fields.items() if name not in ("type", "factor")}
+        used = {"linear": set(), "llama3": {"original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+                "yarn": {"original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "truncate"}}[self.type]
+        stray = [n for n, d in defaults.items() if n not in used and getattr(self, n) != d]
+        if stray:
+            raise ValueError(f"rope scaling {self.type!r} does not use {stray}; it uses {sorted(used) or 'only factor'}")
+        return self
 
 
 class PositionScheme(nn.Module):
@@ -45,25 +81,37 @@ class NoPositions(PositionScheme):
 
 
 class RoPE(PositionScheme):
-    """Rotary position embedding (Su et al. 2021), half-split pairing.
+    """Rotary position embedding (Su et al. 2021), half-split pairing (Hugging Face's
+    ``rotate_half``), with optional frequency scaling (:class:`RopeScaling`).
 
-    Angles are computed in float64 from integer positions and then cast, so large
-    absolute positions (streaming, random offsets) lose no precision before the cast.
+    Frequencies and angles are float64, computed from integer positions and cast to the
+    input's dtype at the end, so large absolute positions (streaming, random offsets)
+    lose no precision before the cast. The frequencies are a plain attribute, not a
+    buffer: ``model.to(torch.bfloat16)`` does not round them (only the result is cast).
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None) -> None:
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
         super().__init__(head_dim)
-        self.base = base
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.base, self.scaling = base, scaling
+        self.inv_freq, self.attention_factor = rope_frequencies(head_dim, base, scaling)  # (Dh/2,) float64
+        self._on_device: dict[torch.device, Tensor] = {}
+
+    def _freqs(self, device: torch.device) -> Tensor:
+        cached = self._on_device.get(device)
+        if cached is None:
+            cached = self._on_device[device] = self.inv_freq.to(device)
+        return cached
 
     def _rotate(self, x: Tensor, pos: Tensor) -> Tensor:
-        ang = pos.to(torch.float64)[..., None] * self.inv_freq.to(x.device)  # (T, Dh/2) or (B, T, Dh/2)
+        ang = pos.to(torch.float64)[..., None] * self._freqs(x.device)  # (T, Dh/2) or (B, T, Dh/2)
         if ang.dim() == 3:
             ang = ang[:, None]  # (B, 1, T, Dh/2)
-        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        cos, sin = ang.cos(), ang.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -73,15 +121,62 @@ class RoPE(PositionScheme):
     def key(self, k: Tensor, pos: Tensor) -> Tensor:
         return self._rotate(k, pos)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_on_device"] = {}
+        return state
+
+
+def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = None) -> tuple[Tensor, float]:
+    """RoPE's inverse frequencies (Dh/2,) in float64 and the factor on cos/sin, for each
+    scaling type as Hugging Face's ``modeling_rope_utils`` defines it (there in float32)."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv, 1.0
+    factor = scaling.factor
+    if scaling.type == "linear":
+        return inv / factor, 1.0
+    if scaling.type == "llama3":
+        old = scaling.original_max_position_embeddings
+        assert old is not None
+        low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn (Peng et al. 2023): interpolate low frequencies, keep high ones, ramp between
+    old = scaling.original_max_position_embeddings
+    assert old is not None
+    attention = scaling.attention_factor
+    if attention is None:
+        attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as HF: no division by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    return inv / factor * (1 - keep) + inv * keep, float(attention)
+
 
 POSITION_SCHEMES: dict[str, type[PositionScheme]] = {"rope": RoPE, "none": NoPositions}
 
 
-def make_positions(name: str, head_dim: int, rope_base: float = 10000.0) -> PositionScheme:
+def make_positions(name: str, head_dim: int, rope_base: float = 10000.0, rope_scaling: RopeScaling | None = None) -> PositionScheme:
     """Build a position scheme by name (see ``POSITION_SCHEMES``)."""
     if name not in POSITION_SCHEMES:
         raise ValueError(f"unknown position scheme {name!r}; valid: {', '.join(sorted(POSITION_SCHEMES))}")
     cls = POSITION_SCHEMES[name]
     if cls is RoPE:
-        return RoPE(head_dim, rope_base)
+        return RoPE(head_dim, rope_base, rope_scaling)
+    if rope_scaling is not None:
+        raise ValueError(f"rope_scaling applies to RoPE only, not to position scheme {name!r}")
     return cls(head_dim)

@@ -25,7 +25,7 @@ class MemzooLM(nn.Module):
         self.vocab_size = vocab_size
         self.backbone = backbone
         self.embed = nn.Embedding(vocab_size, backbone.d_model)
-        self.norm = nn.RMSNorm(backbone.d_model)
+        self.norm = nn.RMSNorm(backbone.d_model, eps=backbone.norm_eps)
         self.head = nn.Linear(backbone.d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight

@@ -34,6 +34,37 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 #: the shared tiny sizes the suite runs every variant at
 TINY: dict[str, Any] = {"vocab_size": 23, "d_model": 16, "n_layers": 2, "n_heads": 2, "block_size": 4}
 
+#: layer shapes every variant must also pass with: memzoo's own preset (the defaults) and
+#: the pretrained families' (grouped-query / multi-query attention, a head width that is
+#: not d_model / n_heads, gated MLPs without biases, q/k/v biases, checkpoint norm eps,
+#: RoPE scaling). Tiny sizes, on top of :data:`TINY`.
+LAYER_PRESETS: dict[str, dict[str, Any]] = {
+    "memzoo": {},
+    "llama": {
+        "n_heads": 4, "n_kv_heads": 2, "head_dim": 6, "mlp": "swiglu", "mlp_bias": False, "d_ff": 24,
+        "norm_eps": 1e-5, "rope_base": 1e5, "tie_embeddings": True,
+        "rope_scaling": {"type": "llama3", "factor": 4.0, "original_max_position_embeddings": 8,
+                         "low_freq_factor": 1.0, "high_freq_factor": 2.0},
+    },
+    "qwen2": {
+        "n_heads": 2, "n_kv_heads": 1, "qkv_bias": True, "mlp": "swiglu", "mlp_bias": False, "norm_eps": 1e-6,
+        "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8},
+    },
+}
+
+
+def options_for_preset(name: str, preset: str) -> dict[str, Any] | None:
+    """The first of the variant's ``conformance_options`` that builds with layer preset
+    ``preset`` (some variant options exclude some layers, e.g. xl's relative positions
+    and grouped-query attention), or None if none does."""
+    for opts in memzoo.get_variant(name).config.conformance_options:
+        try:
+            memzoo.ModelConfig(variant=name, **{**TINY, **LAYER_PRESETS[preset], **opts})
+        except ValueError:
+            continue
+        return dict(opts)
+    return None
+
 
 def tiny_model(
     name: str,
@@ -318,3 +349,16 @@ def run_conformance(name: str, options: dict[str, Any] | None = None, *, trials:
         check_gradient_equivalence(model, tokens, cuts)
     model32 = tiny_model(name, opts, dtype=torch.float32)
     check_state_equivalence(model32, long, random_cuts(rng, long.shape[1]))
+    for preset, layer in LAYER_PRESETS.items():
+        if not layer:
+            continue
+        preset_opts = options_for_preset(name, preset) if options is None else opts
+        if preset_opts is None:
+            raise AssertionError(f"{name}: no conformance option builds with layer preset {preset!r} ({layer})")
+        shaped = tiny_model(name, preset_opts, **layer)
+        check_backend_matches_reference(shaped, long)
+        check_every_parameter_gets_gradient(shaped, long)
+        tokens = random_tokens(shaped, 2, 3 * size + 1, seed)
+        cuts = random_cuts(rng, tokens.shape[1])
+        check_state_equivalence(shaped, tokens, cuts)
+        check_gradient_equivalence(shaped, tokens, cuts)

@@ -14,14 +14,13 @@ class validates inputs and states so every variant refuses bad input the same wa
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple, TypedDict
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from memzoo.errors import InputError, StateError
 from memzoo.layers import DecoderLayer, PositionScheme, make_positions
-from memzoo.ops import check_backend_name
 from memzoo.state import State, describe_mismatch, fingerprint_of
 
 
@@ -30,65 +29,63 @@ class BackboneOutput(NamedTuple):
     state: State
 
 
-class CommonArgs(TypedDict, total=False):
-    """The shared keyword arguments of every backbone constructor."""
-
-    d_model: int
-    n_layers: int
-    n_heads: int
-    block_size: int
-    d_ff: int | None
-    rope_base: float
-    backend: str
-
-
 class Backbone(nn.Module):
-    """Base class of every variant. Register subclasses with ``@memzoo.register_variant``."""
+    """Base class of every variant. Register subclasses with ``@memzoo.register_variant``.
+
+    The constructor is the same for every variant and takes keyword arguments only: the
+    shared fields of :class:`memzoo.BackboneConfig` and the variant's own config fields.
+    They are validated once, by those configs (unknown names and ill-typed values are
+    refused with the valid ones), and become attributes (``self.d_model``,
+    ``self.memory_blocks``, ...; ``None`` defaults resolved: ``n_kv_heads``, ``head_dim``,
+    ``d_ff``). The validated config is ``self.config``; the state fingerprint is derived
+    from it. A variant builds its layers and parameters in :meth:`build`, which the
+    constructor calls last.
+    """
 
     variant: ClassVar[str] = ""
     State: ClassVar[type[State]] = State
 
-    def __init__(
-        self,
-        *,
-        d_model: int = 64,
-        n_layers: int = 2,
-        n_heads: int = 4,
-        block_size: int = 64,
-        d_ff: int | None = None,
-        rope_base: float = 10000.0,
-        backend: str = "auto",
-    ) -> None:
+    def __init__(self, **fields: Any) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if d_ff is not None and (isinstance(d_ff, bool) or not isinstance(d_ff, int) or d_ff < 1):
-            raise ValueError(f"d_ff must be a positive int or None (= 4 * d_model), got {d_ff!r}")
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.d_model, self.n_layers, self.n_heads, self.block_size = d_model, n_layers, n_heads, block_size
-        self.head_dim = d_model // n_heads
-        self.d_ff = d_ff or 4 * d_model
-        self.rope_base = rope_base
-        self.backend = check_backend_name(backend)
-        #: hyper-parameters that decide what a state means (backend excluded: it does not)
-        self.hparams: dict[str, Any] = dict(
-            d_model=d_model, n_layers=n_layers, n_heads=n_heads, block_size=block_size, d_ff=self.d_ff, rope_base=rope_base
-        )
+        from memzoo.config import BackboneConfig
+
+        if not self.variant:
+            raise TypeError(f"{type(self).__name__} is not registered: decorate it with @memzoo.register_variant")
+        config = BackboneConfig(variant=self.variant, **fields)
+        self.config = config
+        for name in BackboneConfig.model_fields:
+            if name not in ("variant", "options"):
+                setattr(self, name, getattr(config, name))
+        self.n_kv_heads, self.head_dim, self.d_ff = config.resolved_kv_heads, config.resolved_head_dim, config.resolved_d_ff
+        for name, value in config.options.items():
+            setattr(self, name, value)
+        #: the fields that decide what a state means (derived from the config)
+        self.hparams: dict[str, Any] = config.fingerprint_fields()
+        self._fingerprint = fingerprint_of(self.variant, self.hparams)
+        self.build()
+
+    def build(self) -> None:
+        """Make the layers and parameters (the fields are attributes by now)."""
+        self.layers = self.make_layers()
 
     # ------------------------------------------------------------ building blocks
     def make_positions(self) -> PositionScheme:
-        return make_positions("rope", self.head_dim, self.rope_base)
+        return make_positions("rope", self.head_dim, self.rope_base, self.rope_scaling)
+
+    def make_layer(self) -> DecoderLayer:
+        """One decoder layer with the shared fields (the component builder's arguments)."""
+        return DecoderLayer(
+            self.d_model, self.n_heads, self.d_ff, self.make_positions(), n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim, qkv_bias=self.qkv_bias, out_bias=self.out_bias, mlp=self.mlp,
+            mlp_bias=self.mlp_bias, norm_eps=self.norm_eps,
+        )
 
     def make_layers(self) -> nn.ModuleList:
-        return nn.ModuleList(
-            DecoderLayer(self.d_model, self.n_heads, self.d_ff, self.make_positions()) for _ in range(self.n_layers)
-        )
+        return nn.ModuleList(self.make_layer() for _ in range(self.n_layers))
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint_of(self.variant, self.hparams)
+        return self._fingerprint
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -195,6 +192,6 @@ class Backbone(nn.Module):
                         f"{where}: {label} has shape {tuple(t.shape)}, expected {tuple(s)} for a state at position {state.pos}"
                     )
 
-    def positions(self, state: State, n: int, device: torch.device) -> Tensor:
+    def token_positions(self, state: State, n: int, device: torch.device) -> Tensor:
         """Absolute positions of the next ``n`` tokens: (n,) int64."""
         return torch.arange(state.pos, state.pos + n, device=device)

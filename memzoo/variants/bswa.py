@@ -18,21 +18,17 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from memzoo.config import VariantConfig
+from memzoo.config import NOT_IN_FINGERPRINT, VariantConfig
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
-from memzoo.variants.base import CommonArgs
 from memzoo.variants.kv import KVCacheBackbone, KVState
-
-try:
-    from typing import Unpack
-except ImportError:  # Python 3.10
-    from typing_extensions import Unpack
 
 
 class BSWAConfig(VariantConfig):
     memory_blocks: int = Field(3, ge=0, description="m: previous blocks every query sees in full (paper default 3)")
-    stop_gradient_memory: bool = Field(False, description="detach the memory blocks' keys/values (paper ablation M1_SG)")
+    stop_gradient_memory: bool = Field(
+        False, description="detach the memory blocks' keys/values (paper ablation M1_SG)", json_schema_extra=NOT_IN_FINGERPRINT
+    )
 
     conformance_options = ({"memory_blocks": 1}, {"memory_blocks": 2, "stop_gradient_memory": True}, {"memory_blocks": 0})
 
@@ -45,15 +41,6 @@ class BSWAState(KVState):
 @register_variant("bswa", config=BSWAConfig)
 class BSWA(KVCacheBackbone):
     State = BSWAState
-
-    def __init__(self, *, memory_blocks: int = 3, stop_gradient_memory: bool = False, **common: Unpack[CommonArgs]) -> None:
-        super().__init__(**common)
-        if memory_blocks < 0:
-            raise ValueError(f"memory_blocks must be >= 0, got {memory_blocks}")
-        self.memory_blocks = memory_blocks
-        self.stop_gradient_memory = stop_gradient_memory
-        self.hparams.update(memory_blocks=memory_blocks)
-        self.layers = self.make_layers()
 
     def layout(self) -> BlockLayout:
         return BlockLayout(block_size=self.block_size, window=self.memory_blocks * self.block_size)

@@ -41,26 +41,25 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from memzoo import ops
-from memzoo.config import BackboneConfig, VariantConfig
+from memzoo.config import NOT_IN_FINGERPRINT, BackboneConfig, VariantConfig
 from memzoo.errors import StateError
 from memzoo.layers import DecoderLayer
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
-from memzoo.variants.base import Backbone, CommonArgs
-
-try:
-    from typing import Unpack
-except ImportError:  # Python 3.10
-    from typing_extensions import Unpack
+from memzoo.variants.base import Backbone
 
 
 class FAMConfig(VariantConfig):
     memory_blocks: int = Field(3, ge=0, description="m: previous blocks every query sees in full (paper default 3)")
     fam_len: int = Field(64, ge=0, description="F: feedback memory vectors per layer (paper 64); 0 = plain BSWA")
-    stop_gradient_memory: bool = Field(False, description="detach the memory blocks' keys/values (BSWA ablation M1_SG); the FAM is never detached")
+    stop_gradient_memory: bool = Field(
+        False, description="detach the memory blocks' keys/values (BSWA ablation M1_SG); the FAM is never detached",
+        json_schema_extra=NOT_IN_FINGERPRINT,
+    )
     position_offset_max: int = Field(
-        0, ge=0, description="Random Position Offset: in training, each sequence's positions shift by U[0, max), zeroed with prob. 1/2 (paper ~63000); 0 = off"
+        0, ge=0, description="Random Position Offset: in training, each sequence's positions shift by U[0, max), zeroed with prob. 1/2 (paper ~63000); 0 = off",
+        json_schema_extra=NOT_IN_FINGERPRINT,
     )
     init: Literal["prompt", "prefix"] = Field(
         "prompt", description="initial FAM: a learned prompt passed up through the layers (paper), or a learned FAM per layer (prefix; worse in the paper)"
@@ -111,30 +110,8 @@ class FAMState(State):
 class FAM(Backbone):
     State = FAMState
 
-    def __init__(
-        self,
-        *,
-        memory_blocks: int = 3,
-        fam_len: int = 64,
-        stop_gradient_memory: bool = False,
-        position_offset_max: int = 0,
-        init: Literal["prompt", "prefix"] = "prompt",
-        **common: Unpack[CommonArgs],
-    ) -> None:
-        super().__init__(**common)
-        if memory_blocks < 0:
-            raise ValueError(f"memory_blocks must be >= 0, got {memory_blocks}")
-        if not 0 <= fam_len <= self.block_size:
-            raise ValueError(f"fam_len must be in [0, block_size={self.block_size}], got {fam_len}")
-        if position_offset_max < 0:
-            raise ValueError(f"position_offset_max must be >= 0 (0 = off), got {position_offset_max}")
-        if init not in ("prompt", "prefix"):
-            raise ValueError(f"init must be 'prompt' or 'prefix', got {init!r}")
-        self.memory_blocks, self.fam_len = memory_blocks, fam_len
-        self.stop_gradient_memory = stop_gradient_memory
-        self.position_offset_max = position_offset_max
-        self.init = init
-        self.hparams.update(memory_blocks=memory_blocks, fam_len=fam_len)
+    def build(self) -> None:
+        fam_len, init = self.fam_len, self.init
         # named like BSWA's so a BSWA state_dict loads into FAM (plus the initial FAM)
         self.layers = self.make_layers()
         # The learned initial FAM, initialised like token embeddings (N(0, 1)). With F = 0
@@ -202,8 +179,8 @@ class FAM(Backbone):
     # --------------------------------------------------------------- the contract
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
         b, n = batch_size, self.n_layers
-        kv = [(b, self.n_heads, pos - max(0, self.keep_from(pos)), self.head_dim)] * n
-        fam_kv = [(b, self.n_heads, self.fam_len, self.head_dim)] * n
+        kv = [(b, self.n_kv_heads, pos - max(0, self.keep_from(pos)), self.head_dim)] * n
+        fam_kv = [(b, self.n_kv_heads, self.fam_len, self.head_dim)] * n
         return {
             "k": kv, "v": kv, "fam": [(b, self.fam_len, self.d_model)] * n,
             "fam_k": fam_kv, "fam_v": fam_kv, "offset": (b,), "residual": (b,),
@@ -216,7 +193,7 @@ class FAM(Backbone):
     def new_sequence(self, fam: list[Tensor], residual: Tensor, offset: Tensor) -> FAMState:
         """A state at position 0 (no K/V yet) whose FAM inputs are ``fam`` (B, F, D) per layer."""
         b, device, dtype = residual.shape[0], residual.device, residual.dtype
-        empty = torch.zeros(b, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        empty = torch.zeros(b, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         fam_k, fam_v = self.fam_kv(fam, 0, offset)
         return FAMState(
             pos=0, fingerprint=self.fingerprint, k=[empty] * self.n_layers, v=[empty] * self.n_layers,

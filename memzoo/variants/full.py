@@ -11,13 +11,7 @@ from dataclasses import dataclass
 from memzoo.config import VariantConfig
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
-from memzoo.variants.base import CommonArgs
 from memzoo.variants.kv import KVCacheBackbone, KVState
-
-try:
-    from typing import Unpack
-except ImportError:  # Python 3.10
-    from typing_extensions import Unpack
 
 
 class FullConfig(VariantConfig):
@@ -32,10 +26,6 @@ class FullState(KVState):
 @register_variant("full", config=FullConfig)
 class Full(KVCacheBackbone):
     State = FullState
-
-    def __init__(self, **common: Unpack[CommonArgs]) -> None:
-        super().__init__(**common)
-        self.layers = self.make_layers()
 
     def layout(self) -> BlockLayout:
         return BlockLayout(block_size=None, window=None)

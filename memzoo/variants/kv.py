@@ -20,14 +20,14 @@ from memzoo.variants.base import Backbone
 @dataclass
 class KVState(State):
     """Per layer, keys (positions applied) and values of positions ``[pos - t, pos)``:
-    ``k[l]``, ``v[l]``: (B, H, t, Dh)."""
+    ``k[l]``, ``v[l]``: (B, Hkv, t, Dh)."""
 
     k: list[Tensor]
     v: list[Tensor]
 
 
 class KVCacheBackbone(Backbone):
-    #: detach memory keys/values (keys before the query's block)
+    #: detach memory keys/values (keys before the query's block); a config field where a variant has it
     stop_gradient_memory: bool = False
 
     def layout(self) -> BlockLayout:
@@ -38,16 +38,16 @@ class KVCacheBackbone(Backbone):
         raise NotImplementedError
 
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
-        kv = [(batch_size, self.n_heads, pos - max(0, self.keep_from(pos)), self.head_dim)] * self.n_layers
+        kv = [(batch_size, self.n_kv_heads, pos - max(0, self.keep_from(pos)), self.head_dim)] * self.n_layers
         return {"k": kv, "v": kv}
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVState:
-        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return self.State(pos=0, fingerprint=self.fingerprint, k=[empty] * self.n_layers, v=[empty] * self.n_layers)
 
     def step(self, x: Tensor, state: KVState) -> tuple[Tensor, KVState]:
         t = x.shape[1]
-        pos = self.positions(state, t, x.device)
+        pos = self.token_positions(state, t, x.device)
         next_pos = state.pos + t
         layout = self.layout()
         new_k, new_v = [], []

@@ -33,23 +33,19 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from memzoo import ops
-from memzoo.config import VariantConfig
+from memzoo.config import NOT_IN_FINGERPRINT, VariantConfig
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
-from memzoo.variants.base import Backbone, CommonArgs
-
-try:
-    from typing import Unpack
-except ImportError:  # Python 3.10
-    from typing_extensions import Unpack
+from memzoo.variants.base import Backbone
 
 
 class RMTConfig(VariantConfig):
     num_memory_tokens: int = Field(10, ge=0, description="K: memory tokens read at the start and written at the end of every segment")
     # 0 rather than None for "never truncate": registry cards are TOML, which has no null
     bptt_segments: int = Field(
-        0, ge=0, description="0: backpropagate through every segment; N: detach the read memory of every N-th segment"
+        0, ge=0, description="0: backpropagate through every segment; N: detach the read memory of every N-th segment",
+        json_schema_extra=NOT_IN_FINGERPRINT,
     )
 
     conformance_options = (
@@ -76,17 +72,8 @@ class RMTState(State):
 class RecurrentMemoryTransformer(Backbone):
     State = RMTState
 
-    def __init__(
-        self, *, num_memory_tokens: int = 10, bptt_segments: int = 0, **common: Unpack[CommonArgs]
-    ) -> None:
-        super().__init__(**common)
-        if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
-            raise ValueError(f"num_memory_tokens must be an int >= 0, got {num_memory_tokens!r}")
-        if not isinstance(bptt_segments, int) or bptt_segments < 0:
-            raise ValueError(f"bptt_segments must be 0 (full BPTT) or an int N >= 1 (truncate every N segments), got {bptt_segments!r}")
-        self.num_memory_tokens = num_memory_tokens
-        self.bptt_segments = bptt_segments
-        self.hparams.update(num_memory_tokens=num_memory_tokens, bptt_segments=bptt_segments)
+    def build(self) -> None:
+        num_memory_tokens = self.num_memory_tokens
         self.layers = self.make_layers()
         self.read_init: nn.Parameter | None = None
         self.write_init: nn.Parameter | None = None
@@ -130,7 +117,7 @@ class RecurrentMemoryTransformer(Backbone):
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
         done = pos % self.block_size
         rows = self.num_memory_tokens + done if done else 0  # see RMTState
-        kv = [(batch_size, self.n_heads, rows, self.head_dim)] * self.n_layers
+        kv = [(batch_size, self.n_kv_heads, rows, self.head_dim)] * self.n_layers
         return {"mem": (batch_size, self.num_memory_tokens, self.d_model), "k": kv, "v": kv}
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> RMTState:
@@ -139,7 +126,7 @@ class RecurrentMemoryTransformer(Backbone):
             mem = self.read_init.to(device=device, dtype=dtype).clone().expand(batch_size, -1, -1)
         else:
             mem = torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype)
-        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return RMTState(pos=0, fingerprint=self.fingerprint, mem=mem, k=[empty] * self.n_layers, v=[empty] * self.n_layers)
 
     def step(self, x: Tensor, state: RMTState) -> tuple[Tensor, RMTState]:

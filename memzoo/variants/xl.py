@@ -38,23 +38,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
 from memzoo import ops
-from memzoo.config import VariantConfig
+from memzoo.config import BackboneConfig, VariantConfig
 from memzoo.layers import DecoderLayer, PositionScheme
 from memzoo.layers.relative import RelativePositions, relative_attention_reference
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
-from memzoo.variants.base import Backbone, CommonArgs
-
-try:
-    from typing import Unpack
-except ImportError:  # Python 3.10
-    from typing_extensions import Unpack
+from memzoo.variants.base import Backbone
 
 
 class XLConfig(VariantConfig):
@@ -79,6 +73,17 @@ class XLConfig(VariantConfig):
         if self.relative_dim % 2:
             raise ValueError(f"relative_dim must be even (sine and cosine pairs), got {self.relative_dim}")
         return self
+
+    def check_shared(self, shared: BackboneConfig) -> None:
+        if self.positions != "relative":
+            return
+        if shared.resolved_kv_heads != shared.n_heads:
+            raise ValueError(
+                f"xl's relative positions need one K/V head per query head (n_kv_heads={shared.n_kv_heads}, "
+                f"n_heads={shared.n_heads}); use positions='rope' with grouped-query attention"
+            )
+        if shared.rope_scaling is not None:
+            raise ValueError("rope_scaling applies to RoPE; xl with positions='relative' has none (use positions='rope')")
 
 
 @dataclass
@@ -110,7 +115,10 @@ class _ProjectionMemo:
 
 def _weights_key(layer: DecoderLayer) -> tuple:
     """What the memory's keys/values depend on, by storage and version (no copies)."""
-    deps = (t for m in (layer.norm1, layer.qkv, layer.positions) for t in (*m.parameters(), *m.buffers()))
+    attn = layer.self_attn
+    deps = (
+        t for m in (layer.input_layernorm, attn.k_proj, attn.v_proj, layer.positions) for t in (*m.parameters(), *m.buffers())
+    )
     return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in deps)
 
 
@@ -124,25 +132,11 @@ def _memo_allowed(*tensors: Tensor) -> bool:
 class TransformerXL(Backbone):
     State = XLState
 
-    def __init__(
-        self,
-        *,
-        memory_len: int = 512,
-        positions: Literal["relative", "rope"] = "relative",
-        relative_dim: int = 0,
-        **common: Unpack[CommonArgs],
-    ) -> None:
-        super().__init__(**common)
-        if not isinstance(memory_len, int) or memory_len < 0:
-            raise ValueError(f"memory_len must be an int >= 0, got {memory_len!r}")
-        if positions not in ("relative", "rope"):
-            raise ValueError(f"positions must be 'relative' or 'rope', got {positions!r}")
-        if not isinstance(relative_dim, int) or relative_dim < 0 or relative_dim % 2:
-            raise ValueError(f"relative_dim must be an even int >= 2, or 0 for d_model; got {relative_dim!r}")
-        self.memory_len = memory_len
-        self.position_kind = positions
-        self.relative_dim = relative_dim or self.d_model
-        self.hparams.update(memory_len=memory_len, positions=positions, relative_dim=relative_dim)
+    #: "relative" or "rope" (the config field ``positions``)
+    positions: str
+
+    def build(self) -> None:
+        self.relative_width = self.relative_dim or self.d_model  # R; relative_dim=0 means d_model
         self.layers = self.make_layers()
         #: per layer, the keys/values of the last no-grad call's state (an inference cache, see step)
         self._kv_memo: dict[int, _ProjectionMemo] = {}
@@ -153,10 +147,10 @@ class TransformerXL(Backbone):
         return state
 
     def make_positions(self) -> PositionScheme:
-        if self.position_kind == "rope":
+        if self.positions == "rope":
             return super().make_positions()
         # one set of u, v, W_r per layer (the official code's untie_r=True; see docs/variants/xl.md)
-        return RelativePositions(self.head_dim, self.n_heads, self.relative_dim)
+        return RelativePositions(self.head_dim, self.n_heads, self.relative_width)
 
     def layout(self) -> BlockLayout:
         return BlockLayout(block_size=self.block_size, window=self.memory_len)
@@ -227,11 +221,10 @@ class TransformerXL(Backbone):
         ``[a, end)``), projecting only the rows the memo does not hold. Returns the
         per-head outputs and the keys/values of every row of ``h``."""
         pos = torch.arange(a, a + h.shape[1], device=h.device)
-        proj_q, proj_kv = self._split_qkv(layer)
         done = 0 if memo is None else memo.k.shape[2]  # rows [a, a + done) come from the memo
-        normed = layer.norm1(h[:, done:])
-        q = layer.positions.query(layer.split_heads(F.linear(normed[:, start - a - done :], *proj_q)), pos[start - a :])
-        k, v = self._kv(layer, normed, pos[done:], proj_kv)
+        normed = layer.input_layernorm(h[:, done:])
+        q = self._q(layer, normed[:, start - a - done :], pos[start - a :])
+        k, v = self._kv(layer, normed, pos[done:])
         if memo is not None:
             k, v = torch.cat([memo.k, k], dim=2), torch.cat([memo.v, v], dim=2)
         heads = ops.attend(
@@ -239,18 +232,16 @@ class TransformerXL(Backbone):
         )
         return heads, (k, v)
 
-    def _split_qkv(self, layer: DecoderLayer) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
-        """The Q and the K/V parts of the layer's fused projection (weight, bias)."""
-        sizes = [self.d_model, 2 * self.d_model]
-        w_q, w_kv = layer.qkv.weight.split(sizes)
-        b_q, b_kv = layer.qkv.bias.split(sizes) if layer.qkv.bias is not None else (None, None)
-        return (w_q, b_q), (w_kv, b_kv)
+    @staticmethod
+    def _q(layer: DecoderLayer, normed: Tensor, pos: Tensor) -> Tensor:
+        """Queries (B, H, n, Dh) of normed inputs, through the q_proj module (LoRA sees it)."""
+        return layer.positions.query(layer.split_heads(layer.self_attn.q_proj(normed)), pos)
 
-    def _kv(
-        self, layer: DecoderLayer, normed: Tensor, pos: Tensor, proj: tuple[Tensor, Tensor | None]
-    ) -> tuple[Tensor, Tensor]:
-        k, v = F.linear(normed, *proj).chunk(2, dim=-1)
-        return layer.positions.key(layer.split_heads(k), pos), layer.split_heads(v)
+    @staticmethod
+    def _kv(layer: DecoderLayer, normed: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (positions applied) and values (B, Hkv, n, Dh) of normed inputs."""
+        k, v = layer.project_kv_normed(normed)
+        return layer.positions.key(k, pos), v
 
     def _attend(self, layer: DecoderLayer, h: Tensor, a: int, start: int) -> Tensor:
         """Attention (gradients enabled) of the queries ``[start, end)`` over layer inputs
@@ -268,17 +259,16 @@ class TransformerXL(Backbone):
         i_first = start // size * size - a
         i_last = (end - 1) // size * size - a
         i_q = start - a
-        proj_q, proj_kv = self._split_qkv(layer)
         # the detached projection changes gradients only; skip it when no key is memory
         split = self.memory_len > 0 and i_last > 0
         i_g = i_first if split else 0  # the graph projection covers [a + i_g, end)
-        normed = layer.norm1(h[:, i_g:])
-        q = layer.positions.query(layer.split_heads(F.linear(normed[:, i_q - i_g :], *proj_q)), pos[i_q:])
-        k, v = self._kv(layer, normed, pos[i_g:], proj_kv)
+        normed = layer.input_layernorm(h[:, i_g:])
+        q = self._q(layer, normed[:, i_q - i_g :], pos[i_q:])
+        k, v = self._kv(layer, normed, pos[i_g:])
         common = dict(layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend)
         if not split:
             return ops.attend(q, k, v, **common)
-        k_d, v_d = self._kv(layer, layer.norm1(h[:, :i_last].detach()), pos[:i_last], proj_kv)
+        k_d, v_d = self._kv(layer, layer.input_layernorm(h[:, :i_last].detach()), pos[:i_last])
         keys = torch.cat([k_d[:, :, :i_first], k], dim=2)
         values = torch.cat([v_d[:, :, :i_first], v], dim=2)
         k_mem = torch.cat([k_d, k[:, :, i_last - i_first :].detach()], dim=2)
