@@ -54,9 +54,11 @@ def _position(t: Tensor) -> int:
     if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 0:
         got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
         raise StateError(f"state entry '__pos__' must be an int64 scalar, got {got}")
+    from memzoo.config import MAX_POSITION
+
     pos = int(t)
-    if pos < 0:
-        raise StateError(f"state entry '__pos__' must be >= 0, got {pos}")
+    if not 0 <= pos <= MAX_POSITION:
+        raise StateError(f"state entry '__pos__' must lie in [0, {MAX_POSITION}] (memzoo.config.MAX_POSITION), got {pos}")
     return pos
 
 

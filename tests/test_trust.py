@@ -349,3 +349,31 @@ def test_killing_the_parent_leaves_no_workers_and_the_rerun_resumes(tmp_path: Pa
     assert "seed 0: finished before, loaded" in again.stderr and "seed 1: training" in again.stderr
     board = load_leaderboard(tmp_path / "SIGKILL" / "passkey.json")
     assert {r.seed for r in board.rows} == {0, 1}
+
+
+# ------------------------------------------------------------------ 8. sizes
+@pytest.mark.parametrize(
+    "variant, fields, match",
+    [
+        ("bswa", {"n_layers": 2**40}, "n_layers"),
+        ("bswa", {"block_size": 2**62}, "block_size"),
+        ("fam", {"position_offset_max": 2**63}, "position_offset_max"),
+        ("xl", {"memory_len": 2**40}, "memory_len"),
+        ("rmt", {"num_memory_tokens": 2**40}, "num_memory_tokens"),
+        ("bswa", {"d_model": 2**15, "n_heads": 2, "head_dim": 2**15}, "parameters"),
+        ("bswa", {"vocab_size": 2**24, "d_model": 2**12, "n_heads": 2**5}, "parameters"),
+        ("bswa", {"d_model": 2**20}, "d_model"),
+    ],
+)
+def test_sizes_have_upper_bounds_that_fail_at_build_time(variant: str, fields: dict, match: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(ValidationError, match=match):
+        memzoo.build_model(variant, **fields)
+    assert time.perf_counter() - start < 5  # refused, not attempted
+    if "vocab_size" in fields:
+        return  # a comparison takes the vocabulary from its task
+    shared = CompareConfig.model_fields["model"].annotation.model_fields
+    model = {k: v for k, v in fields.items() if k in shared}
+    own = {k: v for k, v in fields.items() if k not in shared}
+    with pytest.raises(ValidationError, match=match):  # a comparison refuses it before any run
+        CompareConfig(variants=(variant,), model=model, variant_options={variant: own} if own else {})

@@ -36,14 +36,35 @@ def _no_duplicates(name: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
     return values
 
 
-class ModelSettings(_Strict):
-    """The shared model fields every variant is built with."""
+#: ModelConfig fields a comparison does not take from ``model``: the variant and its
+#: options (per variant), the backend (``CompareConfig.backend``), the vocabulary (the task's)
+_NOT_SHARED = ("variant", "options", "backend", "vocab_size")
+#: a comparison's own defaults for some shared fields (small models); the rest keep ModelConfig's
+_COMPARE_DEFAULTS: dict[str, Any] = {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 8}
 
-    d_model: int = Field(32, ge=2)
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(2, ge=1)
-    block_size: int = Field(8, ge=1, description="L: tokens per block/segment (memory update unit)")
-    d_ff: int | None = Field(None, ge=1, description="None = 4 * d_model")
+
+def _model_settings() -> type[BaseModel]:
+    """:class:`ModelSettings`: every shared field of :class:`memzoo.ModelConfig`, declared
+    there once (bounds, strictness, descriptions), with the comparison's small defaults."""
+    from pydantic import create_model
+    from pydantic.fields import FieldInfo
+
+    from memzoo.config import ModelConfig
+
+    fields: dict[str, Any] = {}
+    for name, info in ModelConfig.model_fields.items():
+        if name in _NOT_SHARED:
+            continue
+        if name in _COMPARE_DEFAULTS:
+            info = FieldInfo.merge_field_infos(info, default=_COMPARE_DEFAULTS[name])
+        fields[name] = (info.annotation, info)
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        "ModelSettings", __base__=_Strict, __module__=__name__,
+        __doc__="The shared model fields every variant is built with (those of memzoo.ModelConfig).", **fields,
+    )
+
+
+ModelSettings = _model_settings()
 
 
 class TrainSettings(_Strict):
