@@ -304,51 +304,91 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie is dead (nobody reaps it here)
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir() or sys.platform != "linux", reason="uses /proc")
-def test_killing_the_parent_leaves_no_workers_and_the_rerun_resumes(tmp_path: Path) -> None:
+LAUNCHER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from memzoo.cli import main; sys.exit(main())")
+
+
+def _launch(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(memzoo.__file__).parent.parent)}
-    launcher = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "from memzoo.cli import main; sys.exit(main())")
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-c", LAUNCHER, *args], stderr=err, stdout=subprocess.DEVNULL, env=env)
+
+
+def _worker_pids(log: Path) -> list[int]:
+    return [int(part.split(")")[0]) for part in log.read_text().split("(worker ")[1:]]
+
+
+def _wait_for_workers(parent: subprocess.Popen, log: Path, n: int) -> None:
+    deadline = time.monotonic() + 120
+    while len(_worker_pids(log)) < n:
+        assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc").is_dir() or sys.platform != "linux", reason="uses /proc")
+
+
+@needs_proc
+def test_killing_the_parent_leaves_no_workers(tmp_path: Path) -> None:
+    """SIGTERM and SIGINT: the parent kills its workers' process groups; SIGKILL: the
+    workers see their stdin close and kill their own groups. Each worker's run would
+    take minutes, so only that ends it within the deadline. The three run at once."""
+    started = {}
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
         out = tmp_path / sig.name
         args = ["compare", "--task", "passkey", "--variants", "bswa", "--seeds", "0,1", "--steps", "100000", "--jobs", "2",
                 "--out", str(out), *MICRO_ARGS]
-        log = tmp_path / f"{sig.name}.log"
-        with open(log, "w") as err:
-            parent = subprocess.Popen([sys.executable, "-c", launcher, *args], stderr=err, stdout=subprocess.DEVNULL, env=env)
-        try:
-            deadline = time.monotonic() + 90
-            while log.read_text().count("(worker ") < 2:
-                assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
+        started[sig] = (_launch(args, tmp_path / f"{sig.name}.log"), tmp_path / f"{sig.name}.log", out)
+    pids: dict[signal.Signals, list[int]] = {}
+    try:
+        for sig, (parent, log, _) in started.items():
+            _wait_for_workers(parent, log, 2)
             parent.send_signal(sig)
-            assert parent.wait(timeout=30) != 0
-        finally:
+        for sig, (parent, log, _) in started.items():
+            assert parent.wait(timeout=60) != 0
+            pids[sig] = _worker_pids(log)
+            assert len(pids[sig]) == 2
+        deadline = time.monotonic() + 30  # a worker's run takes minutes: only being killed ends it in time
+        while any(_alive(p) for ps in pids.values() for p in ps) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for parent, log, _ in started.values():
             if parent.poll() is None:
                 parent.kill()
-        text = log.read_text()
-        pids = [int(part.split(")")[0]) for part in text.split("(worker ")[1:]]
-        assert len(pids) == 2
-        deadline = time.monotonic() + 20  # a worker's run takes minutes: only killing it ends it in time
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        orphans = [p for p in pids if _alive(p)]
-        for p in orphans:  # never leave them running, even when the test fails
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p, signal.SIGKILL)
-        assert not orphans, f"{sig.name}: orphan workers {orphans}\n{text}"
+                parent.wait()
+        orphans = {sig.name: [p for p in _worker_pids(log) if _alive(p)] for sig, (_, log, _) in started.items()}
+        for ps in orphans.values():  # never leave them running, even when the test fails
+            for p in ps:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p, signal.SIGKILL)
+    assert not any(orphans.values()), f"orphan workers: {orphans}"
+    for _, _, out in started.values():
         assert not list((out / "runs").glob("*/*.json"))  # nothing half-finished was kept
-    # the rerun resumes: a finished run is loaded, the others run, nothing is lost
-    short = ["compare", "--task", "passkey", "--variants", "bswa", "--seeds", "0,1", "--steps", "3", "--jobs", "2",
-             "--out", str(tmp_path / "SIGKILL"), *MICRO_ARGS]
-    first = subprocess.run([sys.executable, "-m", "memzoo", *short[:6], "0", *short[7:]], env=env, capture_output=True,
-                           text=True, timeout=120)
-    assert first.returncode == 0, first.stderr
-    again = subprocess.run([sys.executable, "-m", "memzoo", *short], env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0, again.stderr
-    assert "seed 0: finished before, loaded" in again.stderr and "seed 1: training" in again.stderr
-    board = load_leaderboard(tmp_path / "SIGKILL" / "passkey.json")
-    assert {r.seed for r in board.rows} == {0, 1}
+
+
+@needs_proc
+def test_after_the_parent_is_killed_the_rerun_resumes(tmp_path: Path, count_runs) -> None:
+    out = tmp_path / "lb"
+    base = ["compare", "--task", "passkey", "--variants", "bswa", "--steps", "3", "--out", str(out), *MICRO_ARGS]
+    assert main([*base, "--seeds", "0", "--jobs", "1"]) == 0  # one run finished before
+    finished = sorted((out / "runs" / "passkey").glob("*.json"))
+    before = finished[0].read_text()
+    log = tmp_path / "killed.log"
+    parent = _launch([*base, "--seeds", "0,1", "--jobs", "2"], log)
+    try:
+        _wait_for_workers(parent, log, 1)  # seed 1's worker started (seed 0 was loaded)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert "seed 0: finished before, loaded" in log.read_text()
+    count_runs.clear()
+    assert main([*base, "--seeds", "0,1", "--jobs", "1"]) == 0
+    runs = sorted((out / "runs" / "passkey").glob("*.json"))
+    assert finished[0] in runs and finished[0].read_text() == before  # the finished run was kept and loaded
+    assert count_runs == [("bswa", 1)]  # only the unfinished run is computed (its worker was killed while starting)
+    assert {r.seed for r in load_leaderboard(out / "passkey.json").rows} == {0, 1}
 
 
 # ------------------------------------------------------------------ 8. sizes
