@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 import memzoo
 from memzoo.cli import EXIT_DIVERGED, main
-from memzoo.compare import CompareConfig, build_leaderboard, compare_runs, load_leaderboard, markdown
+from memzoo.compare import CompareConfig, build_leaderboard, compare_runs, load_leaderboard, markdown, write_leaderboard
 from memzoo.compare import runner
 from memzoo.compare.results import RunRecord, dump, load
 from memzoo.compare.runner import load_finished, run_path, run_spec
@@ -79,7 +79,7 @@ def test_diverged_training_is_recorded_not_published(lr: float) -> None:
     assert "diverged" in md and f"step {d.step}" in md and "0." not in md.split("Settings:")[0].replace("0.0", "")
 
 
-def test_a_finished_run_is_not_diverged_and_partial_divergence_is_marked() -> None:
+def test_a_finished_run_is_not_diverged_and_partial_divergence_is_marked(tmp_path: Path) -> None:
     ok = CompareConfig(task="passkey", variants=("bswa",), **MICRO)
     bad = CompareConfig(task="passkey", variants=("full",), **{**MICRO, "train": {**MICRO["train"], "steps": 30, "lr": 1e4}})
     (good,) = compare_runs(ok, quiet=True)
@@ -88,6 +88,9 @@ def test_a_finished_run_is_not_diverged_and_partial_divergence_is_marked() -> No
     board = build_leaderboard(ok.model_copy(update={"variants": ("bswa", "full")}), [good, gone])
     md = markdown(board)
     assert "| `full` | diverged | diverged |" in md and "| `bswa` |" in md and "full seed 0 diverged at step" in md
+    assert gone.provenance.config_hash == gone.config_hash  # a diverged run still says what made it
+    written = write_leaderboard(board, tmp_path)  # the plot and the Markdown show it too
+    assert load_leaderboard(written["json"]) == board and "diverged" in Path(written["md"]).read_text()
 
 
 def test_cli_exit_status_says_a_run_diverged(tmp_path: Path, capsys) -> None:

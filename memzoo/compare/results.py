@@ -116,6 +116,7 @@ class RunRecord(_Strict):
     )
     log_every: int
     carried_steps: int = Field(description="steps that started from the previous step's state (RSP)")
+    provenance: Provenance = Field(description="what made the run (also in every row; here for a diverged run too)")
     rows: list[ResultRow]
     content_hash: str = Field("", description="hash of the rest of the file (see content_hash()); checked on load")
 

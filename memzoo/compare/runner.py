@@ -164,6 +164,7 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
         losses=[x if math.isfinite(x) else None for x in logged],
         log_every=every,
         carried_steps=report.carried_steps,
+        provenance=provenance,
         rows=rows,
     ).sealed()
 
@@ -185,6 +186,8 @@ def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
         return problems
     if record.divergence is not None:
         problems.append("a finished run has a divergence")
+    if record.provenance.config_hash != spec.config_hash:
+        problems.append("its provenance config hash is not this run's")
     task = make_task(spec.task, **spec.task_options)
     from memzoo.compare.settings import EvalSettings
     from memzoo.compare.trainer import seeded
@@ -208,8 +211,8 @@ def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
         if kind in ("exact", "token_accuracy") and not 0.0 <= r.value <= 1.0 or kind == "bits" and r.value < 0:
             problems.append(f"{r.metric} at length {r.eval_length} ({r.slice}) is {r.value}, out of range")
             break
-        if r.higher_is_better != task.higher_is_better or r.provenance.config_hash != spec.config_hash:
-            problems.append("a row's higher_is_better or provenance config hash is not this run's")
+        if r.higher_is_better != task.higher_is_better or r.provenance != record.provenance:
+            problems.append("a row's higher_is_better or provenance is not this run's")
             break
     missing, extra = expected - set(seen), set(seen) - expected
     doubled = sorted(k for k, c in seen.items() if c > 1)
@@ -269,8 +272,8 @@ def set_aside(path: Path) -> Path | None:
 def _code_changed(record: RunRecord) -> str | None:
     """Why a loaded run may be stale (made by other code than this process runs), or None."""
     commit, dirty = git_info()
-    made = record.rows[0].provenance if record.rows else None
-    if made is None or commit is None:
+    made = record.provenance
+    if commit is None:
         return None
     if made.git_commit != commit:
         return f"was made by commit {str(made.git_commit)[:12]}, this is {commit[:12]}"
