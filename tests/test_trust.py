@@ -187,6 +187,26 @@ def test_an_untouched_file_is_loaded_and_a_reformatted_one_still_verifies(tmp_pa
     assert load_finished(path, run_spec(config, "bswa", 0)) == (record, None)
 
 
+def test_setting_a_bad_file_aside_never_loses_it_even_when_racing(tmp_path: Path) -> None:
+    import threading
+
+    from memzoo.compare.runner import set_aside
+
+    path = tmp_path / "run.json"
+    path.write_text("bad")
+    moved: list = []
+    threads = [threading.Thread(target=lambda: moved.append(set_aside(path))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kept = [m for m in moved if m is not None]
+    assert len(kept) == 1 and kept[0].read_text() == "bad" and not path.exists()
+    path.write_text("bad again")
+    second = set_aside(path)
+    assert second is not None and second != kept[0] and kept[0].read_text() == "bad"  # never overwritten
+
+
 # --------------------------------------------------------------- 4, 5. settings
 def test_variant_options_are_checked_for_every_variant_before_any_run(count_runs) -> None:
     base = dict(task="passkey", **MICRO)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -251,22 +252,17 @@ def load_finished(path: Path, spec: RunSpec) -> tuple[RunRecord | None, str | No
 
 
 def set_aside(path: Path) -> Path | None:
-    """Move a bad run file out of the way (never delete it): ``<name>.rejected-<UTC time>[-N]``.
-    None if it is already gone (another process moved or replaced it)."""
+    """Move a bad run file out of the way (never delete it) to
+    ``<name>.rejected-<UTC time>-<pid>-<random>``: a name no one else uses, so nothing is
+    overwritten, and one atomic rename, so of several processes setting the same file
+    aside exactly one moves it. None if it is already gone (another process moved or replaced it)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for n in range(1000):
-        target = path.with_name(f"{path.name}.rejected-{stamp}{f'-{n}' if n else ''}")
-        if target.exists():
-            continue
-        try:
-            os.link(path, target)  # fails if target appeared meanwhile; never overwrites
-        except FileExistsError:
-            continue
-        except FileNotFoundError:
-            return None
-        path.unlink(missing_ok=True)
-        return target
-    raise RuntimeError(f"cannot find a free name to set {path} aside")
+    target = path.with_name(f"{path.name}.rejected-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None
+    return target
 
 
 def _code_changed(record: RunRecord) -> str | None:
