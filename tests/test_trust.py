@@ -207,6 +207,34 @@ def test_setting_a_bad_file_aside_never_loses_it_even_when_racing(tmp_path: Path
     assert second is not None and second != kept[0] and kept[0].read_text() == "bad"  # never overwritten
 
 
+def test_two_comparisons_writing_into_one_results_dir_never_corrupt_a_file(tmp_path: Path) -> None:
+    import threading
+
+    config = CompareConfig(task="passkey", variants=("bswa", "full"), **MICRO)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(compare_runs(config, quiet=True, results_dir=tmp_path)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2
+    files = sorted((tmp_path / "passkey").iterdir())
+    assert [p.suffix for p in files] == [".json", ".json"]  # no temporary or set-aside file left
+    for variant, path in zip(("bswa", "full"), files):
+        loaded, why = load_finished(path, run_spec(config, variant, 0))
+        assert why is None and loaded is not None
+        assert measured(loaded.rows) == measured(results[0][("bswa", "full").index(variant)].rows)
+
+
+def test_a_leaderboard_missing_some_rows_still_renders(tmp_path: Path) -> None:
+    config = CompareConfig(task="passkey", variants=("bswa", "full"), **MICRO)
+    board = build_leaderboard(config, compare_runs(config, quiet=True))
+    partial = board.model_copy(update={"rows": [r for r in board.rows if not (r.variant == "full" and r.eval_length == 32)]})
+    md = markdown(partial)  # used to crash: max() arg is an empty sequence
+    assert "| `full` |" in md and "–" in md
+
+
 # --------------------------------------------------------------- 4, 5. settings
 def test_variant_options_are_checked_for_every_variant_before_any_run(count_runs) -> None:
     base = dict(task="passkey", **MICRO)
