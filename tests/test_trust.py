@@ -327,6 +327,13 @@ def test_cli_user_errors_are_one_line_before_training(extra: list[str], tmp_path
     assert count_runs == [] and not out.exists()
 
 
+@pytest.mark.parametrize("kwargs", [{"jobs": 0}, {"jobs": -2}, {"jobs": True}, {"jobs": 1.5}, {"threads": 0}, {"threads": -1}])
+def test_python_api_refuses_bad_jobs_and_threads(kwargs: dict, count_runs) -> None:
+    with pytest.raises(ValueError, match="jobs|threads"):
+        compare_runs(CompareConfig(task="passkey", variants=("bswa",), **MICRO), quiet=True, **kwargs)
+    assert count_runs == []
+
+
 def test_cli_refuses_an_out_that_is_a_file_and_render_errors(tmp_path: Path, count_runs, capsys) -> None:
     afile = tmp_path / "f"
     afile.write_text("x")

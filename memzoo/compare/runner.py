@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from memzoo.compare.results import Divergence, Provenance, ResultRow, RunRecord, RunSpec, dump, one_line, write_atomic
 from memzoo.compare.settings import CompareConfig, merge, variant_options
+from memzoo.errors import MemzooError
 from memzoo.compare.settings import preset as settings_preset
 from memzoo.compare.trainer import evaluate, train
 from memzoo.tasks import Task, make_task
@@ -299,6 +300,10 @@ def compare_runs(
     torch threads); results are identical to ``jobs=1``. Workers are fresh
     interpreters, so every variant and task must be importable (built in, or
     registered by an entry point)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise MemzooError(f"jobs must be an int >= 1 (1 = in this process), got {jobs!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise MemzooError(f"threads must be an int >= 1 or None (leave torch's setting), got {threads!r}")
     show = (sys.stderr.isatty() if progress is None else progress) and not quiet
     specs = [run_spec(config, v, s) for v in config.variant_names for s in config.seeds]
     records: dict[int, RunRecord] = {}
