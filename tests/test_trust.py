@@ -6,6 +6,7 @@ exit status 2 before any training, and killing the parent leaves no workers."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -102,6 +103,8 @@ def test_cli_exit_status_says_a_run_diverged(tmp_path: Path, capsys) -> None:
     board = load_leaderboard(out / "passkey.json")
     assert board.rows == [] and board.runs[0].status == "diverged"
     assert "diverged" in (out / "passkey.md").read_text()
+    if importlib.util.find_spec("matplotlib"):  # the plot says so too (no stale PNG of earlier numbers)
+        assert (out / "passkey.png").read_bytes()[:4] == b"\x89PNG" and "passkey.png" in (out / "passkey.md").read_text()
     # the diverged run is a finished run: resuming loads it and still says so
     assert main(args) == EXIT_DIVERGED
 

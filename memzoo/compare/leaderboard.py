@@ -52,7 +52,7 @@ def divergence_notes(runs: Iterable[RunSummary]) -> str:
     bad = diverged_runs(runs)
     if not bad:
         return ""
-    return "\n".join(["**Diverged runs** (no scores; not in the means above):", *(f"- `{describe_divergence(r)}`" for r in bad)]) + "\n"
+    return "\n".join(["**Diverged runs** (no scores; in no mean or plot):", *(f"- `{describe_divergence(r)}`" for r in bad)]) + "\n"
 
 
 def markdown_table(rows: list[ResultRow], metric: str | None = None, runs: Iterable[RunSummary] = ()) -> str:
@@ -137,7 +137,8 @@ def _slice_key(s: str) -> tuple[str, float]:
 def markdown(board: Leaderboard, image: str | None = None) -> str:
     rows = list(board.rows)
     if not rows:
-        return f"# `{board.task}` leaderboard\n\n" + markdown_table([], runs=board.runs)
+        shown = f"![{board.task}: every run diverged]({image})\n\n" if image and board.runs else ""
+        return f"# `{board.task}` leaderboard\n\n" + shown + markdown_table([], runs=board.runs)
     headline = rows[0].metric
     lengths = sorted({r.eval_length for r in rows})
     parts = [f"# `{board.task}` leaderboard\n"]

@@ -27,8 +27,10 @@ def plot_headline(board: Leaderboard, path: Path) -> Path | str:
     except ImportError:
         return MISSING
     rows = [r for r in board.rows if r.slice == "all"]
+    if not rows and board.runs and all(r.status == "diverged" for r in board.runs):
+        return _diverged_only(board, path, plt)
     if not rows:
-        return "no rows to plot" + (" (every run diverged)" if board.runs and all(r.status == "diverged" for r in board.runs) else "")
+        return "no rows to plot"
     metric = board.rows[0].metric
     series: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -54,6 +56,22 @@ def plot_headline(board: Leaderboard, path: Path) -> Path | str:
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def _diverged_only(board: Leaderboard, path: Path, plt) -> Path:  # type: ignore[no-untyped-def]
+    """The plot when every run diverged: no axes to read numbers from, just which runs and when."""
+    from memzoo.compare.leaderboard import describe_divergence
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.axis("off")
+    lines = [describe_divergence(r) for r in board.runs]
+    ax.text(0.02, 0.98, f"{board.task}: every run diverged (no scores)\n\n" + "\n".join(lines), va="top", ha="left",
+            fontsize="small", wrap=True, transform=ax.transAxes)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
