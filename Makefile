@@ -17,6 +17,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# xformers has no CPU operator, but its mask classes materialise on CPU: the tests
 	# check the xformers backend's masks with it. --no-deps keeps the pinned torch.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "xformers==0.0.35"
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e examples/memzoo-infini  # the worked-example plug-in (docs/adding-a-variant.md)
 	touch $@
 
 install: $(BIN)/.installed
@@ -25,7 +26,7 @@ run: $(BIN)/.installed
 	$(BIN)/memzoo compare
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n $(WORKERS)
+	$(BIN)/python -m pytest -n $(WORKERS) tests examples/memzoo-infini/tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -8,7 +8,7 @@
 (torch.Size([1, 6, 32]), 6)
 """
 
-from memzoo.config import BackboneConfig, ModelConfig, VariantConfig
+from memzoo.config import NOT_IN_FINGERPRINT, BackboneConfig, ModelConfig, VariantConfig
 from memzoo.errors import InputError, MemzooError, StateError, UnknownNameError
 from memzoo.ops import list_backends, use_backend
 from memzoo.registry import get_variant, list_variants, register_variant
@@ -24,7 +24,7 @@ from memzoo import compare  # noqa: E402
 
 __all__ = [
     "Backbone", "BackboneConfig", "BackboneOutput", "InputError", "MemzooError", "MemzooLM", "ModelConfig",
-    "ModelOutput", "State", "StateError", "UnknownNameError", "VariantConfig", "__version__", "build_backbone", "compare",
+    "ModelOutput", "NOT_IN_FINGERPRINT", "State", "StateError", "UnknownNameError", "VariantConfig", "__version__", "build_backbone", "compare",
     "build_model", "get_variant", "list_backends", "list_variants", "load_state", "register_variant", "save_state",
     "use_backend",
 ]

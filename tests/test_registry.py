@@ -165,3 +165,39 @@ def test_broken_plugin_warns_and_does_not_break_memzoo(tmp_path: Path):
     assert out.returncode == 0, out.stderr
     assert "could not load variant plug-in 'broken'" in out.stderr
     assert "bswa" in out.stdout
+
+
+def test_variants_and_tasks_share_one_registry_implementation():
+    from memzoo._registry import Registry
+    from memzoo.registry import VARIANTS
+    from memzoo.tasks.registry import TASKS
+
+    assert isinstance(VARIANTS, Registry) and isinstance(TASKS, Registry)
+    assert (VARIANTS.kind, TASKS.kind) == ("variant", "task")
+    with pytest.raises(memzoo.UnknownNameError, match="unknown task 'nope'; registered: .*passkey"):
+        memzoo.tasks.get_task("nope")
+
+
+def test_the_generic_registry():
+    from memzoo._registry import Registry
+
+    reg: "Registry[str]" = Registry("widget", origin=lambda entry: f"<{entry}>")
+    reg.add("a_1", "first")
+    assert reg.names() == ["a_1"] and reg.get("a_1") == "first" and "a_1" in reg
+    with pytest.raises(ValueError, match=r"widget 'a_1' is already registered by <first>"):
+        reg.add("a_1", "second")
+    with pytest.raises(ValueError, match=r"widget name '1a' must match"):
+        reg.add("1a", "x")
+    reg.add("b", "other")
+    with pytest.raises(memzoo.UnknownNameError, match=r"unknown widget 'c'; registered: a_1, b"):
+        reg.get("c")
+    reg.remove("a_1")
+    reg.remove("never_there")
+    assert reg.names() == ["b"]
+
+
+def test_the_plugin_card_names_the_plugin_class():
+    """registry/ also holds the card of the worked-example plug-in memzoo's CI installs:
+    it names the class in the plug-in package, and check_cards holds it to the code."""
+    card = load_cards()["infini"]
+    assert card.module == memzoo.get_variant("infini").module == "memzoo_infini.variant.InfiniAttention"

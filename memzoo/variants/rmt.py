@@ -38,6 +38,7 @@ from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
 from memzoo.variants.base import Backbone
+from memzoo.variants.naive import rmt_reference  # noqa: F401  (the slow reference, kept with the others)
 
 
 class RMTConfig(VariantConfig):
@@ -161,33 +162,3 @@ class RecurrentMemoryTransformer(Backbone):
         assert isinstance(state, RMTState)
         fresh = self.empty_state(state.batch_size, state.device, state.mem.dtype)
         return RMTState(pos=0, fingerprint=state.fingerprint, mem=state.mem.detach(), k=fresh.k, v=fresh.v)
-
-
-def rmt_reference(model: RecurrentMemoryTransformer, x: Tensor) -> Tensor:
-    """RMT as the official code runs it, slowly: ``x`` (B, T, D) from the learned memory
-    -> (B, T, D). Every segment is an independent forward pass of the stack over
-    ``[read, tokens, write]`` at positions ``0 ..``, with a dense causal mask; the last
-    layer's write outputs are the next read memory (detached every ``bptt_segments``)."""
-    size, n_mem = model.block_size, model.num_memory_tokens
-    batch = x.shape[0]
-    mem = model.read_init.expand(batch, -1, -1) if model.read_init is not None else x[:, :0]
-    outputs = []
-    for s in range(0, x.shape[1], size):
-        segment = s // size
-        if model.bptt_segments and segment > 0 and segment % model.bptt_segments == 0:
-            mem = mem.detach()
-        tokens = x[:, s : s + size]
-        complete = tokens.shape[1] == size
-        write = model.write_init.expand(batch, -1, -1) if (complete and n_mem) else x[:, :0]
-        z = torch.cat([mem, tokens, write], dim=1)
-        pos = torch.arange(z.shape[1], device=x.device)
-        causal = pos[None, :] <= pos[:, None]
-        for layer in model.layers:
-            q, k, v = layer.project(z, pos)
-            scores = (q @ k.transpose(-1, -2)) * layer.positions.scale
-            heads = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v
-            z = layer.feed_forward(layer.attend_residual(z, heads))
-        outputs.append(z[:, n_mem : n_mem + tokens.shape[1]])
-        if complete and n_mem:
-            mem = z[:, n_mem + size :]
-    return torch.cat(outputs, dim=1)

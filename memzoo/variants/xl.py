@@ -44,11 +44,12 @@ from torch import Tensor
 from memzoo import ops
 from memzoo.config import MAX_TOKENS, MAX_WIDTH, BackboneConfig, VariantConfig
 from memzoo.layers import DecoderLayer, PositionScheme
-from memzoo.layers.relative import RelativePositions, relative_attention_reference
+from memzoo.layers.relative import RelativePositions
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
 from memzoo.variants.base import Backbone
+from memzoo.variants.naive import xl_reference  # noqa: F401  (the slow reference, kept with the others)
 
 
 class XLConfig(VariantConfig):
@@ -274,35 +275,3 @@ class TransformerXL(Backbone):
         k_mem = torch.cat([k_d, k[:, :, i_last - i_first :].detach()], dim=2)
         v_mem = torch.cat([v_d, v[:, :, i_last - i_first :].detach()], dim=2)
         return ops.attend(q, keys, values, k_mem=k_mem, v_mem=v_mem, **common)
-
-
-def xl_reference(model: TransformerXL, x: Tensor) -> Tensor:
-    """The paper's recurrence, written out slowly: ``x`` (B, T, D) from an empty state ->
-    (B, T, D). Segment by segment, every layer concatenates the *detached* inputs of the
-    previous M positions with the segment's inputs, projects keys/values from that,
-    and attends with an explicit dense mask: relative positions through
-    :func:`relative_attention_reference` (an explicit ``R_{i-j}``), or RoPE."""
-    size, mem = model.block_size, model.memory_len
-    inputs: list[list[Tensor]] = [[] for _ in model.layers]  # per layer, inputs of every segment so far
-    outputs = []
-    for s in range(0, x.shape[1], size):
-        hs = x[:, s : s + size]
-        for layer, seen in zip(model.layers, inputs):
-            past = torch.cat(seen, dim=1) if seen else hs[:, :0]
-            memory = past[:, max(0, past.shape[1] - mem) :].detach()
-            seen.append(hs)
-            context = torch.cat([memory, hs], dim=1)
-            q_pos = torch.arange(s, s + hs.shape[1], device=x.device)
-            k_pos = torch.arange(s - memory.shape[1], s + hs.shape[1], device=x.device)
-            allowed = k_pos[None, :] <= q_pos[:, None]
-            q, _, _ = layer.project_raw(hs)
-            _, k, v = layer.project_raw(context)
-            if isinstance(layer.positions, RelativePositions):
-                heads = relative_attention_reference(q, k, v, q_pos, k_pos, allowed, layer.positions)
-            else:
-                qp, kp = layer.positions.query(q, q_pos), layer.positions.key(k, k_pos)
-                scores = (qp @ kp.transpose(-1, -2)) * layer.positions.scale
-                heads = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
-            hs = layer.feed_forward(layer.attend_residual(hs, heads))
-        outputs.append(hs)
-    return torch.cat(outputs, dim=1)

@@ -1,0 +1,176 @@
+"""``infini``: Infini-attention (Munkhdalai, Faruqui, Gopal 2024, arXiv 2404.07143).
+
+Every layer keeps, per key/value head, a compressive memory ``M`` (Dh × Dh) and a
+normaliser ``z`` (Dh), written once per completed block (``block_size`` L tokens, the
+paper's segment) from that block's own keys and values, with σ = ELU + 1::
+
+    retrieval   A_mem = σ(Q) M_{s-1} / (σ(Q) z_{s-1})                   (denominator clamped)
+    linear      M_s = M_{s-1} + σ(K)ᵀ V
+    delta       M_s = M_{s-1} + σ(K)ᵀ (V - σ(K) M_{s-1} / (σ(K) z_{s-1}))
+    both        z_s = z_{s-1} + Σ_t σ(K_t)
+    output      sigmoid(β_h) ⊙ A_mem + (1 - sigmoid(β_h)) ⊙ A_local     one learned β per layer and head
+
+``A_local`` is softmax attention causal within the block (RoPE). The queries, keys and
+values are the layer's own (no new projections); the only new parameters are the
+``n_layers × n_heads`` gate logits β. Who sees what, L = 4::
+
+    keys:            | block 0 | block 1 | block 2 |
+    query in block 2 |         |         | x x . . |  local, causal
+                     |  M_1 = memory of blocks 0 and 1 |  through σ(Q) M_1 / σ(Q) z_1
+
+Choices the paper leaves open (see docs/variants/infini.md):
+
+* σ(Q), σ(K) use the *unrotated* queries and keys by default (as Hugging Face's
+  reproduction did): the memory is a sum over positions, and RoPE angles of different
+  absolute positions would mix in it. ``memory_positions="rotated"`` uses the rotated ones.
+* β starts at ``gate_init`` = 0 (sigmoid 0.5: memory and local attention mixed equally).
+* The denominator is clamped at :data:`DENOMINATOR_MIN`. Before the first block completes
+  ``M = 0`` and ``z = 0``, so the retrieval is exactly 0 and the first block's output is
+  ``(1 - sigmoid(β)) ⊙ A_local``; the delta rule's first write equals the linear one.
+* GQA: the memory is per key/value head; query head ``h`` reads the memory of key/value
+  head ``h // (H / Hkv)``, as its softmax attention reads that head's keys.
+
+Streaming: the memory changes only when a block completes (on the absolute grid of
+``block_size`` positions), and the partial block's unrotated keys and values are held in
+the state until then, so any chunking gives the same outputs, state and gradients.
+
+Shapes: B batch, T tokens in this call, D model width, H query heads, Hkv key/value
+heads, Dh head width, L block_size, nb query blocks touched by the call.
+
+This module uses memzoo's public API only (``memzoo``, ``memzoo.ops``): it is the worked
+example of docs/adding-a-variant.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+import memzoo
+from memzoo import ops
+from memzoo.ops import BlockLayout
+
+#: the smallest retrieval denominator σ(q)·z: it is 0 only while z = 0 (before the first
+#: block completes, when the numerator is 0 too), so the clamp makes that retrieval 0
+DENOMINATOR_MIN = 1e-6
+
+
+class InfiniConfig(memzoo.VariantConfig):
+    update: Literal["linear", "delta"] = Field(
+        "delta", description="memory update rule: linear, or delta (writes only what the memory does not already retrieve)"
+    )
+    memory_positions: Literal["unrotated", "rotated"] = Field(
+        "unrotated", description="σ(Q), σ(K) of the memory from the queries/keys before RoPE (HF's reproduction) or after"
+    )
+    gate_init: float = Field(
+        0.0, allow_inf_nan=False, description="initial gate logit β of every head (sigmoid(0) = 0.5)",
+        json_schema_extra=memzoo.NOT_IN_FINGERPRINT,
+    )
+
+    conformance_options = (
+        {"update": "delta"},
+        {"update": "linear"},
+        {"update": "delta", "memory_positions": "rotated", "gate_init": 1.0},
+    )
+
+
+def sigma(t: Tensor) -> Tensor:
+    """The memory's feature map σ = ELU + 1 (positive, so the normaliser is positive)."""
+    return F.elu(t) + 1.0
+
+
+def retrieve(sq: Tensor, mem: Tensor, norm: Tensor) -> Tensor:
+    """σ(Q) M / clamp(σ(Q) z): ``sq`` (..., n, Dh), ``mem`` (..., Dh, Dh), ``norm`` (..., Dh)
+    -> (..., n, Dh)."""
+    den = (sq @ norm.unsqueeze(-1)).clamp_min(DENOMINATOR_MIN)  # (..., n, 1)
+    return (sq @ mem) / den
+
+
+def write(mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, rule: str) -> tuple[Tensor, Tensor]:
+    """One block's memory update: ``sk`` = σ(K), ``v`` (B, Hkv, L, Dh); ``mem`` (B, Hkv, Dh, Dh),
+    ``norm`` (B, Hkv, Dh). Returns the new (mem, norm)."""
+    if rule == "delta":
+        v = v - retrieve(sk, mem, norm)
+    return mem + sk.transpose(-1, -2) @ v, norm + sk.sum(dim=2)
+
+
+@dataclass
+class InfiniState(memzoo.State):
+    """Per layer: ``k[l]``, ``v[l]`` (B, Hkv, t, Dh) the *unrotated* keys and the values of
+    the current partial block (``t = pos % L``); ``mem[l]`` (B, Hkv, Dh, Dh) and
+    ``norm[l]`` (B, Hkv, Dh) the memory and normaliser of every completed block."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    mem: list[Tensor]
+    norm: list[Tensor]
+
+
+@memzoo.register_variant("infini", config=InfiniConfig)
+class InfiniAttention(memzoo.Backbone):
+    State = InfiniState
+
+    def build(self) -> None:
+        self.layers = self.make_layers()
+        # β: one gate logit per layer and query head
+        self.gate = nn.Parameter(torch.full((self.n_layers, self.n_heads), float(self.gate_init)))
+
+    # ------------------------------------------------------------------ the contract
+    def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
+        b, n, hkv, dh = batch_size, self.n_layers, self.n_kv_heads, self.head_dim
+        kv = [(b, hkv, pos % self.block_size, dh)] * n
+        return {"k": kv, "v": kv, "mem": [(b, hkv, dh, dh)] * n, "norm": [(b, hkv, dh)] * n}
+
+    def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> InfiniState:
+        b, n, hkv, dh = batch_size, self.n_layers, self.n_kv_heads, self.head_dim
+        empty = torch.zeros(b, hkv, 0, dh, device=device, dtype=dtype)
+        mem = torch.zeros(b, hkv, dh, dh, device=device, dtype=dtype)
+        norm = torch.zeros(b, hkv, dh, device=device, dtype=dtype)
+        return InfiniState(pos=0, fingerprint=self.fingerprint, k=[empty] * n, v=[empty] * n, mem=[mem] * n, norm=[norm] * n)
+
+    def step(self, x: Tensor, state: InfiniState) -> tuple[Tensor, InfiniState]:
+        size, t = self.block_size, x.shape[1]
+        start, end = state.pos, state.pos + x.shape[1]
+        block_start = start // size * size  # the cache holds the partial block [block_start, start)
+        n_done = end // size - start // size  # blocks completed in this call
+        n_blocks = (end - 1) // size - start // size + 1  # query blocks touched: nb
+        pad = start - block_start
+        pos = torch.arange(block_start, end, device=x.device)
+        layout = BlockLayout(block_size=size, window=0)  # causal within the block only
+        new_k, new_v, new_mem, new_norm = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            q_raw, k_raw, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh)
+            keys_raw = torch.cat([state.k[i], k_raw], dim=2)  # positions [block_start, end)
+            values = torch.cat([state.v[i], v], dim=2)
+            q = layer.positions.query(q_raw, pos[pad:])
+            keys = layer.positions.key(keys_raw, pos)
+            local = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
+
+            rotated = self.memory_positions == "rotated"
+            sq, sk = sigma(q if rotated else q_raw), sigma(keys if rotated else keys_raw)
+            # the scan: the memory each query block reads, written once per completed block
+            mems, norms = [state.mem[i]], [state.norm[i]]
+            for j in range(n_done):
+                block = slice(j * size, (j + 1) * size)
+                m, z = write(mems[-1], norms[-1], sk[:, :, block], values[:, :, block], self.update)
+                mems.append(m)
+                norms.append(z)
+            # every query block's retrieval in one batched product: queries padded to whole blocks
+            sq_blocks = F.pad(sq, (0, 0, pad, n_blocks * size - pad - t)).unflatten(2, (n_blocks, size))  # (B, H, nb, L, Dh)
+            mem = ops.repeat_kv(torch.stack(mems[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh, Dh)
+            norm = ops.repeat_kv(torch.stack(norms[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh)
+            a_mem = retrieve(sq_blocks, mem, norm).flatten(2, 3)[:, :, pad : pad + t]  # (B, H, T, Dh)
+
+            g = torch.sigmoid(self.gate[i]).to(x.dtype)[None, :, None, None]  # (1, H, 1, 1)
+            x = layer.feed_forward(layer.attend_residual(x, g * a_mem + (1 - g) * local))
+            kept = n_done * size  # the new partial block starts here
+            new_k.append(keys_raw[:, :, kept:])
+            new_v.append(values[:, :, kept:])
+            new_mem.append(mems[n_done])
+            new_norm.append(norms[n_done])
+        return x, InfiniState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, mem=new_mem, norm=new_norm)

@@ -1,0 +1,163 @@
+"""The plug-in's own tests, beyond memzoo's conformance kit (which memzoo's suite runs on
+every registered variant, this one included): the fast path against the slow segment
+loop (outputs, memory and every gradient), the degenerate closed gate, what the memory
+can and cannot reach, the delta rule, the bounded state. ``make test`` runs them."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+import torch
+
+import memzoo
+from memzoo import testing as kit
+from memzoo_infini import InfiniAttention, infini_reference
+from memzoo_infini.variant import retrieve, sigma, write
+
+torch.set_num_threads(1)
+F64 = torch.float64
+OPTIONS = [
+    {"update": "delta"},
+    {"update": "linear"},
+    {"update": "delta", "memory_positions": "rotated", "gate_init": 1.0},
+    {"update": "linear", "memory_positions": "rotated"},
+]
+
+
+def _x(t: int, seed: int = 0, batch: int = 2, width: int = 16) -> torch.Tensor:
+    return torch.randn(batch, t, width, dtype=F64, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    return torch.autograd.grad((out * w).sum(), inputs)
+
+
+def test_registered_through_the_entry_point():
+    names = [ep.name for ep in metadata.entry_points(group="memzoo.variants")]
+    assert "infini" in names, names
+    assert memzoo.get_variant("infini").cls is InfiniAttention
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("preset", ["memzoo", "llama"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_fast_path_equals_the_segment_loop(opts, preset, backend):
+    """One call == the per-segment loop: outputs, final memory and normaliser, and the
+    gradient of every parameter and of the input (GQA, head_dim != D/H, SwiGLU in llama)."""
+    model = kit.tiny_model("infini", opts, backend=backend, **kit.LAYER_PRESETS[preset]).backbone
+    x = _x(18)  # four complete segments and a partial one
+    y, state = model(x)
+    ref, mems, norms = infini_reference(model, x)
+    kit.assert_close(y, ref, f"infini {opts} vs segment loop")
+    for i in range(model.n_layers):
+        kit.assert_close(state.mem[i], mems[i], f"memory of layer {i}")
+        kit.assert_close(state.norm[i], norms[i], f"normaliser of layer {i}")
+    names, params = zip(*model.named_parameters())
+    for name, a, e in zip(("x", *names), _grads(y, [x, *params]), _grads(ref, [x, *params])):
+        kit.assert_close(a, e, f"grad of {name}")
+
+
+def test_streaming_token_by_token_equals_the_segment_loop():
+    model = kit.tiny_model("infini", {"update": "delta"}).backbone
+    x = _x(13, seed=1, batch=1)
+    ref, mems, _ = infini_reference(model, x)
+    state, outs = None, []
+    for i in range(13):
+        y, state = model(x[:, i : i + 1], state)
+        outs.append(y)
+    y = torch.cat(outs, 1)
+    kit.assert_close(y, ref, "token by token vs segment loop")
+    kit.assert_close(state.mem[1], mems[1], "memory after streaming")
+    for a, e in zip(_grads(y, [x]), _grads(ref, [x])):
+        kit.assert_close(a, e, "input gradient through the streamed memory")
+
+
+def _closed(model: memzoo.MemzooLM) -> memzoo.MemzooLM:
+    with torch.no_grad():
+        model.backbone.gate.fill_(-1e4)  # sigmoid(-1e4) == 0 in float64: no memory at all
+    return model
+
+
+def test_closed_gate_is_block_local_attention():
+    """sigmoid(β) = 0 leaves the local attention alone: bswa with no memory blocks."""
+    infini = _closed(kit.tiny_model("infini"))
+    bswa = kit.tiny_model("bswa", {"memory_blocks": 0})
+    missing, unexpected = infini.load_state_dict(bswa.state_dict(), strict=False)
+    assert missing == ["backbone.gate"] and not unexpected
+    _closed(infini)
+    tokens = kit.random_tokens(bswa, 2, 17)
+    kit.assert_close(infini(tokens).logits, bswa(tokens).logits, "closed-gate infini vs bswa(m=0)")
+
+
+def _reach(model: memzoo.MemzooLM, length: int) -> torch.Tensor:
+    """Per position, how much the output moves when token 0 changes."""
+    tokens = kit.random_tokens(model, 1, length)
+    changed = tokens.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % model.vocab_size
+    with torch.no_grad():
+        return (model(tokens).logits - model(changed).logits).abs().amax(dim=(0, 2))
+
+
+def test_receptive_field_is_unbounded_through_the_memory_only():
+    """Token 0 reaches every later position (through the memory, 10 blocks on), and
+    nothing beyond its own block when the gate shuts the memory off: the local attention
+    never crosses a block boundary, and a block's memory holds complete blocks only."""
+    size, length = 4, 44
+    diff = _reach(kit.tiny_model("infini"), length)
+    assert torch.all(diff > 0), f"positions token 0 does not reach: {torch.nonzero(diff == 0).flatten().tolist()}"
+    closed = _reach(_closed(kit.tiny_model("infini")), length)
+    assert torch.all(closed[:size] > 0) and torch.all(closed[size:] == 0), closed
+
+
+def test_memory_is_read_only_after_its_block_completes():
+    """The memory holds complete blocks only: after 6 or 7 tokens (block 1 partial) it is
+    still the memory of block 0, and block 1's tokens wait in the state as keys/values."""
+    model = kit.tiny_model("infini").backbone
+    x = _x(7, batch=1).detach()
+    with torch.no_grad():
+        _, s6 = model(x[:, :6])
+        _, s7 = model(x[:, :7])
+        _, s4 = model(x[:, :4])
+    for a, b in ((s6, s4), (s7, s4)):
+        kit.assert_close(a.mem[0], b.mem[0], "memory inside block 1 is block 0's")
+    assert s7.k[0].shape[2] == 3 and s4.k[0].shape[2] == 0
+
+
+def test_delta_rule_writes_only_what_the_memory_does_not_retrieve():
+    gen = torch.Generator().manual_seed(0)
+    mem = torch.randn(1, 2, 4, 4, dtype=F64, generator=gen)
+    norm = torch.rand(1, 2, 4, dtype=F64, generator=gen) + 0.5
+    sk = sigma(torch.randn(1, 2, 3, 4, dtype=F64, generator=gen))
+    known = retrieve(sk, mem, norm)  # values the memory already gives for these keys
+    delta_mem, delta_norm = write(mem, norm, sk, known, "delta")
+    kit.assert_close(delta_mem, mem, "delta write of already-retrievable values")
+    linear_mem, linear_norm = write(mem, norm, sk, known, "linear")
+    assert not torch.allclose(linear_mem, mem)
+    kit.assert_close(delta_norm, linear_norm, "the normaliser is the same for both rules")
+
+
+def test_first_segment_retrieves_nothing():
+    """M = 0, z = 0: the clamped denominator makes the retrieval exactly 0."""
+    sq = sigma(torch.randn(1, 2, 3, 4, dtype=F64))
+    out = retrieve(sq, torch.zeros(1, 2, 4, 4, dtype=F64), torch.zeros(1, 2, 4, dtype=F64))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_state_is_bounded():
+    model = kit.tiny_model("infini")
+    state, sizes = None, set()
+    with torch.no_grad():
+        for i in range(40):
+            _, state = model(torch.full((1, 1), i % 20), state=state)
+            sizes.add(state.nbytes)
+            assert state.k[0].shape[2] == (i + 1) % 4, "only the partial block's K/V are held"
+    assert len(sizes) == 4, f"the state cycles through the block's 4 offsets, got {sorted(sizes)}"
+
+
+def test_config_errors_say_what_is_valid():
+    with pytest.raises(ValueError, match="linear.*delta"):
+        memzoo.build_model("infini", update="hebbian")
+    with pytest.raises(ValueError, match="unrotated.*rotated"):
+        memzoo.build_model("infini", memory_positions="both")

@@ -1,0 +1,267 @@
+"""``brt``: Block-Recurrent Transformer (Hutchins, Schlag, Wu, Dyer, Neyshabur 2022, arXiv 2203.07852).
+
+Every layer is BSWA with one memory block (m = 1): a query in block τ sees all of block
+τ-1 and, causally, its own block. ONE layer (``recurrent_layer``) is also a recurrent
+cell over ``S = num_states`` state vectors ``c`` (B, S, D), updated once per completed
+block. Its keys/values are shared between the two directions; each direction has its
+own queries::
+
+    vertical (tokens of block τ, output to the next layer):
+        x' = x + O(self-attn[tokens -> window keys, RoPE]) + O_x(cross-attn[tokens -> states c_{τ-1}])
+        x'' = x' + MLP(Norm(x'))                                  (the layer's own MLP)
+    horizontal (states, at the end of block τ):
+        h  = Norm_s(c_{τ-1} + ids)                                 learned state IDs: the states' positions
+        a  = O_s[ self-attn(states -> states) ; cross-attn(states -> block τ's tokens) ]
+        c' = gate(c_{τ-1}, a)                                      the residual is a gate
+        c_τ = gate2(c', MLP_s(Norm2_s(c')))                        ("dual" only; "skip" has no MLP: c_τ = c')
+
+    gates: fixed  g = σ(b_g),                 c' = c⊙g + a⊙(1-g)
+           lstm   z = tanh(W_z a + b_z), i = σ(W_i a + b_i - 1), f = σ(W_f a + b_f + 1),  c' = c⊙f + z⊙i
+
+Who sees whom at the recurrent layer, L = 4, S = 2::
+
+    keys:             | states c_1 | block 1 | block 2 |
+    token in block 2  |  s s       | x x x x | x x . . |   (RoPE between tokens only)
+    state update @ 2  |  s s       |         | x x x x |   (no positions between states and tokens)
+
+Positions: RoPE among tokens; states carry no RoPE, their learned IDs are added before
+the norm on every update (the paper's "state IDs"); state-token attention uses the
+unrotated keys and queries (no position bias between states and tokens).
+
+The state is carried with its graph (BPTT through every block inside a call and across
+calls unless the caller detaches it): the lucidrains port never trained its state layers
+(issue #3); ``tests/test_brt.py`` shows these get gradient and reach beyond the window.
+
+Streaming: the state changes only when a block completes (the absolute grid of
+``block_size`` positions); the K/V of the previous and the partial block are held
+(unrotated), so any chunking gives the same outputs, state and gradients.
+
+Two implementations: :meth:`BlockRecurrentTransformer.step` (the fast path: layer by
+layer over the whole call, one batched window attention per layer, a sequential scan
+over the completed blocks for the state, one batched token-to-state attention) and
+:func:`memzoo.variants.naive.brt_reference` (block by block, dense masks, explicit heads).
+Tests hold them equal.
+
+Shapes: B batch, T tokens in this call, D d_model, H query heads, Hkv key/value heads,
+Dh head width, L block_size, S num_states, nb query blocks touched by the call.
+Mask polarity: True = may attend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from memzoo import ops
+from memzoo.config import BackboneConfig, VariantConfig
+from memzoo.layers import MLP
+from memzoo.ops import BlockLayout
+from memzoo.registry import register_variant
+from memzoo.state import State
+from memzoo.variants.base import Backbone
+from memzoo.variants.naive import brt_reference  # noqa: F401  (the slow reference, kept with the others)
+
+class BRTConfig(VariantConfig):
+    num_states: int = Field(64, ge=1, description="S: state vectors of the recurrent layer (paper: 512, = the block size)")
+    recurrent_layer: int = Field(
+        -1, description="index of the recurrent layer, negative from the end (paper: layer 10 of 12, i.e. 9 or -3)"
+    )
+    gate: Literal["fixed:skip", "fixed:dual", "lstm:skip", "lstm:dual"] = Field(
+        "fixed:skip", description="state update: fixed or LSTM gate; skip = no MLP in the recurrent direction (the paper's best), dual = MLP + a second gate"
+    )
+
+    conformance_options = (
+        {"num_states": 3},
+        {"num_states": 2, "recurrent_layer": 0, "gate": "lstm:dual"},
+        {"num_states": 5, "gate": "fixed:dual"},
+        {"num_states": 1, "gate": "lstm:skip", "recurrent_layer": -2},
+    )
+
+    def check_shared(self, shared: BackboneConfig) -> None:
+        n = shared.n_layers
+        if not -n <= self.recurrent_layer < n:
+            raise ValueError(f"recurrent_layer {self.recurrent_layer} is out of range for n_layers={n}: valid are {-n} .. {n - 1}")
+
+
+#: every ``gate`` value (from the config's declaration)
+GATES: tuple[str, ...] = get_args(BRTConfig.model_fields["gate"].annotation)
+
+
+class Gate(nn.Module):
+    """The residual of the recurrent direction: ``c' = gate(c, a)`` for (B, S, D) tensors."""
+
+    def __init__(self, kind: str, d_model: int) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "fixed":
+            # σ(1) ≈ 0.73 of the old state kept at the start, like the LSTM gate's +1 forget offset
+            self.bias = nn.Parameter(torch.ones(d_model))
+        else:
+            self.z_proj = nn.Linear(d_model, d_model)
+            self.i_proj = nn.Linear(d_model, d_model)
+            self.f_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, c: Tensor, a: Tensor) -> Tensor:
+        if self.kind == "fixed":
+            g = torch.sigmoid(self.bias)
+            return c * g + a * (1 - g)
+        z = torch.tanh(self.z_proj(a))
+        i = torch.sigmoid(self.i_proj(a) - 1)  # the paper's offsets: write little, keep much at the start
+        f = torch.sigmoid(self.f_proj(a) + 1)
+        return c * f + z * i
+
+
+class RecurrentCell(nn.Module):
+    """The recurrent layer's extra weights (the token path's self-attention, norms and MLP
+    are the layer's own :class:`memzoo.layers.DecoderLayer`)."""
+
+    def __init__(self, backbone: "BlockRecurrentTransformer") -> None:
+        super().__init__()
+        d, h, hkv, dh = backbone.d_model, backbone.n_heads, backbone.n_kv_heads, backbone.head_dim
+        qkv, out = backbone.qkv_bias, backbone.out_bias
+        self.head_dim = dh
+        # vertical: token queries into the states, and their output projection
+        self.cross_q_proj = nn.Linear(d, h * dh, bias=qkv)
+        self.cross_o_proj = nn.Linear(h * dh, d, bias=out)
+        # horizontal: the states' norm, keys/values (shared with the tokens' cross-attention), two query sets
+        self.state_layernorm = nn.RMSNorm(d, eps=backbone.norm_eps)
+        self.state_q_proj = nn.Linear(d, h * dh, bias=qkv)
+        self.state_k_proj = nn.Linear(d, hkv * dh, bias=qkv)
+        self.state_v_proj = nn.Linear(d, hkv * dh, bias=qkv)
+        self.state_cross_q_proj = nn.Linear(d, h * dh, bias=qkv)
+        self.state_o_proj = nn.Linear(2 * h * dh, d, bias=out)  # on [self ; cross]
+        kind, config = backbone.gate.split(":")
+        self.attn_gate = Gate(kind, d)
+        self.dual = config == "dual"
+        if self.dual:
+            self.state_post_layernorm = nn.RMSNorm(d, eps=backbone.norm_eps)
+            self.state_mlp = MLP(d, backbone.d_ff, backbone.mlp, backbone.mlp_bias)
+            self.mlp_gate = Gate(kind, d)
+        s = backbone.num_states
+        self.state_ids = nn.Parameter(torch.randn(s, d) * 0.02)  # (S, D)
+        self.initial_state = nn.Parameter(torch.randn(s, d) * 0.02)  # (S, D)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def state_inputs(self, cells: Tensor) -> Tensor:
+        """The normed states with their IDs: (B, S, D)."""
+        return self.state_layernorm(cells + self.state_ids.to(cells.dtype))
+
+    def state_kv(self, hs: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, Hkv, S, Dh) of the normed states (no positions)."""
+        return self.split_heads(self.state_k_proj(hs)), self.split_heads(self.state_v_proj(hs))
+
+    def update(self, cells: Tensor, hs: Tensor, sk: Tensor, sv: Tensor, tk: Tensor, tv: Tensor, backend: str) -> Tensor:
+        """The horizontal direction: states ``cells`` (B, S, D) with normed inputs ``hs`` and
+        keys/values ``sk``, ``sv`` read the block's unrotated token keys/values ``tk``,
+        ``tv`` (B, Hkv, L, Dh). Returns the next states (B, S, D)."""
+        scale = self.head_dim**-0.5
+        own = ops.dense(self.split_heads(self.state_q_proj(hs)), sk, sv, scale=scale, backend=backend)
+        cross = ops.dense(self.split_heads(self.state_cross_q_proj(hs)), tk, tv, scale=scale, backend=backend)
+        heads = torch.cat([own, cross], dim=1).transpose(1, 2).flatten(-2)  # (B, S, 2·H·Dh): [self ; cross] per state
+        new = self.attn_gate(cells, self.state_o_proj(heads))
+        if self.dual:
+            new = self.mlp_gate(new, self.state_mlp(self.state_post_layernorm(new)))
+        return new
+
+
+@dataclass
+class BRTState(State):
+    """Per layer, ``k[l]`` (unrotated) and ``v[l]`` (B, Hkv, t, Dh): keys and values of the
+    previous complete block and the current partial block (positions
+    ``[max(0, (pos // L - 1)·L), pos)``); ``cells`` (B, S, D): the recurrent layer's states
+    after the last completed block."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    cells: Tensor
+
+
+@register_variant("brt", config=BRTConfig)
+class BlockRecurrentTransformer(Backbone):
+    State = BRTState
+
+    def build(self) -> None:
+        self.layers = self.make_layers()
+        self.recurrent_index = self.recurrent_layer % self.n_layers  # negative counts from the end
+        self.cell = RecurrentCell(self)
+
+    def layout(self) -> BlockLayout:
+        return BlockLayout(block_size=self.block_size, window=self.block_size)  # bswa, m = 1
+
+    def keep_from(self, next_pos: int) -> int:
+        return max(0, (next_pos // self.block_size - 1) * self.block_size)
+
+    # ------------------------------------------------------------------ the contract
+    def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
+        kv = [(batch_size, self.n_kv_heads, pos - self.keep_from(pos), self.head_dim)] * self.n_layers
+        return {"k": kv, "v": kv, "cells": (batch_size, self.num_states, self.d_model)}
+
+    def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> BRTState:
+        empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        # clone: a state must not share storage with a parameter (an optimizer step would change it)
+        cells = self.cell.initial_state.to(device=device, dtype=dtype).clone().expand(batch_size, -1, -1)
+        return BRTState(pos=0, fingerprint=self.fingerprint, k=[empty] * self.n_layers, v=[empty] * self.n_layers, cells=cells)
+
+    def step(self, x: Tensor, state: BRTState) -> tuple[Tensor, BRTState]:
+        size, t = self.block_size, x.shape[1]
+        start, end = state.pos, state.pos + t
+        first = start // size
+        n_done = end // size - first  # blocks completed in this call
+        n_blocks = (end - 1) // size - first + 1  # query blocks touched: nb
+        k_start = end - t - state.k[0].shape[2]  # the caches hold positions [k_start, start)
+        pos = torch.arange(k_start, end, device=x.device)
+        drop = self.keep_from(end) - k_start
+        layout = self.layout()
+        cells = state.cells
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q_raw, k_raw, v = layer.project_normed(h)
+            keys_raw = torch.cat([state.k[i], k_raw], dim=2)  # (B, Hkv, n, Dh), positions [k_start, end)
+            values = torch.cat([state.v[i], v], dim=2)
+            q = layer.positions.query(q_raw, pos[start - k_start :])
+            keys = layer.positions.key(keys_raw, pos)
+            heads = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
+            out = layer.attend_residual(x, heads)
+            if i == self.recurrent_index:
+                cross, cells = self._recurrent(h, cells, keys_raw, values, first * size - k_start, n_done, n_blocks, start - first * size)
+                out = out + self.cell.cross_o_proj(cross.transpose(1, 2).flatten(-2))
+            x = layer.feed_forward(out)
+            new_k.append(keys_raw[:, :, drop:])
+            new_v.append(values[:, :, drop:])
+        return x, BRTState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, cells=cells)
+
+    def _recurrent(
+        self, h: Tensor, cells: Tensor, keys_raw: Tensor, values: Tensor, lo: int, n_done: int, n_blocks: int, pad: int
+    ) -> tuple[Tensor, Tensor]:
+        """The recurrent layer's state side for one call: the scan over the completed
+        blocks (``lo``: index of the first touched block's first key in ``keys_raw``) and
+        the tokens' cross-attention to the states of their block, batched over blocks.
+        ``h`` (B, T, D) normed token inputs, ``pad`` the first token's offset in its block.
+        Returns the cross-attention heads (B, H, T, Dh) and the last states (B, S, D)."""
+        cell, size, t = self.cell, self.block_size, h.shape[1]
+        state_k, state_v = [], []
+        for j in range(n_blocks):
+            hs = cell.state_inputs(cells)
+            sk, sv = cell.state_kv(hs)
+            state_k.append(sk)
+            state_v.append(sv)
+            if j < n_done:
+                block = slice(lo + j * size, lo + (j + 1) * size)
+                cells = cell.update(cells, hs, sk, sv, keys_raw[:, :, block], values[:, :, block], self.backend)
+        qc = cell.split_heads(cell.cross_q_proj(h))  # (B, H, T, Dh), no positions
+        qc = F.pad(qc, (0, 0, pad, n_blocks * size - pad - t)).unflatten(2, (n_blocks, size))  # (B, H, nb, L, Dh)
+        # blocks into the batch: queries (B·nb, H, L, Dh) against their block's states (B·nb, Hkv, S, Dh)
+        cross = ops.dense(
+            qc.transpose(1, 2).flatten(0, 1), torch.stack(state_k, 1).flatten(0, 1), torch.stack(state_v, 1).flatten(0, 1),
+            scale=self.head_dim**-0.5, backend=self.backend,
+        )
+        cross = cross.unflatten(0, (h.shape[0], n_blocks)).transpose(1, 2).flatten(2, 3)[:, :, pad : pad + t]
+        return cross, cells
