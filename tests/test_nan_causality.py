@@ -14,10 +14,8 @@ from memzoo import ops
 from memzoo.errors import InputError
 
 torch.set_num_threads(1)
-OPTIONS = {
-    "bswa": {"memory_blocks": 1}, "fam": {"memory_blocks": 1, "fam_len": 2}, "xl": {"memory_len": 4},
-    "full": {}, "rmt": {"num_memory_tokens": 2},
-}
+#: every registered variant at its first conformance setting (small, block_size 4)
+OPTIONS = {name: dict(memzoo.get_variant(name).config.conformance_options[0]) for name in memzoo.list_variants()}
 
 
 def runnable_backends() -> list[str]:
