@@ -238,6 +238,22 @@ def test_a_leaderboard_missing_some_rows_still_renders(tmp_path: Path) -> None:
     assert "| `full` |" in md and "–" in md
 
 
+@pytest.mark.parametrize("value", ["NaN", '"0.5"', "Infinity", "true"])
+def test_render_refuses_an_edited_leaderboard_naming_it(value: str, tmp_path: Path, capsys) -> None:
+    config = CompareConfig(task="passkey", variants=("bswa",), **MICRO)
+    written = write_leaderboard(build_leaderboard(config, compare_runs(config, quiet=True)), tmp_path)
+    path = Path(written["json"])
+    data = json.loads(path.read_text())
+    text = json.dumps(data).replace(f'"value": {data["rows"][0]["value"]}', f'"value": {value}', 1)
+    path.write_text(text)
+    md_before = Path(written["md"]).read_text()
+    capsys.readouterr()
+    assert main(["render", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"memzoo: error: {path} is not a valid leaderboard file: rows.0.value") and err.count("\n") == 1
+    assert path.read_text() == text and Path(written["md"]).read_text() == md_before  # nothing rewritten
+
+
 # --------------------------------------------------------------- 4, 5. settings
 def test_variant_options_are_checked_for_every_variant_before_any_run(count_runs) -> None:
     base = dict(task="passkey", **MICRO)
