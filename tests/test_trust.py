@@ -109,6 +109,14 @@ def test_cli_exit_status_says_a_run_diverged(tmp_path: Path, capsys) -> None:
     assert main(args) == EXIT_DIVERGED
 
 
+def test_compare_warns_about_a_diverged_run() -> None:
+    from memzoo.compare import compare
+
+    with pytest.warns(RuntimeWarning, match="bswa seed 0 diverged at step"):
+        rows = compare(["bswa"], "passkey", **{**MICRO, "train": {**MICRO["train"], "steps": 30, "lr": 1e4}})
+    assert rows == []
+
+
 def test_infinite_learning_rates_are_refused() -> None:
     for lr in (math.inf, math.nan):
         with pytest.raises(ValidationError, match="finite"):

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -469,7 +470,8 @@ def compare(
     **fields: Any,
 ) -> list[ResultRow]:
     """Train and evaluate ``variants`` (default: every registered one) on ``task`` under
-    the same budget and seeds; return tidy :class:`ResultRow` rows.
+    the same budget and seeds; return tidy :class:`ResultRow` rows. A run that diverged
+    has no rows; a ``RuntimeWarning`` says which (``compare_runs`` gives its record).
 
     ``fields`` are :class:`CompareConfig` fields (``seeds``, ``model``, ``train``,
     ``eval``, ``task_options``, ``variant_options``, ``backend``, ``device``); nested
@@ -487,4 +489,9 @@ def compare(
         base = settings_preset(preset, task) if preset is not None else {"task": task}
         config = CompareConfig(**merge(base, {**fields, "variants": tuple(variants or ())}))
     records = compare_runs(config, results_dir=results_dir, progress=progress, quiet=quiet, threads=threads, jobs=jobs)
+    from memzoo.compare.leaderboard import describe_divergence
+
+    for record in records:  # a diverged run has no rows: say so, never just leave it out
+        if record.status == "diverged":
+            warnings.warn(f"{describe_divergence(record.summary())}: it has no rows", RuntimeWarning, stacklevel=2)
     return [row for record in records for row in record.rows]
