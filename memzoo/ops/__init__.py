@@ -77,7 +77,17 @@ def check_finite(enabled: bool = True) -> Iterator[None]:
 
 
 def _all_finite(*tensors: Tensor | None) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+    """False if any value is NaN or inf, with one reduction per tensor and one sync: a sum
+    is finite unless a value is not (NaN and inf propagate) or the sum overflows, which
+    only sends a finite call down the exact, slower path. Summed in at least float32, so
+    half-precision sums do not overflow."""
+    total = None
+    for t in tensors:
+        if t is None:
+            continue
+        part = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        total = part if total is None else total + part
+    return total is None or bool(torch.isfinite(total))
 
 
 def _refuse_non_finite(**named: Tensor | None) -> None:
