@@ -101,3 +101,17 @@ def test_check_finite_refuses_non_finite_input_when_asked() -> None:
             bb(x)
         with ops.check_finite():
             bb(torch.randn(1, 8, 16))  # finite input passes
+
+
+def test_finite_values_whose_sum_overflows_give_the_backend_result() -> None:
+    """The dispatcher's finiteness check is a sum: an overflowing sum of finite values
+    takes the slower path, which must give exactly the backend's own result."""
+    torch.manual_seed(3)
+    q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4)
+    v = torch.full((1, 2, 8, 4), 3e38)
+    layout = ops.BlockLayout(block_size=4, window=4)
+    for backend in BACKENDS:
+        direct = ops.get_backend(backend).attend(q, k, v, layout=layout, q_start=0, scale=0.5)
+        routed = ops.attend(q, k, v, layout=layout, q_start=0, scale=0.5, backend=backend)
+        assert torch.equal(torch.isfinite(routed), torch.isfinite(direct)), backend
+        assert torch.equal(routed[torch.isfinite(direct)], direct[torch.isfinite(direct)]), backend
