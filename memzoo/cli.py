@@ -10,7 +10,9 @@ before any training. ``memzoo compare`` exits 3 when a run diverged (its numbers
 not published; the table and the summary say which).
 
 Subcommands are registered in one place: :func:`register_command` (a name, a help
-line, a function that adds its arguments, a function that runs it).
+line, a function that adds its arguments, a function that runs it). A subcommand
+living in its own module registers itself on import; name that module in
+:data:`COMMAND_MODULES` (one line) and ``memzoo`` imports it when it builds its parser.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
+#: modules that register further subcommands when imported (``register_command`` at import)
+COMMAND_MODULES: list[str] = []
 
 
 def register_command(command: Command) -> Command:
@@ -121,6 +125,10 @@ def register_command(command: Command) -> Command:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
     parser = _Parser(
         prog="memzoo", description="memzoo: a zoo of attention-memory architectures behind one streaming interface."
     )

@@ -361,6 +361,22 @@ def test_python_api_refuses_bad_jobs_and_threads(kwargs: dict, count_runs) -> No
     assert count_runs == []
 
 
+def test_a_subcommand_is_added_by_one_registration(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from memzoo import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+
+    def add(p) -> None:  # type: ignore[no-untyped-def]
+        p.add_argument("--n", type=int, required=True)
+
+    cli.register_command(cli.Command("echo_test", "print N", add, lambda args, argv: print(args.n) or 0))
+    assert main(["echo_test", "--n", "3"]) == 0 and capsys.readouterr().out == "3\n"
+    assert main(["echo_test", "--n", "x"]) == 2
+    assert capsys.readouterr().err.startswith("memzoo: error: echo_test: argument --n")
+    with pytest.raises(ValueError, match="already registered"):
+        cli.register_command(cli.Command("compare", "again", add, lambda args, argv: 0))
+
+
 def test_cli_refuses_an_out_that_is_a_file_and_render_errors(tmp_path: Path, count_runs, capsys) -> None:
     afile = tmp_path / "f"
     afile.write_text("x")
