@@ -58,7 +58,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from memzoo import ops
-from memzoo.config import BackboneConfig, VariantConfig
+from memzoo.config import MAX_WIDTH, BackboneConfig, VariantConfig
 from memzoo.layers import MLP
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
@@ -67,7 +67,7 @@ from memzoo.variants.base import Backbone
 from memzoo.variants.naive import brt_reference  # noqa: F401  (the slow reference, kept with the others)
 
 class BRTConfig(VariantConfig):
-    num_states: int = Field(64, ge=1, description="S: state vectors of the recurrent layer (paper: 512, = the block size)")
+    num_states: int = Field(64, ge=1, le=MAX_WIDTH, description="S: state vectors of the recurrent layer (paper: 512, = the block size)")
     recurrent_layer: int = Field(
         -1, description="index of the recurrent layer, negative from the end (paper: layer 10 of 12, i.e. 9 or -3)"
     )

@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from memzoo import ops
-from memzoo.config import NOT_IN_FINGERPRINT, BackboneConfig, VariantConfig
+from memzoo.config import MAX_POSITION, MAX_TOKENS, MAX_WIDTH, NOT_IN_FINGERPRINT, BackboneConfig, VariantConfig
 from memzoo.errors import StateError
 from memzoo.layers import DecoderLayer
 from memzoo.ops import BlockLayout
@@ -51,14 +51,14 @@ from memzoo.variants.base import Backbone
 
 
 class FAMConfig(VariantConfig):
-    memory_blocks: int = Field(3, ge=0, description="m: previous blocks every query sees in full (paper default 3)")
-    fam_len: int = Field(64, ge=0, description="F: feedback memory vectors per layer (paper 64); 0 = plain BSWA")
+    memory_blocks: int = Field(3, ge=0, le=MAX_TOKENS, description="m: previous blocks every query sees in full (paper default 3)")
+    fam_len: int = Field(64, ge=0, le=MAX_WIDTH, description="F: feedback memory vectors per layer (paper 64); 0 = plain BSWA")
     stop_gradient_memory: bool = Field(
         False, description="detach the memory blocks' keys/values (BSWA ablation M1_SG); the FAM is never detached",
         json_schema_extra=NOT_IN_FINGERPRINT,
     )
     position_offset_max: int = Field(
-        0, ge=0, description="Random Position Offset: in training, each sequence's positions shift by U[0, max), zeroed with prob. 1/2 (paper ~63000); 0 = off",
+        0, ge=0, le=MAX_POSITION, description="Random Position Offset: in training, each sequence's positions shift by U[0, max), zeroed with prob. 1/2 (paper ~63000); 0 = off",
         json_schema_extra=NOT_IN_FINGERPRINT,
     )
     init: Literal["prompt", "prefix"] = Field(

@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from memzoo import ops
-from memzoo.config import NOT_IN_FINGERPRINT, VariantConfig
+from memzoo.config import MAX_POSITION, MAX_WIDTH, NOT_IN_FINGERPRINT, VariantConfig
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
@@ -42,10 +42,10 @@ from memzoo.variants.naive import rmt_reference  # noqa: F401  (the slow referen
 
 
 class RMTConfig(VariantConfig):
-    num_memory_tokens: int = Field(10, ge=0, description="K: memory tokens read at the start and written at the end of every segment")
+    num_memory_tokens: int = Field(10, ge=0, le=MAX_WIDTH, description="K: memory tokens read at the start and written at the end of every segment")
     # 0 rather than None for "never truncate": registry cards are TOML, which has no null
     bptt_segments: int = Field(
-        0, ge=0, description="0: backpropagate through every segment; N: detach the read memory of every N-th segment",
+        0, ge=0, le=MAX_POSITION, description="0: backpropagate through every segment; N: detach the read memory of every N-th segment",
         json_schema_extra=NOT_IN_FINGERPRINT,
     )
 
