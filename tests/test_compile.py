@@ -67,3 +67,23 @@ def test_compiled_decode_equals_eager(name, opts):
             kit.assert_close(b, a, f"{name}: compiled decode step {i} vs eager")
     kit.assert_states_equal(compiled_state, eager_state, f"{name}: state after compiled decode")
     torch._dynamo.reset()
+
+
+def test_compiled_attention_keeps_non_finite_keys_out_of_sight():
+    """Inside a compiled graph the dispatcher's non-finite handling runs without a host
+    sync and gives what eager gives: a NaN key reaches exactly the queries that see it."""
+    from memzoo import ops
+
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3))
+    k[0, 0, 5, 1] = float("nan")
+    layout = ops.BlockLayout(block_size=4, window=4)
+
+    def attend(q, k, v):
+        return ops.attend(q, k, v, layout=layout, q_start=0, scale=8**-0.5, backend="sdpa")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="eager", fullgraph=True)(q, k, v)
+    eager = attend(q, k, v)
+    assert torch.equal(compiled.isnan(), eager.isnan()) and eager[0, 0, :4].isfinite().all() and eager[0, 0, 5].isnan().all()
+    kit.assert_close(torch.nan_to_num(compiled), torch.nan_to_num(eager), "compiled vs eager attention with a NaN key")
+    torch._dynamo.reset()

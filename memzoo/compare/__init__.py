@@ -14,7 +14,17 @@ import sys
 import types
 
 from memzoo.compare.leaderboard import build_leaderboard, markdown, markdown_table, write_leaderboard
-from memzoo.compare.results import Leaderboard, Provenance, ResultRow, RunRecord, RunSpec, load_leaderboard
+from memzoo.compare.results import (
+    Divergence,
+    Leaderboard,
+    Provenance,
+    ResultRow,
+    ResultsFileError,
+    RunRecord,
+    RunSpec,
+    RunSummary,
+    load_leaderboard,
+)
 from memzoo.compare.runner import compare, compare_runs
 from memzoo.compare.settings import (
     PRESETS,
@@ -28,8 +38,8 @@ from memzoo.compare.settings import (
 )
 
 __all__ = [
-    "PRESETS", "SMALL_SETTING_DEFAULTS", "CompareConfig", "EvalSettings", "Leaderboard", "ModelSettings", "Provenance",
-    "ResultRow", "RunRecord", "RunSpec", "TrainSettings", "build_leaderboard", "compare", "compare_runs", "load_leaderboard",
+    "PRESETS", "SMALL_SETTING_DEFAULTS", "CompareConfig", "Divergence", "EvalSettings", "Leaderboard", "ModelSettings",
+    "Provenance", "ResultRow", "ResultsFileError", "RunRecord", "RunSpec", "RunSummary", "TrainSettings", "build_leaderboard", "compare", "compare_runs", "load_leaderboard",
     "markdown", "markdown_table", "preset", "variant_options", "write_leaderboard",
 ]
 

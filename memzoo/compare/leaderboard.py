@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
-from memzoo.compare.results import Leaderboard, ResultRow, RunRecord, dump, write_atomic
+from memzoo.compare.results import Leaderboard, ResultRow, RunRecord, RunSummary, dump, write_atomic
 from memzoo.compare.settings import CompareConfig
 
 
@@ -34,13 +34,42 @@ def _kib(n: float) -> str:
     return f"{n / 1024:.1f}"
 
 
-def markdown_table(rows: list[ResultRow], metric: str | None = None) -> str:
+def diverged_runs(runs: Iterable[RunSummary]) -> list[RunSummary]:
+    return [r for r in runs if r.status == "diverged"]
+
+
+def describe_divergence(run: RunSummary) -> str:
+    """``bswa seed 0 diverged at step 3 (loss 3.4e+06 exceeds 28.9; last finite loss 2.81)``."""
+    d = run.divergence
+    if d is None:
+        return f"{run.variant} seed {run.seed} diverged"
+    last = "none" if d.last_finite_loss is None else f"{d.last_finite_loss:.4g}"
+    return f"{run.variant} seed {run.seed} diverged at step {d.step} ({d.reason}; last finite loss {last})"
+
+
+def divergence_notes(runs: Iterable[RunSummary]) -> str:
+    """Markdown lines for the runs that diverged (they have no scores), or ''."""
+    bad = diverged_runs(runs)
+    if not bad:
+        return ""
+    return "\n".join(["**Diverged runs** (no scores; in no mean or plot):", *(f"- `{describe_divergence(r)}`" for r in bad)]) + "\n"
+
+
+def markdown_table(rows: list[ResultRow], metric: str | None = None, runs: Iterable[RunSummary] = ()) -> str:
     """The headline table: one line per variant, one column per eval length, plus
-    parameters, state size at the longest length, training throughput and wall time."""
+    parameters, state size at the longest length, training throughput and wall time.
+    A variant whose every run diverged gets a line saying so instead of numbers; a
+    variant with some diverged seeds is marked ``†`` (its cells are over the others)."""
+    runs = list(runs)
+    bad = diverged_runs(runs)
     if not rows:
+        if bad:
+            return "| variant | status |\n|---|---|\n" + "".join(
+                f"| `{v}` | diverged (every run) |\n" for v in sorted({r.variant for r in bad})
+            ) + "\n" + divergence_notes(runs)
         return "(no results)\n"
     metric = metric or rows[0].metric
-    variants = sorted({r.variant for r in rows})
+    variants = sorted({r.variant for r in rows} | {r.variant for r in bad})
     lengths = sorted({r.eval_length for r in rows})
     seeds = sorted({r.seed for r in rows})
     train_length = rows[0].train_length
@@ -50,23 +79,33 @@ def markdown_table(rows: list[ResultRow], metric: str | None = None) -> str:
         f"{n}{' (train)' if n == train_length else ''}" for n in lengths
     ] + ["params", f"state KiB @{lengths[-1]}", "train tok/s", "wall s", "backend"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    marked = False
     for v in variants:
         mine = [r for r in rows if r.variant == v]
+        if not mine:
+            lines.append("| " + " | ".join([f"`{v}`", *(["diverged"] * len(lengths)), "–", "–", "–", "–", "–"]) + " |")
+            continue
+        mark = " †" if any(r.variant == v for r in bad) else ""
+        marked = marked or bool(mark)
         longest = [r for r in mine if r.eval_length == lengths[-1]]
         per_seed = {r.seed: r for r in mine}
         cells = [cell(values[(v, n)]) if values.get((v, n)) else "–" for n in lengths]
         lines.append(
             "| " + " | ".join([
-                f"`{v}`",
+                f"`{v}`{mark}",
                 *cells,
                 f"{mine[0].parameters:,}",
-                _kib(max(r.state_bytes for r in longest)),
+                _kib(max(r.state_bytes for r in longest)) if longest else "–",
                 f"{statistics.fmean(r.tokens_per_s for r in per_seed.values()):,.0f}",
                 f"{statistics.fmean(r.wall_s for r in per_seed.values()):.0f}",
                 "+".join(sorted({r.backend for r in mine})),
             ]) + " |"
         )
     note = f"\n{len(seeds)} seed(s): {', '.join(map(str, seeds))}; cells are mean ± standard deviation over seeds.\n"
+    if marked:
+        note += "† some runs of this variant diverged: its cells are over the runs that did not.\n"
+    if bad:
+        note += "\n" + divergence_notes(runs)
     return "\n".join(lines) + "\n" + note
 
 
@@ -98,7 +137,8 @@ def _slice_key(s: str) -> tuple[str, float]:
 def markdown(board: Leaderboard, image: str | None = None) -> str:
     rows = list(board.rows)
     if not rows:
-        return f"# {board.task}\n\n(no results)\n"
+        shown = f"![{board.task}: every run diverged]({image})\n\n" if image and board.runs else ""
+        return f"# `{board.task}` leaderboard\n\n" + shown + markdown_table([], runs=board.runs)
     headline = rows[0].metric
     lengths = sorted({r.eval_length for r in rows})
     parts = [f"# `{board.task}` leaderboard\n"]
@@ -106,7 +146,7 @@ def markdown(board: Leaderboard, image: str | None = None) -> str:
         parts.append(f"![{board.task}: {headline} vs length]({image})\n")
     if board.command:
         parts.append(f"Made by:\n\n```\n{board.command}\n```\n")
-    parts.append(markdown_table(rows, headline))
+    parts.append(markdown_table(rows, headline, board.runs))
     for n in lengths:
         table = slice_table(rows, headline, n)
         if table:
@@ -117,8 +157,8 @@ def markdown(board: Leaderboard, image: str | None = None) -> str:
     s = board.settings
     parts.append(
         "Settings: "
-        f"model {s['model']}; train {s['train']}; eval {s['eval']} at lengths {board.eval_lengths}; "
-        f"task options {s['task_options']}; variant options {board.variant_options}.\n"
+        f"model {s.get('model', '?')}; train {s.get('train', '?')}; eval {s.get('eval', '?')} at lengths "
+        f"{board.eval_lengths}; task options {s.get('task_options', '?')}; variant options {board.variant_options}.\n"
     )
     return "\n".join(parts)
 
@@ -132,6 +172,7 @@ def build_leaderboard(config: CompareConfig, records: list[RunRecord], command: 
         settings=settings,
         eval_lengths=list(config.eval_lengths),
         variant_options={r.spec.variant: r.spec.variant_options for r in records},
+        runs=[r.summary() for r in records],
         rows=[row for r in records for row in r.rows],
     )
 
@@ -143,6 +184,7 @@ def write_leaderboard(board: Leaderboard, out: str | Path, *, stem: str | None =
 
     out = Path(out)
     stem = stem or board.task
+    markdown(board, image=f"{stem}.png")  # fails here, before any file is written, if the board cannot be shown
     written: dict[str, Path | str] = {}
     json_path = out / f"{stem}.json"
     write_atomic(json_path, dump(board))

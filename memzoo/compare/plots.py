@@ -27,6 +27,8 @@ def plot_headline(board: Leaderboard, path: Path) -> Path | str:
     except ImportError:
         return MISSING
     rows = [r for r in board.rows if r.slice == "all"]
+    if not rows and board.runs and all(r.status == "diverged" for r in board.runs):
+        return _diverged_only(board, path, plt)
     if not rows:
         return "no rows to plot"
     metric = board.rows[0].metric
@@ -40,7 +42,11 @@ def plot_headline(board: Leaderboard, path: Path) -> Path | str:
         means = [statistics.fmean(series[variant][n]) for n in lengths]
         lo = [m - min(series[variant][n]) for m, n in zip(means, lengths)]
         hi = [max(series[variant][n]) - m for m, n in zip(means, lengths)]
-        ax.errorbar(lengths, means, yerr=[lo, hi], marker="o", capsize=3, label=variant)
+        gone = sorted(r.seed for r in board.runs if r.variant == variant and r.status == "diverged")
+        label = variant + (f" (seed {', '.join(map(str, gone))} diverged)" if gone else "")
+        ax.errorbar(lengths, means, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    for variant in sorted({r.variant for r in board.runs if r.status == "diverged"} - set(series)):
+        ax.plot([], [], linestyle="none", marker="x", color="red", label=f"{variant}: diverged (no scores)")
     ax.axvline(rows[0].train_length, color="grey", linestyle=":", label="train length")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("evaluation length (tokens)")
@@ -50,6 +56,22 @@ def plot_headline(board: Leaderboard, path: Path) -> Path | str:
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def _diverged_only(board: Leaderboard, path: Path, plt) -> Path:  # type: ignore[no-untyped-def]
+    """The plot when every run diverged: no axes to read numbers from, just which runs and when."""
+    from memzoo.compare.leaderboard import describe_divergence
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.axis("off")
+    lines = [describe_divergence(r) for r in board.runs]
+    ax.text(0.02, 0.98, f"{board.task}: every run diverged (no scores)\n\n" + "\n".join(lines), va="top", ha="left",
+            fontsize="small", wrap=True, transform=ax.transAxes)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

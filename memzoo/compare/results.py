@@ -2,7 +2,10 @@
 
 * :class:`ResultRow` — one tidy row: one (variant, task, seed, eval length, metric, slice).
 * :class:`RunRecord` — one (variant, task, seed) run: its exact settings, their hash,
-  a short loss log and its rows. Written once, atomically, when the run finishes.
+  a short loss log, its status (``finished``, or ``diverged`` with the step and the
+  last finite loss: then it has no rows) and its rows. Written once, atomically, when
+  the run finishes, with ``content_hash``: a hash of everything else in the file
+  (spec and config hash included), checked whenever the file is loaded again.
 * :class:`Leaderboard` — every row of a comparison plus the settings and the command
   that made it; the JSON file in ``leaderboards/``.
 
@@ -19,16 +22,18 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-RUN_SCHEMA = "memzoo.compare.run/1"
+from memzoo.errors import MemzooError
+
+RUN_SCHEMA = "memzoo.compare.run/2"
 LEADERBOARD_SCHEMA = "memzoo.compare.leaderboard/1"
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Provenance(_Strict):
@@ -82,16 +87,54 @@ class RunSpec(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+class Divergence(_Strict):
+    """Why a run's numbers are not published: its training loss went non-finite or
+    exploded (or its weights or scores did)."""
+
+    step: int = Field(ge=0, description="the training step (0-based) at which it was detected")
+    last_finite_loss: float | None = Field(description="the last finite training loss before it, None if none")
+    reason: str
+
+
+class RunSummary(_Strict):
+    """One run's status in a leaderboard (a diverged run has no rows)."""
+
+    variant: str
+    seed: int
+    status: Literal["finished", "diverged"]
+    divergence: Divergence | None = None
+
+
 class RunRecord(_Strict):
-    schema_: Literal["memzoo.compare.run/1"] = Field(RUN_SCHEMA, alias="schema")
+    schema_: Literal["memzoo.compare.run/2"] = Field(RUN_SCHEMA, alias="schema")
     spec: RunSpec
     config_hash: str
-    losses: list[float] = Field(description="training loss (nats, scored positions) at log_every steps")
+    status: Literal["finished", "diverged"] = "finished"
+    divergence: Divergence | None = Field(None, description="set when status is 'diverged'")
+    losses: list[float | None] = Field(
+        description="training loss (nats, scored positions) at log_every steps; None where it was not finite"
+    )
     log_every: int
     carried_steps: int = Field(description="steps that started from the previous step's state (RSP)")
+    provenance: Provenance = Field(description="what made the run (also in every row; here for a diverged run too)")
     rows: list[ResultRow]
+    content_hash: str = Field("", description="hash of the rest of the file (see content_hash()); checked on load")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False)
+
+    def computed_hash(self) -> str:
+        """sha256 of the file's canonical JSON without ``content_hash``: it covers the
+        spec, the config hash, the status, the losses and every row."""
+        body = self.model_dump(mode="json", by_alias=True, exclude={"content_hash"})
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def sealed(self) -> "RunRecord":
+        """This record with its ``content_hash`` filled in (what is written to disk)."""
+        return self.model_copy(update={"content_hash": self.computed_hash()})
+
+    def summary(self) -> RunSummary:
+        return RunSummary(variant=self.spec.variant, seed=self.spec.seed, status=self.status, divergence=self.divergence)
 
 
 class Leaderboard(_Strict):
@@ -101,9 +144,12 @@ class Leaderboard(_Strict):
     settings: dict[str, Any] = Field(description="the CompareConfig (variants resolved): CompareConfig.model_validate(settings)")
     eval_lengths: list[int]
     variant_options: dict[str, dict[str, Any]] = Field(description="each variant's own fields as run")
+    runs: list[RunSummary] = Field(
+        default_factory=list, description="every run's status; a diverged run is listed here and has no rows"
+    )
     rows: list[ResultRow]
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
@@ -137,5 +183,31 @@ def load(path: str | Path, cls: type[M]) -> M:
     return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
 
+class ResultsFileError(MemzooError):
+    """A results file that cannot be read or is not a valid one (the message names it)."""
+
+
 def load_leaderboard(path: str | Path) -> Leaderboard:
-    return load(path, Leaderboard)
+    """Read a leaderboard file; a missing, unreadable or invalid file raises
+    :class:`ResultsFileError` naming it and saying what is wrong."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResultsFileError(f"cannot read leaderboard {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    try:
+        return Leaderboard.model_validate_json(text)
+    except ValidationError as exc:
+        raise ResultsFileError(f"{path} is not a valid leaderboard file: {one_line(exc)}") from None
+
+
+def one_line(exc: ValidationError, most: int = 3) -> str:
+    """A pydantic error in one line: ``where: what (got ...)``, the first few."""
+    parts = []
+    for e in exc.errors()[:most]:
+        where = ".".join(str(x) for x in e["loc"])
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if e["type"] in ("json_invalid", "value_error", "assertion_error") or isinstance(got, dict) else f" (got {got!r:.60})"
+        parts.append(f"{where}: {msg}{shown}" if where else f"{msg}")
+    more = len(exc.errors()) - most
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

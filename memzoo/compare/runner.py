@@ -12,11 +12,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
+import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
+import warnings
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -25,8 +31,11 @@ import torch
 import memzoo
 from memzoo import ops
 from memzoo.compare.progress import Progress
-from memzoo.compare.results import Provenance, ResultRow, RunRecord, RunSpec, dump, load, write_atomic
+from pydantic import ValidationError
+
+from memzoo.compare.results import Divergence, Provenance, ResultRow, RunRecord, RunSpec, dump, one_line, write_atomic
 from memzoo.compare.settings import CompareConfig, merge, variant_options
+from memzoo.errors import MemzooError
 from memzoo.compare.settings import preset as settings_preset
 from memzoo.compare.trainer import evaluate, train
 from memzoo.tasks import Task, make_task
@@ -92,13 +101,26 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
     ).to(spec.device)
     parameters = sum(p.numel() for p in model.parameters())
     bar = Progress(config.train.steps, f"{spec.task} {spec.variant} seed {spec.seed}", enabled=progress)
+    diverged: Divergence | None = None
+    evals = {}
     with ops.record_backends() as record:
         report = train(model, task, config.train, seed=spec.seed, progress=bar)
         bar.close()
-        evals = {
-            n: evaluate(model, task, n, config.eval, chunk_len=config.eval_chunk, seed=spec.seed)
-            for n in spec.eval_lengths
-        }
+        if report.diverged is not None:
+            d = report.diverged
+            diverged = Divergence(step=d.step, last_finite_loss=d.last_finite_loss, reason=d.reason)
+        else:
+            for n in spec.eval_lengths:
+                evals[n] = evaluate(model, task, n, config.eval, chunk_len=config.eval_chunk, seed=spec.seed)
+                bad = [f"{m} ({s})" for m, by in evals[n].scores.items() for s, v in by.items() if not math.isfinite(v)]
+                if bad:
+                    last = next((x for x in reversed(report.losses) if math.isfinite(x)), None)
+                    diverged = Divergence(
+                        step=config.train.steps, last_finite_loss=last,
+                        reason=f"evaluation at length {n} gave non-finite {', '.join(bad)}",
+                    )
+                    evals = {}
+                    break
     wall = time.perf_counter() - start
     provenance = Provenance(
         memzoo_version=memzoo.__version__,
@@ -134,21 +156,122 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
         for slice_, value in by_slice.items()
     ]
     every = max(1, len(report.losses) // LOSS_POINTS)
+    logged = report.losses[::every]
+    if report.diverged is not None and report.losses and (len(report.losses) - 1) % every:
+        logged.append(report.losses[-1])  # the loss that diverged is always kept
     return RunRecord(
         spec=spec,
         config_hash=spec.config_hash,
-        losses=report.losses[::every],
+        status="finished" if diverged is None else "diverged",
+        divergence=diverged,
+        losses=[x if math.isfinite(x) else None for x in logged],
         log_every=every,
         carried_steps=report.carried_steps,
+        provenance=provenance,
         rows=rows,
-    )
+    ).sealed()
+
+
+def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
+    """Why a loaded run file is not the finished run of ``spec`` (empty: it is): its
+    content hash, spec and config hash, and rows that are exactly one per (eval
+    length, metric, slice) of the task, for this variant, task and seed, in range."""
+    problems = []
+    if record.content_hash != record.computed_hash():
+        problems.append("its content hash does not match its contents (edited or damaged)")
+    if record.spec != spec or record.config_hash != spec.config_hash or record.spec.config_hash != record.config_hash:
+        problems.append("its spec or config hash is not this run's")
+    if problems:
+        return problems
+    if record.status == "diverged":
+        if record.divergence is None or record.rows:
+            problems.append("a diverged run must have a divergence and no rows")
+        return problems
+    if record.divergence is not None:
+        problems.append("a finished run has a divergence")
+    if record.provenance.config_hash != spec.config_hash:
+        problems.append("its provenance config hash is not this run's")
+    task = make_task(spec.task, **spec.task_options)
+    from memzoo.compare.settings import EvalSettings
+    from memzoo.compare.trainer import seeded
+
+    eval_settings = EvalSettings.model_validate(spec.eval)
+    kinds = dict(task.metrics)
+    expected = set()
+    for n in spec.eval_lengths:
+        groups = task.sample(eval_settings.examples, n, seeded("eval-data", task.name, spec.seed, n), split="eval").groups
+        expected |= {(n, m, s) for m in kinds for s in {"all", *groups}}
+    seen: dict[tuple[int, str, str], int] = {}
+    for r in record.rows:
+        key = (r.eval_length, r.metric, r.slice)
+        seen[key] = seen.get(key, 0) + 1
+        if (r.variant, r.task, r.seed, r.train_length) != (spec.variant, spec.task, spec.seed, spec.train["length"]):
+            problems.append(
+                f"a row is labelled variant {r.variant!r}, task {r.task!r}, seed {r.seed}, train length {r.train_length}"
+            )
+            break
+        kind = kinds.get(r.metric)
+        if kind in ("exact", "token_accuracy") and not 0.0 <= r.value <= 1.0 or kind == "bits" and r.value < 0:
+            problems.append(f"{r.metric} at length {r.eval_length} ({r.slice}) is {r.value}, out of range")
+            break
+        if r.higher_is_better != task.higher_is_better or r.provenance != record.provenance:
+            problems.append("a row's higher_is_better or provenance is not this run's")
+            break
+    missing, extra = expected - set(seen), set(seen) - expected
+    doubled = sorted(k for k, c in seen.items() if c > 1)
+    if missing:
+        problems.append(f"rows are missing for {_keys(missing)}")
+    if extra:
+        problems.append(f"it has rows this run does not make: {_keys(extra)}")
+    if doubled:
+        problems.append(f"rows appear more than once: {_keys(doubled)}")
+    return problems
+
+
+def _keys(keys) -> str:  # type: ignore[no-untyped-def]
+    shown = sorted(keys)[:4]
+    text = ", ".join(f"length {n} {m} ({s})" for n, m, s in shown)
+    return text + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def load_finished(path: Path, spec: RunSpec) -> tuple[RunRecord | None, str | None]:
+    """(the verified run of ``spec`` at ``path``, None), (None, None) when there is no
+    file, or (None, why) when the file does not parse or does not verify."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"cannot be read ({exc})"
+    try:
+        record = RunRecord.model_validate_json(text)
+    except ValidationError as exc:
+        return None, f"is not a valid run file ({one_line(exc)})"
+    problems = check_record(record, spec)
+    if problems:
+        return None, "does not verify: " + "; ".join(problems)
+    return record, None
+
+
+def set_aside(path: Path) -> Path | None:
+    """Move a bad run file out of the way (never delete it) to
+    ``<name>.rejected-<UTC time>-<pid>-<random>``: a name no one else uses, so nothing is
+    overwritten, and one atomic rename, so of several processes setting the same file
+    aside exactly one moves it. None if it is already gone (another process moved or replaced it)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.rejected-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None
+    return target
 
 
 def _code_changed(record: RunRecord) -> str | None:
     """Why a loaded run may be stale (made by other code than this process runs), or None."""
     commit, dirty = git_info()
-    made = record.rows[0].provenance if record.rows else None
-    if made is None or commit is None:
+    made = record.provenance
+    if commit is None:
         return None
     if made.git_commit != commit:
         return f"was made by commit {str(made.git_commit)[:12]}, this is {commit[:12]}"
@@ -178,21 +301,29 @@ def compare_runs(
     torch threads); results are identical to ``jobs=1``. Workers are fresh
     interpreters, so every variant and task must be importable (built in, or
     registered by an entry point)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise MemzooError(f"jobs must be an int >= 1 (1 = in this process), got {jobs!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise MemzooError(f"threads must be an int >= 1 or None (leave torch's setting), got {threads!r}")
     show = (sys.stderr.isatty() if progress is None else progress) and not quiet
     specs = [run_spec(config, v, s) for v in config.variant_names for s in config.seeds]
     records: dict[int, RunRecord] = {}
     todo: list[tuple[int, RunSpec, Path | None]] = []
     for i, spec in enumerate(specs):
         path = run_path(Path(results_dir), spec) if results_dir is not None else None
-        if path is not None and path.exists():
-            record = load(path, RunRecord)
-            if record.config_hash == spec.config_hash and record.spec == spec:
+        if path is not None:
+            record, why = load_finished(path, spec)
+            if record is not None:
                 _log(f"[{i + 1}/{len(specs)}] {spec.variant} seed {spec.seed}: finished before, loaded {path}", quiet)
                 stale = _code_changed(record)
                 if stale:  # the settings match, the code may not: never silent about it
                     print(f"memzoo compare: warning: {path} {stale}; delete it to recompute", file=sys.stderr, flush=True)
                 records[i] = record
                 continue
+            if why is not None:
+                moved = set_aside(path)
+                where = f"moved it to {moved.name}" if moved is not None else "it is gone now"
+                print(f"memzoo compare: warning: run file {path} {why}; {where}; running it again", file=sys.stderr, flush=True)
         todo.append((i, spec, path))
     if jobs <= 1:
         for i, spec, path in todo:
@@ -230,43 +361,85 @@ def run_in_workers(
     pending = list(todo)
     running: list[tuple[subprocess.Popen, int, RunSpec, IO[str], IO[str]]] = []
     _log(f"running {len(todo)} run(s) in up to {jobs} worker processes", quiet)
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                i, spec, path = pending.pop(0)
-                job = {"spec": spec.model_dump(mode="json"), "config": config.model_dump(mode="json"),
-                       "threads": threads, "path": str(path) if path is not None else None, "imports": modules}
-                out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "memzoo.compare.worker"], stdin=subprocess.PIPE, stdout=out, stderr=err, text=True
-                )
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps(job))
-                proc.stdin.close()
-                running.append((proc, i, spec, out, err))
-                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: training (worker {proc.pid})", quiet or bar_on)
-            time.sleep(0.1)
-            for entry in [e for e in running if e[0].poll() is not None]:
-                proc, i, spec, out, err = entry
-                running.remove(entry)
-                out.seek(0)
-                err.seek(0)
-                result, errors = out.read(), err.read()
-                out.close()
-                err.close()
-                if proc.returncode != 0:
-                    raise RuntimeError(
-                        f"worker for {spec.variant} seed {spec.seed} failed (exit {proc.returncode}):\n{errors[-4000:]}"
+    with _terminate_on_sigterm():
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    i, spec, path = pending.pop(0)
+                    job = {"spec": spec.model_dump(mode="json"), "config": config.model_dump(mode="json"),
+                           "threads": threads, "path": str(path) if path is not None else None, "imports": modules}
+                    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+                    # its own process group (killed as one); stdin stays open: the worker
+                    # stops itself when it reads EOF, i.e. when this process is gone (even SIGKILLed)
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "memzoo.compare.worker"], stdin=subprocess.PIPE, stdout=out, stderr=err,
+                        text=True, start_new_session=True,
                     )
-                records[i] = RunRecord.model_validate_json(result)
-                _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: done", quiet or bar_on)
-                if bar is not None:
-                    bar.update(1, f"{spec.variant} seed {spec.seed} done")
-        if bar is not None:
-            bar.close()
+                    running.append((proc, i, spec, out, err))
+                    assert proc.stdin is not None
+                    proc.stdin.write(json.dumps(job) + "\n")
+                    proc.stdin.flush()
+                    _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: training (worker {proc.pid})", quiet or bar_on)
+                time.sleep(0.1)
+                for entry in [e for e in running if e[0].poll() is not None]:
+                    proc, i, spec, out, err = entry
+                    running.remove(entry)
+                    _close(proc)
+                    out.seek(0)
+                    err.seek(0)
+                    result, errors = out.read(), err.read()
+                    out.close()
+                    err.close()
+                    if proc.returncode != 0:
+                        raise RuntimeError(
+                            f"worker for {spec.variant} seed {spec.seed} failed (exit {proc.returncode}):\n{errors[-4000:]}"
+                        )
+                    records[i] = RunRecord.model_validate_json(result)
+                    _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: done", quiet or bar_on)
+                    if bar is not None:
+                        bar.update(1, f"{spec.variant} seed {spec.seed} done")
+            if bar is not None:
+                bar.close()
+        finally:
+            for proc, *_ in running:
+                kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a worker and everything it started (its process group), and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    _close(proc)
+
+
+def _close(proc: subprocess.Popen) -> None:
+    if proc.stdin is not None and not proc.stdin.closed:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)`` in the main thread while workers run, so the
+    ``finally`` that kills their process groups runs (SIGINT already raises
+    KeyboardInterrupt; SIGKILL cannot be caught: the workers notice their stdin close)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
     finally:
-        for proc, *_ in running:
-            proc.kill()
+        signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager
@@ -297,7 +470,8 @@ def compare(
     **fields: Any,
 ) -> list[ResultRow]:
     """Train and evaluate ``variants`` (default: every registered one) on ``task`` under
-    the same budget and seeds; return tidy :class:`ResultRow` rows.
+    the same budget and seeds; return tidy :class:`ResultRow` rows. A run that diverged
+    has no rows; a ``RuntimeWarning`` says which (``compare_runs`` gives its record).
 
     ``fields`` are :class:`CompareConfig` fields (``seeds``, ``model``, ``train``,
     ``eval``, ``task_options``, ``variant_options``, ``backend``, ``device``); nested
@@ -315,4 +489,9 @@ def compare(
         base = settings_preset(preset, task) if preset is not None else {"task": task}
         config = CompareConfig(**merge(base, {**fields, "variants": tuple(variants or ())}))
     records = compare_runs(config, results_dir=results_dir, progress=progress, quiet=quiet, threads=threads, jobs=jobs)
+    from memzoo.compare.leaderboard import describe_divergence
+
+    for record in records:  # a diverged run has no rows: say so, never just leave it out
+        if record.status == "diverged":
+            warnings.warn(f"{describe_divergence(record.summary())}: it has no rows", RuntimeWarning, stacklevel=2)
     return [row for record in records for row in record.rows]

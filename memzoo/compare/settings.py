@@ -9,25 +9,62 @@ own fields differ; they come from one declared place, :data:`SMALL_SETTING_DEFAU
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+import json
+from typing import Annotated, Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
-from memzoo.errors import UnknownNameError
+from memzoo.errors import MemzooError, UnknownNameError
+
+#: an int that is an int (not a bool, not a string, not a float), also inside tuples
+StrictInt = Annotated[int, Strict()]
+#: a finite float (an int is accepted as a number; bools and strings are not)
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Settings are checked strictly, like :class:`memzoo.ModelConfig`: no coercion
+    (``true`` is not 1, ``"7"`` is not 7), finite floats only, unknown names refused.
+    Tuples also accept a JSON list (their items are still strict)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-class ModelSettings(_Strict):
-    """The shared model fields every variant is built with."""
+def _no_duplicates(name: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} are listed more than once: {list(values)}")
+    return values
 
-    d_model: int = Field(32, ge=2)
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(2, ge=1)
-    block_size: int = Field(8, ge=1, description="L: tokens per block/segment (memory update unit)")
-    d_ff: int | None = Field(None, ge=1, description="None = 4 * d_model")
+
+#: ModelConfig fields a comparison does not take from ``model``: the variant and its
+#: options (per variant), the backend (``CompareConfig.backend``), the vocabulary (the task's)
+_NOT_SHARED = ("variant", "options", "backend", "vocab_size")
+#: a comparison's own defaults for some shared fields (small models); the rest keep ModelConfig's
+_COMPARE_DEFAULTS: dict[str, Any] = {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 8}
+
+
+def _model_settings() -> type[BaseModel]:
+    """:class:`ModelSettings`: every shared field of :class:`memzoo.ModelConfig`, declared
+    there once (bounds, strictness, descriptions), with the comparison's small defaults."""
+    from pydantic import create_model
+    from pydantic.fields import FieldInfo
+
+    from memzoo.config import ModelConfig
+
+    fields: dict[str, Any] = {}
+    for name, info in ModelConfig.model_fields.items():
+        if name in _NOT_SHARED:
+            continue
+        if name in _COMPARE_DEFAULTS:
+            info = FieldInfo.merge_field_infos(info, default=_COMPARE_DEFAULTS[name])
+        fields[name] = (info.annotation, info)
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        "ModelSettings", __base__=_Strict, __module__=__name__,
+        __doc__="The shared model fields every variant is built with (those of memzoo.ModelConfig).", **fields,
+    )
+
+
+ModelSettings = _model_settings()
 
 
 class TrainSettings(_Strict):
@@ -49,19 +86,31 @@ class TrainSettings(_Strict):
     )
     lr: float = Field(3e-3, gt=0.0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.01, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[FiniteFloat, FiniteFloat] = Field((0.9, 0.95), strict=False)
     warmup_steps: int = Field(20, ge=0, description="linear warm-up, then cosine decay to min_lr_ratio * lr")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradient norm; None = no clipping")
+    explode_factor: float = Field(
+        10.0, gt=1.0,
+        description="the run has diverged (and is reported as such, with no scores) when a step's loss is not finite "
+        "or exceeds explode_factor * max(first step's loss, ln(vocab size))",
+    )
 
 
 class EvalSettings(_Strict):
     """Evaluation, through the streaming path (chunks carrying the state)."""
 
-    lengths: tuple[int, ...] = Field((), description="sequence lengths to evaluate at; () = train length, 2x and 4x")
+    lengths: tuple[StrictInt, ...] = Field(
+        (), strict=False, description="sequence lengths to evaluate at; () = train length, 2x and 4x"
+    )
     examples: int = Field(64, ge=1, description="sequences per length")
     batch_size: int = Field(32, ge=1)
     chunk_len: int | None = Field(None, ge=1, description="streaming chunk; None = the training length")
+
+    @field_validator("lengths")
+    @classmethod
+    def _distinct(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return _no_duplicates("eval lengths", v)
 
 
 class CompareConfig(_Strict):
@@ -69,8 +118,8 @@ class CompareConfig(_Strict):
 
     task: str = "passkey"
     task_options: dict[str, Any] = Field(default_factory=dict, description="the task's own fields")
-    variants: tuple[str, ...] = Field((), description="variant names; () = every registered variant")
-    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    variants: tuple[str, ...] = Field((), strict=False, description="variant names; () = every registered variant")
+    seeds: tuple[Annotated[int, Strict(), Field(ge=0, lt=2**63)], ...] = Field((0,), min_length=1, strict=False)
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
@@ -80,6 +129,16 @@ class CompareConfig(_Strict):
     backend: str = Field("auto", description="attention backend name, or 'auto'")
     device: str = "cpu"
 
+    @field_validator("task_options", "variant_options")
+    @classmethod
+    def _as_json(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Options are JSON values, kept in their JSON form (a tuple is a list), so a
+        config equals itself read back from a leaderboard file."""
+        try:
+            return json.loads(json.dumps(v, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"options must be JSON values (finite numbers, strings, lists, objects): {exc}") from None
+
     @model_validator(mode="after")
     def _check(self) -> "CompareConfig":
         from memzoo.ops import check_backend_name
@@ -87,13 +146,22 @@ class CompareConfig(_Strict):
         from memzoo.tasks import make_task
 
         task = make_task(self.task, **self.task_options)  # refuses unknown tasks and fields
+        strict_task_options(self.task, self.task_options)
         for name in (*self.variants, *self.variant_options):
             get_variant(name)
-        if len(set(self.variants)) != len(self.variants):
-            raise ValueError(f"variants are listed more than once: {list(self.variants)}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds are listed more than once: {list(self.seeds)}")
+        _no_duplicates("variants", self.variants)
+        _no_duplicates("seeds", self.seeds)
         check_backend_name(self.backend)
+        check_device(self.device)
+        check_backend_runs(self.backend, self.device, self.model, training=self.train.steps > 0)
+        running = self.variant_names
+        idle = sorted(set(self.variant_options) - set(running))
+        if idle:
+            raise ValueError(
+                f"variant_options for variant(s) {idle} that this comparison does not run (variants: {', '.join(running)})"
+            )
+        for name in running:  # every variant's whole config, before the first run starts
+            check_model(name, self.model, self.variant_options.get(name), vocab_size=task.vocab_size, backend=self.backend)
         bad = [n for n in self.eval.lengths if n < 2]
         if bad:
             raise ValueError(f"eval lengths must be >= 2, got {bad}")
@@ -116,6 +184,86 @@ class CompareConfig(_Strict):
     @property
     def eval_chunk(self) -> int:
         return self.eval.chunk_len or self.train.length
+
+
+def strict_task_options(task: str, options: dict[str, Any]) -> None:
+    """Refuse task options a strict check refuses (``true`` for an int, ``"7"``, NaN):
+    the task's config is validated from the options' JSON form in strict mode."""
+    from memzoo.tasks import get_task
+
+    try:
+        text = json.dumps(options, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"task_options must be JSON values (finite numbers, strings, lists): {exc}") from None
+    try:
+        get_task(task).Config.model_validate_json(text, strict=True)
+    except ValidationError as exc:
+        raise ValueError(f"task_options for {task!r}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    from memzoo.compare.results import one_line
+
+    return one_line(exc)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot parse or that this build or machine lacks, before any run."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch build or machine has no CUDA (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return
+    if dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device!r}: MPS is not available here")
+        return
+    raise ValueError(f"device {device!r} is not supported by memzoo compare (valid: cpu, cuda[:N], mps)")
+
+
+def check_backend_runs(backend: str, device: str, model: "ModelSettings", *, training: bool) -> None:
+    """Refuse, before any run, a named backend that cannot run this comparison's
+    attention calls on ``device`` (e.g. ``flex`` training on CPU); the reasons come
+    from the backend's declaration."""
+    if backend == "auto":
+        return
+    import torch
+
+    from memzoo.ops import BackendUnavailable, resolve_backend_name
+    from memzoo.ops.layout import BlockLayout
+
+    try:
+        resolve_backend_name(
+            backend, device=device, dtype=torch.float32, training=training,
+            layout=BlockLayout(block_size=model.block_size, window=model.block_size),
+            head_dim=model.d_model // model.n_heads if model.d_model % model.n_heads == 0 else None,
+        )
+    except BackendUnavailable as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(" ".join(lines[:2])) from None
+
+
+def check_model(
+    name: str, model: "ModelSettings", overrides: dict[str, Any] | None, *, vocab_size: int, backend: str
+) -> None:
+    """Validate variant ``name``'s whole model config (shared settings + its own
+    fields) as :func:`memzoo.build_model` will, without building it."""
+    from memzoo.config import ModelConfig
+
+    options = variant_options(name, model, overrides)
+    try:
+        ModelConfig(variant=name, vocab_size=vocab_size, backend=backend, **model.model_dump(), **options)
+    except ValidationError as exc:
+        raise ValueError(f"variant {name!r}: {_first_error(exc)}") from None
 
 
 #: Defaults for variants' own fields at small settings, keyed by *field name* and
@@ -194,12 +342,23 @@ def preset(name: str, task: str) -> dict[str, Any]:
     return fields
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Nested dict update: ``override`` wins, sub-dicts are merged key by key."""
+#: the groups of settings: set their fields (``train.steps=5``), never the whole group
+GROUPS = ("model", "train", "eval", "task_options", "variant_options")
+
+
+def merge(base: dict[str, Any], override: dict[str, Any], *, _path: str = "") -> dict[str, Any]:
+    """Nested dict update: ``override`` wins, sub-dicts are merged key by key. A group
+    of settings (a dict, e.g. the preset's ``train``) is never replaced by a non-dict:
+    that would silently drop every setting in it."""
     out = copy.deepcopy(base)
     for key, value in override.items():
+        where = f"{_path}{key}"
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, _path=f"{where}.")
+        elif (isinstance(out.get(key), dict) or (not _path and key in GROUPS)) and not isinstance(value, dict):
+            raise MemzooError(
+                f"{where!r} is a group of settings, not a value: set its fields, e.g. {where}.FIELD=VALUE (got {value!r})"
+            )
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -66,11 +66,21 @@ def chunk_bounds(length: int, chunk_len: int | None) -> list[tuple[int, int]]:
 
 
 @dataclass
+class Diverged:
+    """Training stopped: the loss (or the gradient, or the weights) went non-finite or exploded."""
+
+    step: int
+    last_finite_loss: float | None
+    reason: str
+
+
+@dataclass
 class TrainReport:
     losses: list[float] = field(default_factory=list)  # (steps,) mean scored loss per step, nats
     carried_steps: int = 0  # steps started from the previous step's state (RSP)
     tokens: int = 0
     wall_s: float = 0.0
+    diverged: Diverged | None = None  # set when training stopped early (see TrainSettings.explode_factor)
 
     @property
     def tokens_per_s(self) -> float:
@@ -95,7 +105,9 @@ def train(
     previous: State | None = None
     model.train()
     start = time.perf_counter()
-    for _ in range(settings.steps):
+    limit = math.inf
+    last_finite: float | None = None
+    for step in range(settings.steps):
         batch = task.sample(settings.batch_size, settings.length, data, split="train").to(device)
         # drawn every step, so the data stream does not depend on rsp_prob
         pass_state = bool(torch.rand((), generator=coin) < settings.rsp_prob)
@@ -118,16 +130,28 @@ def train(
                 total += float(pending.detach())
                 pending = None
                 state = state.detach()
+        report.losses.append(total)
+        report.tokens += batch.tokens.numel()
+        if step == 0 and math.isfinite(total):
+            limit = settings.explode_factor * max(total, math.log(max(task.vocab_size, 2)))
+        if not math.isfinite(total) or total > limit:
+            why = f"loss {total:.4g} is not finite" if not math.isfinite(total) else f"loss {total:.4g} exceeds {limit:.4g}"
+            report.diverged = Diverged(step, last_finite, why)
+            break
+        last_finite = total
         if settings.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
+            if not math.isfinite(norm):
+                report.diverged = Diverged(step, last_finite, f"gradient norm {norm} is not finite")
+                break
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         previous = state
-        report.losses.append(total)
-        report.tokens += batch.tokens.numel()
         if progress is not None:
             progress.update(1, f"loss {total:.3f}")
+    if report.diverged is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        report.diverged = Diverged(settings.steps, last_finite, "the trained weights are not finite")
     report.wall_s = time.perf_counter() - start
     return report
 

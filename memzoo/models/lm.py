@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -57,3 +58,10 @@ class MemzooLM(GenerationMixin, nn.Module):
         self.check_tokens(tokens)
         y, new_state = self.backbone(self.embed(tokens), state)
         return ModelOutput(self.head(self.norm(y)), new_state)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config.json + model.safetensors to the folder ``path``;
+        ``memzoo.from_pretrained(path)`` gives this model back (see docs/pretrained.md)."""
+        from memzoo.pretrained.save import save_pretrained
+
+        return save_pretrained(self, path)

@@ -4,7 +4,27 @@ Registered backends: ``reference`` (dense masks, the oracle), ``sdpa`` (block-ga
 ``scaled_dot_product_attention``), ``flex`` (FlexAttention block masks) and
 ``xformers`` (``memory_efficient_attention`` with block-diagonal biases). See
 ``docs/backends.md`` for what each supports and how ``auto`` picks.
+
+**Non-finite inputs.** A key a query may not see never reaches it, for any input:
+when a key or value of a layout call is NaN or infinite, the dispatcher runs the
+backend on keys and values with those entries set to 0 and then marks non-finite
+(NaN) exactly the outputs whose visible keys held them (the whole row for a key, the
+column for a value), so a NaN at position 5 never reaches positions 0-4, as when
+streaming. The reference backend computes the same thing directly (a visible
+infinite value may then give ``inf`` where the others give NaN). NaN and inf are
+otherwise accepted; ``with memzoo.ops.check_finite():`` refuses them with an
+:class:`~memzoo.errors.InputError` at the first attention call that sees one
+(opt-in: the check synchronises with the device at every call).
 """
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from memzoo.errors import InputError
 
 from memzoo.ops.base import (
     AttentionCall,
@@ -42,6 +62,43 @@ def repeat_kv(t, n_heads):
     return t.unsqueeze(2).expand(t.shape[0], n_kv, n_heads // n_kv, *t.shape[2:]).flatten(1, 2)
 
 
+_CHECK_FINITE: contextvars.ContextVar[bool] = contextvars.ContextVar("memzoo_check_finite", default=False)
+
+
+@contextlib.contextmanager
+def check_finite(enabled: bool = True) -> Iterator[None]:
+    """Within the block, every attention call refuses NaN or inf inputs with an
+    :class:`~memzoo.errors.InputError` (off by default: it costs a device sync per call)."""
+    token = _CHECK_FINITE.set(enabled)
+    try:
+        yield
+    finally:
+        _CHECK_FINITE.reset(token)
+
+
+def _all_finite(*tensors: Tensor | None) -> bool:
+    """False if any value is NaN or inf, with one reduction per tensor and one sync: a sum
+    is finite unless a value is not (NaN and inf propagate) or the sum overflows, which
+    only sends a finite call down the exact, slower path. Summed in at least float32, so
+    half-precision sums do not overflow."""
+    total = None
+    for t in tensors:
+        if t is None:
+            continue
+        part = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        total = part if total is None else total + part
+    return total is None or bool(torch.isfinite(total))
+
+
+def _refuse_non_finite(**named: Tensor | None) -> None:
+    for name, t in named.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise InputError(
+                f"attention input {name} has {int((~torch.isfinite(t)).sum())} NaN/inf value(s) "
+                "(memzoo.ops.check_finite is on); the backbone's input or weights are not finite"
+            )
+
+
 def attend(q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem=None, extra_k=None, extra_v=None):
     """Dispatch one layout attention call to ``backend`` (a name or ``"auto"``).
 
@@ -53,10 +110,70 @@ def attend(q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem
     call = AttentionCall.describe(q, k, layout, k_mem, extra_k, v=v, v_mem=v_mem, extra_v=extra_v)
     impl = resolve_backend(backend, call)
     note_resolved(impl.name)
+    if torch.compiler.is_compiling():
+        # a compiled graph cannot branch on data without a host sync: run the non-finite
+        # handling unconditionally (branch-free, equal to impl.attend when all is finite).
+        # check_finite() is for eager code (its context variable is not read here)
+        if impl.name != "reference":
+            return _attend_non_finite(impl, q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v)
+    elif _CHECK_FINITE.get():
+        _refuse_non_finite(q=q, k=k, v=v, k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v)
+    elif impl.name != "reference" and not _all_finite(k, v, k_mem, v_mem, extra_k, extra_v):
+        return _attend_non_finite(impl, q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v)
     return impl.attend(
         q, k, v, layout=layout, q_start=q_start, scale=scale,
         k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v,
     )
+
+
+def _zeroed(t: Tensor | None) -> Tensor | None:
+    return None if t is None else torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _in_range(bad: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Per query, whether any of ``bad`` (..., Tk, X) in key range ``[lo, hi]`` (Tq,) is set: (..., Tq, X)."""
+    counts = torch.nn.functional.pad(bad.to(torch.int64).cumsum(dim=-2), (0, 0, 1, 0))  # (..., Tk+1, X)
+    lo_c, hi_c = lo.clamp(0, bad.shape[-2]), (hi + 1).clamp(0, bad.shape[-2])
+    upper, lower = counts.index_select(-2, hi_c), counts.index_select(-2, lo_c)
+    return (upper - lower > 0) & (hi_c > lo_c)[:, None]
+
+
+def _attend_non_finite(impl, q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v):  # type: ignore[no-untyped-def]
+    """``impl.attend`` when a key or value is NaN/inf: run it on zeroed copies, then set
+    to NaN exactly the outputs that a visible non-finite key (row) or value (column) reaches."""
+    out = impl.attend(
+        q, _zeroed(k), _zeroed(v), layout=layout, q_start=q_start, scale=scale,
+        k_mem=_zeroed(k_mem), v_mem=_zeroed(v_mem), extra_k=_zeroed(extra_k), extra_v=_zeroed(extra_v),
+    )
+    tq, tk = q.shape[2], k.shape[2]
+    end = q_start + tq
+    q_pos = torch.arange(q_start, end, device=q.device)
+    first = end - tk  # position of key index 0
+    start = layout.block_start(q_pos)
+    lo = (start - layout.window if layout.window is not None else torch.full_like(q_pos, first)) - first
+    hi = q_pos - first
+    split = start - first  # keys before it are the query's memory
+    bad_k = (~torch.isfinite(k)).any(-1, keepdim=True)  # (B, H, Tk, 1)
+    bad_v = ~torch.isfinite(v)  # (B, H, Tk, Dv)
+    if k_mem is None and v_mem is None:
+        row = _in_range(bad_k, lo, hi)  # (B, H, Tq, 1)
+        col = _in_range(bad_v, lo, hi)
+    else:
+        mem_k = bad_k if k_mem is None else (~torch.isfinite(k_mem)).any(-1, keepdim=True)
+        mem_v = bad_v if v_mem is None else ~torch.isfinite(v_mem)
+        tok_lo = torch.maximum(lo, split)
+        mem_hi = torch.minimum(hi, split - 1)
+        row = _in_range(bad_k, tok_lo, hi) | _in_range(mem_k, lo, mem_hi)
+        col = _in_range(bad_v, tok_lo, hi) | _in_range(mem_v, lo, mem_hi)
+    if extra_k is not None:
+        q_block = layout.block_start(q_pos) // (layout.block_size or 1)
+        q_block = q_block - q_block[0]
+        ek = (~torch.isfinite(extra_k)).flatten(3).any(-1)  # (B, H, nb)
+        row = row | ek.index_select(-1, q_block)[..., None]
+        if extra_v is not None:
+            ev = (~torch.isfinite(extra_v)).any(-2)  # (B, H, nb, Dv)
+            col = col | ev.index_select(-2, q_block)
+    return out.masked_fill(row | col, float("nan"))
 
 
 def dense(q, k, v, *, scale, backend="auto"):
@@ -66,11 +183,13 @@ def dense(q, k, v, *, scale, backend="auto"):
     call = AttentionCall.describe(q, k, BlockLayout(), None, None, v=v)
     impl = resolve_backend(backend, call)
     note_resolved(impl.name)
+    if not torch.compiler.is_compiling() and _CHECK_FINITE.get():  # eager only (see attend)
+        _refuse_non_finite(q=q, k=k, v=v)
     return impl.dense(q, k, v, scale=scale)
 
 
 __all__ = [
     "AttentionCall", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "Tolerance",
-    "attend", "check_backend_name", "dense", "explain", "get_backend", "list_backends", "record_backends",
+    "attend", "check_backend_name", "check_finite", "dense", "explain", "get_backend", "list_backends", "record_backends",
     "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "use_backend",
 ]

@@ -3,6 +3,12 @@
 It is the oracle every other backend is tested against, so it is written to be
 obviously right rather than fast: it builds the full ``(Tq, extra + Tk)`` score
 matrix, masks it with :meth:`BlockLayout.visible`, and takes a softmax.
+
+A key a query may not see contributes an exact zero, for any input: with finite
+values ``p @ v`` does that (a masked probability is 0 and ``0 * v == 0``); when a
+key or value is NaN or infinite (``0 * nan`` is NaN), the output is the sum over
+the *visible* keys only, written out (``where(visible, p * v, 0).sum()``), so a NaN
+at position 5 never reaches positions 0-4 (causality holds for any input).
 """
 
 from __future__ import annotations
@@ -67,12 +73,41 @@ class ReferenceBackend(Backend):
 
         probs = torch.softmax(scores, dim=-1)
         p_extra, p_tok = probs[..., :n_extra], probs[..., n_extra:]
+        values = [t for t in (v, v_mem, extra_v) if t is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in values):
+            return self._attend_visible_only(p_tok, p_extra, v, v_mem, extra_v, allowed, memory, q_block if n_extra else None)
         if v_mem is not None:
             out = (p_tok * ~memory) @ v + (p_tok * memory) @ v_mem
         else:
             out = p_tok @ v
         if extra_v is not None:
             out = out + p_extra @ extra_v.flatten(2, 3)
+        return out
+
+    @staticmethod
+    def _attend_visible_only(
+        p_tok: Tensor,
+        p_extra: Tensor,
+        v: Tensor,
+        v_mem: Tensor | None,
+        extra_v: Tensor | None,
+        allowed: Tensor,
+        memory: Tensor,
+        q_block: Tensor | None,
+    ) -> Tensor:
+        """``sum_j p[i, j] * value[i, j]`` over the keys ``j`` query ``i`` may see, and
+        nothing from the others (whatever their values): (B, H, Tq, Tk, Dv) at once."""
+        per_key = v[:, :, None, :, :]  # (B, H, 1, Tk, Dv): the value of key j for query i
+        if v_mem is not None:
+            per_key = torch.where(memory[:, :, None], v_mem[:, :, None, :, :], per_key)
+        seen = torch.where(allowed[:, :, None], p_tok[..., None] * per_key, 0.0)
+        out = seen.sum(dim=-2)
+        if extra_v is not None and q_block is not None:
+            f = extra_v.shape[3]
+            rows = extra_v.flatten(2, 3)[:, :, None, :, :]  # (B, H, 1, nb*F, Dv)
+            row_block = torch.arange(rows.shape[3], device=rows.device) // max(f, 1)
+            mine = (row_block[None, :] == q_block[:, None])[:, :, None]  # (Tq, nb*F, 1)
+            out = out + torch.where(mine, p_extra[..., None] * rows, 0.0).sum(dim=-2)
         return out
 
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:

@@ -195,3 +195,28 @@ class Backbone(nn.Module):
     def token_positions(self, state: State, n: int, device: torch.device) -> Tensor:
         """Absolute positions of the next ``n`` tokens: (n,) int64."""
         return torch.arange(state.pos, state.pos + n, device=device)
+
+    # ------------------------------------------------------------ pretrained models
+    def init_from_embeddings(self, embed: Tensor, generator: torch.Generator) -> list[str]:
+        """Initialise the parameters this variant adds to a pretrained decoder from the
+        model's own token embeddings ``embed`` (V, D), and return their names (relative
+        to the backbone). ``memzoo.from_pretrained`` calls it for a checkpoint that lacks
+        them and refuses a parameter that is neither in the checkpoint nor named here.
+        Default: the variant adds nothing."""
+        return []
+
+    @staticmethod
+    def sample_token_embeddings(embed: Tensor, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` rows of ``embed`` (V, D): real tokens' embeddings, drawn uniformly without
+        replacement (with replacement when ``n > V``) -> (n, D), a copy.
+
+        The "sampled vocab" initialisation of prompt tuning (Lester et al. 2021, "The Power
+        of Scale for Parameter-Efficient Prompt Tuning"), which did better than random
+        vectors there: inputs the pretrained model has seen, at the scale its first layer
+        expects."""
+        v = embed.shape[0]
+        if n <= v:
+            rows = torch.randperm(v, generator=generator)[:n]
+        else:
+            rows = torch.randint(0, v, (n,), generator=generator)
+        return embed.detach()[rows.to(embed.device)].clone()

@@ -58,7 +58,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from memzoo import ops
-from memzoo.config import BackboneConfig, VariantConfig
+from memzoo.config import MAX_WIDTH, BackboneConfig, VariantConfig
 from memzoo.layers import MLP
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
@@ -67,7 +67,7 @@ from memzoo.variants.base import Backbone
 from memzoo.variants.naive import brt_reference  # noqa: F401  (the slow reference, kept with the others)
 
 class BRTConfig(VariantConfig):
-    num_states: int = Field(64, ge=1, description="S: state vectors of the recurrent layer (paper: 512, = the block size)")
+    num_states: int = Field(64, ge=1, le=MAX_WIDTH, description="S: state vectors of the recurrent layer (paper: 512, = the block size)")
     recurrent_layer: int = Field(
         -1, description="index of the recurrent layer, negative from the end (paper: layer 10 of 12, i.e. 9 or -3)"
     )
@@ -194,6 +194,43 @@ class BlockRecurrentTransformer(Backbone):
 
     def layout(self) -> BlockLayout:
         return BlockLayout(block_size=self.block_size, window=self.block_size)  # bswa, m = 1
+
+    def init_from_embeddings(self, embed: Tensor, generator: torch.Generator) -> list[str]:
+        """On a pretrained decoder the recurrent layer's weights are new. They start from
+        the host layer's own: the state path's projections, norms (and MLP) copy the host
+        layer's; the state IDs and the first states are real tokens' embeddings; gates
+        start at their fixed init (LSTM gates: zero weights, so only the paper's -1/+1
+        offsets act); and the tokens' cross-attention output projection starts at zero,
+        so the loaded model computes exactly what ``bswa`` with one memory block computes
+        until training opens the path."""
+        cell, host = self.cell, self.layers[self.recurrent_index]
+        attn = host.self_attn
+        copies = [
+            (cell.cross_q_proj, attn.q_proj), (cell.state_q_proj, attn.q_proj), (cell.state_cross_q_proj, attn.q_proj),
+            (cell.state_k_proj, attn.k_proj), (cell.state_v_proj, attn.v_proj), (cell.state_layernorm, host.input_layernorm),
+        ]
+        if cell.dual:
+            copies += [(cell.state_post_layernorm, host.post_attention_layernorm), (cell.state_mlp, host.mlp)]
+        rows = self.sample_token_embeddings(embed, 2 * self.num_states, generator)
+        with torch.no_grad():
+            for new, old in copies:
+                new.load_state_dict(old.state_dict())
+            # [self ; cross] halves of the output projection: the average of the two attentions
+            cell.state_o_proj.weight.copy_(torch.cat([attn.o_proj.weight, attn.o_proj.weight], dim=1) / 2)
+            if cell.state_o_proj.bias is not None:
+                cell.state_o_proj.bias.copy_(attn.o_proj.bias)
+            for p in cell.cross_o_proj.parameters():
+                p.zero_()
+            for gate in (cell.attn_gate, *((cell.mlp_gate,) if cell.dual else ())):
+                if gate.kind == "fixed":
+                    gate.bias.fill_(1.0)
+                else:
+                    for proj in (gate.z_proj, gate.i_proj, gate.f_proj):
+                        proj.weight.zero_()
+                        proj.bias.zero_()
+            cell.state_ids.copy_(rows[: self.num_states])
+            cell.initial_state.copy_(rows[self.num_states :])
+        return [f"cell.{name}" for name, _ in cell.named_parameters()]
 
     def keep_from(self, next_pos: int) -> int:
         return max(0, (next_pos // self.block_size - 1) * self.block_size)

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from memzoo.config import NOT_IN_FINGERPRINT, VariantConfig
+from memzoo.config import MAX_TOKENS, NOT_IN_FINGERPRINT, VariantConfig
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.variants.kv import KVCacheBackbone, KVState
 
 
 class BSWAConfig(VariantConfig):
-    memory_blocks: int = Field(3, ge=0, description="m: previous blocks every query sees in full (paper default 3)")
+    memory_blocks: int = Field(3, ge=0, le=MAX_TOKENS, description="m: previous blocks every query sees in full (paper default 3)")
     stop_gradient_memory: bool = Field(
         False, description="detach the memory blocks' keys/values (paper ablation M1_SG)", json_schema_extra=NOT_IN_FINGERPRINT
     )

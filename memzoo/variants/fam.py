@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from memzoo import ops
-from memzoo.config import NOT_IN_FINGERPRINT, BackboneConfig, VariantConfig
+from memzoo.config import MAX_POSITION, MAX_TOKENS, MAX_WIDTH, NOT_IN_FINGERPRINT, BackboneConfig, VariantConfig
 from memzoo.errors import StateError
 from memzoo.layers import DecoderLayer
 from memzoo.ops import BlockLayout
@@ -51,14 +51,14 @@ from memzoo.variants.base import Backbone
 
 
 class FAMConfig(VariantConfig):
-    memory_blocks: int = Field(3, ge=0, description="m: previous blocks every query sees in full (paper default 3)")
-    fam_len: int = Field(64, ge=0, description="F: feedback memory vectors per layer (paper 64); 0 = plain BSWA")
+    memory_blocks: int = Field(3, ge=0, le=MAX_TOKENS, description="m: previous blocks every query sees in full (paper default 3)")
+    fam_len: int = Field(64, ge=0, le=MAX_WIDTH, description="F: feedback memory vectors per layer (paper 64); 0 = plain BSWA")
     stop_gradient_memory: bool = Field(
         False, description="detach the memory blocks' keys/values (BSWA ablation M1_SG); the FAM is never detached",
         json_schema_extra=NOT_IN_FINGERPRINT,
     )
     position_offset_max: int = Field(
-        0, ge=0, description="Random Position Offset: in training, each sequence's positions shift by U[0, max), zeroed with prob. 1/2 (paper ~63000); 0 = off",
+        0, ge=0, le=MAX_POSITION, description="Random Position Offset: in training, each sequence's positions shift by U[0, max), zeroed with prob. 1/2 (paper ~63000); 0 = off",
         json_schema_extra=NOT_IN_FINGERPRINT,
     )
     init: Literal["prompt", "prefix"] = Field(
@@ -394,3 +394,24 @@ class FAM(Backbone):
         else:
             self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
         return self.step_reference(x, state)
+
+    def init_from_embeddings(self, embed: Tensor, generator: torch.Generator) -> list[str]:
+        """A pretrained model's initial FAM: ``fam_len`` distinct real tokens' embeddings
+        (see :meth:`Backbone.sample_token_embeddings`). With ``init="prompt"`` they are the
+        prompt; with ``init="prefix"`` each layer's prefix is that layer's input for the
+        same prompt (what the prompt would give it), so both start from the same FAM."""
+        if self.fam_len == 0:
+            return []
+        rows = self.sample_token_embeddings(embed, self.fam_len, generator).to(self.param_dtype)
+        with torch.no_grad():
+            if self.prompt is not None:
+                self.prompt.copy_(rows)
+                return ["prompt"]
+            assert self.prefix is not None
+            h, pos = rows[None], torch.arange(-self.fam_len, 0, device=rows.device)
+            for i, layer in enumerate(self.layers):
+                self.prefix[i].copy_(h[0])
+                q, k, v = layer.project(h, pos)
+                heads = ops.dense(q, k, v, scale=layer.positions.scale, backend=self.backend)
+                h = layer.feed_forward(layer.attend_residual(h, heads))
+        return ["prefix"]

@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from memzoo import ops
-from memzoo.config import NOT_IN_FINGERPRINT, VariantConfig
+from memzoo.config import MAX_POSITION, MAX_WIDTH, NOT_IN_FINGERPRINT, VariantConfig
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
@@ -42,10 +42,10 @@ from memzoo.variants.naive import rmt_reference  # noqa: F401  (the slow referen
 
 
 class RMTConfig(VariantConfig):
-    num_memory_tokens: int = Field(10, ge=0, description="K: memory tokens read at the start and written at the end of every segment")
+    num_memory_tokens: int = Field(10, ge=0, le=MAX_WIDTH, description="K: memory tokens read at the start and written at the end of every segment")
     # 0 rather than None for "never truncate": registry cards are TOML, which has no null
     bptt_segments: int = Field(
-        0, ge=0, description="0: backpropagate through every segment; N: detach the read memory of every N-th segment",
+        0, ge=0, le=MAX_POSITION, description="0: backpropagate through every segment; N: detach the read memory of every N-th segment",
         json_schema_extra=NOT_IN_FINGERPRINT,
     )
 
@@ -162,3 +162,16 @@ class RecurrentMemoryTransformer(Backbone):
         assert isinstance(state, RMTState)
         fresh = self.empty_state(state.batch_size, state.device, state.mem.dtype)
         return RMTState(pos=0, fingerprint=state.fingerprint, mem=state.mem.detach(), k=fresh.k, v=fresh.v)
+
+    def init_from_embeddings(self, embed: Tensor, generator: torch.Generator) -> list[str]:
+        """A pretrained model's first read memory and write placeholders: ``2K`` distinct
+        real tokens' embeddings (K for ``read_init``, K for ``write_init``), so the memory
+        rows enter the stack as ordinary tokens would (see
+        :meth:`Backbone.sample_token_embeddings`)."""
+        if self.read_init is None or self.write_init is None:
+            return []
+        rows = self.sample_token_embeddings(embed, 2 * self.num_memory_tokens, generator)
+        with torch.no_grad():
+            self.read_init.copy_(rows[: self.num_memory_tokens])
+            self.write_init.copy_(rows[self.num_memory_tokens :])
+        return ["read_init", "write_init"]

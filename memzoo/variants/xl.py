@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from memzoo import ops
-from memzoo.config import BackboneConfig, VariantConfig
+from memzoo.config import MAX_TOKENS, MAX_WIDTH, BackboneConfig, VariantConfig
 from memzoo.layers import DecoderLayer, PositionScheme
 from memzoo.layers.relative import RelativePositions
 from memzoo.ops import BlockLayout
@@ -53,13 +53,13 @@ from memzoo.variants.naive import xl_reference  # noqa: F401  (the slow referenc
 
 
 class XLConfig(VariantConfig):
-    memory_len: int = Field(512, ge=0, description="M: earlier positions (hidden states) every query sees (XL enwik8 base: 512)")
+    memory_len: int = Field(512, ge=0, le=MAX_TOKENS, description="M: earlier positions (hidden states) every query sees (XL enwik8 base: 512)")
     positions: Literal["relative", "rope"] = Field(
         "relative", description="XL's relative positional attention (the paper) or RoPE"
     )
     # 0 rather than None for "the default width": registry cards are TOML, which has no null
     relative_dim: int = Field(
-        0, ge=0, description="width R of the sinusoidal relative encoding (even); 0 = d_model, as in the official code"
+        0, ge=0, le=MAX_WIDTH, description="width R of the sinusoidal relative encoding (even); 0 = d_model, as in the official code"
     )
 
     conformance_options = (

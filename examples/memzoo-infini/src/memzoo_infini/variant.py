@@ -120,6 +120,13 @@ class InfiniAttention(memzoo.Backbone):
         # β: one gate logit per layer and query head
         self.gate = nn.Parameter(torch.full((self.n_layers, self.n_heads), float(self.gate_init)))
 
+    def init_from_embeddings(self, embed: torch.Tensor, generator: torch.Generator) -> list[str]:
+        """On a pretrained decoder β is the one new parameter: it starts at ``gate_init``
+        (a constant, not noise; e.g. ``gate_init=-8`` starts near plain local attention)."""
+        with torch.no_grad():
+            self.gate.fill_(float(self.gate_init))
+        return ["gate"]
+
     # ------------------------------------------------------------------ the contract
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
         b, n, hkv, dh = batch_size, self.n_layers, self.n_kv_heads, self.head_dim

@@ -1,0 +1,109 @@
+"""PEFT LoRA on memzoo models loaded from a pretrained-layout checkpoint: every variant
+sees the adapters on every path (tokens, memory re-projection, FAM, memory tokens)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import memzoo
+from memzoo.pretrained import PretrainedError
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+VOCAB, T = 53, 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Llama (GQA, tied embeddings) saved by transformers."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(folder)
+    return folder
+
+
+def load_any(checkpoint: Path, variant: str, **kw) -> memzoo.MemzooLM:
+    """``variant`` on the checkpoint with the first of its conformance options that loads there."""
+    for options in memzoo.get_variant(variant).config.conformance_options:
+        try:
+            return memzoo.from_pretrained(checkpoint, variant, **options, **kw)
+        except (PretrainedError, ValueError):
+            continue
+    raise AssertionError(f"no conformance option of {variant} loads on a pretrained checkpoint")
+
+
+def tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", memzoo.list_variants())
+def test_lora_is_seen_on_every_path(checkpoint, variant):
+    """LoRA on q_proj/v_proj changes every variant's outputs, and the unmerged adapters
+    give what the merged weights give (float64), with and without grad: no path of the
+    variant reads a projection's ``.weight`` around the module."""
+    model = load_any(checkpoint, variant, dtype=torch.float64)
+    toks = tokens()
+    with torch.no_grad():
+        base = model(toks).logits
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert sum("lora_" in n for n, _ in lora.named_parameters()) == 4 * model.backbone.n_layers
+    with torch.no_grad():
+        adapted = lora(toks).logits
+    adapted_grad = lora(toks).logits.detach()
+    assert (adapted - base).abs().max() > 1e-3, "LoRA did not change the outputs"
+    merged = lora.merge_and_unload()
+    with torch.no_grad():
+        expected = merged(toks).logits
+    for got, how in ((adapted, "no_grad"), (adapted_grad, "grad")):
+        err = (got - expected).abs().max().item()
+        assert err <= 1e-9, f"{variant} ({how}): unmerged LoRA differs from merged by {err:.2e}"
+
+
+def test_lora_tunes_fam(checkpoint, tmp_path):
+    """LoRA-tune a FAM model for a few steps: only the adapters and the FAM prompt change,
+    every base weight stays bit-identical; merge_and_unload -> save_pretrained ->
+    from_pretrained gives the tuned model's outputs."""
+    model = memzoo.from_pretrained(checkpoint, "fam", block_size=4, memory_blocks=1, fam_len=2).train()
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    model.backbone.prompt.requires_grad_(True)  # PEFT freezes everything but the adapters
+    before = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if "lora_" in n} | {"base_model.model.backbone.prompt"}
+    opt = torch.optim.Adam([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    toks = tokens(1)
+    losses = []
+    for _ in range(4):
+        logits = lora(toks[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), toks[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = dict(lora.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed == trainable, f"changed {sorted(changed ^ trainable)} unexpectedly"
+    lora.eval()
+    with torch.no_grad():
+        tuned = lora(toks).logits
+    merged = lora.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    again = memzoo.from_pretrained(tmp_path)
+    assert again.variant == "fam" and again.head.weight is again.embed.weight
+    with torch.no_grad():
+        reloaded = again(toks).logits
+        assert torch.equal(reloaded, merged(toks).logits)
+    err = ((reloaded - tuned).abs().max() / tuned.abs().max()).item()
+    assert err <= 1e-5, f"merged and reloaded model differs from the tuned one by {err:.2e} (relative)"

@@ -1,0 +1,151 @@
+"""Issue #14 item 6: a loaded state is checked (checksum, position, metadata,
+finite values, shapes for its position against a model); anything else is refused
+with a StateError naming the entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import memzoo
+from memzoo.errors import StateError
+from memzoo.state import CHECKSUM_KEY, check_state_for, load_state, save_state
+
+torch.set_num_threads(1)
+SIZES = dict(vocab_size=20, d_model=16, n_layers=2, n_heads=2, block_size=4)
+#: every registered variant at its first conformance setting (small, block_size 4)
+OPTIONS = {name: dict(memzoo.get_variant(name).config.conformance_options[0]) for name in memzoo.list_variants()}
+VARIANTS = sorted(OPTIONS)
+
+
+def model_and_state(name: str, length: int = 10):
+    torch.manual_seed(0)
+    model = memzoo.build_model(name, **SIZES, **OPTIONS.get(name, {}))
+    with torch.no_grad():
+        _, state = model(torch.randint(0, 20, (2, length)))
+    return model, state
+
+
+def states_equal(a, b) -> bool:
+    fa, fb = a.to_dict(), b.to_dict()
+    return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_saved_state_loads_back_checked_against_the_model(name: str, tmp_path: Path) -> None:
+    model, state = model_and_state(name)
+    path = tmp_path / "s.safetensors"
+    save_state(state, path)
+    loaded = load_state(path, model=model)
+    assert states_equal(loaded, state)
+    other = memzoo.build_model(name, **{**SIZES, "d_ff": 8}, **OPTIONS.get(name, {}))
+    with pytest.raises(StateError, match="another config"):
+        load_state(path, model=other)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_hand_edited_position_is_refused(name: str, tmp_path: Path) -> None:
+    """The issue's case: a state at position 10 edited to 14 (for bswa and fam the shapes
+    are the same at both positions, so only the checksum shows it)."""
+    model, state = model_and_state(name, 10)
+    path = tmp_path / "s.safetensors"
+    save_state(state, path)
+    flat = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        meta = {CHECKSUM_KEY: f.metadata()[CHECKSUM_KEY]}
+    flat["__pos__"] = torch.tensor(14)
+    save_file(flat, path, metadata=meta)
+    with pytest.raises(StateError, match="checksum"):
+        load_state(path, model=model)
+    save_file(flat, path)  # no checksum at all
+    with pytest.raises(StateError, match="no checksum"):
+        load_state(path)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_position_and_shapes_must_agree_for_the_model(name: str) -> None:
+    model, state = model_and_state(name, 10)
+    check_state_for(model, state)
+    shapes = model.backbone.expected_state_shapes
+    moved_to = next((p for p in range(11, 40) if shapes(p, 2) != shapes(10, 2)), None)
+    if moved_to is None:
+        pytest.skip(f"{name}'s state shapes do not depend on the position")
+    moved = type(state).from_dict(dict(state.to_dict(), __pos__=torch.tensor(moved_to)))
+    with pytest.raises(StateError, match="malformed state"):
+        check_state_for(model, moved)
+
+
+@pytest.mark.parametrize(
+    "entry, value, match",
+    [
+        ("__pos__", torch.tensor(10.7), "__pos__.*int64 scalar"),
+        ("__pos__", torch.tensor(10, dtype=torch.int32), "__pos__.*int64 scalar"),
+        ("__pos__", torch.tensor([10]), "__pos__.*int64 scalar"),
+        ("__pos__", torch.tensor(-1), r"__pos__.*must lie in \[0, "),
+        ("__pos__", torch.tensor(2**62), r"__pos__.*must lie in \[0, "),
+        ("__variant__", torch.tensor([0xFF, 0xFE], dtype=torch.uint8), "__variant__.*UTF-8"),
+        ("__fingerprint__", torch.tensor([0xC3], dtype=torch.uint8), "__fingerprint__.*UTF-8"),
+        ("__fingerprint__", torch.tensor(list(b"nope"), dtype=torch.uint8), "__fingerprint__.*JSON"),
+        ("__variant__", torch.tensor([1.0]), "__variant__.*uint8"),
+    ],
+)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_bad_metadata_is_refused_naming_the_entry(name: str, entry: str, value: torch.Tensor, match: str) -> None:
+    _, state = model_and_state(name)
+    with pytest.raises(StateError, match=match):
+        type(state).from_dict(dict(state.to_dict(), **{entry: value}))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_state_values_are_refused(name: str, bad: float) -> None:
+    _, state = model_and_state(name)
+    flat = state.to_dict()
+    entry = next(k for k, v in flat.items() if not k.startswith("__") and v.is_floating_point() and v.numel())
+    t = flat[entry].clone()
+    t.view(-1)[-1] = bad
+    with pytest.raises(StateError, match=rf"'{entry}'.*non-finite"):
+        type(state).from_dict(dict(flat, **{entry: t}))
+
+
+def test_unreadable_files_are_state_errors(tmp_path: Path) -> None:
+    for content in (b"", b"not a safetensors file", b"\xff" * 64):
+        p = tmp_path / "x.safetensors"
+        p.write_bytes(content)
+        with pytest.raises(StateError, match="x.safetensors"):
+            load_state(p)
+    with pytest.raises(StateError, match="missing.safetensors"):
+        load_state(tmp_path / "missing.safetensors")
+
+
+@settings(max_examples=25)
+@given(data=st.data())
+def test_fuzz_mutated_state_files_are_refused_or_unchanged(data, tmp_path_factory) -> None:
+    """Any truncated or byte-flipped state file: a StateError, or exactly the saved state."""
+    name = data.draw(st.sampled_from(VARIANTS))
+    model, state = _CACHE.get(name) or _CACHE.setdefault(name, model_and_state(name))
+    path = tmp_path_factory.mktemp("fuzz") / "s.safetensors"
+    save_state(state, path)
+    raw = bytearray(path.read_bytes())
+    if data.draw(st.booleans()):
+        cut = data.draw(st.integers(0, len(raw) - 1))
+        raw = raw[:cut]
+    else:
+        for _ in range(data.draw(st.integers(1, 3))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] ^= data.draw(st.integers(1, 255))
+    path.write_bytes(bytes(raw))
+    try:
+        loaded = load_state(path, model=model)
+    except StateError:
+        return
+    assert states_equal(loaded, state)
+
+
+_CACHE: dict = {}
