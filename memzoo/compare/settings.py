@@ -279,6 +279,7 @@ SMALL_SETTING_DEFAULTS: dict[str, Callable[[ModelSettings], Any]] = {
     "fam_len": lambda m: max(1, m.block_size // 4),  # fam: working memory vectors (paper: 64 of 1024)
     "memory_len": lambda m: m.block_size,  # xl: as many cached positions as one bswa memory block
     "num_memory_tokens": lambda m: 4,  # rmt: read/write memory tokens
+    "num_states": lambda m: m.block_size,  # brt: as many recurrent states as tokens in a block (paper: 512 of 512)
 }
 
 
