@@ -7,5 +7,6 @@ from memzoo.variants import bswa as _bswa  # noqa: F401
 from memzoo.variants import xl as _xl  # noqa: F401
 from memzoo.variants import rmt as _rmt  # noqa: F401
 from memzoo.variants import fam as _fam  # noqa: F401
+from memzoo.variants import sinks as _sinks  # noqa: F401
 
 __all__ = ["Backbone", "BackboneOutput"]
