@@ -58,9 +58,9 @@ class KVCacheBackbone(Backbone):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the cache
-    def cached_positions(self, pos: int) -> tuple[int, int]:
+    def cached_positions(self, pos: int, layout: BlockLayout | None = None) -> tuple[int, int]:
         """``(s, r)``: a state at ``pos`` holds the sinks ``[0, s)`` and the run ``[r, pos)``."""
-        s = self.layout().n_sink_rows(pos)
+        s = (layout or self.layout()).n_sink_rows(pos)
         return s, min(pos, max(s, self.keep_from(pos), 0))
 
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
@@ -72,10 +72,11 @@ class KVCacheBackbone(Backbone):
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return self.State(pos=0, fingerprint=self.fingerprint, k=[empty] * self.n_layers, v=[empty] * self.n_layers)
 
-    def evict(self, x: Tensor, end: int) -> Tensor:
+    @staticmethod
+    def evict(x: Tensor, end: int, kept: tuple[int, int]) -> Tensor:
         """Cache rows ``x`` (B, Hkv, n, Dh) after a call ending at ``end`` -> the rows the
-        state keeps (the sinks and the run from :meth:`keep_from`)."""
-        s, r = self.cached_positions(end)
+        state keeps, ``kept = (s, r)`` of :meth:`cached_positions` (sinks and run)."""
+        s, r = kept
         run_start = end - (x.shape[2] - s)
         drop = r - run_start
         if drop <= 0:
@@ -97,14 +98,16 @@ class KVCacheBackbone(Backbone):
         return {}, None
 
     def attend(
-        self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, start: int, raw_keys: Tensor, rows: dict[str, Tensor]
+        self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, layout: BlockLayout, start: int,
+        raw_keys: Tensor, rows: dict[str, Tensor],
     ) -> Tensor:
-        """Layer attention of queries ``q`` (B, H, T, Dh) at ``[start, start + T)``: (B, H, T, Dh).
-        ``raw_keys``: the keys before positions (the same as ``keys`` unless
-        ``keys_before_positions``). Override only where one layout cannot say it."""
+        """Layer attention of queries ``q`` (B, H, T, Dh) at ``[start, start + T)`` under
+        ``layout`` (this call's :meth:`layout`): (B, H, T, Dh). ``raw_keys``: the keys before
+        positions (the same as ``keys`` unless ``keys_before_positions``). Override only
+        where one layout cannot say it."""
         memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
         return ops.attend(
-            q, keys, values, layout=self.layout(), q_start=start, scale=layer.positions.scale,
+            q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale,
             backend=self.backend, **memory, **rows,
         )
 
@@ -117,6 +120,8 @@ class KVCacheBackbone(Backbone):
         t = x.shape[1]
         start, end = state.pos, state.pos + t
         pos = self.token_positions(state, t, x.device)
+        layout = self.layout()
+        kept_rows = self.cached_positions(end, layout)
         key_pos = None
         new_k, new_v, kept = [], [], []
         for i, layer in enumerate(self.layers):
@@ -130,13 +135,13 @@ class KVCacheBackbone(Backbone):
             raw_keys = keys
             if self.keys_before_positions:
                 if key_pos is None:
-                    key_pos = self.layout().key_positions(end, keys.shape[2], x.device)
+                    key_pos = layout.key_positions(end, keys.shape[2], x.device)
                 keys = layer.positions.key(raw_keys, key_pos)
             rows, layer_kept = self.extra_rows(i, layer, state, keys, values, start, end)
-            heads = self.attend(layer, q, keys, values, start=start, raw_keys=raw_keys, rows=rows)
+            heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)
             x = layer.feed_forward(layer.attend_residual(x, heads))
-            new_k.append(self.evict(raw_keys, end))
-            new_v.append(self.evict(values, end))
+            new_k.append(self.evict(raw_keys, end, kept_rows))
+            new_v.append(self.evict(values, end, kept_rows))
             kept.append(layer_kept)
         return x, self.next_state(state, end, new_k, new_v, kept)
 

@@ -92,7 +92,8 @@ class Sinks(KVCacheBackbone):
         return next_pos - (self.window - 1)
 
     def attend(
-        self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, start: int, raw_keys: Tensor, rows: dict[str, Tensor]
+        self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, layout: BlockLayout, start: int,
+        raw_keys: Tensor, rows: dict[str, Tensor],
     ) -> Tensor:
         """Cache positions: queries up to ``S+W-1`` are one call under the sink layout
         (nothing evicted, cache positions = text positions); later queries one call over
@@ -102,12 +103,12 @@ class Sinks(KVCacheBackbone):
         end = start + q.shape[2]
         split = min(max(s + w, start), end)  # first query whose window has left the sinks
         if self.positions == "absolute" or not s or split == end:
-            return super().attend(layer, q, keys, values, start=start, raw_keys=raw_keys, rows=rows)
+            return super().attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)
         scale, parts = layer.positions.scale, []
         if split > start:  # the key rows before `split`: every row but the run's last end - split
             n_keys = keys.shape[2] - (end - split)
             parts.append(ops.attend(
-                q[:, :, : split - start], keys[:, :, :n_keys], values[:, :, :n_keys], layout=self.layout(),
+                q[:, :, : split - start], keys[:, :, :n_keys], values[:, :, :n_keys], layout=layout,
                 q_start=start, scale=scale, backend=self.backend,
             ))
         n_late = end - split
