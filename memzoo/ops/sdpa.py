@@ -14,7 +14,9 @@ padding query rows (whose outputs are dropped) see every key so no row is empty.
 Sinks (``layout.sinks``: the first key rows, positions ``0 … s-1``) are ``s`` more key
 columns of every block, ``[extra rows (F), sinks (s), memory (W), own block (L)]``, each
 visible to the queries at or after it; a sink that is memory for a block (before its
-start) comes from ``k_mem`` there. Unbounded layouts (``full``) use one causal SDPA call (lower-right aligned; on CUDA
+start) comes from ``k_mem`` there. With ``block_size=1`` (token windows: every query is its own block) gathering would copy
+``F+s+W+1`` key rows per query, so such calls are one SDPA call over the call's keys with
+the layout's mask instead (no copies). Unbounded layouts (``full``) use one causal SDPA call (lower-right aligned; on CUDA
 through ``causal_lower_right`` rather than a mask tensor when ``Tq != Tk``).
 
 On CUDA, blocks whose whole key window exists (``b·L - W >= k_start``: no zero-padded
@@ -194,6 +196,8 @@ class SDPABackend(Backend):
         b, h = q.shape[:2]
         b0 = q_start // size
         nb = layout.n_query_blocks(q_start, tq)
+        if size == 1 and nb > 1:  # token windows: gathering would copy F+s+W rows per query
+            return self._masked_call(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, sinks)
         if nb == 1:
             return self._one_block(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, sinks)
         lo, hi = b0 * size, (b0 + nb) * size
@@ -231,6 +235,52 @@ class SDPABackend(Backend):
             out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         out = out.flatten(2, 3)
         return out[:, :, q_start - lo : q_start - lo + tq]
+
+    @staticmethod
+    def _masked_call(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layout: BlockLayout,
+        q_start: int,
+        scale: float,
+        k_mem: Tensor | None,
+        v_mem: Tensor | None,
+        extra_k: Tensor | None,
+        extra_v: Tensor | None,
+        sinks: tuple[Tensor, ...] | None,
+    ) -> Tensor:
+        """``block_size=1`` (token windows, one query per block): one SDPA call over all the
+        call's keys ``[extra rows (Tq·F) | sinks | run (| run's k_mem copy)]`` with the
+        layout's (Tq, ·) mask. Block-gathering would copy ``F+s+W+1`` key rows per query to
+        save at most the ``Tq - 1`` scores a query's window skips; here no row is copied.
+        ``k``/``v`` (and ``k_mem``) are the run, ``sinks`` the sink rows split off by the caller."""
+        tq = q.shape[2]
+        end = q_start + tq
+        dev = q.device
+        if sinks is not None:
+            k, v = torch.cat([sinks[0], k], dim=2), torch.cat([sinks[1], v], dim=2)
+            if k_mem is not None:
+                k_mem, v_mem = torch.cat([sinks[2], k_mem], dim=2), torch.cat([sinks[3], v_mem], dim=2)
+        q_pos = torch.arange(q_start, end, device=dev)
+        k_pos = layout.key_positions(end, k.shape[2], dev)
+        visible = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk); every query sees itself
+        keys, values, masks = [k], [v], [visible]
+        if k_mem is not None:
+            assert v_mem is not None
+            memory = layout.is_memory(q_pos[:, None], k_pos[None, :])
+            keys.append(k_mem)
+            values.append(v_mem)
+            masks = [visible & ~memory, visible & memory]  # each position from k or from k_mem, never both
+        if extra_k is not None:
+            assert extra_v is not None
+            f = extra_k.shape[3]
+            keys.insert(0, extra_k.flatten(2, 3))  # (B, H, Tq·F, D): query i's rows are i·F .. i·F+F-1
+            values.insert(0, extra_v.flatten(2, 3))
+            masks.insert(0, (torch.arange(tq * f, device=dev) // f)[None, :] == torch.arange(tq, device=dev)[:, None])
+        return F.scaled_dot_product_attention(
+            q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=torch.cat(masks, dim=1), scale=scale
+        )
 
     @staticmethod
     def _one_block(
