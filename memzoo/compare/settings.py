@@ -280,6 +280,9 @@ SMALL_SETTING_DEFAULTS: dict[str, Callable[[ModelSettings], Any]] = {
     "memory_len": lambda m: m.block_size,  # xl: as many cached positions as one bswa memory block
     "num_memory_tokens": lambda m: 4,  # rmt: read/write memory tokens
     "num_states": lambda m: m.block_size,  # brt: as many recurrent states as tokens in a block (paper: 512 of 512)
+    "num_sinks": lambda m: max(1, m.block_size // 8),  # sinks: the paper's 4 sinks of a 1024-token cache, scaled
+    # sinks: sinks + window = 2 blocks, the most keys bswa with one memory block sees
+    "window": lambda m: 2 * m.block_size - max(1, m.block_size // 8),
 }
 
 

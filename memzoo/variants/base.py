@@ -161,6 +161,12 @@ class Backbone(nn.Module):
             raise StateError(f"{self.variant}: state has dtype {state.dtype}, input has {dtype}; use state.to(dtype)")
         self._check_state_structure(state, batch_size, device, dtype)
 
+    def check_state_values(self, state: State) -> None:
+        """Refuse (``StateError`` naming the field) a state whose values this variant could
+        never have made: ranges of flags and offsets, caches inconsistent with what they
+        cache. Run on states loaded from disk (:func:`memzoo.load_state` with ``model=``),
+        not on every call. Default: nothing beyond the shapes."""
+
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
         """The shape of every tensor field of a valid state at position ``pos``: a tuple,
         or a list of tuples (one per layer). Variants override it so a damaged or

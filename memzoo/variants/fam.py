@@ -185,6 +185,24 @@ class FAM(BlockWindowBackbone):
             "fam_k": fam_kv, "fam_v": fam_kv, "offset": (b,), "residual": (b,),
         }
 
+    def check_state_values(self, state: State) -> None:
+        """``residual`` is 0 (a FAM never updated) or 1 per row; ``offset`` is an int64 in
+        ``[0, MAX_POSITION]``; ``fam_k``/``fam_v`` are the keys/values of ``fam`` at its
+        positions (recomputed here: a hand-edited cache would silently change the outputs)."""
+        assert isinstance(state, FAMState)
+        where = f"{self.variant}: state field"
+        if not bool(((state.residual == 0) | (state.residual == 1)).all()):
+            raise StateError(f"{where} 'residual' must be 0 or 1 per row, got {state.residual.tolist()}")
+        if state.offset.dtype != torch.int64 or not bool(((state.offset >= 0) & (state.offset <= MAX_POSITION)).all()):
+            raise StateError(f"{where} 'offset' must be int64 in [0, {MAX_POSITION}], got {state.offset.dtype} {state.offset.tolist()}")
+        with torch.no_grad():
+            keys, values = self.fam_kv(list(state.fam), state.pos // self.block_size, state.offset)
+        for name, made, stored in (("fam_k", keys, state.fam_k), ("fam_v", values, state.fam_v)):
+            for i, (a, b) in enumerate(zip(made, stored)):
+                scale = float(a.abs().max()) if a.numel() else 0.0
+                if a.shape != b.shape or (a.numel() and float((a - b).abs().max()) > 1e-4 * (1.0 + scale)):
+                    raise StateError(f"{where} '{name}[{i}]' does not match the keys/values of 'fam[{i}]' (edited or damaged)")
+
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FAMState:
         residual = torch.zeros(batch_size, device=device, dtype=dtype)
         return self.new_sequence(self.initial_fam(batch_size, device, dtype), residual, self.draw_offsets(batch_size, device))
