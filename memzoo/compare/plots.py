@@ -55,6 +55,11 @@ def plot_headline(board: Leaderboard, path: Path) -> Path | str:
     ax.set_title(f"{board.task}: {metric} vs length ({seeds} seed{'s' if seeds != 1 else ''})")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Write the figure as a PNG, atomically, and close it."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -107,9 +112,4 @@ def plot_losses(board: Leaderboard, path: Path) -> Path | str:
     ax.set_title(f"{board.task}: training loss ({len(runs)} run{'s' if len(runs) != 1 else ''})")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-    return path
+    return _save(fig, plt, path)

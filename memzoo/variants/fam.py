@@ -391,14 +391,6 @@ class FAM(BlockWindowBackbone):
             offset=state.offset, residual=residual,
         )
 
-    def forward_reference(self, x: Tensor, state: FAMState | None = None) -> tuple[Tensor, FAMState]:
-        """:meth:`forward` through :meth:`step_reference` (validation and a fresh state included)."""
-        self.check_input(x)
-        if state is None:
-            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
-        else:
-            self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
-        return self.step_reference(x, state)
 
     def init_from_embeddings(self, embed: Tensor, generator: torch.Generator) -> list[str]:
         """A pretrained model's initial FAM: ``fam_len`` distinct real tokens' embeddings

@@ -160,11 +160,3 @@ class Sinks(KVCacheBackbone):
             new_v.append(values[:, :, keep])
         return x, SinksState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v)
 
-    def forward_reference(self, x: Tensor, state: SinksState | None = None) -> tuple[Tensor, SinksState]:
-        """:meth:`forward` through :meth:`step_reference` (validation and a fresh state included)."""
-        self.check_input(x)
-        if state is None:
-            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
-        else:
-            self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
-        return self.step_reference(x, state)
