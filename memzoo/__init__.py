@@ -19,9 +19,16 @@ from memzoo.pretrained import from_pretrained
 
 __version__ = "0.1.0"
 
-# last: the comparison API uses everything above. ``memzoo.compare`` is the package
-# memzoo/compare/, callable as ``memzoo.compare(variants, task, ...)``
-from memzoo import compare  # noqa: E402
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    """``memzoo.compare`` (the comparison package: ``memzoo.compare.compare(...)``) is
+    imported on first use, so ``import memzoo`` stays light."""
+    if name == "compare":
+        import importlib
+
+        return importlib.import_module("memzoo.compare")
+    raise AttributeError(f"module 'memzoo' has no attribute {name!r}")
 
 __all__ = [
     "Backbone", "BackboneConfig", "BackboneOutput", "InputError", "MemzooError", "MemzooLM", "ModelConfig",

@@ -7,7 +7,9 @@
 
 Every user error is one line ``memzoo: error: ...`` on stderr with exit status 2,
 before any training. ``memzoo compare`` exits 3 when a run diverged (its numbers are
-not published; the table and the summary say which).
+not published; the table and the summary say which) and 1 when a run kept failing.
+``python -m memzoo`` is the same command; under ``torchrun`` ``memzoo compare`` trains
+each run data-parallel and rank 0 alone prints and writes.
 
 Subcommands are registered in one place: :func:`register_command` (a name, a help
 line, a function that adds its arguments, a function that runs it). A subcommand
@@ -30,6 +32,7 @@ from typing import Any, Callable, NoReturn, Sequence
 from memzoo.errors import MemzooError
 
 #: exit statuses
+EXIT_FAILED = 1  # the comparison finished, but a run kept failing (recorded as failed, no scores)
 EXIT_USAGE = 2  # a user error: nothing was trained
 EXIT_DIVERGED = 3  # the comparison finished, but at least one run diverged (no scores for it)
 
@@ -191,10 +194,34 @@ def _compare_arguments(c: argparse.ArgumentParser) -> None:
         help="runs at once, in worker processes (default: min(2, CPU count); 1 = in this process); "
         "results do not depend on it",
     )
+    c.add_argument(
+        "--launcher", default="local", choices=["local", "ray"],
+        help="where runs execute: local (in this process, or --jobs worker processes) or ray (one Ray task per run; "
+        "a local Ray cluster unless --address); results do not depend on it",
+    )
+    c.add_argument("--address", default=None, help="Ray cluster address for --launcher ray, e.g. ray://head:10001")
+    c.add_argument(
+        "--resources", type=_json_object, default=None, metavar="JSON",
+        help='Ray resources per run, e.g. \'{"GPU": 1}\' or \'{"CPU": 2, "my_label": 1}\' (default: CPU = --threads)',
+    )
+    c.add_argument(
+        "--retries", type=_at_least(0), default=2, help="times a failed run is retried before it is recorded as failed (default: 2)"
+    )
+    c.add_argument("--log-dir", default=None, help="write TensorBoard event files here (per run: loss, lr, eval metrics)")
     c.add_argument("--out", default=None, help="write <task>.json/.md/.png here (and finished runs under OUT/runs/)")
     c.add_argument("--results-dir", default=None, help="where finished runs are kept for resuming (default: OUT/runs)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--quiet", action="store_true", help="only the table on stdout")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"GPU\": 1}}': {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _writable_dir(flag: str, path: str) -> None:
@@ -233,6 +260,7 @@ def compare_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from memzoo.compare import distributed
     from memzoo.compare.leaderboard import build_leaderboard, describe_divergence, markdown, write_leaderboard
     from memzoo.compare.runner import compare_runs
 
@@ -243,6 +271,13 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     results_dir = args.results_dir or (f"{args.out.rstrip('/')}/runs" if args.out else None)
     if results_dir is not None:
         _writable_dir("--results-dir" if args.results_dir else "--out", results_dir)
+    if args.log_dir is not None:
+        _writable_dir("--log-dir", args.log_dir)
+    if args.launcher != "ray" and (args.address is not None or args.resources):
+        raise UsageError("--address and --resources are for --launcher ray")
+    torchrun = distributed.launched()
+    if torchrun and args.launcher != "local":
+        raise UsageError("under torchrun each run trains data-parallel on every rank: use the local launcher")
     start = time.perf_counter()
     records = compare_runs(
         config,
@@ -250,8 +285,15 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         progress=False if args.no_progress else None,
         quiet=args.quiet,
         threads=args.threads or None,
-        jobs=args.jobs,
+        jobs=1 if torchrun else args.jobs,  # under torchrun each run is data-parallel, one after another
+        launcher=args.launcher,
+        address=args.address,
+        resources=args.resources,
+        retries=args.retries,
+        log_dir=args.log_dir,
     )
+    if torchrun and not distributed.context(config.device).is_main:
+        return 0  # rank 0 alone writes and prints
     command = "memzoo compare " + shlex.join(argv[1:] if argv and argv[0] == "compare" else argv)
     board = build_leaderboard(config, records, command=command.strip())
     if args.out:
@@ -265,6 +307,11 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"memzoo compare: warning: {describe_divergence(run)}: no scores published for it", file=sys.stderr)
     if not args.quiet:
         print(f"memzoo compare: done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    failed = [r for r in board.runs if r.status == "failed"]
+    if failed:
+        names = ", ".join(f"{r.variant} seed {r.seed}" for r in failed)
+        print(f"memzoo compare: error: {len(failed)} run(s) failed: {names} (exit status {EXIT_FAILED})", file=sys.stderr)
+        return EXIT_FAILED
     if diverged:
         print(f"memzoo compare: {len(diverged)} of {len(board.runs)} run(s) diverged (exit status {EXIT_DIVERGED})", file=sys.stderr)
         return EXIT_DIVERGED
@@ -299,7 +346,7 @@ register_command(Command(
     description="Train and evaluate variants on one task under the same budget and seeds, print the table and "
     "(with --out) write <task>.json, <task>.md and <task>.png. Without arguments: every registered variant on the "
     "tiny passkey preset (a few minutes on 2 CPU cores). Exit status: 0 done, 2 a user error (nothing trained), "
-    f"{EXIT_DIVERGED} a run diverged (shown as such, with no scores).",
+    f"{EXIT_DIVERGED} a run diverged (shown as such, with no scores), {EXIT_FAILED} a run kept failing (recorded as failed).",
     epilog="examples:\n"
     "  memzoo compare\n"
     "  memzoo compare --task mqar --variants fam,bswa,xl,rmt --seeds 0,1,2 --out leaderboards/\n"

@@ -281,8 +281,10 @@ def load_state(path: str, device: str | torch.device = "cpu", *, model: Any = No
 
 def check_state_for(model: Any, state: State) -> None:
     """Refuse ``state`` unless ``model`` (a memzoo model or backbone) can continue it:
-    its variant and config, and every tensor's shape for its position."""
+    its variant and config, every tensor's shape for its position, and the values the
+    variant checks (:meth:`memzoo.Backbone.check_state_values`: flags, offsets, caches)."""
     backbone = getattr(model, "backbone", model)
     if not hasattr(backbone, "check_state"):
         raise TypeError(f"model must be a memzoo model or backbone, got {type(model).__name__}")
     backbone.check_state(state, batch_size=state.batch_size, device=state.device, dtype=state.dtype or backbone.param_dtype)
+    backbone.check_state_values(state)

@@ -106,6 +106,29 @@ def test_reasons_are_readable_strings():
     assert any("block-gatherable" in r for r in ops.explain(call)["sdpa"])
 
 
+@pytest.mark.parametrize("name", ops.list_backends())
+def test_sink_layouts_follow_the_declaration(name):
+    """A backend that declares ``sinks`` runs sink layouts (the synthetic and captured calls
+    below check it against the reference); one that does not refuses them in words, and
+    ``auto`` passes over it to one that can, never to one that cannot."""
+    call = AttentionCall("cpu", F64, BlockLayout(1, 3, sinks=2), False, False, False, 8, 8)
+    sink_reasons = [r for r in ops.get_backend(name).not_supported_reasons(call) if "sink" in r]
+    assert bool(sink_reasons) != ops.get_backend(name).support.sinks, (name, sink_reasons)
+
+
+def test_a_backend_without_sinks_refuses_them_and_auto_skips_it(monkeypatch):
+    import dataclasses
+
+    sdpa = ops.get_backend("sdpa")
+    monkeypatch.setattr(type(sdpa), "support", dataclasses.replace(sdpa.support, sinks=False))
+    call = AttentionCall("cpu", F64, BlockLayout(1, 3, sinks=2), True, False, False, 8, 8)  # training
+    assert any("sink keys (BlockLayout.sinks=2" in r for r in sdpa.not_supported_reasons(call))
+    with pytest.raises(BackendUnavailable, match="sdpa.*sink keys"):
+        ops.resolve_backend("sdpa", call)
+    assert ops.resolve_backend("auto", call).name == "reference"  # the next that declares them
+    assert ops.resolve_backend("auto", dataclasses.replace(call, layout=BlockLayout(1, 3))).name == "sdpa"
+
+
 # ======================================================================== dispatch
 def test_auto_picks_in_declared_order_and_never_flex_on_cpu():
     for training in (False, True):
@@ -341,24 +364,38 @@ def synthetic_calls() -> list[Call]:
     memory tensors and extra rows, windows that are not block multiples, many blocks,
     one-query calls, calls whose keys start mid-window."""
     specs = [
-        # (block_size, window, q_start, tq, keys before q_start, F, memory tensors)
-        (4, 4, 0, 13, 0, 0, False),
-        (4, 4, 5, 7, 5, 2, True),
-        (4, 8, 9, 1, 9, 0, True),
-        (3, 5, 7, 10, 2, 1, True),
-        (4, 0, 6, 9, 2, 3, False),
-        (2, 3, 11, 6, 4, 0, True),
-        (4, None, 5, 6, 5, 2, True),
-        (None, None, 3, 5, 3, 0, False),
-        (None, None, 0, 6, 0, 2, True),
-        (None, 2, 4, 3, 4, 0, False),
-        (5, 10, 40, 23, 12, 1, False),
+        # (block_size, window, q_start, tq, run keys before q_start, F, memory tensors, sinks)
+        (4, 4, 0, 13, 0, 0, False, 0),
+        (4, 4, 5, 7, 5, 2, True, 0),
+        (4, 8, 9, 1, 9, 0, True, 0),
+        (3, 5, 7, 10, 2, 1, True, 0),
+        (4, 0, 6, 9, 2, 3, False, 0),
+        (2, 3, 11, 6, 4, 0, True, 0),
+        (4, None, 5, 6, 5, 2, True, 0),
+        (None, None, 3, 5, 3, 0, False, 0),
+        (None, None, 0, 6, 0, 2, True, 0),
+        (None, 2, 4, 3, 4, 0, False, 0),
+        (5, 10, 40, 23, 12, 1, False, 0),
+        # attention sinks: from position 0 (sinks and run meet), mid-stream with a gap
+        # between them, token windows (L=1) and block windows, with memory tensors and
+        # extra rows, one-query decode calls, queries that are themselves sinks
+        (1, 2, 0, 9, 0, 0, False, 2),
+        (1, 3, 12, 5, 3, 0, False, 2),
+        (1, 3, 20, 1, 3, 0, True, 4),
+        (4, 4, 0, 3, 0, 0, False, 5),
+        (4, 4, 10, 9, 6, 2, True, 3),
+        (2, 0, 7, 4, 0, 1, False, 1),
+        (3, 6, 30, 8, 6, 0, True, 2),
+        (None, None, 9, 4, 2, 0, False, 3),
+        (4, None, 9, 4, 2, 0, False, 3),
     ]
     calls = []
-    for seed, (size, window, q_start, tq, back, f, memory) in enumerate(specs):
-        layout = BlockLayout(size, window)
+    for seed, (size, window, q_start, tq, back, f, memory, sinks) in enumerate(specs):
+        layout = BlockLayout(size, window, sinks)
         nb = layout.n_query_blocks(q_start, tq)
-        ins = synthetic_inputs(tq, tq + back, nb, f, memory, seed)
+        n_sink = layout.n_sink_rows(q_start + tq)
+        run_start = max(n_sink, q_start - back)
+        ins = synthetic_inputs(tq, n_sink + q_start + tq - run_start, nb, f, memory, seed)
         calls.append(Call(layout, q_start, 0.6, {n: t.detach() for n, t in ins.items()}))
     return calls
 
@@ -370,7 +407,7 @@ def source_mask(call: Call) -> Tensor:
     layout, t = call.layout, call.tensors
     tq, tk = t["q"].shape[2], t["k"].shape[2]
     end = call.q_start + tq
-    q_pos, k_pos = torch.arange(call.q_start, end), torch.arange(end - tk, end)
+    q_pos, k_pos = torch.arange(call.q_start, end), layout.key_positions(end, tk)
     visible = layout.visible(q_pos[:, None], k_pos[None, :])
     memory = layout.is_memory(q_pos[:, None], k_pos[None, :])
     parts = []
@@ -553,7 +590,7 @@ def test_sdpa_full_history_split_point():
     assert sdpa_mod.full_history_from(layout, q_start=16, k_start=8) == 0
     # the synthetic calls exercise both halves of the split
     splits = [
-        (sdpa_mod.full_history_from(c.layout, c.q_start, c.q_start + c.tensors["q"].shape[2] - c.tensors["k"].shape[2]),
+        (sdpa_mod.full_history_from(c.layout, c.q_start, c.layout.run_start(c.q_start + c.tensors["q"].shape[2], c.tensors["k"].shape[2])),
          c.layout.n_query_blocks(c.q_start, c.tensors["q"].shape[2]))
         for c in synthetic_calls()
         if c.layout.bounded

@@ -197,12 +197,16 @@ def test_bad_settings_are_refused() -> None:
         CompareConfig(task="mqar", task_options={"num_pairs": 2, "eval_pairs": (8,)}, train={"length": 16})
 
 
-def test_memzoo_compare_is_the_function_and_the_package() -> None:
+def test_memzoo_compare_is_an_ordinary_package_imported_on_first_use() -> None:
+    import types
+
     import memzoo.compare.runner as runner_module
 
-    assert runner_module is runner and callable(memzoo.compare)
-    rows = memzoo.compare(["bswa"], "copy", **{**MICRO, "task_options": {"segment_len": 3}})
-    assert measured(rows) == measured(compare(["bswa"], "copy", **{**MICRO, "task_options": {"segment_len": 3}}))
+    assert runner_module is runner
+    assert type(memzoo.compare) is types.ModuleType and memzoo.compare.compare is compare
+    code = "import sys, memzoo; print('memzoo.compare' in sys.modules); memzoo.compare; print('memzoo.compare' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stdout
 
 
 # ------------------------------------------------------------- results & resume
@@ -251,9 +255,9 @@ def test_cli_writes_files_and_resumes(tmp_path: Path, monkeypatch: pytest.Monkey
     calls: list[tuple[str, int]] = []
     real = runner.run_one
 
-    def counting(spec, config, *, progress):
+    def counting(spec, config, **kwargs):
         calls.append((spec.variant, spec.seed))
-        return real(spec, config, progress=progress)
+        return real(spec, config, **kwargs)
 
     monkeypatch.setattr(runner, "run_one", counting)
     out = tmp_path / "lb"

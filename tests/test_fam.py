@@ -354,3 +354,17 @@ def test_config_refuses_fam_longer_than_a_block():
         memzoo.build_model("fam", block_size=4, fam_len=2, position_offset_max=-1)
     model = memzoo.build_model("fam", d_model=D, n_heads=H, block_size=4, fam_len=4, memory_blocks=0)
     assert model(torch.zeros(1, 9, dtype=torch.long)).logits.shape == (1, 9, 256)
+
+
+def test_fam_runs_on_the_shared_kv_engine():
+    """FAM is BSWA's K/V engine plus the extra-rows hook: it has no step, window or cache
+    rule of its own (one implementation of the engine, tested with every K/V variant)."""
+    from memzoo.variants.bswa import BSWA
+    from memzoo.variants.kv import BlockWindowBackbone, KVCacheBackbone
+
+    assert issubclass(FAM, BlockWindowBackbone) and issubclass(BSWA, BlockWindowBackbone)
+    for name in ("step", "layout", "keep_from", "evict", "cached_positions"):
+        assert name not in vars(FAM), f"FAM defines its own {name}"
+    assert FAM.step is KVCacheBackbone.step and "extra_rows" in vars(FAM)
+    model = backbone(memory_blocks=1, fam_len=2)
+    assert model.layout() == BSWA.layout(model)

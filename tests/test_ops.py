@@ -21,10 +21,15 @@ def calls(draw):
     bounded = window is not None
     tq = draw(st.integers(1, 17))
     q_start = draw(st.integers(0, 20))
-    tk = tq + draw(st.integers(0, q_start))  # keys reach back at most to position 0
+    sinks = draw(st.sampled_from([0, 0, 1, 2, 5]))
+    s = min(sinks, q_start + tq)
+    # the run after the sinks starts at or after them and covers every query not a sink;
+    # keys reach back at most to position 0
+    run_start = draw(st.integers(s, max(q_start, s)))
+    tk = s + q_start + tq - run_start
     extra = draw(st.integers(0, 3)) if bounded else 0
     memory = draw(st.booleans()) if bounded else False
-    return size if bounded else None, window, tq, tk, q_start, extra, memory
+    return size if bounded else None, window, sinks, tq, tk, q_start, extra, memory
 
 
 def _inputs(tq, tk, nb, extra, memory, seed, dv=5):
@@ -45,8 +50,8 @@ def _inputs(tq, tk, nb, extra, memory, seed, dv=5):
 
 @given(call=calls(), seed=st.integers(0, 1000))
 def test_sdpa_equals_reference(call, seed):
-    size, window, tq, tk, q_start, extra, memory = call
-    layout = BlockLayout(size, window)
+    size, window, sinks, tq, tk, q_start, extra, memory = call
+    layout = BlockLayout(size, window, sinks)
     nb = layout.n_query_blocks(q_start, tq)
     ins = _inputs(tq, tk, nb, extra, memory, seed)
     results = {}
@@ -77,6 +82,35 @@ def test_reference_mask_by_hand():
     assert torch.equal(layout.visible(pos[:, None], pos[None, :]), expected)
     memory = layout.is_memory(pos[:, None], pos[None, :]) & expected
     assert memory.sum() == 8  # blocks 1 and 2 each see a full 2-key previous block, 2 queries each
+
+
+def test_sink_mask_by_hand():
+    """L=1, W=2 (a query sees itself and the token before), 1 sink, 6 queries from 0."""
+    layout = BlockLayout(1, 1, sinks=1)
+    pos = torch.arange(6)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 0, 1, 1, 0, 0],
+            [1, 0, 0, 1, 1, 0],
+            [1, 0, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(layout.visible(pos[:, None], pos[None, :]), expected)
+
+
+def test_sink_key_rows_and_their_positions():
+    layout = BlockLayout(1, 1, sinks=2)
+    assert layout.key_positions(end=9, n_keys=4).tolist() == [0, 1, 7, 8]  # sinks, then the run
+    assert layout.key_positions(end=3, n_keys=3).tolist() == [0, 1, 2]  # they meet
+    assert layout.key_positions(end=1, n_keys=1).tolist() == [0]
+    with pytest.raises(ValueError, match="needs between 2 and 9 keys"):
+        layout.key_positions(end=9, n_keys=1)
+    with pytest.raises(ValueError, match="sinks must be an int >= 0"):
+        BlockLayout(1, 1, sinks=-1)
 
 
 def test_extra_rows_are_seen_only_by_their_block():

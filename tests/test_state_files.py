@@ -149,3 +149,24 @@ def test_fuzz_mutated_state_files_are_refused_or_unchanged(data, tmp_path_factor
 
 
 _CACHE: dict = {}
+
+
+@pytest.mark.parametrize(
+    "field, edit, match",
+    [
+        ("residual", lambda s: s.residual.fill_(0.5), "'residual' must be 0 or 1"),
+        ("offset", lambda s: s.offset.fill_(-3), "'offset' must be int64"),
+        ("fam_k", lambda s: s.fam_k[1].zero_(), r"'fam_k\[1\]' does not match"),
+        ("fam_v", lambda s: s.fam_v[0].mul_(2), r"'fam_v\[0\]' does not match"),
+    ],
+)
+def test_fam_state_values_are_checked_against_the_model(field: str, edit, match: str) -> None:
+    """The issue's FAM cases (residual 0.5, a negative offset, zeroed or scaled FAM
+    keys/values): shapes are right, only the values are impossible. A state the model
+    made passes the same check."""
+    model, state = model_and_state("fam", 10)
+    check_state_for(model, state)
+    bad = state.map(torch.clone)
+    edit(bad)
+    with pytest.raises(StateError, match=match):
+        check_state_for(model, bad)

@@ -53,9 +53,9 @@ def count_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     calls: list[tuple[str, int]] = []
     real = runner.run_one
 
-    def counting(spec, config, *, progress):
+    def counting(spec, config, **kwargs):
         calls.append((spec.variant, spec.seed))
-        return real(spec, config, progress=progress)
+        return real(spec, config, **kwargs)
 
     monkeypatch.setattr(runner, "run_one", counting)
     return calls

@@ -6,12 +6,10 @@ budget and seeds, and write leaderboards.
 >>> sorted({(r.variant, r.eval_length, r.metric) for r in rows})[:2]
 [('bswa', 16, 'accuracy'), ('bswa', 16, 'exact')]
 
-``memzoo.compare`` itself is callable and means :func:`compare`, so the package (its
-modules, ``memzoo.compare.runner`` ...) and the one-call API share one name.
+An ordinary package: ``memzoo.compare.compare(...)`` (or ``from memzoo.compare import
+compare``) is the one-call API. ``import memzoo`` does not import it; the first use of
+``memzoo.compare`` does.
 """
-
-import sys
-import types
 
 from memzoo.compare.leaderboard import build_leaderboard, markdown, markdown_table, write_leaderboard
 from memzoo.compare.results import (
@@ -42,13 +40,3 @@ __all__ = [
     "Provenance", "ResultRow", "ResultsFileError", "RunRecord", "RunSpec", "RunSummary", "TrainSettings", "build_leaderboard", "compare", "compare_runs", "load_leaderboard",
     "markdown", "markdown_table", "preset", "variant_options", "write_leaderboard",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``memzoo.compare(...)`` calls :func:`compare`; attributes are the package's."""
-
-    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -35,11 +35,16 @@ def _kib(n: float) -> str:
 
 
 def diverged_runs(runs: Iterable[RunSummary]) -> list[RunSummary]:
-    return [r for r in runs if r.status == "diverged"]
+    """The runs without numbers: diverged (a result) or failed (kept failing; never cached)."""
+    return [r for r in runs if r.status != "finished"]
 
 
 def describe_divergence(run: RunSummary) -> str:
-    """``bswa seed 0 diverged at step 3 (loss 3.4e+06 exceeds 28.9; last finite loss 2.81)``."""
+    """``bswa seed 0 diverged at step 3 (loss 3.4e+06 exceeds 28.9; last finite loss 2.81)``,
+    or ``full seed 0 FAILED (RuntimeError: ...)``."""
+    if run.status == "failed":
+        first = (run.error or "no message").splitlines()[0][:200]
+        return f"{run.variant} seed {run.seed} FAILED ({first})"
     d = run.divergence
     if d is None:
         return f"{run.variant} seed {run.seed} diverged"
@@ -52,7 +57,8 @@ def divergence_notes(runs: Iterable[RunSummary]) -> str:
     bad = diverged_runs(runs)
     if not bad:
         return ""
-    return "\n".join(["**Diverged runs** (no scores; in no mean or plot):", *(f"- `{describe_divergence(r)}`" for r in bad)]) + "\n"
+    title = "**Diverged or failed runs**" if any(r.status == "failed" for r in bad) else "**Diverged runs**"
+    return "\n".join([f"{title} (no scores; in no mean or plot):", *(f"- `{describe_divergence(r)}`" for r in bad)]) + "\n"
 
 
 def markdown_table(rows: list[ResultRow], metric: str | None = None, runs: Iterable[RunSummary] = ()) -> str:
@@ -65,7 +71,7 @@ def markdown_table(rows: list[ResultRow], metric: str | None = None, runs: Itera
     if not rows:
         if bad:
             return "| variant | status |\n|---|---|\n" + "".join(
-                f"| `{v}` | diverged (every run) |\n" for v in sorted({r.variant for r in bad})
+                f"| `{v}` | {_status_word(bad, v)} (every run) |\n" for v in sorted({r.variant for r in bad})
             ) + "\n" + divergence_notes(runs)
         return "(no results)\n"
     metric = metric or rows[0].metric
@@ -83,7 +89,7 @@ def markdown_table(rows: list[ResultRow], metric: str | None = None, runs: Itera
     for v in variants:
         mine = [r for r in rows if r.variant == v]
         if not mine:
-            lines.append("| " + " | ".join([f"`{v}`", *(["diverged"] * len(lengths)), "–", "–", "–", "–", "–"]) + " |")
+            lines.append("| " + " | ".join([f"`{v}`", *([_status_word(bad, v)] * len(lengths)), "–", "–", "–", "–", "–"]) + " |")
             continue
         mark = " †" if any(r.variant == v for r in bad) else ""
         marked = marked or bool(mark)
@@ -103,10 +109,15 @@ def markdown_table(rows: list[ResultRow], metric: str | None = None, runs: Itera
         )
     note = f"\n{len(seeds)} seed(s): {', '.join(map(str, seeds))}; cells are mean ± standard deviation over seeds.\n"
     if marked:
-        note += "† some runs of this variant diverged: its cells are over the runs that did not.\n"
+        note += "† some runs of this variant diverged or failed: its cells are over the runs that did not.\n"
     if bad:
         note += "\n" + divergence_notes(runs)
     return "\n".join(lines) + "\n" + note
+
+
+def _status_word(bad: list[RunSummary], variant: str) -> str:
+    """'diverged' or 'failed' for a variant none of whose runs has numbers."""
+    return "failed" if all(r.status == "failed" for r in bad if r.variant == variant) else "diverged"
 
 
 def slice_table(rows: list[ResultRow], metric: str, length: int) -> str | None:
@@ -134,7 +145,7 @@ def _slice_key(s: str) -> tuple[str, float]:
         return (name, float("inf"))
 
 
-def markdown(board: Leaderboard, image: str | None = None) -> str:
+def markdown(board: Leaderboard, image: str | None = None, loss_image: str | None = None) -> str:
     rows = list(board.rows)
     if not rows:
         shown = f"![{board.task}: every run diverged]({image})\n\n" if image and board.runs else ""
@@ -147,6 +158,8 @@ def markdown(board: Leaderboard, image: str | None = None) -> str:
     if board.command:
         parts.append(f"Made by:\n\n```\n{board.command}\n```\n")
     parts.append(markdown_table(rows, headline, board.runs))
+    if loss_image:
+        parts.append(f"![{board.task}: training loss]({loss_image})\n")
     for n in lengths:
         table = slice_table(rows, headline, n)
         if table:
@@ -155,10 +168,15 @@ def markdown(board: Leaderboard, image: str | None = None) -> str:
     for metric in others:
         parts.append(markdown_table(rows, metric))
     s = board.settings
+    train = s.get("train", {}) if isinstance(s.get("train"), dict) else {}
+    decay = {"matrices": "weight matrices only", "all": "every parameter"}.get(train.get("decay", "all"), "?")
+    worlds = sorted({(r.provenance.world_size, r.provenance.dist_backend or "") for r in rows})
+    parallel = ", ".join("1 process" if w == 1 else f"{w} processes ({b}, data parallel)" for w, b in worlds)
     parts.append(
         "Settings: "
         f"model {s.get('model', '?')}; train {s.get('train', '?')}; eval {s.get('eval', '?')} at lengths "
-        f"{board.eval_lengths}; task options {s.get('task_options', '?')}; variant options {board.variant_options}.\n"
+        f"{board.eval_lengths}; task options {s.get('task_options', '?')}; variant options {board.variant_options}; "
+        f"AdamW weight decay on {decay}; trained on {parallel}.\n"
     )
     return "\n".join(parts)
 
@@ -180,7 +198,7 @@ def build_leaderboard(config: CompareConfig, records: list[RunRecord], command: 
 def write_leaderboard(board: Leaderboard, out: str | Path, *, stem: str | None = None) -> dict[str, Path | str]:
     """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png`` into ``out``.
     Returns the paths written; ``"png"`` is a message instead when the plot was skipped."""
-    from memzoo.compare.plots import plot_headline
+    from memzoo.compare.plots import plot_headline, plot_losses
 
     out = Path(out)
     stem = stem or board.task
@@ -191,7 +209,12 @@ def write_leaderboard(board: Leaderboard, out: str | Path, *, stem: str | None =
     written["json"] = json_path
     png = plot_headline(board, out / f"{stem}.png")
     written["png"] = png
+    loss_png = plot_losses(board, out / f"{stem}-loss.png")
+    written["loss png"] = loss_png
     md_path = out / f"{stem}.md"
-    write_atomic(md_path, markdown(board, image=f"{stem}.png" if isinstance(png, Path) else None))
+    write_atomic(md_path, markdown(
+        board, image=f"{stem}.png" if isinstance(png, Path) else None,
+        loss_image=f"{stem}-loss.png" if isinstance(loss_png, Path) else None,
+    ))
     written["md"] = md_path
     return written

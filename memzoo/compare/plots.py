@@ -55,6 +55,11 @@ def plot_headline(board: Leaderboard, path: Path) -> Path | str:
     ax.set_title(f"{board.task}: {metric} vs length ({seeds} seed{'s' if seeds != 1 else ''})")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Write the figure as a PNG, atomically, and close it."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -77,3 +82,34 @@ def _diverged_only(board: Leaderboard, path: Path, plt) -> Path:  # type: ignore
     plt.close(fig)
     write_atomic(path, buf.getvalue())
     return path
+
+
+def plot_losses(board: Leaderboard, path: Path) -> Path | str:
+    """The training loss curves (one line per run, one colour per variant) beside the
+    accuracy plot; a diverged run's curve stops where it diverged. Returns the path, or
+    why it was skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return MISSING
+    runs = [r for r in board.runs if any(x is not None for x in r.losses)]
+    if not runs:
+        return "no loss curves to plot"
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    colours: dict[str, str] = {}
+    for run in sorted(runs, key=lambda r: (r.variant, r.seed)):
+        points = [(i * run.log_every, x) for i, x in enumerate(run.losses) if x is not None and x > 0]
+        label = run.variant if run.variant not in colours else None
+        line = ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1, alpha=0.8,
+                       color=colours.get(run.variant), label=label)[0]
+        colours.setdefault(run.variant, line.get_color())
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (nats per scored token)")
+    ax.set_yscale("log")
+    ax.set_title(f"{board.task}: training loss ({len(runs)} run{'s' if len(runs) != 1 else ''})")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, path)

@@ -45,6 +45,8 @@ class Provenance(_Strict):
     device: str = Field(description="e.g. 'cpu' or 'cuda (NVIDIA H100 80GB HBM3)'")
     threads: int = Field(description="torch CPU threads")
     config_hash: str = Field(description="hash of the run's settings (RunSpec); equal hash = same experiment")
+    world_size: int = Field(1, ge=1, description="processes the run trained on (torchrun data parallel); 1 = one")
+    dist_backend: str | None = Field(None, description="torch.distributed backend (gloo, nccl) when world_size > 1")
 
 
 class ResultRow(_Strict):
@@ -96,21 +98,30 @@ class Divergence(_Strict):
     reason: str
 
 
+#: finished: it has its rows; diverged: training blew up (no rows, cached: it is a result);
+#: failed: it kept raising or its worker kept dying (no rows, never cached: a rerun tries again)
+Status = Literal["finished", "diverged", "failed"]
+
+
 class RunSummary(_Strict):
-    """One run's status in a leaderboard (a diverged run has no rows)."""
+    """One run's status and training curve in a leaderboard (a diverged or failed run has no rows)."""
 
     variant: str
     seed: int
-    status: Literal["finished", "diverged"]
+    status: Status
     divergence: Divergence | None = None
+    error: str | None = Field(None, description="why a failed run failed (its last attempt)")
+    losses: list[float | None] = Field(default_factory=list, description="training loss at log_every steps")
+    log_every: int = 1
 
 
 class RunRecord(_Strict):
     schema_: Literal["memzoo.compare.run/2"] = Field(RUN_SCHEMA, alias="schema")
     spec: RunSpec
     config_hash: str
-    status: Literal["finished", "diverged"] = "finished"
+    status: Status = "finished"
     divergence: Divergence | None = Field(None, description="set when status is 'diverged'")
+    error: str | None = Field(None, description="set when status is 'failed': why its last attempt failed")
     losses: list[float | None] = Field(
         description="training loss (nats, scored positions) at log_every steps; None where it was not finite"
     )
@@ -134,7 +145,10 @@ class RunRecord(_Strict):
         return self.model_copy(update={"content_hash": self.computed_hash()})
 
     def summary(self) -> RunSummary:
-        return RunSummary(variant=self.spec.variant, seed=self.spec.seed, status=self.status, divergence=self.divergence)
+        return RunSummary(
+            variant=self.spec.variant, seed=self.spec.seed, status=self.status, divergence=self.divergence,
+            error=self.error, losses=self.losses, log_every=self.log_every,
+        )
 
 
 class Leaderboard(_Strict):

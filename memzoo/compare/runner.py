@@ -9,39 +9,38 @@ are never mixed in.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import functools
-import json
 import math
 import os
 import platform
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import torch
+from pydantic import ValidationError
 
 import memzoo
 from memzoo import ops
+from memzoo.compare import distributed
+from memzoo.compare.distributed import DistContext
+from memzoo.compare.launchers import InProcess, Launcher, make_launcher
 from memzoo.compare.progress import Progress
-from pydantic import ValidationError
-
 from memzoo.compare.results import Divergence, Provenance, ResultRow, RunRecord, RunSpec, dump, one_line, write_atomic
 from memzoo.compare.settings import CompareConfig, merge, variant_options
-from memzoo.errors import MemzooError
 from memzoo.compare.settings import preset as settings_preset
 from memzoo.compare.trainer import evaluate, train
+from memzoo.errors import MemzooError
 from memzoo.tasks import Task, make_task
-
-#: how many points of the training loss curve a run record keeps
-LOSS_POINTS = 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,22 +89,58 @@ def run_path(results_dir: Path, spec: RunSpec) -> Path:
     return results_dir / spec.task / f"{spec.variant}-seed{spec.seed}-{spec.config_hash}.json"
 
 
-def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecord:
-    """Train and evaluate one (variant, seed) and return its record."""
+_INIT_LOCK = threading.Lock()
+
+
+def provenance_of(spec: RunSpec, dist: DistContext | None = None) -> Provenance:
+    """What makes a run here: the code, the libraries, the device, the threads, the ranks."""
     commit, dirty = git_info()
+    return Provenance(
+        memzoo_version=memzoo.__version__,
+        git_commit=commit,
+        git_dirty=dirty,
+        torch_version=torch.__version__,
+        python_version=platform.python_version(),
+        device=device_name(spec.device),
+        threads=torch.get_num_threads(),
+        config_hash=spec.config_hash,
+        world_size=dist.world_size if dist is not None else 1,
+        dist_backend=dist.backend if dist is not None else None,
+    )
+
+
+def run_one(
+    spec: RunSpec,
+    config: CompareConfig,
+    *,
+    progress: Progress | None = None,
+    log_dir: str | Path | None = None,
+    dist: DistContext | None = None,
+) -> RunRecord:
+    """Train and evaluate one (variant, seed) and return its record. ``progress``: the
+    sweep's bar, whose postfix shows this run's loss and throughput; ``log_dir``: write
+    TensorBoard events to ``<log_dir>/<task>/<variant>-seed<seed>-<hash>``; ``dist``: train
+    data-parallel across the ranks of a torchrun launch (every rank returns the record)."""
     task: Task = make_task(spec.task, **spec.task_options)
     start = time.perf_counter()
-    torch.manual_seed(spec.seed)  # initial weights: the same seed gives the same init for a variant
-    model = memzoo.build_model(
-        spec.variant, vocab_size=task.vocab_size, backend=spec.backend, **spec.model, **spec.variant_options
-    ).to(spec.device)
+    device = dist.device(spec.device) if dist is not None else spec.device
+    with _INIT_LOCK:  # the global RNG: two comparisons in one process must not interleave their inits
+        torch.manual_seed(spec.seed)  # initial weights: the same seed gives the same init for a variant
+        model = memzoo.build_model(
+            spec.variant, vocab_size=task.vocab_size, backend=spec.backend, **spec.model, **spec.variant_options
+        ).to(device)
     parameters = sum(p.numel() for p in model.parameters())
-    bar = Progress(config.train.steps, f"{spec.task} {spec.variant} seed {spec.seed}", enabled=progress)
+    writer = _tensorboard(log_dir, spec) if log_dir is not None else None
+    log = None
+    if writer is not None:
+        def log(step: int, loss: float, lr: float) -> None:
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/lr", lr, step)
+    note = None if progress is None else _Postfix(progress, f"{spec.variant} seed {spec.seed}")
     diverged: Divergence | None = None
     evals = {}
     with ops.record_backends() as record:
-        report = train(model, task, config.train, seed=spec.seed, progress=bar)
-        bar.close()
+        report = train(model, task, config.train, seed=spec.seed, progress=note, dist=dist, log=log)
         if report.diverged is not None:
             d = report.diverged
             diverged = Divergence(step=d.step, last_finite_loss=d.last_finite_loss, reason=d.reason)
@@ -122,16 +157,12 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
                     evals = {}
                     break
     wall = time.perf_counter() - start
-    provenance = Provenance(
-        memzoo_version=memzoo.__version__,
-        git_commit=commit,
-        git_dirty=dirty,
-        torch_version=torch.__version__,
-        python_version=platform.python_version(),
-        device=device_name(spec.device),
-        threads=torch.get_num_threads(),
-        config_hash=spec.config_hash,
-    )
+    if writer is not None:
+        for n, ev in evals.items():
+            for metric, by_slice in ev.scores.items():
+                writer.add_scalar(f"eval/{metric}", by_slice["all"], n)
+        writer.close()
+    provenance = provenance_of(spec, dist)
     rows = [
         ResultRow(
             variant=spec.variant,
@@ -155,21 +186,43 @@ def run_one(spec: RunSpec, config: CompareConfig, *, progress: bool) -> RunRecor
         for metric, by_slice in ev.scores.items()
         for slice_, value in by_slice.items()
     ]
-    every = max(1, len(report.losses) // LOSS_POINTS)
-    logged = report.losses[::every]
-    if report.diverged is not None and report.losses and (len(report.losses) - 1) % every:
-        logged.append(report.losses[-1])  # the loss that diverged is always kept
     return RunRecord(
         spec=spec,
         config_hash=spec.config_hash,
         status="finished" if diverged is None else "diverged",
         divergence=diverged,
-        losses=[x if math.isfinite(x) else None for x in logged],
-        log_every=every,
+        losses=[x if math.isfinite(x) else None for x in report.losses],  # every step's
+        log_every=1,
         carried_steps=report.carried_steps,
         provenance=provenance,
         rows=rows,
     ).sealed()
+
+
+def failed_record(spec: RunSpec, error: str) -> RunRecord:
+    """The record of a run that kept failing: no rows, shown as failed, never cached."""
+    return RunRecord(
+        spec=spec, config_hash=spec.config_hash, status="failed", error=error, losses=[], log_every=1, carried_steps=0,
+        provenance=provenance_of(spec), rows=[],
+    ).sealed()
+
+
+class _Postfix:
+    """A run's training steps shown as the sweep bar's postfix (the bar counts runs)."""
+
+    def __init__(self, bar: Progress, label: str) -> None:
+        self.bar, self.label = bar, label
+
+    def update(self, n: int = 1, note: str = "") -> None:
+        self.bar.update(0, f"{self.label}: {note}")
+
+
+def _tensorboard(log_dir: str | Path, spec: RunSpec):  # type: ignore[no-untyped-def]
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # tensorboard is optional
+        raise MemzooError(f"--log-dir needs TensorBoard: pip install 'memzoo[tensorboard]' ({exc})") from exc
+    return SummaryWriter(str(Path(log_dir) / spec.task / f"{spec.variant}-seed{spec.seed}-{spec.config_hash}"))
 
 
 def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
@@ -183,6 +236,8 @@ def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
         problems.append("its spec or config hash is not this run's")
     if problems:
         return problems
+    if record.status == "failed":
+        return ["a failed run is never kept as finished"]
     if record.status == "diverged":
         if record.divergence is None or record.rows:
             problems.append("a diverged run must have a divergence and no rows")
@@ -293,24 +348,43 @@ def compare_runs(
     quiet: bool = False,
     threads: int | None = 1,
     jobs: int = 1,
+    launcher: str | Launcher = "local",
+    address: str | None = None,
+    resources: dict[str, float] | None = None,
+    retries: int = 2,
+    log_dir: str | Path | None = None,
 ) -> list[RunRecord]:
     """Every (variant, seed) run of ``config``: loaded from ``results_dir`` when finished
-    there before, otherwise computed (and then written there).
+    there before (and verified), otherwise computed (and then written there by this
+    process).
 
-    ``jobs > 1`` runs that many runs at once in worker processes (each with ``threads``
-    torch threads); results are identical to ``jobs=1``. Workers are fresh
-    interpreters, so every variant and task must be importable (built in, or
-    registered by an entry point)."""
+    ``launcher``: ``"local"`` (in this process for ``jobs=1``, else ``jobs`` spawned worker
+    processes), ``"ray"`` (one Ray task per run with ``resources``; a local cluster, or
+    the one at ``address``), or a :class:`~memzoo.compare.launchers.Launcher`. Results do
+    not depend on it. A run that raises or whose worker dies is retried up to
+    ``retries`` times, then recorded as failed (``status="failed"``, no rows, never
+    cached); the other runs go on. Workers are fresh interpreters, so every variant and
+    task must be importable by name (built in, or registered by an entry point).
+
+    Under ``torchrun`` every run trains data-parallel across the ranks (one run after
+    another, in this process); rank 0 decides which runs are finished and alone writes."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise MemzooError(f"jobs must be an int >= 1 (1 = in this process), got {jobs!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise MemzooError(f"threads must be an int >= 1 or None (leave torch's setting), got {threads!r}")
-    show = (sys.stderr.isatty() if progress is None else progress) and not quiet
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise MemzooError(f"retries must be an int >= 0, got {retries!r}")
+    dist = distributed.context(config.device)
+    if dist is not None and (jobs > 1 or launcher != "local"):
+        raise MemzooError("under torchrun each run trains data-parallel on every rank: use --jobs 1 and the local launcher")
+    main_rank = dist is None or dist.is_main
+    show = (sys.stderr.isatty() if progress is None else progress) and not quiet and main_rank
+    quiet = quiet or not main_rank
     specs = [run_spec(config, v, s) for v in config.variant_names for s in config.seeds]
     records: dict[int, RunRecord] = {}
     todo: list[tuple[int, RunSpec, Path | None]] = []
     for i, spec in enumerate(specs):
-        path = run_path(Path(results_dir), spec) if results_dir is not None else None
+        path = run_path(Path(results_dir), spec) if results_dir is not None and main_rank else None
         if path is not None:
             record, why = load_finished(path, spec)
             if record is not None:
@@ -325,102 +399,141 @@ def compare_runs(
                 where = f"moved it to {moved.name}" if moved is not None else "it is gone now"
                 print(f"memzoo compare: warning: run file {path} {why}; {where}; running it again", file=sys.stderr, flush=True)
         todo.append((i, spec, path))
-    if jobs <= 1:
+    if dist is not None:
+        todo = _agree_on_todo(todo, records, specs, dist)
+    bar = Progress(len(todo), f"{config.task}: runs", enabled=show) if todo else None
+    if dist is not None:
         for i, spec, path in todo:
-            _log(f"[{i + 1}/{len(specs)}] {spec.variant} seed {spec.seed}: training", quiet)
+            _log(f"[{i + 1}/{len(specs)}] {spec.variant} seed {spec.seed}: training on {dist.world_size} ranks", quiet)
             with torch_threads(threads):
-                records[i] = run_one(spec, config, progress=show)
+                records[i] = run_one(spec, config, progress=bar, log_dir=log_dir if dist.is_main else None, dist=dist)
             if path is not None:
                 write_atomic(path, dump(records[i]))
-    else:
-        bar = Progress(len(todo), f"{config.task}: runs", enabled=show) if todo else None
-        run_in_workers(todo, config, specs=len(specs), threads=threads, jobs=jobs, records=records, quiet=quiet, bar=bar)
+            if bar is not None:
+                bar.update(1)
+    elif todo:
+        impl = launcher if not isinstance(launcher, str) else make_launcher(
+            launcher, jobs=jobs, threads=threads, address=address, resources=resources, quiet=quiet
+        )
+        # in this process runs call run_one directly (the bar shows each step's loss, and
+        # variants defined in __main__ work); workers import the registering modules first
+        modules = None if isinstance(impl, InProcess) else _imports([spec for _, spec, _ in todo], config.task)
+        with _terminate_on_sigterm():
+            try:
+                _run_all(impl, todo, config, specs=len(specs), threads=threads, retries=retries, records=records,
+                         quiet=quiet, bar=bar, log_dir=log_dir, modules=modules)
+            except BaseException:
+                impl.close(cancel=True)  # an interrupted comparison leaves no worker behind
+                raise
+        impl.close()
+    if bar is not None:
+        bar.close()
     return [records[i] for i in range(len(specs))]
 
 
-def run_in_workers(
+def _imports(specs: list[RunSpec], task: str) -> list[str]:
+    """The modules that register the runs' variants and task; a worker imports them first."""
+    from memzoo.registry import get_variant
+    from memzoo.tasks import get_task
+
+    modules = sorted({get_variant(s.variant).cls.__module__ for s in specs} | {get_task(task).__module__})
+    if "__main__" in modules:
+        raise MemzooError("a variant or task defined in __main__ cannot be re-created in a worker process; use jobs=1")
+    return modules
+
+
+def _agree_on_todo(
+    todo: list[tuple[int, RunSpec, Path | None]], records: dict[int, RunRecord], specs: list[RunSpec], dist: DistContext
+) -> list[tuple[int, RunSpec, Path | None]]:
+    """Rank 0's view of which runs still need training, for every rank (only rank 0
+    reads the results folder: it may not even exist on another node). The other ranks
+    get rank 0's loaded records too, so every rank returns the same list."""
+    box = [[i for i, _, _ in todo], {i: dump(r) for i, r in records.items()}]
+    torch.distributed.broadcast_object_list(box, src=0)
+    indices, loaded = box
+    records.update({i: RunRecord.model_validate_json(text) for i, text in loaded.items()})
+    mine = {i: path for i, _, path in todo}
+    return [(i, specs[i], mine.get(i)) for i in indices]
+
+
+def _run_all(
+    impl: Launcher,
     todo: list[tuple[int, RunSpec, Path | None]],
     config: CompareConfig,
     *,
     specs: int,
     threads: int | None,
-    jobs: int,
+    retries: int,
     records: dict[int, RunRecord],
     quiet: bool,
-    bar: Progress | None = None,
+    bar: Progress | None,
+    log_dir: str | Path | None,
+    modules: list[str] | None,
 ) -> None:
-    """Run ``todo`` in at most ``jobs`` worker processes (:mod:`memzoo.compare.worker`)."""
-    from memzoo.registry import get_variant
-    from memzoo.tasks import get_task
+    """Submit every run to ``impl``, write each finished one, retry failures, record
+    the runs that keep failing."""
+    in_process = modules is None
+    quiet_each = quiet or (bar is not None and bar.enabled)
 
-    # modules that register the variants and task; the worker imports them first
-    modules = sorted({get_variant(spec.variant).cls.__module__ for _, spec, _ in todo} | {get_task(config.task).__module__})
-    if "__main__" in modules:
-        raise RuntimeError("a variant or task defined in __main__ cannot be re-created in a worker process; use jobs=1")
-    bar_on = bar is not None and bar.enabled
-    pending = list(todo)
-    running: list[tuple[subprocess.Popen, int, RunSpec, IO[str], IO[str]]] = []
-    _log(f"running {len(todo)} run(s) in up to {jobs} worker processes", quiet)
-    with _terminate_on_sigterm():
-        try:
-            while pending or running:
-                while pending and len(running) < jobs:
-                    i, spec, path = pending.pop(0)
-                    job = {"spec": spec.model_dump(mode="json"), "config": config.model_dump(mode="json"),
-                           "threads": threads, "path": str(path) if path is not None else None, "imports": modules}
-                    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-                    # its own process group (killed as one); stdin stays open: the worker
-                    # stops itself when it reads EOF, i.e. when this process is gone (even SIGKILLed)
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", "memzoo.compare.worker"], stdin=subprocess.PIPE, stdout=out, stderr=err,
-                        text=True, start_new_session=True,
-                    )
-                    running.append((proc, i, spec, out, err))
-                    assert proc.stdin is not None
-                    proc.stdin.write(json.dumps(job) + "\n")
-                    proc.stdin.flush()
-                    _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: training (worker {proc.pid})", quiet or bar_on)
-                time.sleep(0.1)
-                for entry in [e for e in running if e[0].poll() is not None]:
-                    proc, i, spec, out, err = entry
-                    running.remove(entry)
-                    _close(proc)
-                    out.seek(0)
-                    err.seek(0)
-                    result, errors = out.read(), err.read()
-                    out.close()
-                    err.close()
-                    if proc.returncode != 0:
-                        raise RuntimeError(
-                            f"worker for {spec.variant} seed {spec.seed} failed (exit {proc.returncode}):\n{errors[-4000:]}"
-                        )
-                    records[i] = RunRecord.model_validate_json(result)
-                    _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: done", quiet or bar_on)
-                    if bar is not None:
-                        bar.update(1, f"{spec.variant} seed {spec.seed} done")
+    def submit(spec: RunSpec) -> cf.Future:
+        if in_process:
+            future: cf.Future = cf.Future()
+            try:
+                with torch_threads(threads):
+                    future.set_result(dump(run_one(spec, config, progress=bar, log_dir=log_dir)))
+            except Exception as exc:  # like a worker's failure: reported, retried
+                future.set_exception(exc)
+            return future
+        payload = {"spec": spec.model_dump(mode="json"), "config": config.model_dump(mode="json"), "threads": threads,
+                   "imports": modules, "log_dir": None if log_dir is None else str(log_dir)}
+        return impl.submit(payload)
+
+    _log(f"running {len(todo)} run(s) with the {impl.name} launcher", quiet or in_process)
+    attempts = {i: 0 for i, _, _ in todo}
+    pending: dict[cf.Future, tuple[int, RunSpec, Path | None]] = {}
+    for entry in todo:
+        i, spec, _ = entry
+        _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: training", quiet_each)
+        pending[submit(spec)] = entry
+    while pending:
+        done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+        broken = False
+        retry: list[tuple[int, RunSpec, Path | None]] = []
+        for future in done:
+            entry = pending.pop(future)
+            i, spec, path = entry
+            try:
+                record = RunRecord.model_validate_json(future.result())
+            except Exception as exc:  # the run raised, or its worker died
+                broken = broken or isinstance(exc, BrokenProcessPool)
+                attempts[i] += 1
+                reason = f"{type(exc).__name__}: {exc}".strip()
+                if attempts[i] <= retries:
+                    print(f"memzoo compare: warning: {spec.variant} seed {spec.seed} failed ({reason[:300]}); "
+                          f"retry {attempts[i]} of {retries}", file=sys.stderr, flush=True)
+                    retry.append(entry)
+                    continue
+                print(f"memzoo compare: error: {spec.variant} seed {spec.seed} failed {attempts[i]} time(s), "
+                      f"recorded as failed: {reason[:2000]}", file=sys.stderr, flush=True)
+                records[i] = failed_record(spec, reason)
+                if bar is not None:
+                    bar.update(1, f"{spec.variant} seed {spec.seed} FAILED")
+                continue
+            records[i] = record
+            if path is not None:
+                write_atomic(path, dump(record))
+            _log(f"[{i + 1}/{specs}] {spec.variant} seed {spec.seed}: {record.status}", quiet_each)
             if bar is not None:
-                bar.close()
-        finally:
-            for proc, *_ in running:
-                kill_group(proc)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """Kill a worker and everything it started (its process group), and reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-    _close(proc)
-
-
-def _close(proc: subprocess.Popen) -> None:
-    if proc.stdin is not None and not proc.stdin.closed:
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
+                finite = [x for x in record.losses if x is not None]
+                tok = record.rows[0].tokens_per_s if record.rows else 0.0
+                last = finite[-1] if finite else float("nan")
+                bar.update(1, f"{spec.variant} seed {spec.seed}: loss {last:.3f}, {tok:,.0f} tok/s")
+        if broken:  # a dead worker breaks the whole pool: start a new one, resubmit what it lost
+            impl.reset()
+            retry += list(pending.values())
+            pending.clear()
+        for entry in retry:
+            pending[submit(entry[1])] = entry
 
 
 @contextlib.contextmanager
@@ -465,6 +578,8 @@ def compare(
     quiet: bool = True,
     threads: int | None = 1,
     jobs: int = 1,
+    launcher: str | Launcher = "local",
+    retries: int = 2,
     preset: str | None = None,
     config: CompareConfig | None = None,
     **fields: Any,
@@ -478,7 +593,8 @@ def compare(
     ones take dicts, e.g. ``train={"steps": 50}``, and are merged over ``preset``
     (a name in :data:`~memzoo.compare.settings.PRESETS`) if given. Or pass a whole
     ``config``. ``threads``: torch CPU threads per run (None: unchanged); ``jobs``: runs at once
-    in worker processes.
+    in worker processes; ``launcher``, ``retries``: as in :func:`compare_runs`. A run that
+    kept failing has no rows either; a ``RuntimeWarning`` names it.
     """
     if config is not None:
         if fields or variants is not None or preset is not None:
@@ -488,10 +604,13 @@ def compare(
             variants = [v for v in variants.split(",") if v]
         base = settings_preset(preset, task) if preset is not None else {"task": task}
         config = CompareConfig(**merge(base, {**fields, "variants": tuple(variants or ())}))
-    records = compare_runs(config, results_dir=results_dir, progress=progress, quiet=quiet, threads=threads, jobs=jobs)
+    records = compare_runs(
+        config, results_dir=results_dir, progress=progress, quiet=quiet, threads=threads, jobs=jobs, launcher=launcher,
+        retries=retries,
+    )
     from memzoo.compare.leaderboard import describe_divergence
 
     for record in records:  # a diverged run has no rows: say so, never just leave it out
-        if record.status == "diverged":
+        if record.status != "finished":
             warnings.warn(f"{describe_divergence(record.summary())}: it has no rows", RuntimeWarning, stacklevel=2)
     return [row for record in records for row in record.rows]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
@@ -86,6 +86,10 @@ class TrainSettings(_Strict):
     )
     lr: float = Field(3e-3, gt=0.0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.01, ge=0.0)
+    decay: Literal["matrices", "all"] = Field(
+        "matrices", description="what AdamW decays: the weight matrices of Linear/Embedding modules (nanoGPT's rule), "
+        "or every parameter (norms, biases, prompts too; memzoo before this setting existed)",
+    )
     betas: tuple[FiniteFloat, FiniteFloat] = Field((0.9, 0.95), strict=False)
     warmup_steps: int = Field(20, ge=0, description="linear warm-up, then cosine decay to min_lr_ratio * lr")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
@@ -275,6 +279,10 @@ SMALL_SETTING_DEFAULTS: dict[str, Callable[[ModelSettings], Any]] = {
     "fam_len": lambda m: max(1, m.block_size // 4),  # fam: working memory vectors (paper: 64 of 1024)
     "memory_len": lambda m: m.block_size,  # xl: as many cached positions as one bswa memory block
     "num_memory_tokens": lambda m: 4,  # rmt: read/write memory tokens
+    "num_states": lambda m: m.block_size,  # brt: as many recurrent states as tokens in a block (paper: 512 of 512)
+    "num_sinks": lambda m: max(1, m.block_size // 8),  # sinks: the paper's 4 sinks of a 1024-token cache, scaled
+    # sinks: sinks + window = 2 blocks, the most keys bswa with one memory block sees
+    "window": lambda m: 2 * m.block_size - max(1, m.block_size // 8),
 }
 
 

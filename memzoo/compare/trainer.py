@@ -4,6 +4,15 @@ Every variant gets the same optimiser (AdamW), steps, batch, learning-rate sched
 (linear warm-up, cosine decay) and data: training batches come from a generator
 seeded by the run's seed alone, so two variants with the same seed see the same
 sequences. The loss is the mean cross-entropy over the task's scored positions.
+Weight decay applies to weight matrices only — the weights of ``nn.Linear`` and
+``nn.Embedding`` modules — not to norms, biases, or the learned states a variant adds
+(FAM's prompt, RMT's memory embeddings, XL's position biases), as nanoGPT does
+(``TrainSettings.decay``).
+
+Under ``torchrun`` (:mod:`memzoo.compare.distributed`) the model trains data-parallel:
+every rank draws the same global batch and keeps its own rows; the loss is scaled so
+that ``DistributedDataParallel``'s gradient average equals the single-process gradient
+of the global batch.
 
 A training sequence can be fed in consecutive chunks with the state carried
 between them (``chunk_len``); ``detach_every=N`` cuts the gradient through the
@@ -28,8 +37,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed
 from torch import Tensor
 
+from memzoo.compare.distributed import DistContext, split_rows
 from memzoo.compare.progress import Progress
 from memzoo.compare.settings import EvalSettings, TrainSettings
 from memzoo.models import MemzooLM
@@ -65,6 +76,24 @@ def chunk_bounds(length: int, chunk_len: int | None) -> list[tuple[int, int]]:
     return [(a, min(a + step, length)) for a in range(0, length, step)]
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float, decay: str = "matrices") -> list[dict]:
+    """AdamW groups. ``decay="matrices"``: decay for the weights of Linear and Embedding
+    modules, none for everything else (norms, biases, learned prompts and memory
+    embeddings); ``"all"``: every parameter (memzoo before this setting existed, e.g. the
+    leaderboards of e2d9391)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay == "all":
+        return [{"params": params, "weight_decay": weight_decay}]
+    matrices = {
+        id(m.weight) for m in model.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
+    }
+    return [
+        {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},
+    ]
+
+
 @dataclass
 class Diverged:
     """Training stopped: the loss (or the gradient, or the weights) went non-finite or exploded."""
@@ -94,12 +123,25 @@ def train(
     *,
     seed: int,
     progress: Progress | None = None,
+    dist: DistContext | None = None,
+    log: Callable[[int, float, float], None] | None = None,
 ) -> TrainReport:
-    """Train ``model`` in place on ``task``; deterministic given ``seed`` on CPU."""
+    """Train ``model`` in place on ``task``; deterministic given ``seed`` on CPU.
+
+    ``progress``: anything with ``update(n, note)``, shown the loss and throughput each
+    step; ``dist``: train data-parallel across the ranks of a torch.distributed group
+    (the global batch ``settings.batch_size`` is split evenly); ``log(step, loss, lr)``
+    is called after every step (TensorBoard)."""
     device = next(model.parameters()).device
     data = seeded("train-data", task.name, seed)
     coin = seeded("rsp", seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    rows = split_rows(settings.batch_size, dist)
+    net: torch.nn.Module = model
+    if dist is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.decay), lr=settings.lr, betas=settings.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, settings))
     report = TrainReport()
     previous: State | None = None
@@ -108,28 +150,35 @@ def train(
     limit = math.inf
     last_finite: float | None = None
     for step in range(settings.steps):
+        # every rank draws the same global batch (same generator) and keeps its own rows
         batch = task.sample(settings.batch_size, settings.length, data, split="train").to(device)
+        tokens, targets, mask = batch.tokens[rows], batch.targets[rows], batch.mask[rows]
         # drawn every step, so the data stream does not depend on rsp_prob
         pass_state = bool(torch.rand((), generator=coin) < settings.rsp_prob)
         state = carry_state(model, previous) if (pass_state and previous is not None) else None
         report.carried_steps += state is not None
-        scored = batch.mask.sum().clamp(min=1)
+        # normalised by the global batch's scored positions; x world size because DDP averages gradients
+        scored = batch.mask.sum().clamp(min=1) / (dist.world_size if dist is not None else 1)
         chunks = chunk_bounds(settings.length, settings.chunk_len)
         pending: Tensor | None = None
-        total = 0.0
+        total_t = torch.zeros((), dtype=torch.float64, device=device)
         for i, (a, b) in enumerate(chunks):
-            logits, state = model(batch.tokens[:, a:b], state)
+            logits, state = net(tokens[:, a:b], state)
             nll = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), batch.targets[:, a:b], reduction="none"
+                logits.transpose(1, 2), targets[:, a:b], reduction="none"
             )  # (B, t)
-            loss = (nll * batch.mask[:, a:b]).sum() / scored
+            loss = (nll * mask[:, a:b]).sum() / scored
             pending = loss if pending is None else pending + loss
             last = i == len(chunks) - 1
             if last or (settings.detach_every and (i + 1) % settings.detach_every == 0):
                 pending.backward()
-                total += float(pending.detach())
+                total_t += pending.detach().double()
                 pending = None
                 state = state.detach()
+        if dist is not None:  # the global batch's loss: the ranks' shares, averaged
+            total_t /= dist.world_size
+            torch.distributed.all_reduce(total_t)
+        total = float(total_t)
         report.losses.append(total)
         report.tokens += batch.tokens.numel()
         if step == 0 and math.isfinite(total):
@@ -145,11 +194,15 @@ def train(
                 report.diverged = Diverged(step, last_finite, f"gradient norm {norm} is not finite")
                 break
         opt.step()
+        lr = sched.get_last_lr()[0]
         sched.step()
         opt.zero_grad(set_to_none=True)
         previous = state
+        if log is not None:
+            log(step, total, lr)
         if progress is not None:
-            progress.update(1, f"loss {total:.3f}")
+            elapsed = time.perf_counter() - start
+            progress.update(1, f"loss {total:.3f}, {report.tokens / elapsed if elapsed > 0 else 0:,.0f} tok/s")
     if report.diverged is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         report.diverged = Diverged(settings.steps, last_finite, "the trained weights are not finite")
     report.wall_s = time.perf_counter() - start

@@ -117,6 +117,8 @@ class Support:
     extra_rows: bool = True
     #: memory tensors / extra rows together with a window=None layout
     unbounded_with_memory: bool = True
+    #: ``BlockLayout.sinks > 0``: the first positions visible to every query (attention sinks)
+    sinks: bool = True
     #: value width Dv different from the query/key width D
     value_dim_differs: bool = True
     #: device type -> why it is not supported (replaces the generic "runs on ..." reason)
@@ -175,6 +177,8 @@ class Backend:
             reasons.append(f"unbounded layouts ({lay!r}: every earlier key visible) are not supported")
         if call.has_memory_tensors and not s.memory_tensors:
             reasons.append("separate memory tensors (k_mem/v_mem) are not supported")
+        if lay.sinks and not s.sinks:
+            reasons.append(f"sink keys (BlockLayout.sinks={lay.sinks}: the first positions always visible) are not supported")
         if call.has_extra and not s.extra_rows:
             reasons.append("per-block extra rows are not supported")
         if not lay.bounded and (call.has_extra or call.has_memory_tensors) and not s.unbounded_with_memory:
@@ -213,7 +217,8 @@ class Backend:
         extra_k: Tensor | None = None,
         extra_v: Tensor | None = None,
     ) -> Tensor:
-        """``q`` (B,H,Tq,D), ``k`` (B,H,Tk,D), ``v`` (B,H,Tk,Dv) -> (B,H,Tq,Dv).
+        """``q`` (B,H,Tq,D), ``k`` (B,H,Tk,D), ``v`` (B,H,Tk,Dv) -> (B,H,Tq,Dv). The key rows'
+        positions are :meth:`BlockLayout.key_positions` (sinks first when ``layout.sinks``).
 
         ``extra_k``/``extra_v``: (B,H,nb,F,D)/(B,H,nb,F,Dv), one set of rows per query
         block touched by this call, in order (``nb = layout.n_query_blocks(...)``).

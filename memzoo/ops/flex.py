@@ -7,7 +7,8 @@ One flex call over one key sequence that holds every key a query of the call may
     mask    mask_mod(b, h, q_idx, kv_idx) -> bool, True = may attend
 
 * an extra row of call-block ``j`` is visible to the queries of block ``j`` only;
-* a key position is visible under :meth:`BlockLayout.visible`; with memory tensors the
+* a key position (sinks first, :meth:`BlockLayout.key_positions`) is visible under
+  :meth:`BlockLayout.visible`; with memory tensors the
   position appears twice, and the mask keeps the ``k_mem`` copy where the key is the
   query's memory (before its block) and the ``k`` copy elsewhere, which is exactly
   the reference's selection (values likewise).
@@ -61,48 +62,53 @@ def layout_mask_mod(
     """The mask_mod for a call and the key it may be cached under.
 
     Positions are shifted by a multiple of ``L`` so the first query block of the call
-    starts at 0; the mask then depends on the call only through the returned key.
+    starts at 0 (by ``q_start`` without blocks); the mask then depends on the call only
+    through the returned key. Key row ``i`` of ``k`` is at position ``i`` if it is one of
+    the ``s`` sinks, else ``run_start + i - s`` (:meth:`BlockLayout.key_positions`).
     """
     size, window = layout.block_size, layout.window
-    k_start = q_start + n_queries - n_keys
+    end = q_start + n_queries
+    n_sink, run_start = layout.n_sink_rows(end), layout.run_start(end, n_keys)
     n_extra = extra_per_block * n_blocks
     f = extra_per_block
     if size is None:
-        # one block from position 0: visible = causal (window counts from 0, so it never bites)
-        offset = n_keys - n_queries
-
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            t = kv_idx - n_extra
-            # block start is 0, so no key is memory: a k_mem copy (t >= Tk) is never visible
-            tok = (t <= q_idx + offset) & (t >= 0) & (t < n_keys)
-            return (kv_idx < n_extra) | tok if n_extra else tok
-
-        return mask_mod, ("unblocked", n_queries, n_keys, n_extra, memory_copy)
-
-    shift = (q_start // size) * size
+        shift = q_start  # one block from position 0: visible = causal (a window counts from 0, it never bites)
+    else:
+        shift = (q_start // size) * size
     phase = q_start - shift  # in [0, L)
-    ks = k_start - shift  # position of key 0, relative to the first query block's start
+    ks = run_start - shift  # position of the run's first key, relative to the shift
+    # a sink row's relative position; once the shift passes the sinks, every predicate on
+    # it (visible, memory) is the same for any earlier position, so cap it: one cache key
+    sink_shift = min(shift, n_sink)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         qp = q_idx + phase
-        q_block = qp // size
-        start = q_block * size
         t = kv_idx - n_extra
-        if memory_copy:
-            mem_copy = t >= n_keys
-            kp = ks + torch.where(mem_copy, t - n_keys, t)
+        mem_copy = t >= n_keys
+        i = torch.where(mem_copy, t - n_keys, t) if memory_copy else t  # row of k (or k_mem)
+        kp = torch.where(i < n_sink, i - sink_shift, ks + i - n_sink) if n_sink else ks + i
+        tok = (kp <= qp) & (t >= 0) & (i < n_keys)
+        if size is None:
+            # block start is 0, so no key is memory: a k_mem copy is never visible
+            if memory_copy:
+                tok = tok & ~mem_copy
         else:
-            kp = ks + t
-        tok = kp <= qp
-        if window is not None:
-            tok = tok & (kp >= start - window)
-        is_memory = kp < start
-        tok = tok & ((is_memory == mem_copy) if memory_copy else torch.ones_like(tok))
+            q_block = qp // size
+            start = q_block * size
+            if window is not None:
+                near = kp >= start - window
+                if n_sink:
+                    near = near | (i < n_sink)
+                tok = tok & near
+            if memory_copy:
+                tok = tok & ((kp < start) == mem_copy)
         if not n_extra:
             return tok
-        return torch.where(kv_idx < n_extra, (kv_idx // f) == q_block, tok)
+        if size is None:
+            return (kv_idx < n_extra) | tok
+        return torch.where(kv_idx < n_extra, (kv_idx // f) == (qp // size), tok)
 
-    return mask_mod, (size, window, phase, ks, n_queries, n_keys, f, n_blocks, memory_copy)
+    return mask_mod, (size, window, phase, ks, n_sink, sink_shift, n_queries, n_keys, f, n_blocks, memory_copy)
 
 
 def dense_mask(mask_mod: MaskMod, n_queries: int, n_kv: int) -> Tensor:

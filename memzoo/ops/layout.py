@@ -14,7 +14,16 @@ memzoo: ``True`` = may attend.
 A query at position ``p`` lies in block ``b = p // L`` and may attend to
 
 * every key at position ``j`` with ``b*L - W <= j <= p`` (``window=None``: every ``j <= p``),
+* every *sink*: the first ``sinks`` positions of the sequence, ``j < sinks`` and ``j <= p``
+  (attention sinks, StreamingLLM), whatever the window,
 * every *extra row* given for its block (FAM's feedback memory), and nothing else.
+
+Key rows and their positions: with ``sinks = 0`` the ``Tk`` keys are the positions
+``[end - Tk, end)``. With ``sinks = S > 0`` the first ``s = min(S, end)`` key rows are the
+positions ``0 … s-1`` (the sinks) and the other ``Tk - s`` rows are the run
+``[end - (Tk - s), end)``, which starts at or after ``s`` (:meth:`BlockLayout.key_positions`).
+So a streaming cache passes its sinks and the recent run with a gap between them, and a
+call from position 0 passes every key (the two pieces then meet: ``[0, end)``).
 
 Keys before the query's block start (``j < b*L``) are its *memory*. A variant may pass
 separate memory tensors ``k_mem``/``v_mem`` (same shape as ``k``/``v``) that are used in
@@ -28,6 +37,11 @@ ASCII picture, ``L=4, W=4`` (``m=1`` block of memory), queries ``q`` over keys `
     q 4:     x x x x   x . . .
     q 5:     x x x x   x x . .
     q 8:               x x x x   x . .
+
+The same with ``sinks=1`` (key 0 always visible)::
+
+          k: 0 1 2 3 | 4 5 6 7 | 8 9 ...
+    q 8:     x         x x x x   x . .
 """
 
 from __future__ import annotations
@@ -48,12 +62,37 @@ class BlockLayout:
 
     block_size: int | None = None
     window: int | None = None
+    #: the first ``sinks`` positions are visible to every later query (attention sinks)
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1 or None, got {self.block_size}")
         if self.window is not None and self.window < 0:
             raise ValueError(f"window must be >= 0 or None, got {self.window}")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
+
+    def n_sink_rows(self, end: int) -> int:
+        """How many leading key rows are sinks in a call whose queries end at ``end``."""
+        return min(self.sinks, end)
+
+    def run_start(self, end: int, n_keys: int) -> int:
+        """Position of the first key row after the sinks (the run ``[run_start, end)``)."""
+        s = self.n_sink_rows(end)
+        if n_keys < s or n_keys > end:
+            raise ValueError(
+                f"a call ending at position {end} with sinks={self.sinks} needs between {s} and {end} keys "
+                f"(the {s} sinks, then a run of recent keys ending at {end}), got {n_keys}"
+            )
+        return end - (n_keys - s)
+
+    def key_positions(self, end: int, n_keys: int, device: torch.device | str | None = None) -> Tensor:
+        """(Tk,) int64: the position of every key row of a call ending at ``end``."""
+        if not self.sinks:
+            return torch.arange(end - n_keys, end, device=device)
+        s, run = self.n_sink_rows(end), self.run_start(end, n_keys)
+        return torch.cat([torch.arange(s, device=device), torch.arange(run, end, device=device)])
 
     @property
     def bounded(self) -> bool:
@@ -70,7 +109,10 @@ class BlockLayout:
         (broadcasting, e.g. ``q_pos[:, None]`` against ``k_pos[None, :]``)."""
         allowed = k_pos <= q_pos
         if self.window is not None:
-            allowed = allowed & (k_pos >= self.block_start(q_pos) - self.window)
+            near = k_pos >= self.block_start(q_pos) - self.window
+            if self.sinks:
+                near = near | (k_pos < self.sinks)
+            allowed = allowed & near
         return allowed
 
     def is_memory(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:

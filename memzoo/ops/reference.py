@@ -51,7 +51,7 @@ class ReferenceBackend(Backend):
         tq, tk = q.shape[2], k.shape[2]
         end = q_start + tq
         q_pos = torch.arange(q_start, end, device=q.device)
-        k_pos = torch.arange(end - tk, end, device=q.device)
+        k_pos = layout.key_positions(end, tk, q.device)  # sinks first, then the run
         allowed = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk)
 
         scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)

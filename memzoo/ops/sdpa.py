@@ -11,7 +11,12 @@ block (L)]``; one batched SDPA call then does all blocks at once::
 Score entries: ``nb·L·(F+W+L)`` instead of ``T·(T+F)`` for a dense mask. The first and
 last blocks of a call may be partial: they are padded with zeros and masked, and
 padding query rows (whose outputs are dropped) see every key so no row is empty.
-Unbounded layouts (``full``) use one causal SDPA call (lower-right aligned; on CUDA
+Sinks (``layout.sinks``: the first key rows, positions ``0 … s-1``) are ``s`` more key
+columns of every block, ``[extra rows (F), sinks (s), memory (W), own block (L)]``, each
+visible to the queries at or after it; a sink that is memory for a block (before its
+start) comes from ``k_mem`` there. With ``block_size=1`` (token windows: every query is its own block) gathering would copy
+``F+s+W+1`` key rows per query, so such calls are one SDPA call over the call's keys with
+the layout's mask instead (no copies). Unbounded layouts (``full``) use one causal SDPA call (lower-right aligned; on CUDA
 through ``causal_lower_right`` rather than a mask tensor when ``Tq != Tk``).
 
 On CUDA, blocks whose whole key window exists (``b·L - W >= k_start``: no zero-padded
@@ -37,7 +42,7 @@ def span(x: Tensor, x_start: int, lo: int, hi: int) -> Tensor:
     """``x`` (B,H,T,D) covers positions ``[x_start, x_start+T)``; return positions
     ``[lo, hi)``, zero-padded where ``x`` has nothing."""
     x_end = x_start + x.shape[2]
-    a = max(lo, x_start)
+    a = min(max(lo, x_start), hi)  # x may start after hi (a run after sinks)
     b = max(min(hi, x_end), a)
     core = x[:, :, a - x_start : b - x_start]
     return F.pad(core, (0, 0, a - lo, hi - b))
@@ -54,9 +59,10 @@ def gather_blocks(
 
 
 def block_mask(
-    layout: BlockLayout, q_start: int, n_queries: int, k_start: int, n_extra: int, device: torch.device
+    layout: BlockLayout, q_start: int, n_queries: int, k_start: int, n_extra: int, device: torch.device, n_sinks: int = 0
 ) -> Tensor:
-    """Boolean (nb, L, F + W + L) mask for :func:`gather_blocks` keys; True = may attend."""
+    """Boolean (nb, L, F + s + W + L) mask for keys ``[extra, sinks, gathered memory, own
+    block]``; ``k_start`` is the first position of the run (after the sinks). True = may attend."""
     size, window = layout.block_size, layout.window
     assert size is not None and window is not None
     end = q_start + n_queries
@@ -68,9 +74,22 @@ def block_mask(
     own = (q_pos[:, None, :] <= q_pos[:, :, None]) & (q_pos[:, None, :] >= k_start)  # (nb, L, L)
     mem = (mem_pos >= k_start)[:, None, :].expand(nb, size, window)
     extra = torch.ones(nb, size, n_extra, dtype=torch.bool, device=device)
-    mask = torch.cat([extra, mem, own], dim=-1)
+    sinks = torch.arange(n_sinks, device=device) <= q_pos[:, :, None]  # (nb, L, s): sink i at position i
+    mask = torch.cat([extra, sinks, mem, own], dim=-1)
     padding_rows = (q_pos < q_start) | (q_pos >= end)  # (nb, L)
     return mask | padding_rows[:, :, None]
+
+
+def sink_blocks(sinks: tuple[Tensor, ...], starts: Tensor) -> tuple[Tensor, Tensor]:
+    """The sink keys/values each query block sees: (B,H,nb,s,D). ``sinks`` is ``(k, v)`` or
+    ``(k, v, k_mem, v_mem)`` of the sink rows; with memory tensors a sink before the
+    block's start (``starts``, (nb,)) is memory and comes from ``k_mem``/``v_mem``."""
+    k, v = sinks[0][:, :, None], sinks[1][:, :, None]  # (B, H, 1, s, D)
+    nb, n = starts.shape[0], k.shape[3]
+    if len(sinks) == 2:
+        return k.expand(-1, -1, nb, -1, -1), v.expand(-1, -1, nb, -1, -1)
+    memory = (torch.arange(n, device=starts.device)[None, :] < starts[:, None])[:, :, None]  # (nb, s, 1)
+    return torch.where(memory, sinks[2][:, :, None], k), torch.where(memory, sinks[3][:, :, None], v)
 
 
 def full_history_from(layout: BlockLayout, q_start: int, k_start: int) -> int:
@@ -144,10 +163,15 @@ class SDPABackend(Backend):
     ) -> Tensor:
         tq, tk = q.shape[2], k.shape[2]
         end = q_start + tq
-        k_start = end - tk
+        n_sinks = layout.n_sink_rows(end)
         if not layout.bounded:
             if extra_k is not None or k_mem is not None:
                 raise ValueError("sdpa: unbounded layout takes no memory tensors or extra rows")
+            if n_sinks and layout.run_start(end, tk) > n_sinks:  # a gap between sinks and run: mask by position
+                q_pos = torch.arange(q_start, end, device=q.device)
+                mask = layout.key_positions(end, tk, q.device)[None, :] <= q_pos[:, None]
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            k_start = end - tk
             if tq == tk:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             if q.device.type in self.lower_right_devices:
@@ -161,11 +185,21 @@ class SDPABackend(Backend):
 
         size, window = layout.block_size, layout.window
         assert size is not None and window is not None
+        sinks = None
+        if n_sinks:
+            layout.run_start(end, tk)  # checks the key count
+            sinks = (k[:, :, :n_sinks], v[:, :, :n_sinks], *(() if k_mem is None else (k_mem[:, :, :n_sinks], v_mem[:, :, :n_sinks])))
+            k, v = k[:, :, n_sinks:], v[:, :, n_sinks:]
+            if k_mem is not None:
+                k_mem, v_mem = k_mem[:, :, n_sinks:], v_mem[:, :, n_sinks:]
+        k_start = end - k.shape[2]  # the run's first position
         b, h = q.shape[:2]
         b0 = q_start // size
         nb = layout.n_query_blocks(q_start, tq)
+        if size == 1 and nb > 1:  # token windows: gathering would copy F+s+W rows per query
+            return self._masked_call(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, sinks)
         if nb == 1:
-            return self._one_block(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v)
+            return self._one_block(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, sinks)
         lo, hi = b0 * size, (b0 + nb) * size
 
         qb = span(q, q_start, lo, hi).unflatten(2, (nb, size))  # (B,H,nb,L,D)
@@ -176,6 +210,11 @@ class SDPABackend(Backend):
             vm = v if v_mem is None else v_mem
             keys.insert(0, gather_blocks(km, k_start, b0, nb, size, window))
             values.insert(0, gather_blocks(vm, k_start, b0, nb, size, window))
+        if sinks is not None:
+            starts = (b0 + torch.arange(nb, device=q.device)) * size
+            sink_k, sink_v = sink_blocks(sinks, starts)
+            keys.insert(0, sink_k)
+            values.insert(0, sink_v)
         n_extra = 0
         if extra_k is not None:
             assert extra_v is not None
@@ -184,7 +223,7 @@ class SDPABackend(Backend):
             values.insert(0, extra_v)
         kb = torch.cat(keys, dim=3) if len(keys) > 1 else keys[0]
         vb = torch.cat(values, dim=3) if len(values) > 1 else values[0]
-        mask = block_mask(layout, q_start, tq, k_start, n_extra, q.device)
+        mask = block_mask(layout, q_start, tq, k_start, n_extra, q.device, n_sinks)
         split = full_history_from(layout, q_start, k_start) if q.device.type in self.lower_right_devices else nb
         if split >= nb:
             out = masked_block_sdpa(qb, kb, vb, mask, scale)  # (B,H,nb,L,Dv)
@@ -198,6 +237,52 @@ class SDPABackend(Backend):
         return out[:, :, q_start - lo : q_start - lo + tq]
 
     @staticmethod
+    def _masked_call(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layout: BlockLayout,
+        q_start: int,
+        scale: float,
+        k_mem: Tensor | None,
+        v_mem: Tensor | None,
+        extra_k: Tensor | None,
+        extra_v: Tensor | None,
+        sinks: tuple[Tensor, ...] | None,
+    ) -> Tensor:
+        """``block_size=1`` (token windows, one query per block): one SDPA call over all the
+        call's keys ``[extra rows (Tq·F) | sinks | run (| run's k_mem copy)]`` with the
+        layout's (Tq, ·) mask. Block-gathering would copy ``F+s+W+1`` key rows per query to
+        save at most the ``Tq - 1`` scores a query's window skips; here no row is copied.
+        ``k``/``v`` (and ``k_mem``) are the run, ``sinks`` the sink rows split off by the caller."""
+        tq = q.shape[2]
+        end = q_start + tq
+        dev = q.device
+        if sinks is not None:
+            k, v = torch.cat([sinks[0], k], dim=2), torch.cat([sinks[1], v], dim=2)
+            if k_mem is not None:
+                k_mem, v_mem = torch.cat([sinks[2], k_mem], dim=2), torch.cat([sinks[3], v_mem], dim=2)
+        q_pos = torch.arange(q_start, end, device=dev)
+        k_pos = layout.key_positions(end, k.shape[2], dev)
+        visible = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk); every query sees itself
+        keys, values, masks = [k], [v], [visible]
+        if k_mem is not None:
+            assert v_mem is not None
+            memory = layout.is_memory(q_pos[:, None], k_pos[None, :])
+            keys.append(k_mem)
+            values.append(v_mem)
+            masks = [visible & ~memory, visible & memory]  # each position from k or from k_mem, never both
+        if extra_k is not None:
+            assert extra_v is not None
+            f = extra_k.shape[3]
+            keys.insert(0, extra_k.flatten(2, 3))  # (B, H, Tq·F, D): query i's rows are i·F .. i·F+F-1
+            values.insert(0, extra_v.flatten(2, 3))
+            masks.insert(0, (torch.arange(tq * f, device=dev) // f)[None, :] == torch.arange(tq, device=dev)[:, None])
+        return F.scaled_dot_product_attention(
+            q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=torch.cat(masks, dim=1), scale=scale
+        )
+
+    @staticmethod
     def _one_block(
         q: Tensor,
         k: Tensor,
@@ -209,10 +294,11 @@ class SDPABackend(Backend):
         v_mem: Tensor | None,
         extra_k: Tensor | None,
         extra_v: Tensor | None,
+        sinks: tuple[Tensor, ...] | None = None,
     ) -> Tensor:
         """All queries in one block (streaming decode, short chunks): no query padding,
-        keys ``[extra rows (F), memory (W), own block so far]``, one (Tq, F+W+n) mask.
-        Costs ``Tq·(F+W+n)`` score entries instead of ``L·(F+W+L)``."""
+        keys ``[extra rows (F), sinks (s), memory (W), own block so far]``, one
+        (Tq, F+s+W+n) mask. Costs ``Tq·(F+s+W+n)`` score entries instead of ``L·(F+s+W+L)``."""
         size, window = layout.block_size, layout.window
         assert size is not None and window is not None
         tq = q.shape[2]
@@ -229,6 +315,11 @@ class SDPABackend(Backend):
             values.insert(0, span(v if v_mem is None else v_mem, k_start, start - window, start))
             mem_pos = torch.arange(start - window, start, device=dev)
             masks.insert(0, (mem_pos >= k_start)[None, :].expand(tq, window))
+        if sinks is not None:
+            sink_k, sink_v = sink_blocks(sinks, torch.tensor([start], device=dev))
+            keys.insert(0, sink_k[:, :, 0])
+            values.insert(0, sink_v[:, :, 0])
+            masks.insert(0, torch.arange(sink_k.shape[3], device=dev)[None, :] <= q_pos[:, None])
         if extra_k is not None:
             assert extra_v is not None
             keys.insert(0, extra_k[:, :, 0])

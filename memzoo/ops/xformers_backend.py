@@ -6,7 +6,7 @@ Shape notation as in :mod:`memzoo.ops.layout`; xformers wants ``(B, M, H, K)``
 
     per query block j (queries [qa_j, qb_j), keys from ka_j = max(k_start, j's block start - W)):
         queries   qb_j - qa_j                              (partial blocks: fewer)
-        keys      [F extra rows of j | positions ka_j .. qb_j-1]
+        keys      [F extra rows of j | sinks 0 .. s-1 (those before qb_j) | positions ka_j .. qb_j-1]
     bias      BlockDiagonalMask.from_seqlens(q_seqlen, kv_seqlen).make_causal_from_bottomright()
 
 Bottom-right causal inside each (queries, keys) pair is exactly the layout: the last
@@ -178,7 +178,7 @@ def plan_call(
     """The sequence lengths and key gather of a call (shapes only; cached)."""
     size, window = layout.block_size, layout.window
     end = q_start + n_queries
-    k_start = end - n_keys
+    n_sink, k_start = layout.n_sink_rows(end), layout.run_start(end, n_keys)  # k_start: the run's first position
     nb = layout.n_query_blocks(q_start, n_queries)
     f = extra_per_block
     n_extra = nb * f
@@ -190,15 +190,23 @@ def plan_call(
             start = (q_start // size + j) * size
             qa, qb = max(q_start, start), min(end, start + size)
         ka = k_start if window is None else max(k_start, start - window)
-        pos = torch.arange(ka, qb)
-        src = n_extra + (pos - k_start)
+        # ascending positions: the sinks (visible to every later query, wherever the window
+        # is), then the run's visible part; the block's own queries come last, as the
+        # bottom-right causal bias needs
+        sink_pos = torch.arange(min(n_sink, qb))
+        run_pos = torch.arange(ka, max(ka, qb))  # empty when every query of the block is a sink
+        pos = torch.cat([sink_pos, run_pos])
+        src = n_extra + torch.cat([sink_pos, n_sink + run_pos - k_start])
         if memory_copy:
             src = torch.where(pos < start, src + n_keys, src)
         pieces += [torch.arange(j * f, (j + 1) * f), src]
         q_lens.append(qb - qa)
-        kv_lens.append(f + qb - ka)
+        kv_lens.append(f + len(pos))
     first_start = 0 if size is None else (q_start // size) * size
-    simple = nb == 1 and f == 0 and kv_lens[0] == n_keys and (not memory_copy or k_start >= first_start)
+    simple = (
+        nb == 1 and f == 0 and kv_lens[0] == n_keys and (not memory_copy or k_start >= first_start)
+        and (not n_sink or k_start == n_sink)  # sinks and run meet: the keys as they are
+    )
     return Plan(
         q_seqlens=tuple(q_lens),
         kv_seqlens=tuple(kv_lens),

@@ -8,5 +8,6 @@ from memzoo.variants import xl as _xl  # noqa: F401
 from memzoo.variants import rmt as _rmt  # noqa: F401
 from memzoo.variants import fam as _fam  # noqa: F401
 from memzoo.variants import brt as _brt  # noqa: F401
+from memzoo.variants import sinks as _sinks  # noqa: F401
 
 __all__ = ["Backbone", "BackboneOutput"]

@@ -106,13 +106,25 @@ class Backbone(nn.Module):
         return self.empty_state(batch_size, device, dtype or self.param_dtype)
 
     def forward(self, x: Tensor, state: State | None = None) -> BackboneOutput:
+        y, new_state = self.step(x, self._checked(x, state))
+        return BackboneOutput(y, new_state)
+
+    def forward_reference(self, x: Tensor, state: State | None = None) -> BackboneOutput:
+        """:meth:`forward` through the variant's slow reference ``step_reference`` (for
+        variants that keep one as a method; validation and a fresh state included)."""
+        reference = getattr(self, "step_reference", None)
+        if reference is None:
+            raise NotImplementedError(f"{self.variant} has no step_reference method")
+        y, new_state = reference(x, self._checked(x, state))
+        return BackboneOutput(y, new_state)
+
+    def _checked(self, x: Tensor, state: State | None) -> State:
+        """``state`` validated against the input ``x``, or a fresh one."""
         self.check_input(x)
         if state is None:
-            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
-        else:
-            self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
-        y, new_state = self.step(x, state)
-        return BackboneOutput(y, new_state)
+            return self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
+        return state
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
         raise NotImplementedError
@@ -160,6 +172,12 @@ class Backbone(nn.Module):
         if state.dtype is not None and state.dtype != dtype:
             raise StateError(f"{self.variant}: state has dtype {state.dtype}, input has {dtype}; use state.to(dtype)")
         self._check_state_structure(state, batch_size, device, dtype)
+
+    def check_state_values(self, state: State) -> None:
+        """Refuse (``StateError`` naming the field) a state whose values this variant could
+        never have made: ranges of flags and offsets, caches inconsistent with what they
+        cache. Run on states loaded from disk (:func:`memzoo.load_state` with ``model=``),
+        not on every call. Default: nothing beyond the shapes."""
 
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
         """The shape of every tensor field of a valid state at position ``pos``: a tuple,

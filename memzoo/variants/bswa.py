@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from memzoo.config import MAX_TOKENS, NOT_IN_FINGERPRINT, VariantConfig
-from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
-from memzoo.variants.kv import KVCacheBackbone, KVState
+from memzoo.variants.kv import BlockWindowBackbone, KVState
 
 
 class BSWAConfig(VariantConfig):
@@ -39,11 +38,7 @@ class BSWAState(KVState):
 
 
 @register_variant("bswa", config=BSWAConfig)
-class BSWA(KVCacheBackbone):
+class BSWA(BlockWindowBackbone):
+    """The window and the cache are :class:`memzoo.variants.kv.BlockWindowBackbone`'s."""
+
     State = BSWAState
-
-    def layout(self) -> BlockLayout:
-        return BlockLayout(block_size=self.block_size, window=self.memory_blocks * self.block_size)
-
-    def keep_from(self, next_pos: int) -> int:
-        return (next_pos // self.block_size - self.memory_blocks) * self.block_size

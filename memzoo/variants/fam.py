@@ -17,10 +17,12 @@ position of a sequence is shifted by its row's random offset (training only).
 
 Two implementations of the same function live here:
 
-* :meth:`FAM.step` (the fast path): per layer, Q/K/V of all tokens at once, a sequential
-  scan over the blocks completed in this call that updates ``F`` (``F`` queries against
-  ``F + L`` keys, and the feed-forward on ``F`` vectors), then one :func:`memzoo.ops.attend`
-  call for all block queries with ``F_{τ-1}``'s keys/values as the per-block extra rows.
+* :meth:`FAM.step` (the fast path): BSWA's K/V engine (:mod:`memzoo.variants.kv`) with
+  FAM in its extra-rows hook (:meth:`FAM.extra_rows`): per layer, Q/K/V of all tokens at
+  once, a sequential scan over the blocks completed in this call that updates ``F``
+  (``F`` queries against ``F + L`` keys, and the feed-forward on ``F`` vectors), then one
+  :func:`memzoo.ops.attend` call for all block queries with ``F_{τ-1}``'s keys/values as
+  the per-block extra rows.
 * :meth:`FAM.step_reference`: the paper's Algorithm 2, block by block and layer by layer,
   with queries ``[block tokens ; F]`` and keys ``[memory ; F ; block]`` under an explicit
   boolean mask and a plain softmax (any dtype). Tests hold the two equal.
@@ -44,10 +46,9 @@ from memzoo import ops
 from memzoo.config import MAX_POSITION, MAX_TOKENS, MAX_WIDTH, NOT_IN_FINGERPRINT, BackboneConfig, VariantConfig
 from memzoo.errors import StateError
 from memzoo.layers import DecoderLayer
-from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
-from memzoo.variants.base import Backbone
+from memzoo.variants.kv import BlockWindowBackbone, KVState
 
 
 class FAMConfig(VariantConfig):
@@ -81,7 +82,7 @@ class FAMConfig(VariantConfig):
 
 
 @dataclass
-class FAMState(State):
+class FAMState(KVState):
     """Everything a sequence needs to continue, per row of the batch.
 
     * ``k[l]``, ``v[l]``: (B, H, t, Dh) keys (positions applied) and values of the last m
@@ -97,8 +98,6 @@ class FAMState(State):
       learned FAM (the paper's first update), 1 once it has been updated.
     """
 
-    k: list[Tensor]
-    v: list[Tensor]
     fam: list[Tensor]
     fam_k: list[Tensor]
     fam_v: list[Tensor]
@@ -107,7 +106,10 @@ class FAMState(State):
 
 
 @register_variant("fam", config=FAMConfig)
-class FAM(Backbone):
+class FAM(BlockWindowBackbone):
+    """BSWA's K/V engine (:mod:`memzoo.variants.kv`) with the FAM as its per-block extra
+    rows: :meth:`extra_rows` runs the scan that updates ``F``."""
+
     State = FAMState
 
     def build(self) -> None:
@@ -125,12 +127,10 @@ class FAM(Backbone):
         self.register_parameter("prefix", prefix)
 
     # ------------------------------------------------------------------ helpers
-    def layout(self) -> BlockLayout:
-        return BlockLayout(block_size=self.block_size, window=self.memory_blocks * self.block_size)
-
-    def keep_from(self, next_pos: int) -> int:
-        """First position whose K/V a query at ``next_pos`` or later can still see."""
-        return (next_pos // self.block_size - self.memory_blocks) * self.block_size
+    def token_positions(self, state: State, n: int, device: torch.device) -> Tensor:
+        """(B, n): the next ``n`` positions plus each row's Random Position Offset."""
+        assert isinstance(state, FAMState)
+        return torch.arange(state.pos, state.pos + n, device=device)[None, :] + state.offset[:, None]
 
     def fam_positions(self, block: int, offset: Tensor) -> Tensor:
         """Positions (B, F) of the FAM input of ``block`` (= the output of ``block - 1``):
@@ -179,12 +179,29 @@ class FAM(Backbone):
     # --------------------------------------------------------------- the contract
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
         b, n = batch_size, self.n_layers
-        kv = [(b, self.n_kv_heads, pos - max(0, self.keep_from(pos)), self.head_dim)] * n
         fam_kv = [(b, self.n_kv_heads, self.fam_len, self.head_dim)] * n
         return {
-            "k": kv, "v": kv, "fam": [(b, self.fam_len, self.d_model)] * n,
+            **super().expected_state_shapes(pos, b), "fam": [(b, self.fam_len, self.d_model)] * n,
             "fam_k": fam_kv, "fam_v": fam_kv, "offset": (b,), "residual": (b,),
         }
+
+    def check_state_values(self, state: State) -> None:
+        """``residual`` is 0 (a FAM never updated) or 1 per row; ``offset`` is an int64 in
+        ``[0, MAX_POSITION]``; ``fam_k``/``fam_v`` are the keys/values of ``fam`` at its
+        positions (recomputed here: a hand-edited cache would silently change the outputs)."""
+        assert isinstance(state, FAMState)
+        where = f"{self.variant}: state field"
+        if not bool(((state.residual == 0) | (state.residual == 1)).all()):
+            raise StateError(f"{where} 'residual' must be 0 or 1 per row, got {state.residual.tolist()}")
+        if state.offset.dtype != torch.int64 or not bool(((state.offset >= 0) & (state.offset <= MAX_POSITION)).all()):
+            raise StateError(f"{where} 'offset' must be int64 in [0, {MAX_POSITION}], got {state.offset.dtype} {state.offset.tolist()}")
+        with torch.no_grad():
+            keys, values = self.fam_kv(list(state.fam), state.pos // self.block_size, state.offset)
+        for name, made, stored in (("fam_k", keys, state.fam_k), ("fam_v", values, state.fam_v)):
+            for i, (a, b) in enumerate(zip(made, stored)):
+                scale = float(a.abs().max()) if a.numel() else 0.0
+                if a.shape != b.shape or (a.numel() and float((a - b).abs().max()) > 1e-4 * (1.0 + scale)):
+                    raise StateError(f"{where} '{name}[{i}]' does not match the keys/values of 'fam[{i}]' (edited or damaged)")
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FAMState:
         residual = torch.zeros(batch_size, device=device, dtype=dtype)
@@ -233,73 +250,61 @@ class FAM(Backbone):
         kept = fam if residual is None else residual[:, None, None] * fam
         return layer.feed_forward(layer.attend_residual(kept, heads))
 
-    def step(self, x: Tensor, state: FAMState) -> tuple[Tensor, FAMState]:
-        b, t, _ = x.shape
-        size, n_fam = self.block_size, self.fam_len
-        start, end = state.pos, state.pos + t
-        pos = torch.arange(start, end, device=x.device)[None, :] + state.offset[:, None]  # (B, T)
+    # ------------------------------------------------- the engine's extra-rows hook
+    def extra_rows(
+        self, i: int, layer: DecoderLayer, state: State, keys: Tensor, values: Tensor, start: int, end: int
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor]]:
+        """The scan of layer ``i``: ``F_{τ-1}``'s keys/values for each query block of the
+        call (the extra rows, (B, H, nb, F, Dh)), updating ``F`` at every block that
+        completes in this call. Keeps ``(F, its keys, its values)`` for the next state."""
+        assert isinstance(state, FAMState)
+        fam, fk, fv = state.fam[i], state.fam_k[i], state.fam_v[i]  # F and its keys/values: (B, H, F, Dh)
+        if not self.fam_len:
+            return {}, (fam, fk, fv)
+        size = self.block_size
         first_block = start // size
         n_blocks = (end - 1) // size - first_block + 1  # query blocks touched: nb
-        completed = end // size > start // size  # does this call update the FAM at all?
-        residual = torch.ones_like(state.residual) if completed else state.residual
-        layout = self.layout()
-        new_k, new_v, new_fam, new_fam_k, new_fam_v = [], [], [], [], []
-        for i, layer in enumerate(self.layers):
-            k_cache, v_cache, fam = state.k[i], state.v[i], state.fam[i]
-            fk, fv = state.fam_k[i], state.fam_v[i]  # F's keys/values: (B, H, F, Dh)
-            q, k, v = layer.project(x, pos)  # (B, H, T, Dh)
-            keys = torch.cat([k_cache, k], dim=2)  # positions [k_start, end)
-            values = torch.cat([v_cache, v], dim=2)
-            k_start = end - keys.shape[2]
-            extra: dict[str, Tensor] = {}
-            if n_fam:
-                # the scan: F_{τ-1}'s keys/values for each query block, updating F at every
-                # block that completes in this call. The scan is a chain of small ops, so it
-                # keeps their count down: queries are only rotated when an update uses them.
-                fam_k, fam_v, fq = [], [], None
-                r: Tensor | None = state.residual  # None: 1 (after the first update)
-                fam_pos = self.fam_positions(first_block, state.offset)  # (B, F), + j·L for block first_block + j
-                # the keys/values of the blocks completed here, cut once: slicing the whole
-                # sequence in every step would make backward build a full-size gradient per block
-                n_done = end // size - first_block
-                lo = first_block * size - k_start  # >= 0: the cache holds the partial block from its start
-                block_k = keys[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)  # (B, H, L, Dh) each
-                block_v = values[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)
-                for j in range(n_blocks):
-                    block = first_block + j
-                    fam_k.append(fk)
-                    fam_v.append(fv)
-                    if (block + 1) * size > end:  # only the last block of a call can be partial
-                        break
-                    if fq is None:  # F came with the state: its queries were never needed
-                        fq = layer.positions.query(layer.project_raw(fam)[0], fam_pos + j * size)
-                    heads = ops.dense(
-                        fq,
-                        torch.cat([fk, block_k[j]], dim=2),  # (B, H, F + L, Dh)
-                        torch.cat([fv, block_v[j]], dim=2),
-                        scale=layer.positions.scale,
-                        backend=self.backend,
-                    )
-                    fam, r = self.compress(layer, fam, r, heads), None
-                    fq_raw, fk_raw, fv = layer.project_raw(fam)
-                    fk = layer.positions.key(fk_raw, fam_pos + (j + 1) * size)
-                    fq = layer.positions.query(fq_raw, fam_pos + (j + 1) * size) if (block + 2) * size <= end else None
-                extra = dict(extra_k=torch.stack(fam_k, dim=2), extra_v=torch.stack(fam_v, dim=2))  # (B, H, nb, F, Dh)
-            memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
-            heads = ops.attend(
-                q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale,
-                backend=self.backend, **memory, **extra,
+        k_start = end - keys.shape[2]
+        # The scan is a chain of small ops, so it keeps their count down: queries are only
+        # rotated when an update uses them.
+        fam_k, fam_v, fq = [], [], None
+        r: Tensor | None = state.residual  # None: 1 (after the first update)
+        fam_pos = self.fam_positions(first_block, state.offset)  # (B, F), + j·L for block first_block + j
+        # the keys/values of the blocks completed here, cut once: slicing the whole
+        # sequence in every step would make backward build a full-size gradient per block
+        n_done = end // size - first_block
+        lo = first_block * size - k_start  # >= 0: the cache holds the partial block from its start
+        block_k = keys[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)  # (B, H, L, Dh) each
+        block_v = values[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)
+        for j in range(n_blocks):
+            block = first_block + j
+            fam_k.append(fk)
+            fam_v.append(fv)
+            if (block + 1) * size > end:  # only the last block of a call can be partial
+                break
+            if fq is None:  # F came with the state: its queries were never needed
+                fq = layer.positions.query(layer.project_raw(fam)[0], fam_pos + j * size)
+            heads = ops.dense(
+                fq,
+                torch.cat([fk, block_k[j]], dim=2),  # (B, H, F + L, Dh)
+                torch.cat([fv, block_v[j]], dim=2),
+                scale=layer.positions.scale,
+                backend=self.backend,
             )
-            x = layer.feed_forward(layer.attend_residual(x, heads))
-            drop = max(0, self.keep_from(end) - k_start)
-            new_k.append(keys[:, :, drop:])
-            new_v.append(values[:, :, drop:])
-            new_fam.append(fam)
-            new_fam_k.append(fk)
-            new_fam_v.append(fv)
-        return x, FAMState(
-            pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, fam=new_fam, fam_k=new_fam_k, fam_v=new_fam_v,
-            offset=state.offset, residual=residual,
+            fam, r = self.compress(layer, fam, r, heads), None
+            fq_raw, fk_raw, fv = layer.project_raw(fam)
+            fk = layer.positions.key(fk_raw, fam_pos + (j + 1) * size)
+            fq = layer.positions.query(fq_raw, fam_pos + (j + 1) * size) if (block + 2) * size <= end else None
+        rows = dict(extra_k=torch.stack(fam_k, dim=2), extra_v=torch.stack(fam_v, dim=2))  # (B, H, nb, F, Dh)
+        return rows, (fam, fk, fv)
+
+    def next_state(self, state: State, end: int, k: list[Tensor], v: list[Tensor], kept: list[Any]) -> FAMState:
+        assert isinstance(state, FAMState)
+        completed = end // self.block_size > state.pos // self.block_size  # did this call update the FAM?
+        fam, fam_k, fam_v = (list(column) for column in zip(*kept))
+        return FAMState(
+            pos=end, fingerprint=self.fingerprint, k=k, v=v, fam=fam, fam_k=fam_k, fam_v=fam_v, offset=state.offset,
+            residual=torch.ones_like(state.residual) if completed else state.residual,
         )
 
     # ------------------------------------------------------------ the reference
@@ -386,14 +391,6 @@ class FAM(Backbone):
             offset=state.offset, residual=residual,
         )
 
-    def forward_reference(self, x: Tensor, state: FAMState | None = None) -> tuple[Tensor, FAMState]:
-        """:meth:`forward` through :meth:`step_reference` (validation and a fresh state included)."""
-        self.check_input(x)
-        if state is None:
-            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
-        else:
-            self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
-        return self.step_reference(x, state)
 
     def init_from_embeddings(self, embed: Tensor, generator: torch.Generator) -> list[str]:
         """A pretrained model's initial FAM: ``fam_len`` distinct real tokens' embeddings

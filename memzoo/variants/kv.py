@@ -1,17 +1,31 @@
 """A shared engine for variants whose per-layer state is a window of cached keys and
-values: ``full`` (keep everything) and ``bswa`` (keep the last m blocks + the partial
-block). Subclasses say what a query may see (:meth:`layout`) and how far back the
-cache must reach (:meth:`keep_from`)."""
+values: ``full`` (keep everything), ``bswa`` (the last m blocks + the partial block),
+``fam`` (BSWA's window plus per-block extra rows, its feedback memory) and ``sinks``
+(the first S keys plus the last W-1).
+
+A subclass says what a query may see (:meth:`KVCacheBackbone.layout`, whose ``sinks``
+rows are never evicted) and how far back the recent run must reach
+(:meth:`KVCacheBackbone.keep_from`). Per layer the engine projects the call's tokens,
+appends their K/V to the cache, asks :meth:`KVCacheBackbone.extra_rows` for per-block
+extra rows (the one hook for memory rows; FAM's scan lives there), attends, runs the
+feed-forward and evicts what no later query can see::
+
+    cache (sinks | run) + new K/V -> [extra rows hook] -> attend -> residual, FF -> evict
+
+Shapes: B batch, T tokens in the call, Hkv key/value heads, t cached positions, Dh head
+width, nb query blocks touched by the call, F extra rows per block.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from memzoo import ops
+from memzoo.layers import DecoderLayer
 from memzoo.ops import BlockLayout
 from memzoo.state import State
 from memzoo.variants.base import Backbone
@@ -19,8 +33,10 @@ from memzoo.variants.base import Backbone
 
 @dataclass
 class KVState(State):
-    """Per layer, keys (positions applied) and values of positions ``[pos - t, pos)``:
-    ``k[l]``, ``v[l]``: (B, Hkv, t, Dh)."""
+    """Per layer, keys and values of the positions later queries can still see, in the
+    order of :meth:`BlockLayout.key_positions` (the sinks, then the recent run ending at
+    ``pos``): ``k[l]``, ``v[l]``: (B, Hkv, t, Dh). Keys carry their positions (RoPE
+    applied) unless the variant sets ``keys_before_positions``."""
 
     k: list[Tensor]
     v: list[Tensor]
@@ -29,38 +45,115 @@ class KVState(State):
 class KVCacheBackbone(Backbone):
     #: detach memory keys/values (keys before the query's block); a config field where a variant has it
     stop_gradient_memory: bool = False
+    #: cache keys *before* positions are applied and rotate them when attended, at the
+    #: positions :meth:`key_positions` gives (``sinks``: positions inside the cache)
+    keys_before_positions: ClassVar[bool] = False
 
     def layout(self) -> BlockLayout:
         raise NotImplementedError
 
     def keep_from(self, next_pos: int) -> int:
-        """The first position whose K/V a query at ``next_pos`` or later can still see."""
+        """The first position of the recent run a query at ``next_pos`` or later can still
+        see (the layout's sinks are kept apart from it)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ the cache
+    def cached_positions(self, pos: int, layout: BlockLayout | None = None) -> tuple[int, int]:
+        """``(s, r)``: a state at ``pos`` holds the sinks ``[0, s)`` and the run ``[r, pos)``."""
+        s = (layout or self.layout()).n_sink_rows(pos)
+        return s, min(pos, max(s, self.keep_from(pos), 0))
+
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
-        kv = [(batch_size, self.n_kv_heads, pos - max(0, self.keep_from(pos)), self.head_dim)] * self.n_layers
+        s, r = self.cached_positions(pos)
+        kv = [(batch_size, self.n_kv_heads, s + pos - r, self.head_dim)] * self.n_layers
         return {"k": kv, "v": kv}
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVState:
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return self.State(pos=0, fingerprint=self.fingerprint, k=[empty] * self.n_layers, v=[empty] * self.n_layers)
 
+    @staticmethod
+    def evict(x: Tensor, end: int, kept: tuple[int, int]) -> Tensor:
+        """Cache rows ``x`` (B, Hkv, n, Dh) after a call ending at ``end`` -> the rows the
+        state keeps, ``kept = (s, r)`` of :meth:`cached_positions` (sinks and run)."""
+        s, r = kept
+        run_start = end - (x.shape[2] - s)
+        drop = r - run_start
+        if drop <= 0:
+            return x
+        if not s:
+            return x[:, :, drop:]
+        return torch.cat([x[:, :, :s], x[:, :, s + drop :]], dim=2)
+
+    # ---------------------------------------------------------------------- hooks
+    def extra_rows(
+        self, i: int, layer: DecoderLayer, state: State, keys: Tensor, values: Tensor, start: int, end: int
+    ) -> tuple[dict[str, Tensor], Any]:
+        """Per-block extra rows for layer ``i``'s queries ``[start, end)`` and what the layer
+        keeps for the next state (given to :meth:`next_state`, one entry per layer).
+
+        ``keys``/``values`` (B, Hkv, Tk, Dh): the cache plus this call's K/V, the rows at
+        :meth:`BlockLayout.key_positions`. Returns ``({"extra_k": (B,Hkv,nb,F,Dh),
+        "extra_v": ...}, kept)``, or ``({}, None)`` for no extra rows (the default)."""
+        return {}, None
+
+    def attend(
+        self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, layout: BlockLayout, start: int,
+        raw_keys: Tensor, rows: dict[str, Tensor],
+    ) -> Tensor:
+        """Layer attention of queries ``q`` (B, H, T, Dh) at ``[start, start + T)`` under
+        ``layout`` (this call's :meth:`layout`): (B, H, T, Dh). ``raw_keys``: the keys before
+        positions (the same as ``keys`` unless ``keys_before_positions``). Override only
+        where one layout cannot say it."""
+        memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
+        return ops.attend(
+            q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale,
+            backend=self.backend, **memory, **rows,
+        )
+
+    def next_state(self, state: State, end: int, k: list[Tensor], v: list[Tensor], kept: list[Any]) -> State:
+        """The state after a call ending at ``end`` (``kept``: what :meth:`extra_rows` kept)."""
+        return self.State(pos=end, fingerprint=self.fingerprint, k=k, v=v)
+
+    # ------------------------------------------------------------------ the engine
     def step(self, x: Tensor, state: KVState) -> tuple[Tensor, KVState]:
         t = x.shape[1]
+        start, end = state.pos, state.pos + t
         pos = self.token_positions(state, t, x.device)
-        next_pos = state.pos + t
         layout = self.layout()
-        new_k, new_v = [], []
-        for layer, k_cache, v_cache in zip(self.layers, state.k, state.v):
-            q, k, v = layer.project(x, pos)  # (B, H, T, Dh)
-            keys = torch.cat([k_cache, k], dim=2)
-            values = torch.cat([v_cache, v], dim=2)
-            memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
-            heads = ops.attend(
-                q, keys, values, layout=layout, q_start=state.pos, scale=layer.positions.scale, backend=self.backend, **memory
-            )
+        kept_rows = self.cached_positions(end, layout)
+        key_pos = None
+        new_k, new_v, kept = [], [], []
+        for i, layer in enumerate(self.layers):
+            if self.keys_before_positions:
+                q, k, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh) x2
+                q = layer.positions.query(q, pos)
+            else:
+                q, k, v = layer.project(x, pos)
+            keys = torch.cat([state.k[i], k], dim=2)  # (B, Hkv, Tk, Dh): sinks, then the run to `end`
+            values = torch.cat([state.v[i], v], dim=2)
+            raw_keys = keys
+            if self.keys_before_positions:
+                if key_pos is None:
+                    key_pos = layout.key_positions(end, keys.shape[2], x.device)
+                keys = layer.positions.key(raw_keys, key_pos)
+            rows, layer_kept = self.extra_rows(i, layer, state, keys, values, start, end)
+            heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)
             x = layer.feed_forward(layer.attend_residual(x, heads))
-            drop = max(0, self.keep_from(next_pos) - (next_pos - keys.shape[2]))
-            new_k.append(keys[:, :, drop:])
-            new_v.append(values[:, :, drop:])
-        return x, self.State(pos=next_pos, fingerprint=self.fingerprint, k=new_k, v=new_v)
+            new_k.append(self.evict(raw_keys, end, kept_rows))
+            new_v.append(self.evict(values, end, kept_rows))
+            kept.append(layer_kept)
+        return x, self.next_state(state, end, new_k, new_v, kept)
+
+
+class BlockWindowBackbone(KVCacheBackbone):
+    """BSWA's window (``memory_blocks`` previous blocks in full, the own block causally),
+    shared by ``bswa`` and ``fam``; both have a ``memory_blocks`` field."""
+
+    memory_blocks: int
+
+    def layout(self) -> BlockLayout:
+        return BlockLayout(block_size=self.block_size, window=self.memory_blocks * self.block_size)
+
+    def keep_from(self, next_pos: int) -> int:
+        return (next_pos // self.block_size - self.memory_blocks) * self.block_size

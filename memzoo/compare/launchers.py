@@ -1,0 +1,199 @@
+"""Where comparison runs execute. Every launcher takes one run at a time and returns a
+:class:`concurrent.futures.Future` of the run's :class:`RunRecord` JSON, so the runner
+(:func:`memzoo.compare.runner.compare_runs`) treats them alike: it writes the run files
+and the leaderboard itself, retries failed runs a bounded number of times and records
+a run that keeps failing as failed. Results do not depend on the launcher.
+
+* :class:`InProcess` — runs in this process, one after another (``jobs=1``).
+* :class:`LocalPool` — up to ``jobs`` spawned worker processes through the standard
+  library's :class:`concurrent.futures.ProcessPoolExecutor` (fresh interpreters: nothing
+  of the parent is forked). Workers exit by themselves when the parent dies, however it
+  dies (SIGKILL included): a watchdog thread in each worker checks that its parent is
+  still the one that started it.
+* :class:`RayLauncher` — each run is one Ray task with declared resources (CPUs, GPUs,
+  custom); a local Ray cluster is started for the sweep, or ``address`` connects to one.
+  Ray is optional (``pip install 'memzoo[ray]'``).
+
+A run is described by a JSON-able payload (spec, config, threads, the modules that
+register its variant and task, an optional TensorBoard folder), so it crosses process
+and machine boundaries as plain data.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from typing import Any, Protocol
+
+from lightning_utilities.core.imports import RequirementCache
+
+from memzoo.errors import MemzooError
+
+#: ``ray`` installed (and its version), checked without importing it
+RAY = RequirementCache("ray>=2.9")
+
+
+def execute(payload: dict[str, Any]) -> str:
+    """Run one comparison run described by ``payload``; return its RunRecord JSON.
+    The function every launcher runs (in this process, a pool worker or a Ray worker)."""
+    from memzoo.compare.results import RunSpec, dump
+    from memzoo.compare.runner import run_one, torch_threads
+    from memzoo.compare.settings import CompareConfig
+
+    for module in payload["imports"]:  # what registered the variants and the task in the driver
+        importlib.import_module(module)
+    spec = RunSpec.model_validate(payload["spec"])
+    config = CompareConfig.model_validate(payload["config"])
+    with torch_threads(payload["threads"]):
+        record = run_one(spec, config, progress=None, log_dir=payload.get("log_dir"))
+    return dump(record)
+
+
+class Launcher(Protocol):
+    name: str
+
+    def submit(self, payload: dict[str, Any]) -> "cf.Future[str]": ...
+
+    def reset(self) -> None:
+        """Recover after a worker died (a broken pool is replaced)."""
+
+    def close(self, cancel: bool = False) -> None: ...
+
+
+class InProcess:
+    """Runs in the calling process, one after another; ``submit`` returns a done future."""
+
+    name = "in-process"
+
+    def submit(self, payload: dict[str, Any]) -> "cf.Future[str]":
+        future: cf.Future[str] = cf.Future()
+        try:
+            future.set_result(execute(payload))
+        except Exception as exc:  # reported by the runner, like a worker's failure
+            future.set_exception(exc)
+        return future
+
+    def reset(self) -> None:
+        pass
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+
+def _watch_parent(parent: int, announce: bool) -> None:
+    """In a pool worker: exit as soon as the parent process is gone (the worker is
+    re-parented then), so no worker outlives a killed comparison."""
+    if announce:
+        print(f"memzoo compare: pool worker started (worker {os.getpid()})", file=sys.stderr, flush=True)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, name="memzoo-parent-watchdog", daemon=True).start()
+
+
+class LocalPool:
+    """Up to ``jobs`` spawned worker processes (``concurrent.futures``)."""
+
+    name = "local pool"
+
+    def __init__(self, jobs: int, *, quiet: bool = True) -> None:
+        if jobs < 1:
+            raise MemzooError(f"jobs must be >= 1, got {jobs}")
+        self.jobs, self.quiet = jobs, quiet
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(
+            max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_watch_parent, initargs=(os.getpid(), not self.quiet),
+        )
+
+    def submit(self, payload: dict[str, Any]) -> "cf.Future[str]":
+        return self._pool.submit(execute, payload)
+
+    def reset(self) -> None:
+        self.close(cancel=True)
+        self._pool = self._new_pool()
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            # running workers are stopped too: an interrupted comparison leaves none behind
+            processes = list(getattr(self._pool, "_processes", {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for proc in processes:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in processes:
+                proc.join(timeout=5)
+        else:
+            self._pool.shutdown(wait=True)
+
+
+class RayLauncher:
+    """Each run is a Ray task with ``resources`` (``{"CPU": n, "GPU": m, "custom": k}``;
+    CPU defaults to the run's torch threads). Without ``address`` a local Ray cluster is
+    started for the sweep (``num_cpus`` caps it) and shut down by :meth:`close`."""
+
+    name = "ray"
+
+    def __init__(
+        self, *, address: str | None = None, resources: dict[str, float] | None = None, threads: int | None = 1,
+        num_cpus: int | None = None,
+    ) -> None:
+        if not RAY:
+            raise MemzooError(f"--launcher ray needs Ray: pip install 'memzoo[ray]' ({RAY.message})")
+        import ray
+
+        resources = dict(resources or {})
+        for key, value in resources.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise MemzooError(f"resource {key!r} must be a number >= 0, got {value!r}")
+        self._started = not ray.is_initialized()
+        if self._started:
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if address is None and num_cpus is not None:
+                kwargs["num_cpus"] = num_cpus
+            ray.init(address=address, **kwargs)
+        cpus = resources.pop("CPU", threads or 1)
+        gpus = resources.pop("GPU", 0)
+        # retries are the runner's (the same for every launcher, and reported); Ray's are off
+        self._task = ray.remote(execute).options(num_cpus=cpus, num_gpus=gpus, resources=resources or None, max_retries=0)
+        self.resources = {"CPU": cpus, "GPU": gpus, **resources}
+
+    def submit(self, payload: dict[str, Any]) -> "cf.Future[str]":
+        return self._task.remote(payload).future()
+
+    def reset(self) -> None:
+        pass
+
+    def close(self, cancel: bool = False) -> None:
+        import ray
+
+        if self._started and ray.is_initialized():
+            ray.shutdown()
+
+
+LAUNCHERS = ("local", "ray")
+
+
+def make_launcher(
+    name: str, *, jobs: int = 1, threads: int | None = 1, address: str | None = None,
+    resources: dict[str, float] | None = None, quiet: bool = True,
+) -> Launcher:
+    """``"local"``: in-process for ``jobs=1``, else a pool of ``jobs`` workers; ``"ray"``."""
+    if name == "local":
+        if address is not None or resources:
+            raise MemzooError("--address and --resources are for --launcher ray")
+        return InProcess() if jobs <= 1 else LocalPool(jobs, quiet=quiet)
+    if name == "ray":
+        return RayLauncher(address=address, resources=resources, threads=threads, num_cpus=jobs if jobs > 1 else None)
+    raise MemzooError(f"unknown launcher {name!r}; valid: {', '.join(LAUNCHERS)}")

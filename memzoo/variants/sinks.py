@@ -1,0 +1,162 @@
+"""``sinks``: attention sinks, StreamingLLM (Xiao et al. 2023, arXiv 2309.17453).
+
+A query at position ``t`` attends to the first ``S = num_sinks`` tokens of the sequence
+and to the last ``W = window`` tokens up to itself (token-level; itself included)::
+
+    S=2, W=3        keys: 0 1 2 3 4 5 6 7 8
+    query 3               x x x x . . . . .     nothing evicted yet: [0, 3]
+    query 5               x x . x x x . . .     sinks + window, a gap between them
+    query 8               x x . . . . x x x
+
+No new weights. Streaming state per layer: the K/V of the S sinks and of the last
+``W - 1`` tokens (the next query's window without itself), keys cached *before* RoPE.
+
+Positions (``positions``):
+
+* ``"cache"`` (the paper's): a query's keys are numbered by their place in *its* cache,
+  not in the text: sinks ``0 … S-1``, then the window, the query last at cache position
+  ``c(t) = min(t, S+W-1)``. With RoPE a window key's distance to the query is the same in
+  both numberings (the window is contiguous and ends at the query); only the sinks'
+  distances differ: ``c(t) - j`` instead of ``t - j``. Until the window leaves the sinks
+  (``t <= S+W-1``) the cache is ``[0, t]`` and both numberings agree.
+* ``"absolute"``: every key at its position in the text (what window attention with
+  extra always-visible keys computes; it is not what the paper evaluates).
+
+Two implementations of the same function live here:
+
+* :meth:`Sinks.step` (fast): the K/V engine of :mod:`memzoo.variants.kv` with the layout
+  ``BlockLayout(1, W-1, sinks=S)`` (the sinks as always-visible keys). With cache
+  positions the queries past ``S+W-1`` are a second call without layout sinks, whose
+  per-query extra rows are the sink keys rotated at ``j + t - (S+W-1)``: with the query
+  rotated at ``t`` that is the distance ``c(t) - j`` of the paper.
+* :meth:`Sinks.step_reference`: the paper's rule written per query: the visible
+  positions, each numbered by its cache position (or its text position), RoPE applied
+  to the pre-RoPE query and keys at those numbers, a plain softmax.
+
+Shapes: B batch, T tokens in the call, H query heads, Hkv key/value heads, Dh head
+width, Tk key rows (sinks, then the recent run). Mask polarity: True = may attend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from memzoo import ops
+from memzoo.config import VariantConfig
+from memzoo.layers import DecoderLayer
+from memzoo.ops import BlockLayout
+from memzoo.registry import register_variant
+from memzoo.variants.kv import KVCacheBackbone, KVState
+
+
+class SinksConfig(VariantConfig):
+    num_sinks: int = Field(4, ge=0, description="S: first tokens every later query sees (paper 4); 0 = plain token window")
+    window: int = Field(1020, ge=1, description="W: recent tokens each query sees, itself included (official code: 512-2000)")
+    positions: Literal["cache", "absolute"] = Field(
+        "cache", description="RoPE positions: inside each query's cache (the paper's) or in the text"
+    )
+
+    conformance_options = (
+        {"num_sinks": 2, "window": 3},
+        {"num_sinks": 1, "window": 5, "positions": "absolute"},
+        {"num_sinks": 1, "window": 4},
+        {"num_sinks": 2, "window": 3, "positions": "absolute"},
+        {"num_sinks": 0, "window": 3},
+    )
+
+
+@dataclass
+class SinksState(KVState):
+    """Per layer, pre-RoPE keys and values of the sinks ``[0, min(S, pos))`` followed by the
+    last ``W - 1`` positions after them: ``k[l]``, ``v[l]``: (B, Hkv, t, Dh)."""
+
+
+@register_variant("sinks", config=SinksConfig)
+class Sinks(KVCacheBackbone):
+    State = SinksState
+    keys_before_positions = True
+
+    num_sinks: int
+    window: int
+    positions: str
+
+    def layout(self) -> BlockLayout:
+        return BlockLayout(block_size=1, window=self.window - 1, sinks=self.num_sinks)
+
+    def keep_from(self, next_pos: int) -> int:
+        return next_pos - (self.window - 1)
+
+    def attend(
+        self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, layout: BlockLayout, start: int,
+        raw_keys: Tensor, rows: dict[str, Tensor],
+    ) -> Tensor:
+        """Cache positions: queries up to ``S+W-1`` are one call under the sink layout
+        (nothing evicted, cache positions = text positions); later queries one call over
+        the run with the sinks as per-query extra rows, rotated to the distance the
+        paper's numbering gives them."""
+        s, w = self.num_sinks, self.window
+        end = start + q.shape[2]
+        split = min(max(s + w, start), end)  # first query whose window has left the sinks
+        if self.positions == "absolute" or not s or split == end:
+            return super().attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)
+        scale, parts = layer.positions.scale, []
+        if split > start:  # the key rows before `split`: every row but the run's last end - split
+            n_keys = keys.shape[2] - (end - split)
+            parts.append(ops.attend(
+                q[:, :, : split - start], keys[:, :, :n_keys], values[:, :, :n_keys], layout=layout,
+                q_start=start, scale=scale, backend=self.backend,
+            ))
+        n_late = end - split
+        sink_k, sink_v = raw_keys[:, :, :s], values[:, :, :s]  # (B, Hkv, S, Dh), pre-RoPE keys
+        b, h_kv, _, dh = sink_k.shape
+        shift = torch.arange(split, end, device=q.device) - (s + w - 1)  # t - c(t), (n_late,)
+        at = (shift[:, None] + torch.arange(s, device=q.device)).flatten()  # (n_late * S,)
+        rotated = layer.positions.key(sink_k[:, :, None].expand(b, h_kv, n_late, s, dh).flatten(2, 3), at)
+        parts.append(ops.attend(
+            q[:, :, split - start :], keys[:, :, s:], values[:, :, s:], layout=BlockLayout(1, w - 1), q_start=split,
+            scale=scale, backend=self.backend,
+            extra_k=rotated.unflatten(2, (n_late, s)), extra_v=sink_v[:, :, None].expand(b, h_kv, n_late, s, dh),
+        ))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    # ------------------------------------------------------------ the reference
+    def visible_positions(self, t: int) -> list[int]:
+        """The text positions query ``t`` attends to, in order (the paper's cache for it)."""
+        sinks = list(range(min(self.num_sinks, t + 1)))
+        return sinks + [j for j in range(max(0, t - self.window + 1), t + 1) if j >= len(sinks)]
+
+    def step_reference(self, x: Tensor, state: SinksState) -> tuple[Tensor, SinksState]:
+        """Per query, slow and plain: same contract and results as :meth:`step`."""
+        t = x.shape[1]
+        start, end = state.pos, state.pos + t
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            q_raw, k_raw, v = layer.project_raw(x)  # pre-RoPE
+            keys = torch.cat([state.k[i], k_raw], dim=2)  # (B, Hkv, Tk, Dh)
+            values = torch.cat([state.v[i], v], dim=2)
+            s_rows, run = self.cached_positions(start)
+            row_of = {p: r for r, p in enumerate([*range(s_rows), *range(run, end)])}  # text position -> key row
+            heads = []
+            for n in range(t):
+                p = start + n
+                seen = self.visible_positions(p)
+                rows = torch.tensor([row_of[j] for j in seen], device=x.device)
+                at = torch.arange(len(seen)) if self.positions == "cache" else torch.tensor(seen)
+                at = at.to(x.device)
+                qn = layer.positions.query(q_raw[:, :, n : n + 1], at[-1:])  # the query sits last in its cache
+                kn = ops.repeat_kv(layer.positions.key(keys[:, :, rows], at), q_raw.shape[1])
+                vn = ops.repeat_kv(values[:, :, rows], q_raw.shape[1])
+                probs = torch.softmax((qn @ kn.transpose(-1, -2)) * layer.positions.scale, dim=-1)  # (B, H, 1, n_seen)
+                heads.append(probs @ vn)
+            x = layer.feed_forward(layer.attend_residual(x, torch.cat(heads, dim=2)))
+            s_keep, r_keep = self.cached_positions(end)
+            keep = torch.tensor([row_of[j] for j in [*range(s_keep), *range(r_keep, end)]], dtype=torch.long, device=x.device)
+            new_k.append(keys[:, :, keep])
+            new_v.append(values[:, :, keep])
+        return x, SinksState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v)
+
