@@ -18,11 +18,7 @@ from memzoo import testing as kit
 
 #: variants whose decode step breaks the graph today, with the reason (move into the
 #: variant as ``compile_graph_breaks`` when its owner touches it)
-KNOWN_GRAPH_BREAKS = {
-    "xl": "the no-grad K/V memo (_ProjectionMemo) checks torch.is_inference_mode_enabled(), compares "
-    "data pointers and tensor versions of the state and the weights, and keys a dict on the module: "
-    "Dynamo cannot trace these (xl.py, _memo_allowed / _memo_for)",
-}
+KNOWN_GRAPH_BREAKS: dict[str, str] = {}
 
 #: every variant with its first conformance options (tracing is slow-ish: ~0.5-3 s a case)
 CASES = [pytest.param(name, dict(memzoo.get_variant(name).config.conformance_options[0]), id=name) for name in memzoo.list_variants()]

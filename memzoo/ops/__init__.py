@@ -14,7 +14,9 @@ streaming. The reference backend computes the same thing directly (a visible
 infinite value may then give ``inf`` where the others give NaN). NaN and inf are
 otherwise accepted; ``with memzoo.ops.check_finite():`` refuses them with an
 :class:`~memzoo.errors.InputError` at the first attention call that sees one
-(opt-in: the check synchronises with the device at every call).
+(opt-in: the check synchronises with the device at every call). Without it nothing
+synchronises on an accelerator or in compiled code: there the masked path always
+runs (branch-free); on the CPU, eagerly, one sum per tensor decides whether it must.
 """
 
 import contextlib
@@ -110,20 +112,33 @@ def attend(q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem
     call = AttentionCall.describe(q, k, layout, k_mem, extra_k, v=v, v_mem=v_mem, extra_v=extra_v)
     impl = resolve_backend(backend, call)
     note_resolved(impl.name)
-    if torch.compiler.is_compiling():
-        # a compiled graph cannot branch on data without a host sync: run the non-finite
-        # handling unconditionally (branch-free, equal to impl.attend when all is finite).
-        # check_finite() is for eager code (its context variable is not read here)
-        if impl.name != "reference":
-            return _attend_non_finite(impl, q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v)
-    elif _CHECK_FINITE.get():
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _CHECK_FINITE.get():  # check_finite() is for eager code
         _refuse_non_finite(q=q, k=k, v=v, k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v)
+    elif impl.name == "reference" or _every_key_visible(layout, q_start, q.shape[2], k.shape[2]):
+        pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
+    elif compiling or q.device.type != "cpu":
+        # a compiled graph cannot branch on data, and on an accelerator the branch would
+        # cost a host sync per call: run the non-finite handling unconditionally
+        # (branch-free, equal to impl.attend when all is finite)
+        return _attend_non_finite(impl, q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v)
     elif impl.name != "reference" and not _all_finite(k, v, k_mem, v_mem, extra_k, extra_v):
+        # on the CPU the check is one sum per tensor, cheaper than the masked path
         return _attend_non_finite(impl, q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v)
     return impl.attend(
         q, k, v, layout=layout, q_start=q_start, scale=scale,
         k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v,
     )
+
+
+def _every_key_visible(layout: BlockLayout, q_start: int, n_queries: int, n_keys: int) -> bool:
+    """Whether the one query of a call (a decode step) may see every key row passed (from
+    the shapes and positions alone: no data, no sync). Extra rows are its own block's."""
+    if n_queries != 1:
+        return False
+    end = q_start + 1
+    lo = 0 if layout.window is None or layout.block_size is None else (q_start // layout.block_size) * layout.block_size - layout.window
+    return layout.run_start(end, n_keys) >= lo
 
 
 def _zeroed(t: Tensor | None) -> Tensor | None:

@@ -124,9 +124,11 @@ def _weights_key(layer: DecoderLayer) -> tuple:
 
 
 def _memo_allowed(*tensors: Tensor) -> bool:
-    return not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not any(
-        t.is_inference() for t in tensors
-    )
+    """The cache is for eager no-grad calls: not under inference mode (no version
+    counters) and not while torch.compile traces (it lives outside the graph, in Python)."""
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the other checks
+        return False
+    return not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not any(t.is_inference() for t in tensors)
 
 
 @register_variant("xl", config=XLConfig)
