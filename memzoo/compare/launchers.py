@@ -30,12 +30,8 @@ import threading
 import time
 from typing import Any, Protocol
 
-from lightning_utilities.core.imports import RequirementCache
-
 from memzoo.errors import MemzooError
-
-#: ``ray`` installed (and its version), checked without importing it
-RAY = RequirementCache("ray>=2.9")
+from memzoo.extras import RAY
 
 
 def execute(payload: dict[str, Any]) -> str:

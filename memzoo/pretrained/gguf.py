@@ -35,10 +35,13 @@ def cache_root() -> Path:
 
 def gguf_folder(path: Path) -> Path:
     """The cached Hugging Face folder of the GGUF file ``path`` (converted on first use)."""
-    try:
-        import transformers
-    except ImportError:
-        raise PretrainedError(f"loading {path.name} needs transformers and gguf: pip install 'memzoo[hf]'") from None
+    from memzoo.extras import GGUF, TRANSFORMERS
+
+    for need in (TRANSFORMERS, GGUF):
+        if not need:
+            raise PretrainedError(f"loading {path.name} needs transformers and gguf: pip install 'memzoo[hf]' ({need.message})")
+    import transformers
+
     path = path.resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
