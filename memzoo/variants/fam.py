@@ -309,88 +309,10 @@ class FAM(BlockWindowBackbone):
 
     # ------------------------------------------------------------ the reference
     def step_reference(self, x: Tensor, state: FAMState) -> tuple[Tensor, FAMState]:
-        """The paper's Algorithm 2, slow and plain: same contract and results as :meth:`step`.
+        """The paper's Algorithm 2, slow and plain (:func:`memzoo.variants.naive.fam_reference`)."""
+        from memzoo.variants.naive import fam_reference
 
-        The input is cut at block boundaries; each piece lies in one block τ and goes up
-        through the layers. In each layer the queries are ``[piece tokens ; F_{τ-1}]`` (the
-        FAM queries only if the piece completes block τ) and the keys
-        ``[memory blocks ; F_{τ-1} ; block τ so far]``, under an explicit mask, with a
-        plain softmax. Positions are the same as in :meth:`step`.
-        """
-        b, t, _ = x.shape
-        size, n_fam, scale = self.block_size, self.fam_len, self.layers[0].positions.scale
-        keys, values = list(state.k), list(state.v)
-        fams, fam_keys, fam_values = list(state.fam), list(state.fam_k), list(state.fam_v)
-        residual = state.residual
-        p, done, outs = state.pos, 0, []
-        while done < t:
-            block = p // size
-            n = min(size - p % size, t - done)  # tokens of this piece
-            completes = (p + n) % size == 0
-            h = x[:, done : done + n]  # (B, n, D)
-            tok_pos = torch.arange(p, p + n, device=x.device)[None, :] + state.offset[:, None]  # (B, n)
-            fam_pos = self.fam_positions(block, state.offset)  # (B, F)
-            for i, layer in enumerate(self.layers):
-                fam = fams[i]
-                n_q = n + (n_fam if completes else 0)  # token queries, then FAM queries
-                q, k, v = layer.project(torch.cat([h, fam], dim=1), torch.cat([tok_pos, fam_pos], dim=1))
-                q = q[:, :, :n_q]
-                tok_k, tok_v = k[:, :, :n], v[:, :, :n]
-                # F's keys/values are the ones made with F (the same projection, at fam_pos)
-                fam_k, fam_v = fam_keys[i], fam_values[i]
-                # the cache covers [p - len, p): memory blocks, then the block's earlier tokens
-                n_own = p - block * size
-                n_mem = keys[i].shape[2] - n_own
-                mem_k, own_k = keys[i][:, :, :n_mem], keys[i][:, :, n_mem:]
-                mem_v, own_v = values[i][:, :, :n_mem], values[i][:, :, n_mem:]
-                if self.stop_gradient_memory:
-                    mem_k, mem_v = mem_k.detach(), mem_v.detach()
-                blk_k = torch.cat([own_k, tok_k], dim=2)  # block τ's keys so far: (B, H, n_own + n, Dh)
-                blk_v = torch.cat([own_v, tok_v], dim=2)
-                all_k = torch.cat([mem_k, fam_k, blk_k], dim=2)
-                all_v = torch.cat([mem_v, fam_v, blk_v], dim=2)
-
-                # mask (n_q, n_mem + F + n_own + n); True = may attend
-                q_off = torch.arange(n, device=x.device) + n_own  # token queries' offsets in the block
-                k_off = torch.arange(n_own + n, device=x.device)
-                tok_rows = torch.cat(
-                    [
-                        torch.ones(n, n_mem + n_fam, dtype=torch.bool, device=x.device),  # memory, FAM: all
-                        k_off[None, :] <= q_off[:, None],  # own block: causal
-                    ],
-                    dim=1,
-                )
-                fam_rows = torch.cat(
-                    [
-                        torch.zeros(n_q - n, n_mem, dtype=torch.bool, device=x.device),  # memory: none
-                        torch.ones(n_q - n, n_fam + n_own + n, dtype=torch.bool, device=x.device),  # FAM, block: all
-                    ],
-                    dim=1,
-                )
-                mask = torch.cat([tok_rows, fam_rows], dim=0)
-                scores = (q @ all_k.transpose(-1, -2)) * scale  # (B, H, n_q, n_keys)
-                probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-                heads = probs @ all_v  # (B, H, n_q, Dh)
-
-                h_next = layer.feed_forward(layer.attend_residual(h, heads[:, :, :n]))
-                if completes and n_fam:
-                    fams[i] = self.compress(layer, fam, residual, heads[:, :, n:])
-                    _, fam_keys[i], fam_values[i] = layer.project(fams[i], self.fam_positions(block + 1, state.offset))
-                keys[i] = torch.cat([keys[i], tok_k], dim=2)
-                values[i] = torch.cat([values[i], tok_v], dim=2)
-                drop = max(0, self.keep_from(p + n) - (p + n - keys[i].shape[2]))
-                keys[i], values[i] = keys[i][:, :, drop:], values[i][:, :, drop:]
-                h = h_next
-            if completes:
-                residual = torch.ones_like(residual)
-            outs.append(h)
-            p, done = p + n, done + n
-        y = torch.cat(outs, dim=1)
-        return y, FAMState(
-            pos=p, fingerprint=self.fingerprint, k=keys, v=values, fam=fams, fam_k=fam_keys, fam_v=fam_values,
-            offset=state.offset, residual=residual,
-        )
-
+        return fam_reference(self, x, state)
 
     def init_from_embeddings(self, embed: Tensor, generator: torch.Generator) -> list[str]:
         """A pretrained model's initial FAM: ``fam_len`` distinct real tokens' embeddings

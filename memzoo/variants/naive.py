@@ -9,9 +9,10 @@ Each function takes a built backbone (its weights) and a whole sequence from the
 state: ``x`` (B, T, D) -> outputs (B, T, D) (and, where the state is more than a cache,
 the final state).
 
-Not here yet: ``fam``'s reference is still the method ``FAM.step_reference`` in
-:mod:`memzoo.variants.fam` (moving it waits for the fam/K-V engine refactor of issue #12);
-the ``infini`` plug-in keeps its own in ``memzoo_infini/reference.py``.
+``fam`` and ``sinks`` take a state too (``FAM.step_reference`` and
+``Sinks.step_reference`` call them, so the conformance of a mid-stream state is checked
+against them as well). The ``infini`` plug-in keeps its own in
+``memzoo_infini/reference.py``: a plug-in depends only on memzoo's public API.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from memzoo import ops
 from memzoo.layers.relative import RelativePositions, relative_attention_reference
 
 if TYPE_CHECKING:
     from memzoo.variants.brt import BlockRecurrentTransformer
+    from memzoo.variants.fam import FAM, FAMState
     from memzoo.variants.rmt import RecurrentMemoryTransformer
+    from memzoo.variants.sinks import Sinks, SinksState
     from memzoo.variants.xl import TransformerXL
 
 
@@ -144,3 +148,121 @@ def brt_reference(model: BlockRecurrentTransformer, x: Tensor) -> tuple[Tensor, 
             hid = layer.feed_forward(out)
         outputs.append(hid)
     return torch.cat(outputs, dim=1), cells
+
+
+def fam_reference(model: FAM, x: Tensor, state: FAMState) -> tuple[Tensor, FAMState]:
+    """TransformerFAM's Algorithm 2, slow and plain: same contract and results as
+    ``FAM.step`` (the fast path on the shared K/V engine).
+
+    The input is cut at block boundaries; each piece lies in one block τ and goes up
+    through the layers. In each layer the queries are ``[piece tokens ; F_{τ-1}]`` (the
+    FAM queries only if the piece completes block τ) and the keys
+    ``[memory blocks ; F_{τ-1} ; block τ so far]``, under an explicit mask, with a
+    plain softmax. Positions are the same as in ``FAM.step``.
+    """
+    b, t, _ = x.shape
+    size, n_fam, scale = model.block_size, model.fam_len, model.layers[0].positions.scale
+    keys, values = list(state.k), list(state.v)
+    fams, fam_keys, fam_values = list(state.fam), list(state.fam_k), list(state.fam_v)
+    residual = state.residual
+    p, done, outs = state.pos, 0, []
+    while done < t:
+        block = p // size
+        n = min(size - p % size, t - done)  # tokens of this piece
+        completes = (p + n) % size == 0
+        h = x[:, done : done + n]  # (B, n, D)
+        tok_pos = torch.arange(p, p + n, device=x.device)[None, :] + state.offset[:, None]  # (B, n)
+        fam_pos = model.fam_positions(block, state.offset)  # (B, F)
+        for i, layer in enumerate(model.layers):
+            fam = fams[i]
+            n_q = n + (n_fam if completes else 0)  # token queries, then FAM queries
+            q, k, v = layer.project(torch.cat([h, fam], dim=1), torch.cat([tok_pos, fam_pos], dim=1))
+            q = q[:, :, :n_q]
+            tok_k, tok_v = k[:, :, :n], v[:, :, :n]
+            # F's keys/values are the ones made with F (the same projection, at fam_pos)
+            fam_k, fam_v = fam_keys[i], fam_values[i]
+            # the cache covers [p - len, p): memory blocks, then the block's earlier tokens
+            n_own = p - block * size
+            n_mem = keys[i].shape[2] - n_own
+            mem_k, own_k = keys[i][:, :, :n_mem], keys[i][:, :, n_mem:]
+            mem_v, own_v = values[i][:, :, :n_mem], values[i][:, :, n_mem:]
+            if model.stop_gradient_memory:
+                mem_k, mem_v = mem_k.detach(), mem_v.detach()
+            blk_k = torch.cat([own_k, tok_k], dim=2)  # block τ's keys so far: (B, H, n_own + n, Dh)
+            blk_v = torch.cat([own_v, tok_v], dim=2)
+            all_k = torch.cat([mem_k, fam_k, blk_k], dim=2)
+            all_v = torch.cat([mem_v, fam_v, blk_v], dim=2)
+
+            # mask (n_q, n_mem + F + n_own + n); True = may attend
+            q_off = torch.arange(n, device=x.device) + n_own  # token queries' offsets in the block
+            k_off = torch.arange(n_own + n, device=x.device)
+            tok_rows = torch.cat(
+                [
+                    torch.ones(n, n_mem + n_fam, dtype=torch.bool, device=x.device),  # memory, FAM: all
+                    k_off[None, :] <= q_off[:, None],  # own block: causal
+                ],
+                dim=1,
+            )
+            fam_rows = torch.cat(
+                [
+                    torch.zeros(n_q - n, n_mem, dtype=torch.bool, device=x.device),  # memory: none
+                    torch.ones(n_q - n, n_fam + n_own + n, dtype=torch.bool, device=x.device),  # FAM, block: all
+                ],
+                dim=1,
+            )
+            mask = torch.cat([tok_rows, fam_rows], dim=0)
+            scores = (q @ all_k.transpose(-1, -2)) * scale  # (B, H, n_q, n_keys)
+            probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            heads = probs @ all_v  # (B, H, n_q, Dh)
+
+            h_next = layer.feed_forward(layer.attend_residual(h, heads[:, :, :n]))
+            if completes and n_fam:
+                fams[i] = model.compress(layer, fam, residual, heads[:, :, n:])
+                _, fam_keys[i], fam_values[i] = layer.project(fams[i], model.fam_positions(block + 1, state.offset))
+            keys[i] = torch.cat([keys[i], tok_k], dim=2)
+            values[i] = torch.cat([values[i], tok_v], dim=2)
+            drop = max(0, model.keep_from(p + n) - (p + n - keys[i].shape[2]))
+            keys[i], values[i] = keys[i][:, :, drop:], values[i][:, :, drop:]
+            h = h_next
+        if completes:
+            residual = torch.ones_like(residual)
+        outs.append(h)
+        p, done = p + n, done + n
+    y = torch.cat(outs, dim=1)
+    return y, type(state)(
+        pos=p, fingerprint=model.fingerprint, k=keys, v=values, fam=fams, fam_k=fam_keys, fam_v=fam_values,
+        offset=state.offset, residual=residual,
+    )
+
+
+def sinks_reference(model: Sinks, x: Tensor, state: SinksState) -> tuple[Tensor, SinksState]:
+    """``sinks`` per query, slow and plain: the paper's cache for every query (its sinks,
+    then its window, rotated at their positions in that cache, or at their text positions),
+    dense softmax. Same contract and results as ``Sinks.step``."""
+    t = x.shape[1]
+    start, end = state.pos, state.pos + t
+    new_k, new_v = [], []
+    for i, layer in enumerate(model.layers):
+        q_raw, k_raw, v = layer.project_raw(x)  # pre-RoPE
+        keys = torch.cat([state.k[i], k_raw], dim=2)  # (B, Hkv, Tk, Dh)
+        values = torch.cat([state.v[i], v], dim=2)
+        s_rows, run = model.cached_positions(start)
+        row_of = {p: r for r, p in enumerate([*range(s_rows), *range(run, end)])}  # text position -> key row
+        heads = []
+        for n in range(t):
+            p = start + n
+            seen = model.visible_positions(p)
+            rows = torch.tensor([row_of[j] for j in seen], device=x.device)
+            at = torch.arange(len(seen)) if model.positions == "cache" else torch.tensor(seen)
+            at = at.to(x.device)
+            qn = layer.positions.query(q_raw[:, :, n : n + 1], at[-1:])  # the query sits last in its cache
+            kn = ops.repeat_kv(layer.positions.key(keys[:, :, rows], at), q_raw.shape[1])
+            vn = ops.repeat_kv(values[:, :, rows], q_raw.shape[1])
+            probs = torch.softmax((qn @ kn.transpose(-1, -2)) * layer.positions.scale, dim=-1)  # (B, H, 1, n_seen)
+            heads.append(probs @ vn)
+        x = layer.feed_forward(layer.attend_residual(x, torch.cat(heads, dim=2)))
+        s_keep, r_keep = model.cached_positions(end)
+        keep = torch.tensor([row_of[j] for j in [*range(s_keep), *range(r_keep, end)]], dtype=torch.long, device=x.device)
+        new_k.append(keys[:, :, keep])
+        new_v.append(values[:, :, keep])
+    return x, type(state)(pos=end, fingerprint=model.fingerprint, k=new_k, v=new_v)

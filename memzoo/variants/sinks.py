@@ -131,32 +131,7 @@ class Sinks(KVCacheBackbone):
         return sinks + [j for j in range(max(0, t - self.window + 1), t + 1) if j >= len(sinks)]
 
     def step_reference(self, x: Tensor, state: SinksState) -> tuple[Tensor, SinksState]:
-        """Per query, slow and plain: same contract and results as :meth:`step`."""
-        t = x.shape[1]
-        start, end = state.pos, state.pos + t
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            q_raw, k_raw, v = layer.project_raw(x)  # pre-RoPE
-            keys = torch.cat([state.k[i], k_raw], dim=2)  # (B, Hkv, Tk, Dh)
-            values = torch.cat([state.v[i], v], dim=2)
-            s_rows, run = self.cached_positions(start)
-            row_of = {p: r for r, p in enumerate([*range(s_rows), *range(run, end)])}  # text position -> key row
-            heads = []
-            for n in range(t):
-                p = start + n
-                seen = self.visible_positions(p)
-                rows = torch.tensor([row_of[j] for j in seen], device=x.device)
-                at = torch.arange(len(seen)) if self.positions == "cache" else torch.tensor(seen)
-                at = at.to(x.device)
-                qn = layer.positions.query(q_raw[:, :, n : n + 1], at[-1:])  # the query sits last in its cache
-                kn = ops.repeat_kv(layer.positions.key(keys[:, :, rows], at), q_raw.shape[1])
-                vn = ops.repeat_kv(values[:, :, rows], q_raw.shape[1])
-                probs = torch.softmax((qn @ kn.transpose(-1, -2)) * layer.positions.scale, dim=-1)  # (B, H, 1, n_seen)
-                heads.append(probs @ vn)
-            x = layer.feed_forward(layer.attend_residual(x, torch.cat(heads, dim=2)))
-            s_keep, r_keep = self.cached_positions(end)
-            keep = torch.tensor([row_of[j] for j in [*range(s_keep), *range(r_keep, end)]], dtype=torch.long, device=x.device)
-            new_k.append(keys[:, :, keep])
-            new_v.append(values[:, :, keep])
-        return x, SinksState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v)
+        """Per query, slow and plain (:func:`memzoo.variants.naive.sinks_reference`)."""
+        from memzoo.variants.naive import sinks_reference
 
+        return sinks_reference(self, x, state)
