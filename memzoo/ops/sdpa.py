@@ -193,6 +193,9 @@ class SDPABackend(Backend):
             if k_mem is not None:
                 k_mem, v_mem = k_mem[:, :, n_sinks:], v_mem[:, :, n_sinks:]
         k_start = end - k.shape[2]  # the run's first position
+        layout = layout.clipped_to_keys(q_start, tq, k_start)  # work sized by the keys that exist, not the window
+        window = layout.window
+        assert window is not None
         b, h = q.shape[:2]
         b0 = q_start // size
         nb = layout.n_query_blocks(q_start, tq)
