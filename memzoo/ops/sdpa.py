@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memzoo.ops.base import FLOATS, Backend, Support, Tolerance, register_backend
+from memzoo.ops.base import FLOATS, Backend, Support, register_backend
 from memzoo.ops.layout import BlockLayout
 
 
@@ -136,12 +136,6 @@ class SDPABackend(Backend):
         dtypes={"*": FLOATS},
         training=frozenset({"*"}),
         unbounded_with_memory=False,
-        tolerances={
-            torch.float64: Tolerance(1e-10, 1e-8),
-            torch.float32: Tolerance(5e-5, 1e-4),
-            torch.bfloat16: Tolerance(8e-2, 5e-2),
-            torch.float16: Tolerance(1e-2, 1e-2),
-        },
     )
     #: device types where full-history blocks use ``causal_lower_right`` instead of a mask
     #: (the flash kernel exists there); tests add "cpu" to check the split on CPU
