@@ -48,3 +48,37 @@ def test_bench_train_covers_the_registry_and_xl_with_rope() -> None:
     mid = bench.contenders(bench.SIZES["mid"], ["fam", "xl"])
     assert mid["fam"][1]["fam_len"] == 16 and mid["fam"][1]["memory_blocks"] == 1
     assert mid["xl"][1]["memory_len"] == 256
+
+
+def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, on any machine
+    env.pop("GPU_CHECK_DEVICE", None)
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device" in done.stdout
+    import json
+
+    assert json.loads(out.read_text())["cuda"] is False
+
+
+def test_gpu_check_benchmark_code_runs_small_on_cpu(tmp_path: pathlib.Path) -> None:
+    """The benchmark part at a toy size on CPU (no GPU here): sdpa measured, the backends
+    that cannot train here skipped with their reasons."""
+    import json
+
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_T": "256",
+           "GPU_CHECK_DTYPE": "float32", "GPU_CHECK_BLOCK": "32", "GPU_CHECK_HEADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["bench_rc"] == 0 and report["tests_rc"] is None
+    cases = report["bench"]["cases"]
+    for variant in ("bswa", "fam"):
+        assert cases[f"{variant}/sdpa"]["useful_flops_per_s"] > 0
+        assert "skipped" in cases[f"{variant}/flex"] or "seconds" in cases[f"{variant}/flex"]
+        assert "skipped" in cases[f"{variant}/xformers"] or "seconds" in cases[f"{variant}/xformers"]
+    assert report["bench"]["dense_causal_sdpa"]["flops_per_s"] > 0
