@@ -193,14 +193,22 @@ def test_sdpa_work_follows_the_keys_that_exist_not_the_window(monkeypatch, size,
     assert max(seen) <= bound, (seen, bound)
 
 
-def test_xl_with_a_huge_memory_len_on_a_short_input_equals_reference():
+@pytest.mark.parametrize("name,options", [("xl", {"memory_len": 65536}), ("bswa", {"memory_blocks": 2**20})])
+def test_a_huge_configured_memory_on_a_short_input_equals_reference(name, options):
+    """Whole and streamed in chunks (cached keys then come from the state)."""
     import memzoo
 
     torch.manual_seed(0)
-    model = memzoo.build_model("xl", vocab_size=64, d_model=16, n_layers=1, n_heads=2, block_size=4, memory_len=65536)
+    model = memzoo.build_model(name, vocab_size=64, d_model=16, n_layers=1, n_heads=2, block_size=4, **options)
     tokens = torch.randint(0, 64, (1, 30))
     with ops.use_backend("reference"):
         expected = model(tokens).logits
     with ops.use_backend("sdpa"):
         actual = model(tokens).logits
-    assert_close(actual, expected, "xl logits, memory_len=65536 over 30 tokens")
+        state, parts = None, []
+        for chunk in tokens.split(7, dim=1):
+            out = model(chunk, state)
+            parts.append(out.logits)
+            state = out.state
+    assert_close(actual, expected, f"{name} {options} logits over 30 tokens")
+    assert_close(torch.cat(parts, dim=1), expected, f"{name} {options} logits streamed in chunks of 7")
