@@ -212,3 +212,29 @@ def test_a_huge_configured_memory_on_a_short_input_equals_reference(name, option
             state = out.state
     assert_close(actual, expected, f"{name} {options} logits over 30 tokens")
     assert_close(torch.cat(parts, dim=1), expected, f"{name} {options} logits streamed in chunks of 7")
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_token_windows_with_extra_rows_cost_the_window_not_tq_times_f(monkeypatch, memory):
+    """block_size=1 with F extra rows per query (the sinks variant's late queries): each SDPA
+    call sees at most c·F extra + (W + c) run keys (twice with memory tensors), c = (W+1)//F,
+    instead of Tq·F + Tk; and the result still equals the reference."""
+    seen: list[int] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):  # type: ignore[no-untyped-def]
+        seen.append(k.shape[-2])
+        return real(q, k, v, **kw)
+
+    window, f, tq, cached = 7, 4, 61, 9
+    layout = BlockLayout(1, window)
+    ins = _inputs(tq, cached + tq, tq, f, memory, seed=11)
+    expected = ops.attend(**ins, layout=layout, q_start=cached, scale=0.6, backend="reference")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    actual = ops.attend(**ins, layout=layout, q_start=cached, scale=0.6, backend="sdpa")
+    c = (window + 1) // f
+    assert max(seen) <= c * f + (2 if memory else 1) * (window + c), seen
+    assert_close(actual, expected, "output")
+    grads = [torch.autograd.grad(o.square().sum(), list(ins.values())) for o in (actual, expected)]
+    for key, ga, gr in zip(ins, *grads):
+        assert_close(ga, gr, f"grad of {key}")
