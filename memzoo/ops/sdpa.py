@@ -258,8 +258,11 @@ class SDPABackend(Backend):
         if extra_k is not None and sinks is None:
             window = layout.window
             assert window is not None
-            c = max(1, (window + 1) // extra_k.shape[3])
-            if tq > c:
+            f = extra_k.shape[3]
+            c = max(1, (window + 1) // f)
+            # chunks only where they save well over their gathering: one call's key columns
+            # against 4x a chunk's (short calls with few extra rows stay one call)
+            if tq > c and tq * f + k.shape[2] > 4 * (c * f + window + c):
                 return SDPABackend._token_chunks(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, c)
         if sinks is not None:
             k, v = torch.cat([sinks[0], k], dim=2), torch.cat([sinks[1], v], dim=2)
