@@ -17,6 +17,7 @@ Shape notation as in :mod:`memzoo.ops.layout`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -107,26 +108,43 @@ def test_reasons_are_readable_strings():
 
 
 @pytest.mark.parametrize("name", ops.list_backends())
-def test_sink_layouts_follow_the_declaration(name):
-    """A backend that declares ``sinks`` runs sink layouts (the synthetic and captured calls
-    below check it against the reference); one that does not refuses them in words, and
-    ``auto`` passes over it to one that can, never to one that cannot."""
-    call = AttentionCall("cpu", F64, BlockLayout(1, 3, sinks=2), False, False, False, 8, 8)
-    sink_reasons = [r for r in ops.get_backend(name).not_supported_reasons(call) if "sink" in r]
-    assert bool(sink_reasons) != ops.get_backend(name).support.sinks, (name, sink_reasons)
+def test_every_backend_declares_every_layout_feature_but_one(name):
+    """``Support`` keeps only the layout flag some backend sets to False; sink layouts,
+    memory tensors, extra rows and Dv != D are refused by no declaration (the synthetic and
+    captured calls below check each backend that runs here against the reference)."""
+    backend = ops.get_backend(name)
+    fields = {f.name for f in dataclasses.fields(ops.Support)}
+    assert not fields & {"unbounded", "memory_tensors", "extra_rows", "sinks", "value_dim_differs"}
+    for device in ("cpu", "cuda"):
+        plain = AttentionCall(device, F32, BlockLayout(4, 4), True, False, False, 16, 16)
+        featured = AttentionCall(device, F32, BlockLayout(4, 4, sinks=2), True, True, True, 16, 8)
+        assert backend.not_supported_reasons(featured) == backend.not_supported_reasons(plain), (name, device)
 
 
-def test_a_backend_without_sinks_refuses_them_and_auto_skips_it(monkeypatch):
-    import dataclasses
-
+def test_a_backend_that_refuses_sinks_says_so_and_auto_skips_it(monkeypatch):
     sdpa = ops.get_backend("sdpa")
-    monkeypatch.setattr(type(sdpa), "support", dataclasses.replace(sdpa.support, sinks=False))
+    monkeypatch.setattr(
+        type(sdpa), "availability_reasons",
+        lambda self, call: ["sink keys are not supported here"] if call.layout.sinks else [],
+    )
     call = AttentionCall("cpu", F64, BlockLayout(1, 3, sinks=2), True, False, False, 8, 8)  # training
-    assert any("sink keys (BlockLayout.sinks=2" in r for r in sdpa.not_supported_reasons(call))
+    assert any("sink keys" in r for r in sdpa.not_supported_reasons(call))
     with pytest.raises(BackendUnavailable, match="sdpa.*sink keys"):
         ops.resolve_backend("sdpa", call)
-    assert ops.resolve_backend("auto", call).name == "reference"  # the next that declares them
+    assert ops.resolve_backend("auto", call).name == "reference"  # the next that can
     assert ops.resolve_backend("auto", dataclasses.replace(call, layout=BlockLayout(1, 3))).name == "sdpa"
+
+
+def test_one_tolerance_table():
+    """Backends default to :data:`memzoo.ops.TOLERANCES` and the conformance kit's table is
+    derived from it: one place to change a tolerance."""
+    from memzoo.testing import TOLERANCES as KIT
+
+    assert KIT == {d: {"atol": t.atol, "rtol": t.rtol} for d, t in ops.TOLERANCES.items()}
+    for name in ("sdpa", "flex"):
+        assert dict(ops.get_backend(name).support.tolerances) == dict(ops.TOLERANCES), name
+    xf = ops.get_backend("xformers").support.tolerances
+    assert xf[torch.bfloat16] == ops.TOLERANCES[torch.bfloat16] and xf[F32].atol > ops.TOLERANCES[F32].atol
 
 
 # ======================================================================== dispatch

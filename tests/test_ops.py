@@ -139,3 +139,102 @@ def test_sdpa_refuses_what_it_cannot_do():
     assert ops.get_backend("sdpa").not_supported_reasons(call)
     with pytest.raises(ops.BackendUnavailable, match="sdpa.*cannot run"):
         ops.resolve_backend("sdpa", call)
+
+
+HUGE = 2**40  # a configured window no input comes near
+
+
+@pytest.mark.parametrize("size", [1, 4, 7])
+@pytest.mark.parametrize("sinks", [0, 2])
+@pytest.mark.parametrize("cached", [0, 5])
+@pytest.mark.parametrize("extra,memory", [(0, False), (2, True)])
+@pytest.mark.parametrize("tq", [1, 3, 23])
+def test_huge_window_on_a_short_input_equals_reference(size, sinks, cached, extra, memory, tq):
+    q_start = cached
+    layout = BlockLayout(size, HUGE, sinks)
+    tk = q_start + tq  # every key from position 0 (the sinks and the run meet)
+    ins = _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed=size + 7 * tq)
+    results = {}
+    for name in ("reference", "sdpa"):
+        out = ops.attend(**ins, layout=layout, q_start=q_start, scale=0.7, backend=name)
+        grads = torch.autograd.grad((out * out.detach().sin()).sum(), list(ins.values()), allow_unused=True)
+        results[name] = (out, [torch.zeros_like(t) if g is None else g for t, g in zip(ins.values(), grads)])
+    assert_close(results["sdpa"][0], results["reference"][0], "output")
+    for key, ga, gr in zip(ins, results["sdpa"][1], results["reference"][1]):
+        assert_close(ga, gr, f"grad of {key}")
+
+
+@pytest.mark.parametrize("size", [1, 4])
+@pytest.mark.parametrize("tq", [1, 3, 40])
+def test_sdpa_work_follows_the_keys_that_exist_not_the_window(monkeypatch, size, tq):
+    """Every SDPA call the backend makes sees at most F + s + min(W, cached + Tq) + L keys
+    per query block, whatever the configured window W (2**40 here: gathering W rows would
+    not fit in memory)."""
+    seen: list[int] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):  # type: ignore[no-untyped-def]
+        seen.append(k.shape[-2])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    cached, extra, sinks = 6, 2, 1
+    layout = BlockLayout(size, HUGE, sinks)
+    tk = cached + tq
+    nb = layout.n_query_blocks(cached, tq)
+    ins = _inputs(tq, tk, nb, extra, memory=True, seed=3)
+    out = ops.attend(**ins, layout=layout, q_start=cached, scale=0.5, backend="sdpa")
+    out.sum().backward()
+    assert seen, "the sdpa backend made no SDPA call"
+    if size == 1 and nb > 1:  # token windows: one call over the call's keys (and their k_mem copy), no gathering
+        bound = tq * extra + 2 * tk
+    else:
+        bound = extra + sinks + min(HUGE, tk) + size
+    assert max(seen) <= bound, (seen, bound)
+
+
+@pytest.mark.parametrize("name,options", [("xl", {"memory_len": 65536}), ("bswa", {"memory_blocks": 2**20})])
+def test_a_huge_configured_memory_on_a_short_input_equals_reference(name, options):
+    """Whole and streamed in chunks (cached keys then come from the state)."""
+    import memzoo
+
+    torch.manual_seed(0)
+    model = memzoo.build_model(name, vocab_size=64, d_model=16, n_layers=1, n_heads=2, block_size=4, **options)
+    tokens = torch.randint(0, 64, (1, 30))
+    with ops.use_backend("reference"):
+        expected = model(tokens).logits
+    with ops.use_backend("sdpa"):
+        actual = model(tokens).logits
+        state, parts = None, []
+        for chunk in tokens.split(7, dim=1):
+            out = model(chunk, state)
+            parts.append(out.logits)
+            state = out.state
+    assert_close(actual, expected, f"{name} {options} logits over 30 tokens")
+    assert_close(torch.cat(parts, dim=1), expected, f"{name} {options} logits streamed in chunks of 7")
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_token_windows_with_extra_rows_cost_the_window_not_tq_times_f(monkeypatch, memory):
+    """block_size=1 with F extra rows per query (the sinks variant's late queries): each SDPA
+    call sees at most c·F extra + (W + c) run keys (twice with memory tensors), c = (W+1)//F,
+    instead of Tq·F + Tk; and the result still equals the reference."""
+    seen: list[int] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):  # type: ignore[no-untyped-def]
+        seen.append(k.shape[-2])
+        return real(q, k, v, **kw)
+
+    window, f, tq, cached = 7, 4, 61, 9
+    layout = BlockLayout(1, window)
+    ins = _inputs(tq, cached + tq, tq, f, memory, seed=11)
+    expected = ops.attend(**ins, layout=layout, q_start=cached, scale=0.6, backend="reference")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    actual = ops.attend(**ins, layout=layout, q_start=cached, scale=0.6, backend="sdpa")
+    c = (window + 1) // f
+    assert max(seen) <= c * f + (2 if memory else 1) * (window + c), seen
+    assert_close(actual, expected, "output")
+    grads = [torch.autograd.grad(o.square().sum(), list(ins.values())) for o in (actual, expected)]
+    for key, ga, gr in zip(ins, *grads):
+        assert_close(ga, gr, f"grad of {key}")

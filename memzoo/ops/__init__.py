@@ -33,6 +33,7 @@ from memzoo.ops.base import (
     Backend,
     BackendRecord,
     BackendUnavailable,
+    TOLERANCES,
     Support,
     Tolerance,
     check_backend_name,
@@ -204,7 +205,7 @@ def dense(q, k, v, *, scale, backend="auto"):
 
 
 __all__ = [
-    "AttentionCall", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "Tolerance",
+    "AttentionCall", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "TOLERANCES", "Tolerance",
     "attend", "check_backend_name", "check_finite", "dense", "explain", "get_backend", "list_backends", "record_backends",
     "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "use_backend",
 ]

@@ -8,7 +8,8 @@ Every backend implements two calls with one signature each:
   memory-token updates), no mask.
 
 Each backend *declares* what it supports in a :class:`Support` (devices, dtypes per
-device, devices with a backward, layout features, tolerances per dtype); the generic
+device, devices with a backward, the one layout feature not every backend has,
+tolerances per dtype, by default :data:`TOLERANCES`); the generic
 :meth:`Backend.not_supported_reasons` turns the declaration into readable reasons, and
 a backend adds run-time reasons of its own (a missing or broken install) in
 :meth:`Backend.availability_reasons`. Tests are generated from the declarations.
@@ -101,6 +102,17 @@ class Tolerance:
     rtol: float
 
 
+#: The one tolerance table: "the same result computed another way", per dtype. A backend's
+#: comparison with the reference (``Support.tolerances``) defaults to it, and the
+#: conformance kit's :data:`memzoo.testing.TOLERANCES` is derived from it.
+TOLERANCES: Mapping[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(1e-10, 1e-8),
+    torch.float32: Tolerance(5e-5, 1e-4),
+    torch.bfloat16: Tolerance(8e-2, 5e-2),
+    torch.float16: Tolerance(1e-2, 1e-2),
+}
+
+
 @dataclass(frozen=True)
 class Support:
     """What a backend declares it can run. Device types are ``torch.device.type`` names."""
@@ -109,24 +121,16 @@ class Support:
     dtypes: Mapping[str, frozenset[torch.dtype]]
     #: device types with a backward pass (training); the others are inference only
     training: frozenset[str]
-    #: window=None layouts (``full``): every earlier key visible
-    unbounded: bool = True
-    #: separate ``k_mem``/``v_mem`` tensors for memory keys
-    memory_tensors: bool = True
-    #: per-block extra rows (FAM's feedback memory)
-    extra_rows: bool = True
-    #: memory tensors / extra rows together with a window=None layout
+    #: memory tensors / extra rows together with a window=None layout. (Every backend runs
+    #: every other layout feature: unbounded layouts, memory tensors, extra rows, sinks and
+    #: Dv != D; a backend that cannot says why in :meth:`Backend.availability_reasons`.)
     unbounded_with_memory: bool = True
-    #: ``BlockLayout.sinks > 0``: the first positions visible to every query (attention sinks)
-    sinks: bool = True
-    #: value width Dv different from the query/key width D
-    value_dim_differs: bool = True
     #: device type -> why it is not supported (replaces the generic "runs on ..." reason)
     no_device_because: Mapping[str, str] = field(default_factory=dict)
     #: device type -> smallest head width D the kernels there take
     min_head_dim: Mapping[str, int] = field(default_factory=dict)
     #: comparison with the reference backend (same dtype, model level), per dtype
-    tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=dict)
+    tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=lambda: dict(TOLERANCES))
     #: why training is refused on a device it runs on (a remedy, not just a "no")
     no_training_because: Mapping[str, str] = field(default_factory=dict)
 
@@ -173,23 +177,8 @@ class Backend:
         if call.requires_grad and dtypes is not None and not s.trains_on(dev):
             reasons.append(s.no_training_because.get(dev, f"no backward on {dev} (inference only)"))
         lay = call.layout
-        if not lay.bounded and not s.unbounded:
-            reasons.append(f"unbounded layouts ({lay!r}: every earlier key visible) are not supported")
-        if call.has_memory_tensors and not s.memory_tensors:
-            reasons.append("separate memory tensors (k_mem/v_mem) are not supported")
-        if lay.sinks and not s.sinks:
-            reasons.append(f"sink keys (BlockLayout.sinks={lay.sinks}: the first positions always visible) are not supported")
-        if call.has_extra and not s.extra_rows:
-            reasons.append("per-block extra rows are not supported")
         if not lay.bounded and (call.has_extra or call.has_memory_tensors) and not s.unbounded_with_memory:
             reasons.append("an unbounded layout (window=None) with memory tensors or extra rows is not block-gatherable")
-        if (
-            not s.value_dim_differs
-            and call.head_dim is not None
-            and call.value_dim is not None
-            and call.head_dim != call.value_dim
-        ):
-            reasons.append(f"value width Dv={call.value_dim} must equal the key width D={call.head_dim}")
         least = s.min_head_dim.get(dev)
         if least is not None and call.head_dim is not None and call.head_dim < least:
             reasons.append(f"head width D={call.head_dim} is below the {least} the {dev} kernels take")

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from memzoo.ops.base import FLOATS, AttentionCall, Backend, Support, Tolerance, register_backend
+from memzoo.ops.base import FLOATS, AttentionCall, Backend, Support, register_backend
 from memzoo.ops.layout import BlockLayout
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -184,12 +184,6 @@ class FlexBackend(Backend):
         training=frozenset({"cuda"}),
         no_training_because={"cpu": NO_CPU_BACKWARD},
         min_head_dim={"cuda": 16},
-        tolerances={
-            torch.float64: Tolerance(1e-10, 1e-8),
-            torch.float32: Tolerance(5e-5, 1e-4),
-            torch.bfloat16: Tolerance(8e-2, 5e-2),
-            torch.float16: Tolerance(1e-2, 1e-2),
-        },
     )
     #: device types where flex runs compiled (fused); elsewhere eager (unfused, correct)
     compile_devices: frozenset[str] = frozenset({"cuda"})

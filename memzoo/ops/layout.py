@@ -46,7 +46,7 @@ The same with ``sinks=1`` (key 0 always visible)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -118,6 +118,21 @@ class BlockLayout:
     def is_memory(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """True where the key lies before the query's block (the query's memory)."""
         return k_pos < self.block_start(q_pos)
+
+    def clipped_to_keys(self, q_start: int, n_queries: int, k_start: int) -> "BlockLayout":
+        """The same visibility for the queries ``[q_start, q_start + n_queries)`` over keys at
+        positions ``>= k_start`` (the run's first position; sinks are rows of their own),
+        with the window no wider than those keys reach: ``min(W, S - k_start)`` for ``S``
+        the last touched block's start. Every key the window drops lies before
+        ``k_start``, where no key exists, so a backend that sizes its work by the window
+        (gathering ``W`` rows per block) costs what the keys that exist cost, whatever
+        the configured window (``xl``'s ``memory_len=65536`` on a short input)."""
+        if not self.bounded:
+            return self
+        assert self.block_size is not None and self.window is not None
+        last_start = (q_start + n_queries - 1) // self.block_size * self.block_size
+        reach = max(0, last_start - k_start)
+        return self if reach >= self.window else replace(self, window=reach)
 
     def n_query_blocks(self, q_start: int, n_queries: int) -> int:
         """How many blocks the queries ``[q_start, q_start + n_queries)`` touch."""

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memzoo.ops.base import FLOATS, Backend, Support, Tolerance, register_backend
+from memzoo.ops.base import FLOATS, Backend, Support, register_backend
 from memzoo.ops.layout import BlockLayout
 
 
@@ -136,12 +136,6 @@ class SDPABackend(Backend):
         dtypes={"*": FLOATS},
         training=frozenset({"*"}),
         unbounded_with_memory=False,
-        tolerances={
-            torch.float64: Tolerance(1e-10, 1e-8),
-            torch.float32: Tolerance(5e-5, 1e-4),
-            torch.bfloat16: Tolerance(8e-2, 5e-2),
-            torch.float16: Tolerance(1e-2, 1e-2),
-        },
     )
     #: device types where full-history blocks use ``causal_lower_right`` instead of a mask
     #: (the flash kernel exists there); tests add "cpu" to check the split on CPU
@@ -193,6 +187,9 @@ class SDPABackend(Backend):
             if k_mem is not None:
                 k_mem, v_mem = k_mem[:, :, n_sinks:], v_mem[:, :, n_sinks:]
         k_start = end - k.shape[2]  # the run's first position
+        layout = layout.clipped_to_keys(q_start, tq, k_start)  # work sized by the keys that exist, not the window
+        window = layout.window
+        assert window is not None
         b, h = q.shape[:2]
         b0 = q_start // size
         nb = layout.n_query_blocks(q_start, tq)
@@ -258,6 +255,15 @@ class SDPABackend(Backend):
         tq = q.shape[2]
         end = q_start + tq
         dev = q.device
+        if extra_k is not None and sinks is None:
+            window = layout.window
+            assert window is not None
+            f = extra_k.shape[3]
+            c = max(1, (window + 1) // f)
+            # chunks only where they save well over their gathering: one call's key columns
+            # against 4x a chunk's (short calls with few extra rows stay one call)
+            if tq > c and tq * f + k.shape[2] > 4 * (c * f + window + c):
+                return SDPABackend._token_chunks(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, c)
         if sinks is not None:
             k, v = torch.cat([sinks[0], k], dim=2), torch.cat([sinks[1], v], dim=2)
             if k_mem is not None:
@@ -281,6 +287,62 @@ class SDPABackend(Backend):
         return F.scaled_dot_product_attention(
             q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=torch.cat(masks, dim=1), scale=scale
         )
+
+    @staticmethod
+    def _token_chunks(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layout: BlockLayout,
+        q_start: int,
+        scale: float,
+        k_mem: Tensor | None,
+        v_mem: Tensor | None,
+        extra_k: Tensor,
+        extra_v: Tensor,
+        c: int,
+    ) -> Tensor:
+        """``block_size=1`` with ``F`` extra rows per query, no sinks: one call with all
+        ``Tq·F`` extra rows as columns would cost ``Tq·(Tq·F + Tk)``. Instead the queries
+        are cut into chunks of ``c`` (about ``(W+1)/F``), each over its own ``c·F`` extra
+        rows and the ``W + c`` run positions its queries can see (gathered like blocks,
+        one batched SDPA call, a (nc, c, c·F + W + c) mask): about ``Tq·(2W + c)`` score
+        entries whatever ``Tq``."""
+        window = layout.window
+        assert window is not None
+        tq, f = q.shape[2], extra_k.shape[3]
+        end = q_start + tq
+        k_start = end - k.shape[2]
+        dev = q.device
+        nc = -(-tq // c)
+        span_len = window + c
+        lo, hi = q_start, q_start + nc * c
+        qb = span(q, q_start, lo, hi).unflatten(2, (nc, c))  # (B,H,nc,c,D)
+
+        def rows(x: Tensor) -> Tensor:  # (B,H,Tq,F,X) -> (B,H,nc,c·F,X)
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nc * c - tq))
+            return x.unflatten(2, (nc, c)).flatten(3, 4)
+
+        def gathered(x: Tensor) -> Tensor:  # run positions [p - W, p + c) per chunk: (B,H,nc,W+c,X)
+            padded = span(x, k_start, lo - window, hi)
+            return padded.unfold(2, span_len, c).transpose(-1, -2)
+
+        firsts = q_start + c * torch.arange(nc, device=dev)  # (nc,)
+        q_pos = firsts[:, None] + torch.arange(c, device=dev)  # (nc, c)
+        k_pos = firsts[:, None] - window + torch.arange(span_len, device=dev)  # (nc, W+c)
+        visible = layout.visible(q_pos[:, :, None], k_pos[:, None, :]) & (k_pos >= k_start)[:, None, :]
+        extra = (torch.arange(c * f, device=dev) // f)[None, :] == torch.arange(c, device=dev)[:, None]  # (c, c·F)
+        keys, values = [rows(extra_k), gathered(k)], [rows(extra_v), gathered(v)]
+        masks = [extra.expand(nc, c, c * f), visible]
+        if k_mem is not None:
+            assert v_mem is not None
+            memory = layout.is_memory(q_pos[:, :, None], k_pos[:, None, :])
+            keys.append(gathered(k_mem))
+            values.append(gathered(v_mem))
+            masks[1:] = [visible & ~memory, visible & memory]  # each position from k or from k_mem, never both
+        mask = torch.cat(masks, dim=-1) | (q_pos >= end)[:, :, None]  # padding queries see everything (dropped)
+        out = masked_block_sdpa(qb, torch.cat(keys, dim=3), torch.cat(values, dim=3), mask, scale)
+        return out.flatten(2, 3)[:, :, :tq]
 
     @staticmethod
     def _one_block(

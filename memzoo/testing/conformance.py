@@ -7,7 +7,8 @@ contributor runs them all on a new variant with::
     from memzoo.testing import run_conformance
     run_conformance("my_variant")
 
-Tolerances are declared once, per dtype, in :data:`TOLERANCES`.
+Tolerances are declared once, per dtype, in :data:`memzoo.ops.base.TOLERANCES`
+(:data:`TOLERANCES` here is derived from it).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from torch import Tensor
 import memzoo
 from memzoo.errors import InputError, StateError
 from memzoo.models import MemzooLM
+from memzoo.ops.base import TOLERANCES as _OPS_TOLERANCES
 from memzoo.state import State
 
-#: absolute / relative tolerance per dtype for "the same result computed another way"
+#: absolute / relative tolerance per dtype for "the same result computed another way":
+#: :data:`memzoo.ops.base.TOLERANCES` (the one table; backends default to it too) as
+#: ``torch.allclose`` keywords
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"atol": 1e-10, "rtol": 1e-8},
-    torch.float32: {"atol": 5e-5, "rtol": 1e-4},
+    dtype: {"atol": tol.atol, "rtol": tol.rtol} for dtype, tol in _OPS_TOLERANCES.items()
 }
 
 #: the shared tiny sizes the suite runs every variant at

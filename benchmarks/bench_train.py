@@ -1,0 +1,254 @@
+"""Training-step cost of every registered variant, side by side in one process (issue 13).
+
+For every variant in the registry (plus ``xl`` with ``positions="rope"``), one training
+step = forward + cross-entropy loss + backward (no optimizer), one torch thread,
+float32, on CPU. The contenders are interleaved: each round times every contender once
+(``--inner`` steps each, after warm-up), and a square fp32 matmul is timed in the same
+rounds, so every ratio and fraction compares numbers measured under the same load.
+
+Printed per contender (JSON on stdout):
+
+* ``step_s_median`` / ``step_s_min``: seconds per step over the rounds;
+* ``vs_bswa_median`` / ``vs_bswa_min``: the median (and the min) over rounds of this
+  contender's step time over ``bswa``'s in the same round;
+* ``tokens_per_s``: B·T / median step time;
+* ``model_flops_per_step``, ``model_flops_per_s`` and ``fraction_of_matmul``.
+
+Model FLOPs, counted the same way for every variant::
+
+    model_flops = 6 · N · B · T  +  3 · 2 · (Dh + Dh) · H · P
+
+where ``N`` is the number of parameters of the model's ``nn.Linear`` modules (the
+embedding lookup is not a matmul; a tied LM head is an ``nn.Linear`` and counts),
+``Dh = d_model / n_heads`` the model's nominal head width (a variant whose kernels
+widen q/k, as xl's relative positions do, gets no credit for it), ``H`` the query heads
+and ``P`` the query-key pairs the attention calls of one forward pass let a query see,
+summed over batch rows, layers and calls: for a layout call the pairs its
+``BlockLayout.visible`` allows among the keys the call has, plus the extra rows (FAM's
+memory) each query sees; for a dense call Tq·Tk. ``2·(Dh+Dh)`` is the forward's
+multiply-adds for QKᵀ and PV per pair, ``3·`` forward + backward. ``P`` is counted once, in
+an untimed forward pass, by wrapping the backends' ``attend``/``dense``.
+``fraction_of_matmul`` = model FLOP/s over the median FLOP/s of an ``--matmul-n`` square
+fp32 matmul timed in the same rounds.
+
+Sizes (``--size``):
+
+* ``leaderboard`` (default): d_model 64, 2 layers, 4 heads, block 8, T=64, B=16, each
+  variant's own fields from :func:`memzoo.compare.settings.variant_options` (the small
+  settings the leaderboards use);
+* ``mid``: d_model 256, 4 layers, 4 heads, block 256, T=4096, B=2, with m=1
+  (``memory_blocks``), F=16 (``fam_len``), M=256 (``memory_len``), K=16
+  (``num_memory_tokens``) for the variants that have those fields, the rest from
+  ``variant_options``. Minutes on a shared 2-core CPU.
+
+    python benchmarks/bench_train.py                         # leaderboard size
+    python benchmarks/bench_train.py --size mid --rounds 3   # the mid size (slow)
+    python benchmarks/bench_train.py --variants bswa fam xl  # a subset (bswa always runs: it is the unit)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import memzoo
+from memzoo import ops
+
+SIZES: dict[str, dict[str, Any]] = {
+    "leaderboard": {
+        "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "block_size": 8},
+        "T": 64, "B": 16, "overrides": {},
+    },
+    "mid": {
+        "model": {"d_model": 256, "n_layers": 4, "n_heads": 4, "block_size": 256},
+        "T": 4096, "B": 2,
+        "overrides": {"memory_blocks": 1, "fam_len": 16, "memory_len": 256, "num_memory_tokens": 16},
+    },
+}
+VOCAB = 256
+
+
+def contenders(size: dict[str, Any], names: list[str] | None) -> dict[str, tuple[str, dict[str, Any]]]:
+    """label -> (variant, its own fields): every registered variant, and xl with RoPE."""
+    from memzoo.compare.settings import ModelSettings, variant_options
+    from memzoo.registry import get_variant
+
+    model = ModelSettings(**size["model"])
+    chosen = memzoo.list_variants() if names is None else sorted(set(names) | {"bswa"})
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in chosen:
+        fields = get_variant(name).config.model_fields
+        overrides = {k: v for k, v in size["overrides"].items() if k in fields}
+        options = variant_options(name, model, overrides)
+        out[name] = (name, options)
+        if name == "xl":
+            out["xl(rope)"] = (name, {**options, "positions": "rope"})
+    return out
+
+
+def linear_parameters(model: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel()
+    return n
+
+
+def count_attention_pairs(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Query-key pairs (times batch rows and query heads) of one forward pass's attention calls."""
+    total = 0
+    originals: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+
+    def wrap(backend: ops.Backend) -> None:
+        attend, dense = backend.attend, backend.dense
+
+        def counting_attend(q, k, v, *, layout, q_start, scale, **rest):  # type: ignore[no-untyped-def]
+            nonlocal total
+            b, h, tq = q.shape[:3]
+            end = q_start + tq
+            q_pos = torch.arange(q_start, end)
+            k_pos = layout.key_positions(end, k.shape[2])
+            pairs = int(layout.visible(q_pos[:, None], k_pos[None, :]).sum())
+            extra = rest.get("extra_k")
+            if extra is not None:
+                pairs += tq * extra.shape[3]
+            total += b * h * pairs
+            return attend(q, k, v, layout=layout, q_start=q_start, scale=scale, **rest)
+
+        def counting_dense(q, k, v, *, scale):  # type: ignore[no-untyped-def]
+            nonlocal total
+            total += q.shape[:-2].numel() * q.shape[-2] * k.shape[-2]
+            return dense(q, k, v, scale=scale)
+
+        originals[backend.name] = (attend, dense)
+        backend.attend, backend.dense = counting_attend, counting_dense  # type: ignore[method-assign]
+
+    backends = [ops.get_backend(n) for n in ops.list_backends()]
+    for backend in backends:
+        wrap(backend)
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for backend in backends:
+            del backend.attend, backend.dense  # the instance attributes; the class methods show again
+    return total
+
+
+def make_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        logits = model(tokens[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(fn: Callable[[], None], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="leaderboard")
+    parser.add_argument("--variants", nargs="+", default=None, help="registered variants (default: all)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (each times every contender)")
+    parser.add_argument("--inner", type=int, default=None, help="steps per timing (default: 5 leaderboard, 1 mid)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--matmul-n", type=int, default=512, help="side of the fp32 square matmul timed alongside")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    size = SIZES[args.size]
+    inner = args.inner or (5 if args.size == "leaderboard" else 1)
+    b, t = size["B"], size["T"]
+    chosen = contenders(size, args.variants)
+
+    steps: dict[str, Callable[[], None]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for label, (name, options) in chosen.items():
+        torch.manual_seed(0)
+        model = memzoo.build_model(name, vocab_size=VOCAB, **size["model"], **options)
+        tokens = torch.randint(0, VOCAB, (b, t + 1))
+        n_linear = linear_parameters(model)
+        pairs = count_attention_pairs(model, tokens[:, :-1])
+        head_dim = size["model"]["d_model"] // size["model"]["n_heads"]
+        flops = 6 * n_linear * b * t + 3 * 2 * (head_dim + head_dim) * pairs
+        steps[label] = make_step(model, tokens)
+        info[label] = {"variant": name, "options": options, "linear_parameters": n_linear,
+                       "attention_pairs_times_heads": pairs, "model_flops_per_step": flops}
+        for _ in range(args.warmup):
+            steps[label]()
+
+    n = args.matmul_n
+    a, m = torch.randn(n, n), torch.randn(n, n)
+    matmul_reps = 20
+
+    def matmul() -> None:
+        for _ in range(matmul_reps):
+            a @ m
+
+    matmul()
+    samples: dict[str, list[float]] = {label: [] for label in steps}
+    matmul_s: list[float] = []
+    for _ in range(args.rounds):
+        matmul_s.append(timed(matmul, 1) / matmul_reps)
+        for label, step in steps.items():
+            samples[label].append(timed(step, inner))
+    matmul_flops = 2 * n**3 / statistics.median(matmul_s)
+
+    results: dict[str, Any] = {}
+    for label, times in samples.items():
+        ratios = [x / y for x, y in zip(times, samples["bswa"])]
+        med = statistics.median(times)
+        flops = info[label]["model_flops_per_step"]
+        results[label] = {
+            **info[label],
+            "step_s_median": med, "step_s_min": min(times),
+            "vs_bswa_median": statistics.median(ratios), "vs_bswa_min": min(ratios),
+            "tokens_per_s": b * t / med,
+            "model_flops_per_s": flops / med,
+            "fraction_of_matmul": flops / med / matmul_flops,
+        }
+    report = {
+        "benchmark": "bench_train",
+        "size": args.size, "setting": {**size["model"], "T": t, "B": b, "vocab_size": VOCAB},
+        "mode": "forward + cross-entropy + backward, float32, cpu",
+        "threads": args.threads, "rounds": args.rounds, "inner_steps": inner,
+        "matmul": {"n": n, "flops_per_s_median": matmul_flops, "seconds_min": min(matmul_s)},
+        "commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.machine(),
+        "results": results,
+    }
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The benchmark scripts run and report what they say (fast smoke runs; no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_counts_full_attention_pairs_in_closed_form(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_train")
+    report = bench.main(["--variants", "full", "--rounds", "1", "--inner", "1", "--warmup", "0"])
+    capsys.readouterr()
+    assert set(report["results"]) == {"bswa", "full"}  # bswa always runs: it is the unit
+    s = report["setting"]
+    # full: every query sees itself and every earlier position, in every layer and head
+    expected = s["B"] * s["n_heads"] * s["n_layers"] * s["T"] * (s["T"] + 1) // 2
+    full = report["results"]["full"]
+    assert full["attention_pairs_times_heads"] == expected
+    assert report["results"]["bswa"]["attention_pairs_times_heads"] < expected  # a window sees fewer keys
+    assert report["results"]["bswa"]["vs_bswa_median"] == 1.0
+    for row in report["results"].values():
+        assert row["tokens_per_s"] > 0 and 0 < row["fraction_of_matmul"]
+
+
+def test_bench_train_covers_the_registry_and_xl_with_rope() -> None:
+    import memzoo
+
+    bench = load("bench_train")
+    labels = bench.contenders(bench.SIZES["leaderboard"], None)
+    assert set(labels) == set(memzoo.list_variants()) | {"xl(rope)"}
+    assert labels["xl(rope)"][1]["positions"] == "rope"
+    mid = bench.contenders(bench.SIZES["mid"], ["fam", "xl"])
+    assert mid["fam"][1]["fam_len"] == 16 and mid["fam"][1]["memory_blocks"] == 1
+    assert mid["xl"][1]["memory_len"] == 256
+
+
+def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, on any machine
+    env.pop("GPU_CHECK_DEVICE", None)
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device" in done.stdout
+    import json
+
+    assert json.loads(out.read_text())["cuda"] is False
+
+
+def test_gpu_check_benchmark_code_runs_small_on_cpu(tmp_path: pathlib.Path) -> None:
+    """The benchmark part at a toy size on CPU (no GPU here): sdpa measured, the backends
+    that cannot train here skipped with their reasons."""
+    import json
+
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_T": "256",
+           "GPU_CHECK_DTYPE": "float32", "GPU_CHECK_BLOCK": "32", "GPU_CHECK_HEADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["bench_rc"] == 0 and report["tests_rc"] is None
+    cases = report["bench"]["cases"]
+    for variant in ("bswa", "fam"):
+        assert cases[f"{variant}/sdpa"]["useful_flops_per_s"] > 0
+        assert "skipped" in cases[f"{variant}/flex"] or "seconds" in cases[f"{variant}/flex"]
+        assert "skipped" in cases[f"{variant}/xformers"] or "seconds" in cases[f"{variant}/xformers"]
+    assert report["bench"]["dense_causal_sdpa"]["flops_per_s"] > 0
