@@ -16,19 +16,7 @@ from hypothesis import strategies as st
 import memzoo
 from memzoo import testing as kit
 
-CASES = [
-    pytest.param(name, dict(opts), id=f"{name}-{i}")
-    for name in memzoo.list_variants()
-    for i, opts in enumerate(memzoo.get_variant(name).config.conformance_options)
-]
-# the pretrained-shaped layers (GQA, head_dim, SwiGLU, biases, eps, rope scaling): every
-# variant with the first of its options that the preset allows
-CASES += [
-    pytest.param(name, {**kit.options_for_preset(name, preset), **layer}, id=f"{name}-{preset}")
-    for name in memzoo.list_variants()
-    for preset, layer in kit.LAYER_PRESETS.items()
-    if layer
-]
+CASES = [pytest.param(name, opts, id=case_id) for name, opts, case_id in kit.registry_cases()]
 
 
 def test_every_variant_declares_conformance_options():

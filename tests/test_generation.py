@@ -18,18 +18,7 @@ import memzoo
 from memzoo import testing as kit
 from memzoo.generation import SamplingConfig, generate_reference, process_logits
 
-CASES = [
-    pytest.param(name, dict(opts), id=f"{name}-{i}")
-    for name in memzoo.list_variants()
-    for i, opts in enumerate(memzoo.get_variant(name).config.conformance_options)
-]
-# the pretrained-shaped layers (GQA, head_dim, SwiGLU, biases, eps, rope scaling), as in the conformance suite
-CASES += [
-    pytest.param(name, {**kit.options_for_preset(name, preset), **layer}, id=f"{name}-{preset}")
-    for name in memzoo.list_variants()
-    for preset, layer in kit.LAYER_PRESETS.items()
-    if layer
-]
+CASES = [pytest.param(name, opts, id=case_id) for name, opts, case_id in kit.registry_cases()]
 SAMPLED = dict(temperature=0.8, top_k=9, top_p=0.9, repetition_penalty=1.3)
 
 

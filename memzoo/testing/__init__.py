@@ -18,6 +18,7 @@ from memzoo.testing.conformance import (
     check_state_roundtrip,
     random_cuts,
     random_tokens,
+    registry_cases,
     run_chunked,
     run_conformance,
     tiny_model,
@@ -26,6 +27,6 @@ from memzoo.testing.conformance import (
 __all__ = [
     "LAYER_PRESETS", "TINY", "TOLERANCES", "assert_close", "options_for_preset", "assert_states_equal", "check_backend_matches_reference", "check_bad_inputs",
     "check_causality", "check_every_parameter_gets_gradient", "check_gradient_equivalence", "check_shapes",
-    "check_state_equivalence", "check_state_owns_its_memory", "check_state_roundtrip", "random_cuts", "random_tokens", "run_chunked",
+    "check_state_equivalence", "check_state_owns_its_memory", "check_state_roundtrip", "random_cuts", "random_tokens", "registry_cases", "run_chunked",
     "run_conformance", "tiny_model",
 ]

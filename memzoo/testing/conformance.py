@@ -56,6 +56,26 @@ LAYER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def registry_cases() -> list[tuple[str, dict[str, Any], str]]:
+    """``(variant, options, id)`` for every registered variant: each of its
+    ``conformance_options``, then, for every non-default :data:`LAYER_PRESETS` entry, the
+    first option that preset allows with the preset's layer fields. What the suite's
+    registry-generated tests run over (a variant registered later is in it)."""
+    cases = [
+        (name, dict(opts), f"{name}-{i}")
+        for name in memzoo.list_variants()
+        for i, opts in enumerate(memzoo.get_variant(name).config.conformance_options)
+    ]
+    for name in memzoo.list_variants():
+        for preset, layer in LAYER_PRESETS.items():
+            if layer:
+                opts = options_for_preset(name, preset)
+                if opts is None:
+                    raise AssertionError(f"{name}: no conformance option builds with layer preset {preset!r} ({layer})")
+                cases.append((name, {**opts, **layer}, f"{name}-{preset}"))
+    return cases
+
+
 def options_for_preset(name: str, preset: str) -> dict[str, Any] | None:
     """The first of the variant's ``conformance_options`` that builds with layer preset
     ``preset`` (some variant options exclude some layers, e.g. xl's relative positions
