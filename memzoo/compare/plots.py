@@ -77,11 +77,7 @@ def _diverged_only(board: Leaderboard, path: Path, plt) -> Path:  # type: ignore
     lines = [describe_divergence(r) for r in board.runs]
     ax.text(0.02, 0.98, f"{board.task}: every run diverged (no scores)\n\n" + "\n".join(lines), va="top", ha="left",
             fontsize="small", wrap=True, transform=ax.transAxes)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-    return path
+    return _save(fig, plt, path)
 
 
 def plot_losses(board: Leaderboard, path: Path) -> Path | str:
