@@ -135,9 +135,15 @@ class State:
 
     def where(self: S, keep: Tensor, other: S) -> S:
         """Rows where ``keep`` (B,) is True from ``self``, the others from ``other``
-        (same type and shapes), e.g. to reset some rows of a batch to a fresh state."""
-        if type(other) is not type(self) or other.pos != self.pos or other.fingerprint != self.fingerprint:
-            raise StateError("State.where needs two states of the same variant, config and position")
+        (same variant and config), e.g. to reset some rows of a batch to a fresh state.
+        Rows may stand at different positions afterwards: the result is then a
+        :class:`memzoo.ragged.RaggedState`."""
+        from memzoo.ragged import RaggedState, where
+
+        if isinstance(other, RaggedState) or (isinstance(other, State) and other.pos != self.pos):
+            return where(self, keep, other)  # type: ignore[return-value]
+        if type(other) is not type(self) or other.fingerprint != self.fingerprint:
+            raise StateError("State.where needs two states of the same variant and config")
         if keep.dtype != torch.bool or keep.shape != (self.batch_size,):
             raise StateError(f"keep must be a bool tensor of shape ({self.batch_size},), got {keep.dtype} {tuple(keep.shape)}")
         def pick(t: Tensor, o: Tensor) -> Tensor:
@@ -240,8 +246,9 @@ def checksum(flat: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_state(state: State, path: str) -> None:
-    """Write a state to a safetensors file, with a checksum over every entry."""
+def save_state(state: Any, path: str) -> None:
+    """Write a state (a :class:`State` or a :class:`memzoo.ragged.RaggedState`) to a
+    safetensors file, with a checksum over every entry."""
     from safetensors.torch import save_file
 
     flat = {k: v.detach().contiguous().clone() for k, v in state.to_dict().items()}
@@ -272,7 +279,13 @@ def load_state(path: str, device: str | torch.device = "cpu", *, model: Any = No
         raise StateError(f"{path} has no checksum (metadata {CHECKSUM_KEY!r}): not written by memzoo.save_state")
     if meta[CHECKSUM_KEY] != checksum(flat):
         raise StateError(f"{path}: checksum {CHECKSUM_KEY!r} does not match its entries (edited or damaged)")
-    state = get_variant(_decode(flat["__variant__"], "__variant__")).cls.State.from_dict(flat)
+    state_cls = get_variant(_decode(flat["__variant__"], "__variant__")).cls.State
+    if "__ragged__" in flat:  # rows at different positions (memzoo.ragged)
+        from memzoo.ragged import RaggedState
+
+        state = RaggedState.from_dict(flat, state_cls)
+    else:
+        state = state_cls.from_dict(flat)
     state = state.to(device)
     if model is not None:
         check_state_for(model, state)
@@ -287,4 +300,5 @@ def check_state_for(model: Any, state: State) -> None:
     if not hasattr(backbone, "check_state"):
         raise TypeError(f"model must be a memzoo model or backbone, got {type(model).__name__}")
     backbone.check_state(state, batch_size=state.batch_size, device=state.device, dtype=state.dtype or backbone.param_dtype)
-    backbone.check_state_values(state)
+    for part in getattr(state, "groups", None) and [s for _, s in state.groups] or [state]:
+        backbone.check_state_values(part)

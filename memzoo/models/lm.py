@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from memzoo.errors import InputError
 from memzoo.generation import GenerationMixin
+from memzoo.ragged import RaggedState, check_mask
 from memzoo.state import State
 from memzoo.variants.base import Backbone
 
@@ -54,10 +55,28 @@ class MemzooLM(GenerationMixin, nn.Module):
         if lo < 0 or hi >= self.vocab_size:
             raise InputError(f"token ids must lie in [0, {self.vocab_size - 1}] (vocab_size={self.vocab_size}); got min {lo}, max {hi}")
 
-    def forward(self, tokens: Tensor, state: State | None = None) -> ModelOutput:
+    def forward(
+        self, tokens: Tensor, state: "State | RaggedState | None" = None, *, attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> ModelOutput:
+        """Logits (B, T, V) and the state after ``tokens`` (B, T).
+
+        ``attention_mask`` (B, T): 1 = real token, 0 = padding (left and/or right; the
+        ids at padding are not read, and their logits are 0). ``document_ids`` (B, T): a
+        new id in a row starts a new document from the fresh state. Each row gets what
+        it gets alone (see :mod:`memzoo.ragged`)."""
+        if attention_mask is None:
+            self.check_tokens(tokens)
+            extra = {} if document_ids is None else {"document_ids": document_ids}
+            y, new_state = self.backbone(self.embed(tokens), state, **extra)
+            return ModelOutput(self.head(self.norm(y)), new_state)
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            self.check_tokens(tokens)
+        real = check_mask(attention_mask, tuple(tokens.shape), tokens.device)
+        tokens = tokens.masked_fill(~real, 0)
         self.check_tokens(tokens)
-        y, new_state = self.backbone(self.embed(tokens), state)
-        return ModelOutput(self.head(self.norm(y)), new_state)
+        y, new_state = self.backbone(self.embed(tokens), state, attention_mask=real, document_ids=document_ids)
+        return ModelOutput(self.head(self.norm(y)).masked_fill(~real[..., None], 0.0), new_state)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.json + model.safetensors to the folder ``path``;

@@ -14,7 +14,7 @@ class validates inputs and states so every variant refuses bad input the same wa
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from memzoo.errors import InputError, StateError
 from memzoo.layers import DecoderLayer, PositionScheme, make_positions
 from memzoo.state import State, describe_mismatch, fingerprint_of
+
+if TYPE_CHECKING:
+    from memzoo.ragged import RaggedState
 
 
 class BackboneOutput(NamedTuple):
@@ -105,17 +108,39 @@ class Backbone(nn.Module):
         device = torch.device(device) if device is not None else self.param_device
         return self.empty_state(batch_size, device, dtype or self.param_dtype)
 
-    def forward(self, x: Tensor, state: State | None = None) -> BackboneOutput:
-        y, new_state = self.step(x, self._checked(x, state))
-        return BackboneOutput(y, new_state)
+    def forward(
+        self, x: Tensor, state: "State | RaggedState | None" = None, *, attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> BackboneOutput:
+        """``x`` (B, T, D) continuing ``state`` -> (outputs, new state).
 
-    def forward_reference(self, x: Tensor, state: State | None = None) -> BackboneOutput:
+        ``attention_mask`` (B, T; 1 = real token, 0 = padding) and ``document_ids`` (B, T;
+        a new id starts a new document from the fresh state) make a ragged call: each row
+        gets what it gets alone, outputs at padding are 0, and rows may end at different
+        positions (a :class:`~memzoo.ragged.RaggedState`). See :mod:`memzoo.ragged`."""
+        return self._dispatch(x, state, attention_mask, document_ids, self.step)
+
+    def forward_reference(
+        self, x: Tensor, state: "State | RaggedState | None" = None, *, attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> BackboneOutput:
         """:meth:`forward` through the variant's slow reference ``step_reference`` (for
         variants that keep one as a method; validation and a fresh state included)."""
         reference = getattr(self, "step_reference", None)
         if reference is None:
             raise NotImplementedError(f"{self.variant} has no step_reference method")
-        y, new_state = reference(x, self._checked(x, state))
+        return self._dispatch(x, state, attention_mask, document_ids, reference)
+
+    def _dispatch(self, x: Tensor, state: Any, attention_mask: Tensor | None, document_ids: Tensor | None, step: Any) -> BackboneOutput:
+        from memzoo.ragged import RaggedState, forward as ragged_forward
+
+        if attention_mask is None and document_ids is None and not isinstance(state, RaggedState):
+            y, new_state = step(x, self._checked(x, state))
+            return BackboneOutput(y, new_state)
+        self.check_input(x)
+        if state is not None:
+            self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
+        y, new_state = ragged_forward(self, x, state, attention_mask, document_ids, step=step)
         return BackboneOutput(y, new_state)
 
     def _checked(self, x: Tensor, state: State | None) -> State:
@@ -154,6 +179,14 @@ class Backbone(nn.Module):
             raise InputError(f"{self.variant}: x is on {x.device} but the parameters are on {self.param_device}")
 
     def check_state(self, state: State, *, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        from memzoo.ragged import RaggedState
+
+        if isinstance(state, RaggedState):
+            if state.batch_size != batch_size:
+                raise StateError(f"{self.variant}: state has batch size {state.batch_size}, input has {batch_size}")
+            for rows, part in state.groups:
+                self.check_state(part, batch_size=len(rows), device=device, dtype=dtype)
+            return
         if not isinstance(state, State):
             raise StateError(f"{self.variant}: state must be a memzoo State or None, got {type(state).__name__}")
         if not isinstance(state, self.State):
@@ -178,6 +211,14 @@ class Backbone(nn.Module):
         never have made: ranges of flags and offsets, caches inconsistent with what they
         cache. Run on states loaded from disk (:func:`memzoo.load_state` with ``model=``),
         not on every call. Default: nothing beyond the shapes."""
+
+    def carry(self, state: "State | RaggedState") -> "State | RaggedState":
+        """:meth:`carry_state` for a plain or a ragged state (applied per group of rows)."""
+        from memzoo.ragged import RaggedState
+
+        if isinstance(state, RaggedState):
+            return state.map_groups(self.carry_state)
+        return self.carry_state(state)
 
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
         """The shape of every tensor field of a valid state at position ``pos``: a tuple,
