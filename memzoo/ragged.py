@@ -391,6 +391,9 @@ def forward(
     b, t = x.shape[0], x.shape[1]
     real = check_mask(attention_mask, (b, t), x.device) if attention_mask is not None else None
     docs = check_documents(document_ids, (b, t), x.device) if document_ids is not None else None
+    if docs is None and not isinstance(state, RaggedState) and (real is None or bool(real.all())):
+        # nothing is ragged: the plain call (no gather, no scatter)
+        return run(x, state if state is not None else backbone.init_state(b, device=x.device, dtype=x.dtype))
     groups = as_groups(state if state is not None else backbone.init_state(b, device=x.device, dtype=x.dtype))
     last = documents_of(state, b)
     real_rows = real.cpu().tolist() if real is not None else None

@@ -406,6 +406,11 @@ def synthetic_calls() -> list[Call]:
         (3, 6, 30, 8, 6, 0, True, 2),
         (None, None, 9, 4, 2, 0, False, 3),
         (4, None, 9, 4, 2, 0, False, 3),
+        # decode steps whose cache holds exactly the query's window (sdpa's unmasked path):
+        # bswa/fam (with extra rows), sinks (a token window after the sinks), full
+        (4, 8, 19, 1, 11, 2, False, 0),
+        (1, 3, 20, 1, 3, 0, False, 2),
+        (None, None, 9, 1, 9, 0, False, 0),
     ]
     calls = []
     for seed, (size, window, q_start, tq, back, f, memory, sinks) in enumerate(specs):
@@ -599,6 +604,24 @@ def test_sdpa_lower_right_split_equals_reference(name, i):
         g_want, g_got = input_grads(want, ins), input_grads(got, ins)
         for key, a, b in zip(ins, g_got, g_want):
             assert_within(a, b, tol, f"{name}: grad of {key} for {call.shape_key}")
+
+
+def test_decode_calls_that_see_every_key_are_in_the_synthetic_set():
+    """sdpa runs a one-query call that may see every key passed as plain attention (no
+    gather, no mask); the synthetic calls above include such calls, with extra rows and
+    with sinks, and calls that must not take that path (keys outside the window, memory
+    tensors), so the split test compares both paths with the reference."""
+    flags = [
+        (c.layout.one_query_sees_every_key(c.q_start, c.tensors["q"].shape[2], c.tensors["k"].shape[2]), "extra_k" in c.tensors,
+         c.layout.sinks > 0)
+        for c in synthetic_calls()
+    ]
+    assert (True, True, False) in flags and (True, False, True) in flags
+    assert any(not seen for seen, _, _ in flags)
+    layout = BlockLayout(4, 8)
+    assert layout.one_query_sees_every_key(19, 1, 12)      # keys [8, 20): exactly the window
+    assert not layout.one_query_sees_every_key(19, 1, 13)  # key 7 lies outside it
+    assert not layout.one_query_sees_every_key(19, 2, 12)  # two queries
 
 
 def test_sdpa_full_history_split_point():

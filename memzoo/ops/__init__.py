@@ -116,7 +116,7 @@ def attend(q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem
     compiling = torch.compiler.is_compiling()
     if not compiling and _CHECK_FINITE.get():  # check_finite() is for eager code
         _refuse_non_finite(q=q, k=k, v=v, k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v)
-    elif impl.name == "reference" or _every_key_visible(layout, q_start, q.shape[2], k.shape[2]):
+    elif impl.name == "reference" or layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2]):
         pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
     elif compiling or q.device.type != "cpu":
         # a compiled graph cannot branch on data, and on an accelerator the branch would
@@ -130,16 +130,6 @@ def attend(q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem
         q, k, v, layout=layout, q_start=q_start, scale=scale,
         k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v,
     )
-
-
-def _every_key_visible(layout: BlockLayout, q_start: int, n_queries: int, n_keys: int) -> bool:
-    """Whether the one query of a call (a decode step) may see every key row passed (from
-    the shapes and positions alone: no data, no sync). Extra rows are its own block's."""
-    if n_queries != 1:
-        return False
-    end = q_start + 1
-    lo = 0 if layout.window is None or layout.block_size is None else (q_start // layout.block_size) * layout.block_size - layout.window
-    return layout.run_start(end, n_keys) >= lo
 
 
 def _zeroed(t: Tensor | None) -> Tensor | None:

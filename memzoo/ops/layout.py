@@ -134,6 +134,19 @@ class BlockLayout:
         reach = max(0, last_start - k_start)
         return self if reach >= self.window else replace(self, window=reach)
 
+    def one_query_sees_every_key(self, q_start: int, n_queries: int, n_keys: int) -> bool:
+        """Whether the call is one query (a decode step) that may see every key row passed
+        (from the shapes and positions alone: no data, no sync), as when a streaming cache
+        holds exactly the query's window. Extra rows are its own block's."""
+        if n_queries != 1:
+            return False
+        end = q_start + 1
+        if self.window is None or self.block_size is None:
+            lo = 0
+        else:
+            lo = (q_start // self.block_size) * self.block_size - self.window
+        return self.run_start(end, n_keys) >= lo
+
     def n_query_blocks(self, q_start: int, n_queries: int) -> int:
         """How many blocks the queries ``[q_start, q_start + n_queries)`` touch."""
         if self.block_size is None:

@@ -157,6 +157,13 @@ class SDPABackend(Backend):
     ) -> Tensor:
         tq, tk = q.shape[2], k.shape[2]
         end = q_start + tq
+        if k_mem is None and layout.one_query_sees_every_key(q_start, tq, tk):
+            # a decode step whose cache holds exactly its window: plain attention over
+            # [extra rows, keys], no gather and no mask
+            if extra_k is not None:
+                assert extra_v is not None
+                k, v = torch.cat([extra_k[:, :, 0], k], dim=2), torch.cat([extra_v[:, :, 0], v], dim=2)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
         n_sinks = layout.n_sink_rows(end)
         if not layout.bounded:
             if extra_k is not None or k_mem is not None:
