@@ -3,7 +3,7 @@ same size and window, side by side in one run, printing JSON (issue 10).
 
 Sizes: d_model 64, 2 layers, 4 heads, vocab 256, batch 1, one thread, block_size 64;
 ``bswa``/``fam`` memory_blocks 1 (fam_len 16), ``xl`` memory_len 128 (RoPE), ``rmt`` 16
-memory tokens, ``brt`` 16 states. For each variant and each streamed length (the state is reached by
+memory tokens, ``brt`` 16 states, ``sinks`` 4 sinks + a 124-token window (128 keys). For each variant and each streamed length (the state is reached by
 streaming that many tokens in no-grad chunks), the median time per token of:
 
 * ``forward``: ``model(token, state)``, validated on every call (what a user loop did);
@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "xl": {"memory_len": 128, "positions": "rope"},
     "rmt": {"num_memory_tokens": 16},
     "brt": {"num_states": 16},
+    "sinks": {"num_sinks": 4, "window": 124},  # 128 keys per query, bswa's window
 }
 
 
@@ -61,6 +62,8 @@ def keys_seen(name: str, opts: dict[str, Any], pos: int) -> int:
         return opts["num_memory_tokens"] + L
     if name == "brt":
         return 2 * L + opts["num_states"]  # bswa m=1 window + the recurrent layer's states
+    if name == "sinks":
+        return opts["num_sinks"] + opts["window"]
     return L  # a variant added later: one block
 
 

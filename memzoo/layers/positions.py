@@ -121,6 +121,12 @@ class RoPE(PositionScheme):
     def key(self, k: Tensor, pos: Tensor) -> Tensor:
         return self._rotate(k, pos)
 
+    def unrotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        """The inverse of :meth:`key` (and :meth:`query`): ``unrotate(key(k, p), p) == k``
+        up to rounding (the rotation back, divided by the attention factor twice)."""
+        back = self._rotate(x, -pos)
+        return back if self.attention_factor == 1.0 else back / (self.attention_factor**2)
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_on_device"] = {}

@@ -47,6 +47,9 @@ class Backbone(nn.Module):
 
     variant: ClassVar[str] = ""
     State: ClassVar[type[State]] = State
+    #: bumped when what a variant's state tensors hold changes (part of the fingerprint
+    #: when not 1), so a state saved in an older layout is refused instead of misread
+    state_format: ClassVar[int] = 1
 
     def __init__(self, **fields: Any) -> None:
         super().__init__()
@@ -64,6 +67,8 @@ class Backbone(nn.Module):
             setattr(self, name, value)
         #: the fields that decide what a state means (derived from the config)
         self.hparams: dict[str, Any] = config.fingerprint_fields()
+        if self.state_format != 1:  # a state of another layout is refused, naming this field
+            self.hparams["state_format"] = self.state_format
         self._fingerprint = fingerprint_of(self.variant, self.hparams)
         self.build()
 

@@ -35,8 +35,8 @@ from memzoo.variants.base import Backbone
 class KVState(State):
     """Per layer, keys and values of the positions later queries can still see, in the
     order of :meth:`BlockLayout.key_positions` (the sinks, then the recent run ending at
-    ``pos``): ``k[l]``, ``v[l]``: (B, Hkv, t, Dh). Keys carry their positions (RoPE
-    applied) unless the variant sets ``keys_before_positions``."""
+    ``pos``): ``k[l]``, ``v[l]``: (B, Hkv, t, Dh). Keys carry their text positions (RoPE
+    applied), except the sink rows of a variant that sets ``sinks_before_positions``."""
 
     k: list[Tensor]
     v: list[Tensor]
@@ -45,9 +45,11 @@ class KVState(State):
 class KVCacheBackbone(Backbone):
     #: detach memory keys/values (keys before the query's block); a config field where a variant has it
     stop_gradient_memory: bool = False
-    #: cache keys *before* positions are applied and rotate them when attended, at the
-    #: positions :meth:`key_positions` gives (``sinks``: positions inside the cache)
-    keys_before_positions: ClassVar[bool] = False
+    #: cache the layout's sink rows *before* positions are applied and rotate them at their
+    #: own positions for each call (the run is cached with positions applied, at its text
+    #: positions, and never rotated again): a variant that re-numbers its sinks per query
+    #: (``sinks`` with cache positions) rotates the pre-RoPE sink keys itself
+    sinks_before_positions: ClassVar[bool] = False
 
     def layout(self) -> BlockLayout:
         raise NotImplementedError
@@ -103,8 +105,8 @@ class KVCacheBackbone(Backbone):
     ) -> Tensor:
         """Layer attention of queries ``q`` (B, H, T, Dh) at ``[start, start + T)`` under
         ``layout`` (this call's :meth:`layout`): (B, H, T, Dh). ``raw_keys``: the keys before
-        positions (the same as ``keys`` unless ``keys_before_positions``). Override only
-        where one layout cannot say it."""
+        positions for the sink rows of a variant with ``sinks_before_positions`` (the same as
+        ``keys`` otherwise). Override only where one layout cannot say it."""
         memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
         return ops.attend(
             q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale,
@@ -122,21 +124,24 @@ class KVCacheBackbone(Backbone):
         pos = self.token_positions(state, t, x.device)
         layout = self.layout()
         kept_rows = self.cached_positions(end, layout)
-        key_pos = None
+        raw_sinks = layout.n_sink_rows(end) if self.sinks_before_positions else 0
+        new_sinks = raw_sinks - layout.n_sink_rows(start)  # this call's tokens that are sinks
+        sink_pos = torch.arange(raw_sinks, device=x.device)
         new_k, new_v, kept = [], [], []
         for i, layer in enumerate(self.layers):
-            if self.keys_before_positions:
-                q, k, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh) x2
-                q = layer.positions.query(q, pos)
+            if raw_sinks:
+                q, k_raw, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh) x2
+                q, k = layer.positions.query(q, pos), layer.positions.key(k_raw, pos)
+                if new_sinks:
+                    k = torch.cat([k_raw[:, :, :new_sinks], k[:, :, new_sinks:]], dim=2)
             else:
                 q, k, v = layer.project(x, pos)
-            keys = torch.cat([state.k[i], k], dim=2)  # (B, Hkv, Tk, Dh): sinks, then the run to `end`
+            # (B, Hkv, Tk, Dh): sinks, then the run to `end`, as the state keeps them
+            raw_keys = torch.cat([state.k[i], k], dim=2)
             values = torch.cat([state.v[i], v], dim=2)
-            raw_keys = keys
-            if self.keys_before_positions:
-                if key_pos is None:
-                    key_pos = layout.key_positions(end, keys.shape[2], x.device)
-                keys = layer.positions.key(raw_keys, key_pos)
+            keys = raw_keys
+            if raw_sinks:  # the sinks at their own positions 0 … s-1
+                keys = torch.cat([layer.positions.key(raw_keys[:, :, :raw_sinks], sink_pos), raw_keys[:, :, raw_sinks:]], dim=2)
             rows, layer_kept = self.extra_rows(i, layer, state, keys, values, start, end)
             heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)
             x = layer.feed_forward(layer.attend_residual(x, heads))

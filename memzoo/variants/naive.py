@@ -242,11 +242,16 @@ def sinks_reference(model: Sinks, x: Tensor, state: SinksState) -> tuple[Tensor,
     t = x.shape[1]
     start, end = state.pos, state.pos + t
     new_k, new_v = [], []
+    s_rows, run = model.cached_positions(start)
+    s_keep, r_keep = model.cached_positions(end)
     for i, layer in enumerate(model.layers):
         q_raw, k_raw, v = layer.project_raw(x)  # pre-RoPE
-        keys = torch.cat([state.k[i], k_raw], dim=2)  # (B, Hkv, Tk, Dh)
+        # the state keeps the window's keys with RoPE at their text positions: undo it here,
+        # so every key below is pre-RoPE and rotated only where a query numbers it
+        cached = state.k[i]
+        window = layer.positions.unrotate(cached[:, :, s_rows:], torch.arange(run, start, device=x.device))
+        keys = torch.cat([cached[:, :, :s_rows], window, k_raw], dim=2)  # (B, Hkv, Tk, Dh)
         values = torch.cat([state.v[i], v], dim=2)
-        s_rows, run = model.cached_positions(start)
         row_of = {p: r for r, p in enumerate([*range(s_rows), *range(run, end)])}  # text position -> key row
         heads = []
         for n in range(t):
@@ -261,8 +266,9 @@ def sinks_reference(model: Sinks, x: Tensor, state: SinksState) -> tuple[Tensor,
             probs = torch.softmax((qn @ kn.transpose(-1, -2)) * layer.positions.scale, dim=-1)  # (B, H, 1, n_seen)
             heads.append(probs @ vn)
         x = layer.feed_forward(layer.attend_residual(x, torch.cat(heads, dim=2)))
-        s_keep, r_keep = model.cached_positions(end)
         keep = torch.tensor([row_of[j] for j in [*range(s_keep), *range(r_keep, end)]], dtype=torch.long, device=x.device)
-        new_k.append(keys[:, :, keep])
+        kept = keys[:, :, keep]
+        kept_window = layer.positions.key(kept[:, :, s_keep:], torch.arange(r_keep, end, device=x.device))
+        new_k.append(torch.cat([kept[:, :, :s_keep], kept_window], dim=2))
         new_v.append(values[:, :, keep])
     return x, type(state)(pos=end, fingerprint=model.fingerprint, k=new_k, v=new_v)

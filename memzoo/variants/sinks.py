@@ -9,7 +9,11 @@ and to the last ``W = window`` tokens up to itself (token-level; itself included
     query 8               x x . . . . x x x
 
 No new weights. Streaming state per layer: the K/V of the S sinks and of the last
-``W - 1`` tokens (the next query's window without itself), keys cached *before* RoPE.
+``W - 1`` tokens (the next query's window without itself). The sinks' keys are cached
+*before* RoPE (they are rotated at whatever position each query gives them); the
+window's keys with RoPE at their text positions, rotated once, when they are made: with
+RoPE a window key's distance to the query is the same in both numberings (below), so a
+decode step rotates only its new key and the S sinks, never the whole window.
 
 Positions (``positions``):
 
@@ -72,14 +76,17 @@ class SinksConfig(VariantConfig):
 
 @dataclass
 class SinksState(KVState):
-    """Per layer, pre-RoPE keys and values of the sinks ``[0, min(S, pos))`` followed by the
-    last ``W - 1`` positions after them: ``k[l]``, ``v[l]``: (B, Hkv, t, Dh)."""
+    """Per layer, keys and values of the sinks ``[0, min(S, pos))`` followed by the last
+    ``W - 1`` positions after them: ``k[l]``, ``v[l]``: (B, Hkv, t, Dh); the sinks' keys
+    before RoPE, the others with RoPE at their text positions."""
 
 
 @register_variant("sinks", config=SinksConfig)
 class Sinks(KVCacheBackbone):
     State = SinksState
-    keys_before_positions = True
+    sinks_before_positions = True
+    #: 2: window keys cached with RoPE at their text positions (1 cached them before RoPE)
+    state_format = 2
 
     num_sinks: int
     window: int
