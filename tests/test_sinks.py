@@ -185,3 +185,26 @@ def test_bad_settings_are_refused():
         memzoo.build_backbone("sinks", d_model=D, n_heads=H, window=0)
     with pytest.raises(ValueError, match="positions"):
         memzoo.build_backbone("sinks", d_model=D, n_heads=H, positions="text")
+
+
+def test_window_keys_are_cached_rotated_and_older_states_are_refused():
+    """The state keeps the sinks' keys before RoPE and the window's with RoPE at their text
+    positions (state_format 2); a state made under the old layout (every key before RoPE,
+    no state_format in the fingerprint) is refused, naming the field."""
+    torch.manual_seed(0)
+    model = memzoo.build_backbone("sinks", d_model=16, n_heads=2, num_sinks=2, window=3).double()
+    x = torch.randn(1, 9, 16, dtype=torch.float64)
+    _, state = model(x)
+    layer = model.layers[0]
+    _, k_raw, _ = layer.project_raw(x)
+    kept = [0, 1, 7, 8]  # the sinks, then the last W - 1 = 2 positions
+    assert torch.allclose(state.k[0][:, :, :2], k_raw[:, :, :2], atol=1e-12)
+    assert torch.allclose(state.k[0][:, :, 2:], layer.positions.key(k_raw[:, :, 7:], torch.arange(7, 9)), atol=1e-12)
+    assert state.k[0].shape[2] == len(kept)
+    import dataclasses, json
+
+    old = json.loads(state.fingerprint)
+    old.pop("state_format")
+    stale = dataclasses.replace(state, fingerprint=json.dumps(old, sort_keys=True, separators=(",", ":")))
+    with pytest.raises(memzoo.StateError, match="state_format"):
+        model(x[:, :1], stale)
