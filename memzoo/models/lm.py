@@ -51,6 +51,13 @@ class MemzooLM(GenerationMixin, nn.Module):
             raise InputError(f"tokens must have shape (B, T) with B, T >= 1, got {tuple(tokens.shape)}")
         if tokens.device != self.embed.weight.device:
             raise InputError(f"tokens are on {tokens.device}, the model is on {self.embed.weight.device}")
+        if torch.compiler.is_compiling():
+            # no host sync in a compiled graph: the check runs on the device, as an assert
+            torch._assert_async(
+                ((tokens >= 0) & (tokens < self.vocab_size)).all(),
+                f"token ids must lie in [0, {self.vocab_size - 1}] (vocab_size={self.vocab_size})",
+            )
+            return
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.vocab_size:
             raise InputError(f"token ids must lie in [0, {self.vocab_size - 1}] (vocab_size={self.vocab_size}); got min {lo}, max {hi}")
