@@ -147,6 +147,9 @@ def test_padding_ids_are_never_read_nor_penalised():
     for i, expected in enumerate(alone(model, tokens, mask, 5, **penalty)):
         assert torch.equal(out[i, 7:], expected)
     assert torch.equal(out[:, 7:], model.generate(tokens, 5, attention_mask=mask, **penalty)[:, 7:])
+    # not even checked: an id outside the vocabulary (e.g. -100) at padding is fine, and kept in the output
+    odd = tokens.masked_fill(~mask.bool(), -100)
+    assert torch.equal(model.generate(odd, 5, attention_mask=mask, **penalty), torch.cat([odd, out[:, 7:]], dim=1))
     seen = seen_tokens(filled, model.vocab_size, mask.bool())
     for i in range(2):
         assert set(seen[i].nonzero().flatten().tolist()) == set(tokens[i, mask[i].bool()].tolist())
