@@ -6,7 +6,14 @@ token per call through the state. Inputs and the state are validated once, befor
 loop; the loop itself calls :meth:`GenerationMixin.decode_step`, which skips the
 per-call checks (no host-device synchronisation per token).
 
-Shape notation: B batch, T prompt tokens, n new tokens, V vocabulary.
+Prompts of different lengths come padded with an ``attention_mask`` (B, T), 1 = real
+token, 0 = padding (left padding, the Hugging Face convention for decoder-only models,
+or right padding): the prompt is prefilled through the ragged path
+(:mod:`memzoo.ragged`), each row's next-token logits are those at its *last real*
+token, and decoding goes on from a :class:`~memzoo.ragged.RaggedState` whose rows stand
+at their own positions. Each row gets exactly what it gets alone.
+
+Shape notation: B batch, T prompt tokens, n new tokens, V vocabulary, D model width.
 
 Sampling follows the conventions of Hugging Face ``transformers`` (so a wrapped model
 gives the same tokens as ``transformers``' ``generate``): repetition penalty, then
@@ -20,6 +27,7 @@ it for every registered variant.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -28,7 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import Tensor
 
 from memzoo.errors import InputError, StateError
+from memzoo.ragged import RaggedState, check_mask
 from memzoo.state import State
+
+AnyState = State | RaggedState
 
 if TYPE_CHECKING:
     from memzoo.models.lm import MemzooLM
@@ -127,12 +138,15 @@ class _Picker:
     """Per-row bookkeeping of one generation call: the repetition-penalty mask, the
     finished rows, padding. Pure tensor ops: no host synchronisation."""
 
-    def __init__(self, config: SamplingConfig, tokens: Tensor, vocab_size: int, generator: torch.Generator | None) -> None:
+    def __init__(
+        self, config: SamplingConfig, tokens: Tensor, vocab_size: int, generator: torch.Generator | None,
+        real: Tensor | None = None,
+    ) -> None:
         self.config, self.generator = config, generator
         b, device = tokens.shape[0], tokens.device
         self.seen: Tensor | None = None
         if config.repetition_penalty is not None:
-            self.seen = torch.zeros(b, vocab_size, dtype=torch.bool, device=device).scatter_(1, tokens, True)
+            self.seen = seen_tokens(tokens, vocab_size, real)
         self.eos = torch.tensor(config.eos_ids, dtype=torch.long, device=device) if config.eos_ids else None
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)
 
@@ -148,34 +162,130 @@ class _Picker:
         return nxt
 
 
+def seen_tokens(tokens: Tensor, vocab_size: int, real: Tensor | None = None) -> Tensor:
+    """(B, V) bool: the ids among each row's real ``tokens`` (B, T); ``real`` (B, T) bool
+    marks them (None: all). Padding goes to a spare column that is dropped, so a pad id
+    is penalised only where it is also a real token of the row."""
+    if real is None:
+        return torch.zeros(tokens.shape[0], vocab_size, dtype=torch.bool, device=tokens.device).scatter_(1, tokens, True)
+    index = tokens.masked_fill(~real, vocab_size)
+    seen = torch.zeros(tokens.shape[0], vocab_size + 1, dtype=torch.bool, device=tokens.device)
+    return seen.scatter_(1, index, True)[:, :vocab_size]
+
+
+@functools.lru_cache(maxsize=256)
+def _index(rows: tuple[int, ...], device: torch.device) -> Tensor:
+    # made once per set of rows and device: a host-to-device copy per decode step would synchronise
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def ragged_step(backbone: Any, x: Tensor, state: RaggedState) -> tuple[Tensor, RaggedState]:
+    """``x`` (B, t, D), every row's next ``t`` tokens (no padding), continuing a
+    :class:`~memzoo.ragged.RaggedState`: one unvalidated ``backbone.step`` per group of
+    rows. Every row moves on by ``t``, so the groups (rows at one position) stay as
+    they are; the outputs (B, t, D) come back in row order."""
+    groups = state.groups
+    ys, new = [], []
+    for rows, part in groups:
+        y, part = backbone.step(x.index_select(0, _index(rows, x.device)), part)
+        ys.append(y)
+        new.append((rows, part))
+    order = tuple(r for rows, _ in groups for r in rows)
+    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+    return torch.cat(ys).index_select(0, _index(inverse, x.device)), RaggedState(tuple(new), state.documents)
+
+
+class _Prompt:
+    """A validated prompt: ``tokens`` (B, T) as given, ``ids`` (B, T) with padding set to
+    id 0 (the model never reads it), ``real`` (B, T) bool or None when nothing is padded,
+    and ``last`` (B,) each row's last real column (on the host)."""
+
+    def __init__(self, tokens: Tensor, attention_mask: Tensor | None) -> None:
+        self.tokens, self.ids, self.real, self.last = tokens, tokens, None, None
+        if attention_mask is None:
+            return
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise InputError(
+                f"tokens must be a torch.LongTensor of shape (B, T), got "
+                f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}"
+            )
+        real = check_mask(attention_mask, tuple(tokens.shape), tokens.device)
+        host = real.cpu()  # one synchronisation per call, here
+        counts = host.sum(dim=1)
+        if bool((counts == 0).any()):
+            r = int((counts == 0).int().argmax())
+            raise InputError(
+                f"attention_mask row {r} has no real token: a row needs at least one (its next token follows its last "
+                "real one)"
+            )
+        if bool(host.all()):
+            return  # nothing padded: the plain path
+        self.real, self.host = real, host
+        self.last = host.int().argmax(dim=1) + counts - 1
+        self.ids = tokens.masked_fill(~real, 0)
+
+
 # ------------------------------------------------------------------ the mixin
 class GenerationMixin:
     """``generate`` and ``stream`` for :class:`memzoo.MemzooLM` (any variant)."""
 
     # ---------------------------------------------------------------- fast path
-    def decode_step(self: "MemzooLM", tokens: Tensor, state: State) -> tuple[Tensor, State]:
+    def decode_step(self: "MemzooLM", tokens: Tensor, state: AnyState) -> tuple[Tensor, AnyState]:
         """Next-token logits (B, V) after ``tokens`` (B, t), continuing ``state``, with no
         validation: for loops that validated their input and state once (``generate``).
-        Only the last position goes through the LM head."""
-        y, state = self.backbone.step(self.embed(tokens), state)
+        Only the last position goes through the LM head. A :class:`~memzoo.ragged.RaggedState`
+        (rows at different positions, after a padded prompt) steps each group of rows."""
+        x = self.embed(tokens)
+        if isinstance(state, RaggedState):
+            y, state = ragged_step(self.backbone, x, state)
+        else:
+            y, state = self.backbone.step(x, state)
         return self.head(self.norm(y[:, -1])), state
 
     def prefill(
-        self: "MemzooLM", tokens: Tensor, state: State | None = None, *, chunk: int | None = None
-    ) -> tuple[Tensor, State]:
+        self: "MemzooLM", tokens: Tensor, state: AnyState | None = None, *, chunk: int | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, AnyState]:
         """Validate ``tokens`` (B, T) and ``state`` once and run the prompt through:
-        the next-token logits (B, V) and the state after the prompt."""
+        the next-token logits (B, V) and the state after the prompt. With a padding
+        ``attention_mask`` (B, T) each row's logits are those at its last real token and
+        the state is ragged (rows at their own positions)."""
+        return self._prefill(_Prompt(tokens, attention_mask), state, chunk)
+
+    def _prefill(self: "MemzooLM", prompt: _Prompt, state: AnyState | None, chunk: int | None) -> tuple[Tensor, AnyState]:
+        tokens = prompt.ids
         self.check_tokens(tokens)
         state = self.checked_state(state, tokens.shape[0])
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise InputError(f"prefill_chunk must be a positive int or None (one call), got {chunk!r}")
-        logits = None
-        for part in tokens.split(chunk or tokens.shape[1], dim=1):
-            logits, state = self.decode_step(part, state)
-        assert logits is not None
-        return logits, state
+        size = chunk or tokens.shape[1]
+        if prompt.real is None:
+            logits = None
+            for part in tokens.split(size, dim=1):
+                logits, state = self.decode_step(part, state)
+            assert logits is not None
+            return logits, state
+        # padded: the ragged path, chunk by chunk (the mask sliced with it); keep each row's
+        # output at its last real token, which may lie in any chunk
+        assert prompt.last is not None
+        last = prompt.last.tolist()
+        hidden = None
+        for start in range(0, tokens.shape[1], size):
+            end = min(start + size, tokens.shape[1])
+            host = prompt.host[:, start:end]
+            mask = None if bool(host.all()) else prompt.real[:, start:end]
+            y, state = self.backbone(self.embed(tokens[:, start:end]), state, attention_mask=mask)
+            if hidden is None:
+                hidden = y.new_zeros(y.shape[0], y.shape[-1])
+            rows = [i for i, c in enumerate(last) if start <= c < end]
+            if rows:
+                index = torch.tensor(rows, device=y.device)
+                cols = torch.tensor([last[i] - start for i in rows], device=y.device)
+                hidden = hidden.index_put((index,), y[index, cols])
+        assert hidden is not None and state is not None
+        return self.head(self.norm(hidden)), state
 
-    def checked_state(self: "MemzooLM", state: State | None, batch_size: int) -> State:
+    def checked_state(self: "MemzooLM", state: AnyState | None, batch_size: int) -> AnyState:
         """``state`` validated against this model (or a fresh one for ``None``)."""
         device, dtype = self.embed.weight.device, self.embed.weight.dtype
         if state is None:
@@ -197,19 +307,17 @@ class GenerationMixin:
     def _check_call(
         self: "MemzooLM", tokens: Tensor, max_new_tokens: int, attention_mask: Tensor | None, generator: torch.Generator | None,
         options: dict[str, Any],
-    ) -> SamplingConfig:
+    ) -> tuple[SamplingConfig, _Prompt]:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         config = sampling_config(**options)
         config.check_vocab(self.vocab_size)
-        if attention_mask is not None:
-            check_attention_mask(attention_mask, tokens)
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise InputError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
             if generator.device.type != self.embed.weight.device.type:
                 raise InputError(f"generator is on {generator.device}, the model on {self.embed.weight.device}")
-        return config
+        return config, _Prompt(tokens, attention_mask)
 
     # ---------------------------------------------------------------------- API
     @torch.no_grad()
@@ -225,26 +333,34 @@ class GenerationMixin:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
-        state: State | None = None,
+        state: AnyState | None = None,
         return_state: bool = False,
         prefill_chunk: int | None = None,
         attention_mask: Tensor | None = None,
         streamer: Callable[[Tensor], Any] | None = None,
-    ) -> Tensor | tuple[Tensor, State]:
+    ) -> Tensor | tuple[Tensor, AnyState]:
         """``tokens`` (B, T) followed by up to ``max_new_tokens`` new tokens: (B, T + n).
 
         ``state``: continue a stream (``tokens`` come after the tokens the state has seen).
         With ``return_state=True`` also returns the state after *every* returned token, so
         the next call continues exactly. Rows that produced an ``eos_token_id`` are padded
         with ``pad_token_id`` (default: the first eos id); generation stops early once
-        every row has finished. ``attention_mask`` is accepted only when it masks nothing
-        (ragged batches need per-row positions: not supported yet). ``streamer`` is called
-        with each new token (B,) as soon as it is chosen (e.g. to print as it decodes).
+        every row has finished. ``streamer`` is called with each new token (B,) as soon as
+        it is chosen (e.g. to print as it decodes).
+
+        ``attention_mask`` (B, T), 1 = real token, 0 = padding: prompts of different
+        lengths, padded on the left (the Hugging Face convention) or the right. Each row
+        gets exactly the tokens it gets alone: its new tokens continue its real tokens, the
+        ids at padding are never read (nor penalised by ``repetition_penalty``). The output
+        is still ``torch.cat([tokens, new], 1)``, as in transformers, so a right-padded row
+        reads ``real tokens, padding, new tokens``. The state handed back is then a
+        :class:`~memzoo.ragged.RaggedState` (rows at their own positions); continue it with
+        ``state=`` (not by feeding the output back with a mask).
         """
         options = _options(temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id)
-        config = self._check_call(tokens, max_new_tokens, attention_mask, generator, options)
-        logits, state = self.prefill(tokens, state, chunk=prefill_chunk)
-        pick = _Picker(config, tokens, self.vocab_size, generator)
+        config, prompt = self._check_call(tokens, max_new_tokens, attention_mask, generator, options)
+        logits, state = self._prefill(prompt, state, prefill_chunk)
+        pick = _Picker(config, prompt.ids, self.vocab_size, generator, prompt.real)
         new: list[Tensor] = []
         done: list[Tensor] = []  # per step: every row finished after it
         # with eos, look for "all rows finished" every few steps (a host sync) and trim after
@@ -284,25 +400,25 @@ class GenerationMixin:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
-        state: State | None = None,
+        state: AnyState | None = None,
         prefill_chunk: int | None = None,
         attention_mask: Tensor | None = None,
     ) -> Iterator[Tensor]:
         """Yield each new token (B,) as soon as it is chosen; same options and tokens as
         :meth:`generate`. Input is validated when called, before the first token."""
         options = _options(temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id)
-        config = self._check_call(tokens, max_new_tokens, attention_mask, generator, options)
-        self.check_tokens(tokens)
-        self.checked_state(state, tokens.shape[0])
-        return self._stream(tokens, max_new_tokens, config, generator, state, prefill_chunk)
+        config, prompt = self._check_call(tokens, max_new_tokens, attention_mask, generator, options)
+        self.check_tokens(prompt.ids)
+        self.checked_state(state, prompt.ids.shape[0])
+        return self._stream(prompt, max_new_tokens, config, generator, state, prefill_chunk)
 
     def _stream(
-        self: "MemzooLM", tokens: Tensor, max_new_tokens: int, config: SamplingConfig, generator: torch.Generator | None,
-        state: State | None, prefill_chunk: int | None,
+        self: "MemzooLM", prompt: _Prompt, max_new_tokens: int, config: SamplingConfig, generator: torch.Generator | None,
+        state: AnyState | None, prefill_chunk: int | None,
     ) -> Iterator[Tensor]:
         with torch.no_grad():
-            logits, state = self.prefill(tokens, state, chunk=prefill_chunk)
-        pick = _Picker(config, tokens, self.vocab_size, generator)
+            logits, state = self._prefill(prompt, state, prefill_chunk)
+        pick = _Picker(config, prompt.ids, self.vocab_size, generator, prompt.real)
         for i in range(max_new_tokens):
             with torch.no_grad():
                 nxt = pick(logits)
@@ -327,44 +443,42 @@ def _options(temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_to
     )
 
 
-def check_attention_mask(mask: Tensor, tokens: Tensor) -> None:
-    """Accept an attention mask only if it masks nothing: memzoo has no per-row
-    positions yet, so a padded (ragged) batch would be silently wrong."""
-    want = tuple(tokens.shape) if isinstance(tokens, Tensor) else None
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != want:
-        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise InputError(f"attention_mask must be a tensor of the tokens' shape (B, T) = {want}, got {got}")
-    if not bool((mask != 0).all()):
-        raise InputError(
-            "attention_mask masks some positions: prompts of different lengths (padding) need per-row positions, "
-            "which memzoo does not support yet (the variable-length issue). Generate each prompt alone, or give "
-            "prompts of equal length with an all-ones mask."
-        )
-
-
 # ------------------------------------------------------------------ the reference
 @torch.no_grad()
 def generate_reference(
-    model: "MemzooLM", tokens: Tensor, max_new_tokens: int, *, generator: torch.Generator | None = None, **options: Any
+    model: "MemzooLM", tokens: Tensor, max_new_tokens: int, *, generator: torch.Generator | None = None,
+    attention_mask: Tensor | None = None, **options: Any
 ) -> Tensor:
     """The slow, obviously correct generation: a full forward over the whole growing
-    sequence for every new token, no state carried. Same sampling as ``generate``."""
+    sequence for every new token, no state carried. Same sampling as ``generate``.
+
+    With an ``attention_mask`` (B, T) each row's sequence is its real tokens alone
+    (padding cut out) followed by its new tokens, and every row's full forward runs on
+    its own (batch 1); the logits are then stacked (B, V) and processed and sampled
+    together, so a generator draws in the same order as a batched call. The output is
+    ``torch.cat([tokens, new], 1)``, as ``generate`` gives."""
     config = sampling_config(**_options(**{**dict(
         temperature=0.0, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None, pad_token_id=None), **options}))
-    seq = tokens
+    real = torch.ones(tokens.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rows = [tokens[i][real[i]][None] for i in range(tokens.shape[0])]  # each (1, T_i)
+    new: list[Tensor] = []
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool)
     for _ in range(max_new_tokens):
-        logits = model(seq).logits[:, -1]
+        if attention_mask is None:
+            logits = model(torch.cat(rows)).logits[:, -1]
+        else:
+            logits = torch.cat([model(row).logits[:, -1] for row in rows])
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         seen = None
         if config.repetition_penalty is not None:
-            seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seq, True)
+            seen = torch.cat([torch.zeros(1, logits.shape[-1], dtype=torch.bool).scatter_(1, row, True) for row in rows])
         nxt = choose(process_logits(logits, seen, config), config, generator)
         if config.eos_ids:
             nxt = torch.where(finished, torch.full_like(nxt, config.pad_id or 0), nxt)
             finished = finished | torch.isin(nxt, torch.tensor(config.eos_ids))
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        new.append(nxt)
+        rows = [torch.cat([row, nxt[i].view(1, 1)], dim=1) for i, row in enumerate(rows)]
         if config.eos_ids and bool(finished.all()):
             break
-    return seq
+    return torch.cat([tokens, torch.stack(new, dim=1)], dim=1) if new else tokens.clone()

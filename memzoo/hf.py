@@ -33,9 +33,9 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
 
 from memzoo.config import ModelConfig
 from memzoo.errors import InputError
-from memzoo.generation import check_attention_mask
 from memzoo.models.builder import build_model
 from memzoo.models.lm import MemzooLM
+from memzoo.ragged import RaggedState, check_mask
 from memzoo.state import State
 
 
@@ -139,7 +139,7 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(  # type: ignore[override]
         self,
         input_ids: Tensor,
-        cache: State | None = None,
+        cache: State | RaggedState | None = None,
         attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         is_first_iteration: bool | None = False,
@@ -148,11 +148,15 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         if inputs_embeds is not None:
             raise InputError("memzoo models take input_ids, not inputs_embeds")
         first = bool(is_first_iteration) or cache is None
-        # first call: the whole prompt (after the state, if one was given); then one new token per call
+        # first call: the whole prompt (after the state, if one was given); then one new token per call.
+        # The state knows where each row stands, so only the new tokens' columns of the growing mask matter.
+        ids = input_ids if first else input_ids[:, -1:]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -ids.shape[1] :]
         return {
-            "input_ids": input_ids if first else input_ids[:, -1:],
+            "input_ids": ids,
             "cache": cache,
-            "attention_mask": attention_mask if first else None,
+            "attention_mask": attention_mask,
             "logits_to_keep": kwargs.get("logits_to_keep") or 0,
             "use_cache": True,
         }
@@ -161,7 +165,7 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
-        cache: State | None = None,
+        cache: State | RaggedState | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
@@ -169,11 +173,24 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """``input_ids`` (B, T) continuing ``cache`` (a memzoo state, or None to start).
-        ``attention_mask`` must mask nothing (no per-row positions yet)."""
+
+        ``attention_mask`` (B, T), 1 = real token, 0 = padding, covers ``input_ids`` only
+        (the state knows what came before; in ``generate``,
+        :meth:`prepare_inputs_for_generation` passes the growing mask's new columns): padded rows run through memzoo's ragged path, each row on its own real tokens.
+        The logits at padding that *follows* a row's real tokens repeat those of its last
+        real token, so the last column holds every row's next-token logits whether it was
+        padded on the left or the right (``transformers``' ``generate`` reads that
+        column); at padding before a row's first real token they are 0."""
+        real = None
         if attention_mask is not None:
-            check_attention_mask(attention_mask, input_ids)
-        self.model.check_tokens(input_ids)
-        y, state = self.model.backbone(self.model.embed(input_ids), cache)
+            real = check_mask(attention_mask, tuple(input_ids.shape), input_ids.device)
+            if bool(real.all()):
+                real = None  # nothing padded: the plain path
+        ids = input_ids if real is None else input_ids.masked_fill(~real, 0)
+        self.model.check_tokens(ids)
+        y, state = self.model.backbone(self.model.embed(ids), cache, attention_mask=real)
+        if real is not None:
+            y = _carry_last_real(y, real)
         if logits_to_keep:
             y = y[:, -logits_to_keep:]
         logits = self.model.head(self.model.norm(y))
@@ -181,6 +198,15 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=state if use_cache is not False else None)
+
+
+def _carry_last_real(y: Tensor, real: Tensor) -> Tensor:
+    """``y`` (B, T, D) with each padded column after a row's real tokens set to the
+    row's output at its last real token before it (columns before its first stay 0)."""
+    cols = torch.arange(real.shape[1], device=real.device).expand_as(real)
+    last = torch.where(real, cols, torch.full_like(cols, -1)).cummax(dim=1).values  # (B, T)
+    filled = y.gather(1, last.clamp(min=0)[..., None].expand_as(y))
+    return filled.masked_fill((last < 0)[..., None], 0.0)
 
 
 def register() -> None:

@@ -196,7 +196,7 @@ def test_foreign_states_are_refused():
         (dict(max_new_tokens=-1), ["max_new_tokens"]),
         (dict(prefill_chunk=0), ["prefill_chunk"]),
         (dict(generator=0), ["torch.Generator"]),
-        (dict(attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])), ["per-row positions", "variable-length"]),
+        (dict(attention_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])), ["row 0", "contiguous"]),
         (dict(attention_mask=torch.ones(2, 3)), ["shape"]),
         (dict(temperature="hot"), ["temperature"]),
     ],

@@ -44,6 +44,37 @@ def test_full_greedy_equals_transformers_generate_token_for_token():
     kit.assert_close(torch.stack(steps, 1), torch.stack(theirs.logits, 1), "memzoo decode logits vs transformers generate")
 
 
+def test_left_padded_batch_equals_transformers_generate_with_the_same_mask():
+    """Prompts of 5, 9 and 2 tokens, left-padded (transformers derives the positions from
+    the mask): memzoo's tokens equal transformers' batched ones and each row's unbatched
+    ones (transformers' own batched and unbatched agree here), and the logits at every
+    step agree within float32 tolerance."""
+    llama = tiny_llama()
+    model = memzoo.from_pretrained(llama, variant="full").eval()
+    lengths = [5, 9, 2]
+    prompt = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, 9 - n :] = 1
+    prompt = prompt.masked_fill(mask == 0, 0)  # pad id 0
+    theirs = llama.generate(
+        prompt, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0, output_logits=True,
+        return_dict_in_generate=True,
+    )
+    ours = model.generate(prompt, 20, attention_mask=mask)
+    assert torch.equal(ours, theirs.sequences)
+    for i in range(3):
+        unbatched = llama.generate(prompt[i : i + 1, 9 - lengths[i] :], max_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert torch.equal(unbatched[0, -20:], ours[i, -20:]), f"row {i}"
+    with torch.no_grad():
+        logits, state = model.prefill(prompt, attention_mask=mask)
+        steps = [logits]
+        for j in range(9, theirs.sequences.shape[1] - 1):
+            logits, state = model.decode_step(theirs.sequences[:, j : j + 1], state)
+            steps.append(logits)
+    kit.assert_close(torch.stack(steps, 1), torch.stack(theirs.logits, 1), "memzoo padded decode logits vs transformers")
+
+
 def test_sampling_equals_transformers_with_the_same_seed():
     llama = tiny_llama()
     model = memzoo.from_pretrained(llama, variant="full").eval()

@@ -48,13 +48,57 @@ def test_transformers_eos_and_padding_equal_memzoo():
     assert ours.shape[1] < 14  # both stopped once every row had finished
 
 
-def test_ragged_attention_mask_is_refused_through_transformers():
-    model = kit.tiny_model("full")
+def padded(model, side):
+    """Prompts of 6, 3 and 1 real tokens in a (3, 6) batch, padded on ``side``."""
+    tokens = kit.random_tokens(model, 3, 6, seed=2)
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    for i, n in enumerate([6, 3, 1]):
+        if side == "left":
+            mask[i, 6 - n :] = 1
+        else:
+            mask[i, :n] = 1
+    return tokens, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name,opts", CASES)
+def test_transformers_generate_with_padding_equals_memzoo_generate(name, opts, side):
+    """transformers passes the growing attention_mask: the wrapper runs the prompt's padded
+    rows through memzoo's ragged path and each new column after it. Each row gets what
+    memzoo's generate gives it with the same mask (and so what it gets alone)."""
+    model = kit.tiny_model(name, opts)
     wrapped = hf.MemzooForCausalLM.from_memzoo(model).eval()
-    prompt = kit.random_tokens(model, 2, 4)
-    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    with pytest.raises(memzoo.InputError, match="per-row positions"):
-        wrapped.generate(prompt, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    tokens, mask = padded(model, side)
+    greedy = wrapped.generate(tokens, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(greedy, model.generate(tokens, 8, attention_mask=mask))
+    # (no repetition_penalty: transformers' penalises the pad ids in input_ids too, memzoo does not)
+    sampling = dict(temperature=0.8, top_k=9, top_p=0.9)
+    torch.manual_seed(5)
+    sampled = wrapped.generate(tokens, attention_mask=mask, max_new_tokens=8, do_sample=True, **sampling)
+    expected = model.generate(tokens, 8, attention_mask=mask, generator=torch.Generator().manual_seed(5), **sampling)
+    assert torch.equal(sampled, expected)
+
+
+def test_forward_with_padding():
+    model = kit.tiny_model("bswa", {"memory_blocks": 1})
+    wrapped = hf.MemzooForCausalLM.from_memzoo(model).eval()
+    tokens, mask = padded(model, "right")
+    with torch.no_grad():
+        ours = wrapped(tokens, attention_mask=mask).logits
+        theirs = model(tokens, attention_mask=mask).logits
+    real = mask.bool()
+    kit.assert_close(ours[real], theirs[real], "wrapper logits at real tokens")
+    # after a row's real tokens the logits repeat its last real token's: the last column is the next token's
+    for i, n in enumerate([6, 3, 1]):
+        kit.assert_close(ours[i, n:], theirs[i, n - 1].expand(6 - n, -1), f"row {i} logits at right padding")
+    left, left_mask = padded(model, "left")
+    with torch.no_grad():
+        at_padding = wrapped(left, attention_mask=left_mask).logits[~left_mask.bool()]
+    assert at_padding.shape == (8, model.vocab_size) and not at_padding.any()  # before a row's first real token: 0
+    with pytest.raises(memzoo.InputError, match="shape"):
+        wrapped(tokens, attention_mask=torch.ones(3, 7, dtype=torch.long))
+    with pytest.raises(memzoo.InputError, match="contiguous"):
+        wrapped(tokens, attention_mask=torch.tensor([[1, 0, 1, 1, 1, 1]] * 3))
 
 
 @pytest.mark.parametrize("opts", [{"memory_len": 5, "positions": "rope"}, {"memory_len": 5}])
@@ -111,3 +155,19 @@ def test_text_generation_pipeline():
     expected = model.generate(ids, 6)[0, 3:].tolist()
     assert text.split()[-5:] == [f"w{i}" if i else "<unk>" for i in expected][-5:]
     assert text.startswith("w1 w2 w3")
+
+
+def test_text_generation_pipeline_with_a_padded_batch():
+    """Prompts of different lengths in one batch (the tokenizer pads on the left): each
+    gets what it gets alone."""
+    model = kit.tiny_model("bswa", {"memory_blocks": 1}, dtype=torch.float32)
+    tokenizer = tiny_tokenizer(model.vocab_size)
+    tokenizer.padding_side = "left"
+    wrapped = hf.MemzooForCausalLM.from_memzoo(model).eval()
+    pipe = transformers.pipeline("text-generation", model=wrapped, tokenizer=tokenizer)
+    prompts = ["w1 w2 w3 w4 w5", "w6", "w7 w8"]
+    batched = pipe(prompts, max_new_tokens=5, do_sample=False, batch_size=3, return_tensors=True)
+    for prompt, out in zip(prompts, batched):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        expected = model.generate(ids, 5)[0, -5:].tolist()
+        assert out[0]["generated_token_ids"][-5:] == expected, prompt
