@@ -52,10 +52,11 @@ NO_DOCUMENT = -1
 # ----------------------------------------------------------------- row helpers
 def select_rows(state: State, rows: Sequence[int] | Tensor) -> State:
     """The rows ``rows`` of ``state`` (a state of the same variant and position)."""
-    index = rows if isinstance(rows, Tensor) else torch.tensor(list(rows), dtype=torch.long)
-    index = index.to(state.device)
-    if index.numel() == state.batch_size and bool((index.cpu() == torch.arange(state.batch_size)).all()):
-        return state
+    if not isinstance(rows, Tensor):  # the identity is checked on the host list: no device sync
+        if list(rows) == list(range(state.batch_size)):
+            return state
+        rows = torch.tensor(list(rows), dtype=torch.long)
+    index = rows.to(state.device)
     return state.map(lambda t: t.index_select(0, index))
 
 
