@@ -44,6 +44,11 @@ Sizes (``--size``):
     python benchmarks/bench_train.py                         # leaderboard size
     python benchmarks/bench_train.py --size mid --rounds 3   # the mid size (slow)
     python benchmarks/bench_train.py --variants bswa fam xl  # a subset (bswa always runs: it is the unit)
+    python benchmarks/bench_train.py --compile               # + each step with the loss torch.compile'd (inductor)
+
+With ``--compile`` a contender ``name+compiled`` is timed in the same rounds (its
+``eager_over_compiled_median`` is the speed-up over its own eager step, round by round);
+the compile time (first call, forward and backward) is ``compile_s``, apart.
 """
 
 from __future__ import annotations
@@ -148,11 +153,14 @@ def count_attention_pairs(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     return total
 
 
-def make_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
+def training_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1]).logits
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def make_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[..., torch.Tensor] = training_loss) -> Callable[[], None]:
     def step() -> None:
-        logits = model(tokens[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
+        loss_fn(model, tokens).backward()
         model.zero_grad(set_to_none=True)
 
     return step
@@ -181,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--matmul-n", type=int, default=512, help="side of the fp32 square matmul timed alongside")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each contender's step with the loss compiled by torch.compile (inductor, "
+                             "fullgraph); compile time is reported apart")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -204,6 +215,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "attention_pairs_times_heads": pairs, "model_flops_per_step": flops}
         for _ in range(args.warmup):
             steps[label]()
+        if args.compile:
+            compiled = make_step(model, tokens, torch.compile(training_loss, fullgraph=True, dynamic=False))
+            start = time.perf_counter()
+            try:
+                compiled()  # the first call compiles forward and backward
+            except Exception as err:  # a variant that does not compile: say why, time it eagerly only
+                info[label]["compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            else:
+                info[label]["compile_s"] = time.perf_counter() - start
+                for _ in range(args.warmup):
+                    compiled()
+                steps[f"{label}+compiled"] = compiled
 
     n = args.matmul_n
     a, m = torch.randn(n, n), torch.randn(n, n)
@@ -226,9 +249,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label, times in samples.items():
         ratios = [x / y for x, y in zip(times, samples["bswa"])]
         med = statistics.median(times)
-        flops = info[label]["model_flops_per_step"]
+        base = label.removesuffix("+compiled")
+        flops = info[base]["model_flops_per_step"]
+        extra: dict[str, Any] = {}
+        if label != base:  # the compiled step against the same contender's eager step, per round
+            extra = {"compiled": True, "eager_over_compiled_median": statistics.median(
+                [e / c for e, c in zip(samples[base], times)])}
         results[label] = {
-            **info[label],
+            **info[base], **extra,
             "step_s_median": med, "step_s_min": min(times),
             "vs_bswa_median": statistics.median(ratios), "vs_bswa_min": min(ratios),
             "tokens_per_s": b * t / med,
