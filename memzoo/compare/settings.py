@@ -209,7 +209,12 @@ class CompareConfig(_Strict):
         bad = [n for n in self.eval.lengths if n < 2]
         if bad:
             raise ValueError(f"eval lengths must be >= 2, got {bad}")
-        task.check_length(self.train.min_length, "train")  # fail now, not after training
+        try:  # fail now, not after training
+            task.check_length(self.train.min_length, "train")
+        except MemzooError as exc:
+            if self.train.length_range is None:
+                raise
+            raise ValueError(f"{exc} (the shortest of train.length range {list(self.train.length_range)})") from None
         for n in self.eval_lengths:
             task.check_length(n, "eval")
         return self
