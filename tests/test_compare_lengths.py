@@ -353,3 +353,24 @@ def test_ddp_training_on_a_range_equals_one_process(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
     for name, value in one["params"].items():
         torch.testing.assert_close(two["params"][name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# -------------------------------------------------------------- the benchmark
+def test_bench_ragged_runs_and_counts_the_waves(capsys) -> None:
+    """benchmarks/bench_ragged.py (smoke: one round, no timing claims): the padding is
+    exactly the fraction asked, the mask path of right-padded rows makes one backbone call
+    per distinct length, the plain and all-ones feeds one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_ragged", ROOT / "benchmarks" / "bench_ragged.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert sum(64 - n for n in bench.padded_lengths(16, 64, 0.1, seed=3)) == round(0.1 * 16 * 64)
+    report = bench.main(["--variants", "bswa", "fam", "--rounds", "1", "--inner", "1", "--warmup", "0"])
+    capsys.readouterr()
+    s = report["setting"]
+    assert (s["B"], s["T"], s["d_model"]) == (16, 64, 64) and abs(s["pad_fraction"] - 0.1) < 1 / (16 * 64)
+    for row in report["results"].values():
+        assert row["calls"] == {"unpadded": 1, "padded": s["distinct_lengths"], "ones": 1}
+        assert row["padded_over_unpadded"] > 0 and row["ones_over_unpadded"] > 0
