@@ -35,7 +35,12 @@ costs one backbone call per boundary wave; right padding from a common position 
 one call for the common prefix plus one per distinct tail length, and no position is
 wasted in attention (no backend sees a pad). With ``chunk_len`` each chunk gets its
 slice of the mask and the state carried between chunks is a
-:class:`~memzoo.ragged.RaggedState` once rows have ended at different positions.
+:class:`~memzoo.ragged.RaggedState` once rows have ended at different positions
+(Random State Passing carries it group by group, ``backbone.carry``). Under
+``torchrun`` each rank keeps its rows of the mask too; a rank whose rows are all
+padding in a chunk still gives every parameter a (zero) gradient, so the ranks'
+gradient reductions match. Cost: docs/benchmarks.md, "Padded batches" (one call per
+distinct length: cheap at long sequences, per-call overhead at tiny ones).
 
 Evaluation always streams: each sequence is fed ``chunk_len`` tokens at a time
 with the state carried, and only per-example sums are kept (see
@@ -336,7 +341,10 @@ def evaluate(
     chunk_len: int,
     seed: int,
 ) -> EvalReport:
-    """Score ``settings.examples`` sequences of ``length`` tokens, streamed in chunks."""
+    """Score ``settings.examples`` sequences of ``length`` tokens, streamed in chunks.
+
+    Every batch here has one length (the eval lengths are scored one at a time), so it is
+    fed without a mask; :func:`stream_stats` takes one for a batch of mixed lengths."""
     device = next(model.parameters()).device
     model.eval()
     full = task.sample(settings.examples, length, seeded("eval-data", task.name, seed, length), split="eval")
