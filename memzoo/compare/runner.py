@@ -167,7 +167,7 @@ def run_one(
         ResultRow(
             variant=spec.variant,
             task=spec.task,
-            train_length=config.train.length,
+            train_length=config.train_length,
             eval_length=n,
             seed=spec.seed,
             metric=metric,
@@ -247,10 +247,11 @@ def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
     if record.provenance.config_hash != spec.config_hash:
         problems.append("its provenance config hash is not this run's")
     task = make_task(spec.task, **spec.task_options)
-    from memzoo.compare.settings import EvalSettings
+    from memzoo.compare.settings import EvalSettings, TrainSettings
     from memzoo.compare.trainer import seeded
 
     eval_settings = EvalSettings.model_validate(spec.eval)
+    train_length = TrainSettings.model_validate(spec.train).max_length  # rows are labelled with hi of a range
     kinds = dict(task.metrics)
     expected = set()
     for n in spec.eval_lengths:
@@ -260,7 +261,7 @@ def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
     for r in record.rows:
         key = (r.eval_length, r.metric, r.slice)
         seen[key] = seen.get(key, 0) + 1
-        if (r.variant, r.task, r.seed, r.train_length) != (spec.variant, spec.task, spec.seed, spec.train["length"]):
+        if (r.variant, r.task, r.seed, r.train_length) != (spec.variant, spec.task, spec.seed, train_length):
             problems.append(
                 f"a row is labelled variant {r.variant!r}, task {r.task!r}, seed {r.seed}, train length {r.train_length}"
             )

@@ -72,7 +72,11 @@ class TrainSettings(_Strict):
 
     steps: int = Field(200, ge=0)
     batch_size: int = Field(16, ge=1)
-    length: int = Field(64, ge=2, description="training sequence length")
+    length: StrictInt | Annotated[tuple[StrictInt, StrictInt], Strict(False)] = Field(
+        64,
+        description="training sequence length: an int, or a range [lo, hi] (2 <= lo <= hi): each training sequence then "
+        "gets its own length, drawn uniformly from lo..hi, and the batch is right-padded (see memzoo.compare.trainer)",
+    )
     chunk_len: int | None = Field(
         None, ge=1, description="feed each training sequence in chunks of this many tokens, carrying the state; None = one call"
     )
@@ -100,12 +104,48 @@ class TrainSettings(_Strict):
         "or exceeds explode_factor * max(first step's loss, ln(vocab size))",
     )
 
+    @field_validator("length", mode="before")
+    @classmethod
+    def _length(cls, v: Any) -> Any:
+        """One clear message for every bad length (pydantic's union errors name both arms)."""
+        valid = "an int >= 2, or a range [lo, hi] of two ints with 2 <= lo <= hi"
+        if _is_int(v):
+            if v < 2:
+                raise ValueError(f"train.length must be >= 2, got {v}; valid: {valid}")
+            return v
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_int, v)):
+            lo, hi = v
+            if lo < 2:
+                raise ValueError(f"train.length range [{lo}, {hi}]: lo must be >= 2; valid: {valid}")
+            if lo > hi:
+                raise ValueError(f"train.length range [{lo}, {hi}]: lo must be <= hi; valid: {valid}")
+            return (lo, hi)
+        raise ValueError(f"train.length must be {valid}; got {v!r}")
+
+    @property
+    def length_range(self) -> tuple[int, int] | None:
+        """(lo, hi) when the training length is a range, None when it is one int."""
+        return None if isinstance(self.length, int) else self.length
+
+    @property
+    def min_length(self) -> int:
+        return self.length if isinstance(self.length, int) else self.length[0]
+
+    @property
+    def max_length(self) -> int:
+        """The longest training sequence (the padded batch's width at most)."""
+        return self.length if isinstance(self.length, int) else self.length[1]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
 
 class EvalSettings(_Strict):
     """Evaluation, through the streaming path (chunks carrying the state)."""
 
     lengths: tuple[StrictInt, ...] = Field(
-        (), strict=False, description="sequence lengths to evaluate at; () = train length, 2x and 4x"
+        (), strict=False, description="sequence lengths to evaluate at; () = the train length (hi of a range), 2x and 4x"
     )
     examples: int = Field(64, ge=1, description="sequences per length")
     batch_size: int = Field(32, ge=1)
@@ -169,7 +209,12 @@ class CompareConfig(_Strict):
         bad = [n for n in self.eval.lengths if n < 2]
         if bad:
             raise ValueError(f"eval lengths must be >= 2, got {bad}")
-        task.check_length(self.train.length, "train")  # fail now, not after training
+        try:  # fail now, not after training
+            task.check_length(self.train.min_length, "train")
+        except MemzooError as exc:
+            if self.train.length_range is None:
+                raise
+            raise ValueError(f"{exc} (the shortest of train.length range {list(self.train.length_range)})") from None
         for n in self.eval_lengths:
             task.check_length(n, "eval")
         return self
@@ -181,13 +226,18 @@ class CompareConfig(_Strict):
         return list(self.variants) or list_variants()
 
     @property
+    def train_length(self) -> int:
+        """The training length results are labelled with: the longest (``hi`` of a range)."""
+        return self.train.max_length
+
+    @property
     def eval_lengths(self) -> tuple[int, ...]:
-        n = self.train.length
+        n = self.train_length
         return self.eval.lengths or (n, 2 * n, 4 * n)
 
     @property
     def eval_chunk(self) -> int:
-        return self.eval.chunk_len or self.train.length
+        return self.eval.chunk_len or self.train_length
 
 
 def strict_task_options(task: str, options: dict[str, Any]) -> None:

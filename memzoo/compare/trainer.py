@@ -22,6 +22,26 @@ chunks so far is computed then, so memory stays bounded). Random State Passing
 the backbone's ``carry_state`` (FAM keeps only its memory; by default the whole
 state, detached), instead of a fresh state.
 
+**Lengths.** ``train.length`` is one int (every sequence that long) or a range
+``[lo, hi]``: then each training sequence gets its own length, drawn uniformly from
+``lo..hi`` with the run's seeded data generator (so every variant with the same seed
+sees the same lengths and sequences; the task makes the rows of each distinct length
+together, in ascending order of length: :func:`training_batch`). The batch is
+right-padded to its longest row and fed with ``attention_mask``; the loss is the mean
+over the real scored positions of the batch (padding is never scored, and its token
+ids are never read). Rows are batched by *padding*, not packing: packing restarts rows
+at document boundaries, which in memzoo's generic ragged path (:mod:`memzoo.ragged`)
+costs one backbone call per boundary wave; right padding from a common position costs
+one call for the common prefix plus one per distinct tail length, and no position is
+wasted in attention (no backend sees a pad). With ``chunk_len`` each chunk gets its
+slice of the mask and the state carried between chunks is a
+:class:`~memzoo.ragged.RaggedState` once rows have ended at different positions
+(Random State Passing carries it group by group, ``backbone.carry``). Under
+``torchrun`` each rank keeps its rows of the mask too; a rank whose rows are all
+padding in a chunk still gives every parameter a (zero) gradient, so the ranks'
+gradient reductions match. Cost: docs/benchmarks.md, "Padded batches" (one call per
+distinct length: cheap at long sequences, per-call overhead at tiny ones).
+
 Evaluation always streams: each sequence is fed ``chunk_len`` tokens at a time
 with the state carried, and only per-example sums are kept (see
 :class:`memzoo.tasks.ExampleStats`), so memory stays bounded at any length (apart
@@ -44,8 +64,11 @@ from memzoo.compare.distributed import DistContext, split_rows
 from memzoo.compare.progress import Progress
 from memzoo.compare.settings import EvalSettings, TrainSettings
 from memzoo.models import MemzooLM
+from memzoo.ragged import RaggedState
 from memzoo.state import State
-from memzoo.tasks import ExampleStats, Task
+from memzoo.tasks import Batch, ExampleStats, Task
+
+AnyState = State | RaggedState
 
 
 def seeded(*parts: object) -> torch.Generator:
@@ -65,15 +88,94 @@ def lr_factor(step: int, settings: TrainSettings) -> float:
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cosine
 
 
-def carry_state(model: MemzooLM, state: State) -> State:
-    """The state an unrelated next sequence starts from (Random State Passing)."""
-    carry: Callable[[State], State] = getattr(model.backbone, "carry_state", lambda s: s.detach())
-    return carry(state)
+def carry_state(model: MemzooLM, state: AnyState) -> AnyState:
+    """The state an unrelated next sequence starts from (Random State Passing); a ragged
+    state (rows that ended at different positions) is carried group by group."""
+    return model.backbone.carry(state)
 
 
 def chunk_bounds(length: int, chunk_len: int | None) -> list[tuple[int, int]]:
     step = chunk_len or length
     return [(a, min(a + step, length)) for a in range(0, length, step)]
+
+
+def training_batch(task: Task, settings: TrainSettings, generator: torch.Generator) -> tuple[Batch, Tensor | None]:
+    """The next training batch and its attention mask (B, T) bool, None for one length.
+
+    With a length range, the rows' lengths are drawn first, uniformly from ``lo..hi``
+    (one draw of ``generator``), then the task makes the rows of each distinct length
+    together, shortest first, and :func:`right_padded` lays them out."""
+    if settings.length_range is None:
+        return task.sample(settings.batch_size, settings.max_length, generator, split="train"), None
+    lo, hi = settings.length_range
+    lengths = torch.randint(lo, hi + 1, (settings.batch_size,), generator=generator)
+    return right_padded(task, lengths, generator)
+
+
+def right_padded(task: Task, lengths: Tensor, generator: torch.Generator, *, pad_id: int = 0) -> tuple[Batch, Tensor]:
+    """Rows of ``lengths`` (B,) tokens, right-padded with ``pad_id`` to the longest: the
+    batch (its mask is the task's scored positions, never a pad) and the attention mask
+    (B, T) bool. The task's tokens, targets and scored positions of a row of length
+    ``n`` are those it makes for length ``n``: padding is added after, never seen by it."""
+    b, width = lengths.shape[0], int(lengths.max())
+    tokens = torch.full((b, width), pad_id, dtype=torch.long)
+    targets = torch.full((b, width), pad_id, dtype=torch.long)
+    scored = torch.zeros(b, width, dtype=torch.bool)
+    groups = ["all"] * b
+    for n in sorted(set(lengths.tolist())):
+        rows = (lengths == n).nonzero().flatten()
+        part = task.sample(rows.numel(), n, generator, split="train")
+        tokens[rows, :n], targets[rows, :n], scored[rows, :n] = part.tokens, part.targets, part.mask
+        for j, r in enumerate(rows.tolist()):
+            groups[r] = part.groups[j]
+    real = torch.arange(width)[None, :] < lengths[:, None]
+    return Batch(tokens, targets, scored, groups), real
+
+
+def forward_backward(
+    net: torch.nn.Module,
+    tokens: Tensor,
+    targets: Tensor,
+    scored: Tensor,
+    attention: Tensor | None,
+    state: AnyState | None,
+    *,
+    chunk_len: int | None,
+    detach_every: int,
+    denominator: Tensor | float,
+    touch_all: list[torch.nn.Parameter] | None = None,
+) -> tuple[Tensor, AnyState]:
+    """One training sequence batch fed in chunks, the state carried: backpropagates
+    ``sum(nll at scored positions) / denominator`` (cut every ``detach_every`` chunks)
+    and returns it (float64, detached) with the final state (detached).
+
+    ``tokens``, ``targets``, ``scored`` (B, T); ``attention`` (B, T) bool or None (every
+    token real). ``scored`` must be False at padding (then a pad's id, target and logit
+    never reach the loss or the gradient). ``touch_all``: parameters added to every
+    backward with weight 0 (see :func:`train`: DDP's reducer needs every parameter in
+    every rank's backward)."""
+    chunks = chunk_bounds(tokens.shape[1], chunk_len)
+    pending: Tensor | None = None
+    total = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    for i, (a, b) in enumerate(chunks):
+        if attention is None:
+            logits, state = net(tokens[:, a:b], state)
+        else:
+            logits, state = net(tokens[:, a:b], state, attention_mask=attention[:, a:b])
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets[:, a:b], reduction="none")  # (B, t)
+        loss = (nll * scored[:, a:b]).sum() / denominator
+        pending = loss if pending is None else pending + loss
+        last = i == len(chunks) - 1
+        if last or (detach_every and (i + 1) % detach_every == 0):
+            if touch_all:
+                pending = pending + sum((p.reshape(-1)[0] * 0.0 for p in touch_all), torch.zeros((), device=tokens.device))
+            pending.backward()
+            total += pending.detach().double()
+            pending = None
+            assert state is not None
+            state = state.detach()
+    assert state is not None
+    return total, state
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay: str = "matrices") -> list[dict]:
@@ -144,43 +246,36 @@ def train(
     opt = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.decay), lr=settings.lr, betas=settings.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, settings))
     report = TrainReport()
-    previous: State | None = None
+    previous: AnyState | None = None
     model.train()
     start = time.perf_counter()
     limit = math.inf
     last_finite: float | None = None
+    # under DDP a rank whose rows are all padding in a chunk would leave the backbone out
+    # of its backward and the ranks' gradient reductions would no longer match
+    touch_all = list(model.parameters()) if (dist is not None and settings.length_range is not None) else None
     for step in range(settings.steps):
         # every rank draws the same global batch (same generator) and keeps its own rows
-        batch = task.sample(settings.batch_size, settings.length, data, split="train").to(device)
+        batch, attention = training_batch(task, settings, data)
+        batch = batch.to(device)
         tokens, targets, mask = batch.tokens[rows], batch.targets[rows], batch.mask[rows]
+        real = attention[rows].to(device) if attention is not None else None
         # drawn every step, so the data stream does not depend on rsp_prob
         pass_state = bool(torch.rand((), generator=coin) < settings.rsp_prob)
         state = carry_state(model, previous) if (pass_state and previous is not None) else None
         report.carried_steps += state is not None
         # normalised by the global batch's scored positions; x world size because DDP averages gradients
         scored = batch.mask.sum().clamp(min=1) / (dist.world_size if dist is not None else 1)
-        chunks = chunk_bounds(settings.length, settings.chunk_len)
-        pending: Tensor | None = None
-        total_t = torch.zeros((), dtype=torch.float64, device=device)
-        for i, (a, b) in enumerate(chunks):
-            logits, state = net(tokens[:, a:b], state)
-            nll = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), targets[:, a:b], reduction="none"
-            )  # (B, t)
-            loss = (nll * mask[:, a:b]).sum() / scored
-            pending = loss if pending is None else pending + loss
-            last = i == len(chunks) - 1
-            if last or (settings.detach_every and (i + 1) % settings.detach_every == 0):
-                pending.backward()
-                total_t += pending.detach().double()
-                pending = None
-                state = state.detach()
+        total_t, state = forward_backward(
+            net, tokens, targets, mask, real, state, chunk_len=settings.chunk_len, detach_every=settings.detach_every,
+            denominator=scored, touch_all=touch_all,
+        )
         if dist is not None:  # the global batch's loss: the ranks' shares, averaged
             total_t /= dist.world_size
             torch.distributed.all_reduce(total_t)
         total = float(total_t)
         report.losses.append(total)
-        report.tokens += batch.tokens.numel()
+        report.tokens += batch.tokens.numel() if attention is None else int(attention.sum())
         if step == 0 and math.isfinite(total):
             limit = settings.explode_factor * max(total, math.log(max(task.vocab_size, 2)))
         if not math.isfinite(total) or total > limit:
@@ -217,6 +312,26 @@ class EvalReport:
 
 
 @torch.no_grad()
+def stream_stats(
+    model: MemzooLM, tokens: Tensor, targets: Tensor, scored: Tensor, *, chunk_len: int,
+    attention: Tensor | None = None,
+) -> tuple[ExampleStats, AnyState]:
+    """Per-example sums over ``tokens`` (B, T) fed ``chunk_len`` tokens at a time, the
+    state carried. ``attention`` (B, T): a batch of rows of different lengths (padding
+    False; ``scored`` must be False there too): each row's sums are what it gets alone."""
+    stats = ExampleStats.zeros(tokens.shape[0])
+    state: AnyState | None = None
+    for a, b in chunk_bounds(tokens.shape[1], chunk_len):
+        if attention is None:
+            logits, state = model(tokens[:, a:b], state)
+        else:
+            logits, state = model(tokens[:, a:b], state, attention_mask=attention[:, a:b])
+        stats.add(logits, targets[:, a:b], scored[:, a:b])
+    assert state is not None
+    return stats, state
+
+
+@torch.no_grad()
 def evaluate(
     model: MemzooLM,
     task: Task,
@@ -226,7 +341,10 @@ def evaluate(
     chunk_len: int,
     seed: int,
 ) -> EvalReport:
-    """Score ``settings.examples`` sequences of ``length`` tokens, streamed in chunks."""
+    """Score ``settings.examples`` sequences of ``length`` tokens, streamed in chunks.
+
+    Every batch here has one length (the eval lengths are scored one at a time), so it is
+    fed without a mask; :func:`stream_stats` takes one for a batch of mixed lengths."""
     device = next(model.parameters()).device
     model.eval()
     full = task.sample(settings.examples, length, seeded("eval-data", task.name, seed, length), split="eval")
@@ -236,12 +354,7 @@ def evaluate(
     for lo in range(0, settings.examples, settings.batch_size):
         hi = min(lo + settings.batch_size, settings.examples)
         tokens, targets, mask = (t[lo:hi].to(device) for t in (full.tokens, full.targets, full.mask))
-        stats = ExampleStats.zeros(hi - lo)
-        state: State | None = None
-        for a, b in chunk_bounds(length, chunk_len):
-            logits, state = model(tokens[:, a:b], state)
-            stats.add(logits, targets[:, a:b], mask[:, a:b])
-        assert state is not None
+        stats, state = stream_stats(model, tokens, targets, mask, chunk_len=chunk_len)
         state_bytes = max(state_bytes, state.nbytes // (hi - lo))
         parts.append(stats)
     wall = time.perf_counter() - start
