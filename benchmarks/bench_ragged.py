@@ -9,7 +9,10 @@ optimizer), one torch thread, float32, on CPU, for three feeds of the same B x T
   lengths are drawn from a seeded generator, then adjusted one token at a time until
   the padding is exactly ``round(fraction·B·T)`` positions);
 * ``ones``: ``model(tokens, attention_mask=ones)``: every token real, through the mask
-  path (its bookkeeping alone: the overhead of passing a mask).
+  path (its bookkeeping alone: the overhead of passing a mask);
+* ``padded_stateless``: the padded batch with ``return_state=False`` — what the trainer
+  runs when it does not pass the state on (``rsp_prob=0``, the last chunk): one backbone
+  call over the whole batch (exact by causality; no final state).
 
 The ragged path (:mod:`memzoo.ragged`) runs right-padded rows from a common position as
 one backbone call for the common prefix plus one call per distinct tail length over the
@@ -62,7 +65,7 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }
 VOCAB = 256
-FEEDS = ("unpadded", "padded", "ones")
+FEEDS = ("unpadded", "padded", "ones", "padded_stateless")
 #: the issue's target: a padded step within this factor of the unpadded one
 TARGET = 1.2
 
@@ -98,8 +101,9 @@ def contenders(size: dict[str, Any], names: list[str] | None) -> dict[str, dict[
 def make_step(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, real: torch.Tensor,
               feed: str) -> Callable[[], None]:
     """One forward + loss (mean over real positions) + backward for ``feed``."""
-    kwargs = {"unpadded": {}, "padded": {"attention_mask": real}, "ones": {"attention_mask": torch.ones_like(real)}}[feed]
-    weight = (real if feed == "padded" else torch.ones_like(real)).float()
+    kwargs = {"unpadded": {}, "padded": {"attention_mask": real}, "ones": {"attention_mask": torch.ones_like(real)},
+              "padded_stateless": {"attention_mask": real, "return_state": False}}[feed]
+    weight = (real if feed.startswith("padded") else torch.ones_like(real)).float()
 
     def step() -> None:
         logits = model(tokens, **kwargs).logits
@@ -201,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if feed != "unpadded":
                 row[f"{feed}_over_unpadded"] = statistics.median(x / y for x, y in zip(times[name, feed], base))
         row["padded_target_met"] = row["padded_over_unpadded"] <= TARGET
+        row["padded_stateless_target_met"] = row["padded_stateless_over_unpadded"] <= TARGET
 
     report = {
         "setting": {

@@ -195,6 +195,59 @@ def test_padded_batch_loss_and_gradients_equal_rows_alone(name, chunk_len, detac
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("chunk_len", [None, 4])
+def test_a_step_that_keeps_no_state_runs_its_last_chunk_as_one_call(name, chunk_len) -> None:
+    """``keep_state=False`` (the trainer without random state passing): the last chunk of
+    a padded batch is one backbone call (``return_state=False``), and the loss and every
+    gradient equal the step that keeps its state (one call per distinct row length)."""
+    model = tiny_model(name, first_options(name))
+    tokens, targets, scored, real = ragged_inputs(model, [9, 4, 7, 9, 2])
+    kw = dict(chunk_len=chunk_len, detach_every=0, denominator=scored.sum().double())
+    kept = loss_and_grads(model, tokens, targets, scored, real, **kw)
+    calls = []
+    step = model.backbone.step
+    model.backbone.step = lambda x, st: calls.append(x.shape) or step(x, st)  # type: ignore[method-assign]
+    try:
+        model.zero_grad(set_to_none=True)
+        total, state = forward_backward(model, tokens, targets, scored, real, None, keep_state=False, **kw)
+    finally:
+        del model.backbone.step
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert state is None
+    assert_same((total, grads), kept[:2], f"{name}: keep_state=False vs True")
+    last_start = 0 if chunk_len is None else (tokens.shape[1] - 1) // chunk_len * chunk_len
+    in_last = real[:, last_start:].sum(dim=1)  # the last chunk's real tokens per row
+    # one call: every row with real tokens there, for the longest of them
+    assert tuple(calls[-1][:2]) == (int((in_last > 0).sum()), int(in_last.max())), calls
+    if chunk_len is None:
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_return_state_false_equals_the_ragged_call_left_and_right_padded(name) -> None:
+    """``model(tokens, attention_mask=mask, return_state=False)`` (one call: real tokens
+    moved to the front) gives the ragged call's logits and gradients, with left, right
+    and two-sided padding and a row with no real token; its state is None."""
+    model = tiny_model(name, first_options(name))
+    tokens = torch.randint(0, model.vocab_size, (4, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(4, 11, dtype=torch.long)
+    mask[0] = 1
+    mask[1, 5:] = 1
+    mask[2, 2:7] = 1
+    got, state = model(tokens, attention_mask=mask, return_state=False)
+    want, _ = model(tokens, attention_mask=mask)
+    assert state is None
+    torch.testing.assert_close(got, want, **F64)
+    params = list(model.parameters())
+    g_got = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
+    g_want = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    for p_got, p_want in zip(g_got, g_want):
+        assert (p_got is None) == (p_want is None)
+        if p_got is not None:
+            torch.testing.assert_close(p_got, p_want, **F64)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_pad_ids_and_pad_count_change_nothing(name) -> None:
     model = tiny_model(name, first_options(name))
     lengths = [6, 3, 8]
@@ -372,5 +425,5 @@ def test_bench_ragged_runs_and_counts_the_waves(capsys) -> None:
     s = report["setting"]
     assert (s["B"], s["T"], s["d_model"]) == (16, 64, 64) and abs(s["pad_fraction"] - 0.1) < 1 / (16 * 64)
     for row in report["results"].values():
-        assert row["calls"] == {"unpadded": 1, "padded": s["distinct_lengths"], "ones": 1}
+        assert row["calls"] == {"unpadded": 1, "padded": s["distinct_lengths"], "ones": 1, "padded_stateless": 1}
         assert row["padded_over_unpadded"] > 0 and row["ones_over_unpadded"] > 0

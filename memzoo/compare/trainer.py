@@ -144,7 +144,8 @@ def forward_backward(
     detach_every: int,
     denominator: Tensor | float,
     touch_all: list[torch.nn.Parameter] | None = None,
-) -> tuple[Tensor, AnyState]:
+    keep_state: bool = True,
+) -> tuple[Tensor, AnyState | None]:
     """One training sequence batch fed in chunks, the state carried: backpropagates
     ``sum(nll at scored positions) / denominator`` (cut every ``detach_every`` chunks)
     and returns it (float64, detached) with the final state (detached).
@@ -153,28 +154,32 @@ def forward_backward(
     token real). ``scored`` must be False at padding (then a pad's id, target and logit
     never reach the loss or the gradient). ``touch_all``: parameters added to every
     backward with weight 0 (see :func:`train`: DDP's reducer needs every parameter in
-    every rank's backward)."""
+    every rank's backward). ``keep_state=False``: the final state is not wanted (None is
+    returned), so the last chunk of a padded batch runs as one call (the rows' real
+    tokens moved to the front; exact by causality, see :func:`memzoo.ragged.forward`)
+    instead of one call per distinct row length."""
     chunks = chunk_bounds(tokens.shape[1], chunk_len)
     pending: Tensor | None = None
     total = torch.zeros((), dtype=torch.float64, device=tokens.device)
     for i, (a, b) in enumerate(chunks):
+        last = i == len(chunks) - 1
         if attention is None:
             logits, state = net(tokens[:, a:b], state)
+        elif last and not keep_state:
+            logits, state = net(tokens[:, a:b], state, attention_mask=attention[:, a:b], return_state=False)
         else:
             logits, state = net(tokens[:, a:b], state, attention_mask=attention[:, a:b])
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets[:, a:b], reduction="none")  # (B, t)
         loss = (nll * scored[:, a:b]).sum() / denominator
         pending = loss if pending is None else pending + loss
-        last = i == len(chunks) - 1
         if last or (detach_every and (i + 1) % detach_every == 0):
             if touch_all:
                 pending = pending + sum((p.reshape(-1)[0] * 0.0 for p in touch_all), torch.zeros((), device=tokens.device))
             pending.backward()
             total += pending.detach().double()
             pending = None
-            assert state is not None
-            state = state.detach()
-    assert state is not None
+            if state is not None:
+                state = state.detach()
     return total, state
 
 
@@ -268,7 +273,7 @@ def train(
         scored = batch.mask.sum().clamp(min=1) / (dist.world_size if dist is not None else 1)
         total_t, state = forward_backward(
             net, tokens, targets, mask, real, state, chunk_len=settings.chunk_len, detach_every=settings.detach_every,
-            denominator=scored, touch_all=touch_all,
+            denominator=scored, touch_all=touch_all, keep_state=settings.rsp_prob > 0,
         )
         if dist is not None:  # the global batch's loss: the ranks' shares, averaged
             total_t /= dist.world_size

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -64,17 +64,21 @@ class MemzooLM(GenerationMixin, nn.Module):
 
     def forward(
         self, tokens: Tensor, state: "State | RaggedState | None" = None, *, attention_mask: Tensor | None = None,
-        document_ids: Tensor | None = None,
+        document_ids: Tensor | None = None, return_state: bool = True,
     ) -> ModelOutput:
         """Logits (B, T, V) and the state after ``tokens`` (B, T).
 
         ``attention_mask`` (B, T): 1 = real token, 0 = padding (left and/or right; the
         ids at padding are not read, and their logits are 0). ``document_ids`` (B, T): a
         new id in a row starts a new document from the fresh state. Each row gets what
-        it gets alone (see :mod:`memzoo.ragged`)."""
+        it gets alone (see :mod:`memzoo.ragged`). ``return_state=False``: the state is
+        None, and a padded batch whose rows start at one position runs as one call (a
+        training step that does not pass its state on)."""
+        extra: dict[str, Any] = {} if document_ids is None else {"document_ids": document_ids}
+        if return_state is not True:
+            extra["return_state"] = return_state
         if attention_mask is None:
             self.check_tokens(tokens)
-            extra = {} if document_ids is None else {"document_ids": document_ids}
             y, new_state = self.backbone(self.embed(tokens), state, **extra)
             return ModelOutput(self.head(self.norm(y)), new_state)
         if not isinstance(tokens, Tensor) or tokens.dim() != 2:
@@ -82,7 +86,7 @@ class MemzooLM(GenerationMixin, nn.Module):
         real = check_mask(attention_mask, tuple(tokens.shape), tokens.device)
         tokens = tokens.masked_fill(~real, 0)
         self.check_tokens(tokens)
-        y, new_state = self.backbone(self.embed(tokens), state, attention_mask=real, document_ids=document_ids)
+        y, new_state = self.backbone(self.embed(tokens), state, attention_mask=real, **extra)
         return ModelOutput(self.head(self.norm(y)).masked_fill(~real[..., None], 0.0), new_state)
 
     def save_pretrained(self, path: str | Path) -> Path:

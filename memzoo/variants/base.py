@@ -115,15 +115,17 @@ class Backbone(nn.Module):
 
     def forward(
         self, x: Tensor, state: "State | RaggedState | None" = None, *, attention_mask: Tensor | None = None,
-        document_ids: Tensor | None = None,
+        document_ids: Tensor | None = None, return_state: bool = True,
     ) -> BackboneOutput:
         """``x`` (B, T, D) continuing ``state`` -> (outputs, new state).
 
         ``attention_mask`` (B, T; 1 = real token, 0 = padding) and ``document_ids`` (B, T;
         a new id starts a new document from the fresh state) make a ragged call: each row
         gets what it gets alone, outputs at padding are 0, and rows may end at different
-        positions (a :class:`~memzoo.ragged.RaggedState`). See :mod:`memzoo.ragged`."""
-        return self._dispatch(x, state, attention_mask, document_ids, self.step)
+        positions (a :class:`~memzoo.ragged.RaggedState`). See :mod:`memzoo.ragged`.
+        ``return_state=False``: the new state is None (a padded batch from one position
+        then runs as one call)."""
+        return self._dispatch(x, state, attention_mask, document_ids, self.step, return_state)
 
     def forward_reference(
         self, x: Tensor, state: "State | RaggedState | None" = None, *, attention_mask: Tensor | None = None,
@@ -136,17 +138,22 @@ class Backbone(nn.Module):
             raise NotImplementedError(f"{self.variant} has no step_reference method")
         return self._dispatch(x, state, attention_mask, document_ids, reference)
 
-    def _dispatch(self, x: Tensor, state: Any, attention_mask: Tensor | None, document_ids: Tensor | None, step: Any) -> BackboneOutput:
+    def _dispatch(
+        self, x: Tensor, state: Any, attention_mask: Tensor | None, document_ids: Tensor | None, step: Any,
+        return_state: bool = True,
+    ) -> BackboneOutput:
         from memzoo.ragged import RaggedState, forward as ragged_forward
 
+        if not isinstance(return_state, bool):
+            raise InputError(f"return_state must be a bool, got {return_state!r}")
         if attention_mask is None and document_ids is None and not isinstance(state, RaggedState):
             y, new_state = step(x, self._checked(x, state))
-            return BackboneOutput(y, new_state)
+            return BackboneOutput(y, new_state if return_state else None)  # type: ignore[arg-type]
         self.check_input(x)
         if state is not None:
             self.check_state(state, batch_size=x.shape[0], device=x.device, dtype=x.dtype)
-        y, new_state = ragged_forward(self, x, state, attention_mask, document_ids, step=step)
-        return BackboneOutput(y, new_state)
+        y, new_state = ragged_forward(self, x, state, attention_mask, document_ids, step=step, return_state=return_state)
+        return BackboneOutput(y, new_state)  # type: ignore[arg-type]
 
     def _checked(self, x: Tensor, state: State | None) -> State:
         """``state`` validated against the input ``x``, or a fresh one."""
