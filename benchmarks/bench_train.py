@@ -195,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.compile:
+        # one compiled loss function serves every contender: each model is a new guard set
+        # on the same code, so let Dynamo keep a graph per contender (default limit: 8)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
     size = SIZES[args.size]
     inner = args.inner or (5 if args.size == "leaderboard" else 1)
     b, t = size["B"], size["T"]
