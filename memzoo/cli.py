@@ -184,6 +184,11 @@ def _compare_arguments(c: argparse.ArgumentParser) -> None:
         "--option", dest="options", type=_assignment, action="append", default=[], metavar="VARIANT.FIELD=VALUE",
         help="a variant's own field, e.g. fam.fam_len=4 (repeatable; only for variants being run)",
     )
+    c.add_argument(
+        "--compile", action="store_true",
+        help="train through torch.compile (shortcut for --set train.compile=true); the first step, which compiles, "
+        "is timed apart (compile_s in the results)",
+    )
     c.add_argument("--backend", default=None, help="attention backend (default: auto)")
     c.add_argument("--device", default=None, help="torch device (default: cpu)")
     c.add_argument(
@@ -253,6 +258,8 @@ def compare_config(args: argparse.Namespace) -> Any:
         fields["seeds"] = args.seeds
     if args.steps is not None:
         fields = merge(fields, {"train": {"steps": args.steps}})
+    if args.compile:
+        fields = merge(fields, {"train": {"compile": True}})
     for key in ("backend", "device"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)

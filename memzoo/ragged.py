@@ -341,7 +341,7 @@ def check_documents(doc: Tensor, shape: tuple[int, int], device: torch.device) -
         raise InputError(f"document_ids must have the input's shape (B, T) = {shape}, got {tuple(doc.shape)}")
     if doc.device != device:
         raise InputError(f"document_ids are on {doc.device}, the input on {device}")
-    if doc.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or doc.dtype == torch.bool:
+    if doc.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise InputError(f"document_ids must be an integer tensor (int64), got {doc.dtype}")
     if doc.numel() and int(doc.min()) < 0:
         raise InputError(f"document_ids must be >= 0, got min {int(doc.min())}")

@@ -427,3 +427,38 @@ def test_bench_ragged_runs_and_counts_the_waves(capsys) -> None:
     for row in report["results"].values():
         assert row["calls"] == {"unpadded": 1, "padded": s["distinct_lengths"], "ones": 1, "padded_stateless": 1}
         assert row["padded_over_unpadded"] > 0 and row["ones_over_unpadded"] > 0
+
+
+# ----------------------------------------------------------------- train.compile
+def test_compile_is_out_of_the_hash_when_off_and_in_it_when_on() -> None:
+    off = run_spec(CompareConfig(**MICRO), "bswa", 0)
+    assert "compile" not in off.train
+    on = run_spec(CompareConfig(**{**MICRO, "train": {**MICRO["train"], "compile": True}}), "bswa", 0)
+    assert on.train["compile"] is True and on.config_hash != off.config_hash
+    with pytest.raises(ValidationError):
+        TrainSettings(compile=1)
+
+
+def test_compare_compile_trains_through_torch_compile_and_times_the_first_step_apart(tmp_path, monkeypatch) -> None:
+    """``memzoo compare --compile``: the model trains through ``torch.compile`` (traced with
+    the eager backend here: no codegen), the first step's time is ``compile_s``, and the
+    losses equal an eager run's (float32)."""
+    import memzoo.compare.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "COMPILE_BACKEND", "eager")
+    calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or real_compile(m, **kw))
+    base = ["compare", "--variants", "bswa", "--steps", "3", "--jobs", "1", "--set", "train.length=[8,16]",
+            "--set", 'task_options={"n_digits": 2, "n_filler": 3}', "--set", "eval.lengths=[16]",
+            "--set", "eval.examples=4", "--set", "train.batch_size=4", "--set", "model.d_model=16",
+            "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--set", "model.block_size=4"]
+    assert main([*base, "--results-dir", str(tmp_path / "c"), "--compile"]) == 0
+    assert main([*base, "--results-dir", str(tmp_path / "e")]) == 0
+    assert calls and calls[0]["backend"] == "eager"
+    (compiled,), (eager,) = (list((tmp_path / d).rglob("bswa-*.json")) for d in ("c", "e"))
+    rc, re_ = json.loads(compiled.read_text()), json.loads(eager.read_text())
+    assert rc["rows"][0]["compile_s"] > 0 and re_["rows"][0]["compile_s"] is None
+    assert rc["spec"]["train"]["compile"] is True and "compile" not in re_["spec"]["train"]
+    torch.testing.assert_close(torch.tensor(rc["losses"]), torch.tensor(re_["losses"]), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

@@ -62,7 +62,8 @@ class ResultRow(_Strict):
     backend: str = Field(description="attention backend(s) that actually ran, '+'-joined")
     parameters: int
     state_bytes: int = Field(description="streaming state per sequence after eval_length tokens")
-    tokens_per_s: float = Field(description="training throughput")
+    tokens_per_s: float = Field(description="training throughput (compiled runs: without the first step, which compiles)")
+    compile_s: float | None = Field(None, description="train.compile: wall time of the first step, which compiles; else None")
     eval_tokens_per_s: float
     wall_s: float = Field(description="the whole run: training and every evaluation")
     provenance: Provenance

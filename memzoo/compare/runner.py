@@ -178,6 +178,7 @@ def run_one(
             parameters=parameters,
             state_bytes=ev.state_bytes,
             tokens_per_s=report.tokens_per_s,
+            compile_s=report.compile_s,
             eval_tokens_per_s=ev.tokens_per_s,
             wall_s=wall,
             provenance=provenance,

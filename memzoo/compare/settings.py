@@ -12,7 +12,7 @@ import copy
 import json
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_serializer, model_validator
 
 from memzoo.errors import MemzooError, UnknownNameError
 
@@ -103,6 +103,19 @@ class TrainSettings(_Strict):
         description="the run has diverged (and is reported as such, with no scores) when a step's loss is not finite "
         "or exceeds explode_factor * max(first step's loss, ln(vocab size))",
     )
+    compile: bool = Field(
+        False,
+        description="train through torch.compile(model) (inductor); the first step, which compiles, is timed apart "
+        "(compile_s) and left out of tokens_per_s. Left out of the settings dump (and the run hash) when False, so "
+        "eager runs keep the hashes they had before the field existed",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and not self.compile:
+            out.pop("compile", None)
+        return out
 
     @field_validator("length", mode="before")
     @classmethod

@@ -217,10 +217,17 @@ class TrainReport:
     tokens: int = 0
     wall_s: float = 0.0
     diverged: Diverged | None = None  # set when training stopped early (see TrainSettings.explode_factor)
+    #: with ``TrainSettings.compile``: the first step's wall time (it compiles), kept out of
+    #: ``tokens`` and ``wall_s`` so ``tokens_per_s`` is the compiled steps' throughput
+    compile_s: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+#: the torch.compile backend of ``TrainSettings.compile`` (tests set "eager": tracing only)
+COMPILE_BACKEND = "inductor"
 
 
 def train(
@@ -248,6 +255,9 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        # the model's forward is compiled (a padded batch's host-side bookkeeping stays eager: graph breaks there)
+        net = torch.compile(net, backend=COMPILE_BACKEND)
     opt = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.decay), lr=settings.lr, betas=settings.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, settings))
     report = TrainReport()
@@ -280,7 +290,11 @@ def train(
             torch.distributed.all_reduce(total_t)
         total = float(total_t)
         report.losses.append(total)
-        report.tokens += batch.tokens.numel() if attention is None else int(attention.sum())
+        if settings.compile and step == 0:  # the step that compiled: timed apart
+            report.compile_s = time.perf_counter() - start
+            start = time.perf_counter()
+        else:
+            report.tokens += batch.tokens.numel() if attention is None else int(attention.sum())
         if step == 0 and math.isfinite(total):
             limit = settings.explode_factor * max(total, math.log(max(task.vocab_size, 2)))
         if not math.isfinite(total) or total > limit:
