@@ -94,7 +94,7 @@ def padding(draw, max_width: int = 12):
     batch = draw(st.integers(2, 3))
     width = draw(st.integers(1, max_width))
     spans = _spans(draw, batch, width)
-    return spans, width, draw(st.sampled_from([torch.long, torch.bool])), _cuts(draw, width), draw(st.integers(0, 4)), draw(st.integers(0, 2**16))
+    return spans, width, draw(st.sampled_from([torch.long, torch.bool, torch.int32, torch.uint8])), _cuts(draw, width), draw(st.integers(0, 4)), draw(st.integers(0, 2**16))
 
 
 @st.composite

@@ -218,6 +218,21 @@ def test_bad_masks_are_refused(name):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+def test_ids_at_padding_are_not_read(name):
+    """Pads may hold any id (-100 as in labels, vocab_size): they are never embedded."""
+    model = model_of(name)
+    tokens, mask = kit.padded_batch(model, SPANS, 7)
+    with torch.no_grad():
+        logits, state = model(tokens, attention_mask=mask)
+        for pad in (-100, model.vocab_size, 0):
+            odd, odd_state = model(tokens.masked_fill(~mask.bool(), pad), attention_mask=mask)
+            assert torch.equal(odd, logits), pad
+            kit.assert_any_states_equal(odd_state, state, f"state with pad id {pad}")
+    with pytest.raises(InputError, match=rf"\[0, {model.vocab_size - 1}\]"):
+        model(tokens.masked_fill(~mask.bool(), -100))  # without the mask they are real tokens
+
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_bad_document_ids_are_refused(name):
     model = model_of(name)
     tokens = kit.random_tokens(model, 2, 5)
