@@ -249,6 +249,22 @@ def test_bad_document_ids_are_refused(name):
         assert all(w in str(err.value) for w in words), (str(err.value), words)
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_model_level_documents_equal_each_document_alone(name):
+    """``model(tokens, document_ids=..., attention_mask=...)``: logits of each document ==
+    that document's tokens run alone (the kit checks the backbone level with gradients)."""
+    model = model_of(name)
+    tokens, mask = kit.padded_batch(model, SPANS, 7)
+    docs = torch.tensor([[0, 0, 1, 1, 1, 2, 2]] * len(SPANS))
+    with torch.no_grad():
+        for extra in ({"document_ids": docs}, {"document_ids": docs, "attention_mask": mask}):
+            logits, _ = model(tokens, **extra)
+            spans = kit.row_spans(extra.get("attention_mask", torch.ones(len(SPANS), 7)))
+            for i, row in enumerate(kit.documents_of_rows(docs, spans)):
+                for a, e, d in row:
+                    kit.assert_close(logits[i, a:e], model(tokens[i : i + 1, a:e]).logits[0], f"row {i} document {d}")
+
+
 # --------------------------------------------------------------- the reference
 @pytest.mark.parametrize("name", WITH_REFERENCE)
 def test_forward_reference_with_a_mask_equals_forward(name):

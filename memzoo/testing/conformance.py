@@ -7,6 +7,12 @@ contributor runs them all on a new variant with::
     from memzoo.testing import run_conformance
     run_conformance("my_variant")
 
+Ragged batches (:mod:`memzoo.ragged`): :func:`check_padded_rows` and
+:func:`check_packed_rows` hold every variant to "each padded row, each packed document,
+gets what it gets alone" (outputs, states, gradients, chunked, continued); a state that
+is not batch-first or rows that see each other fail with the variant, row, field and
+error named.
+
 Tolerances are declared once, per dtype, in :data:`memzoo.ops.base.TOLERANCES`
 (:data:`TOLERANCES` here is derived from it).
 """
