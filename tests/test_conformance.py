@@ -118,7 +118,7 @@ def packing(draw, max_width: int = 12):
 
 # ragged batches: few examples per case (44 cases), each checks outputs, states and gradients
 @pytest.mark.parametrize("name,opts", CASES)
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(case=padding())
 @example(case=([(0, 0), (2, 5), (0, 3)], 6, torch.long, [2, 5], 2, 0))  # an empty row, both sides, left
 def test_padded_rows_float64(name, opts, case):
@@ -130,7 +130,7 @@ def test_padded_rows_float64(name, opts, case):
 
 
 @pytest.mark.parametrize("name,opts", CASES)
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(case=packing())
 @example(case=([[0, 0, 1, 1, 1, 0, 0], [2, 2, 2, 2, 3, 3, 3]], [(0, 7), (1, 6)], [2, 4], 0))  # a boundary on a cut, an id back
 def test_packed_rows_float64(name, opts, case):
