@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import memzoo
@@ -70,6 +70,75 @@ def test_gradient_equivalence_float64(name, opts, case):
     model = model_for(name, opts)
     tokens = kit.random_tokens(model, batch, length, seed)
     kit.check_gradient_equivalence(model, tokens, cuts)
+
+
+def _cuts(draw, width):
+    if width < 2:
+        return []
+    return sorted(draw(st.sets(st.integers(1, width - 1), max_size=width - 1)))
+
+
+def _spans(draw, batch, width):
+    """Per row a contiguous run of real tokens: padded left, right, both, not at all, or empty."""
+    spans = []
+    for _ in range(batch):
+        n = draw(st.integers(0, width))
+        a = draw(st.integers(0, width - n))
+        spans.append((a, a + n))
+    return spans
+
+
+@st.composite
+def padding(draw, max_width: int = 12):
+    """(spans, width, mask dtype, cuts, length of an unpadded next call, seed)."""
+    batch = draw(st.integers(2, 3))
+    width = draw(st.integers(1, max_width))
+    spans = _spans(draw, batch, width)
+    return spans, width, draw(st.sampled_from([torch.long, torch.bool, torch.int32, torch.uint8])), _cuts(draw, width), draw(st.integers(0, 4)), draw(st.integers(0, 2**16))
+
+
+@st.composite
+def packing(draw, max_width: int = 12):
+    """(document ids (B, width) with boundaries anywhere, spans or None, cuts, seed).
+    Cuts sometimes fall exactly on document boundaries; an id may come back later in a row."""
+    batch = draw(st.integers(2, 3))
+    width = draw(st.integers(1, max_width))
+    ids = []
+    for _ in range(batch):
+        row: list[int] = []
+        while len(row) < width:
+            row += [draw(st.integers(0, 3))] * draw(st.integers(1, width))
+        ids.append(row[:width])
+    spans = _spans(draw, batch, width) if draw(st.booleans()) else None
+    cuts = _cuts(draw, width)
+    if draw(st.booleans()):
+        cuts = sorted(set(cuts) | {j for row in ids for j in range(1, width) if row[j] != row[j - 1]})
+    return ids, spans, cuts, draw(st.integers(0, 2**16))
+
+
+# ragged batches: few examples per case (44 cases), each checks outputs, states and gradients
+@pytest.mark.parametrize("name,opts", CASES)
+@settings(max_examples=2, deadline=None)
+@given(case=padding())
+@example(case=([(0, 0), (2, 5), (0, 3)], 6, torch.long, [2, 5], 2, 0))  # an empty row, both sides, left
+def test_padded_rows_float64(name, opts, case):
+    spans, width, mask_dtype, cuts, more, seed = case
+    model = model_for(name, opts)
+    tokens, mask = kit.padded_batch(model, spans, width, seed, mask_dtype)
+    nxt = kit.random_tokens(model, len(spans), more, seed + 1) if more else None
+    kit.check_padded_rows(model, tokens, mask, cuts=cuts, more=nxt, seed=seed)
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+@settings(max_examples=2, deadline=None)
+@given(case=packing())
+@example(case=([[0, 0, 1, 1, 1, 0, 0], [2, 2, 2, 2, 3, 3, 3]], [(0, 7), (1, 6)], [2, 4], 0))  # a boundary on a cut, an id back
+def test_packed_rows_float64(name, opts, case):
+    ids, spans, cuts, seed = case
+    model = model_for(name, opts)
+    width = len(ids[0])
+    mask = kit.padded_batch(model, spans, width)[1] if spans is not None else None
+    kit.check_packed_rows(model, torch.tensor(ids), mask, cuts=cuts, seed=seed)
 
 
 @pytest.mark.parametrize("name,opts", CASES)

@@ -7,16 +7,23 @@ contributor runs them all on a new variant with::
     from memzoo.testing import run_conformance
     run_conformance("my_variant")
 
+Ragged batches (:mod:`memzoo.ragged`): :func:`check_padded_rows` and
+:func:`check_packed_rows` hold every variant to "each padded row, each packed document,
+gets what it gets alone" (outputs, states, gradients, chunked, continued); a state that
+is not batch-first or rows that see each other fail with the variant, row, field and
+error named.
+
 Tolerances are declared once, per dtype, in :data:`memzoo.ops.base.TOLERANCES`
 (:data:`TOLERANCES` here is derived from it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +32,7 @@ import memzoo
 from memzoo.errors import InputError, StateError
 from memzoo.models import MemzooLM
 from memzoo.ops.base import TOLERANCES as _OPS_TOLERANCES
+from memzoo.ragged import NO_DOCUMENT, RaggedState, select_rows
 from memzoo.state import State
 
 #: absolute / relative tolerance per dtype for "the same result computed another way":
@@ -339,6 +347,317 @@ def _first_options(name: str) -> dict[str, Any]:
     return dict(memzoo.get_variant(name).config.conformance_options[0])
 
 
+# ------------------------------------------------------------ ragged batches
+#: what a ragged call needs of a variant's state, said when a check trips over it
+BATCH_FIRST_HINT = (
+    "ragged batches select and stack state rows along dim 0 (memzoo.ragged.select_rows / cat_rows), so every "
+    "tensor of a state must be batch-first, (B, ...), and rows must not see each other"
+)
+
+
+@contextlib.contextmanager
+def _contract(variant: str, what: str) -> Iterator[None]:
+    """Failures inside as one readable ``AssertionError`` naming the variant and the
+    check; an exception the variant raises on valid input becomes one too (with what a
+    ragged call needs of a state), not a raw traceback."""
+    try:
+        yield
+    except AssertionError as err:
+        if str(err).startswith(f"{variant}: "):
+            raise
+        raise AssertionError(f"{variant}: {what}: {err}") from err
+    except Exception as err:
+        raise AssertionError(f"{variant}: {what} raised {type(err).__name__}: {err} ({BATCH_FIRST_HINT})") from err
+
+
+def row_spans(mask: Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` of each row's real tokens in ``attention_mask`` (B, T); (0, 0) for none."""
+    spans = []
+    for row in mask.bool().tolist():
+        n = sum(row)
+        a = row.index(True) if n else 0
+        spans.append((a, a + n))
+    return spans
+
+
+def padded_batch(
+    model: MemzooLM, spans: Sequence[tuple[int, int]], width: int, seed: int = 0, mask_dtype: torch.dtype = torch.long
+) -> tuple[Tensor, Tensor]:
+    """Tokens (B, width) and an ``attention_mask`` with row i real at columns
+    ``spans[i] = (start, end)``; pads hold random ids too (they must not matter)."""
+    tokens = random_tokens(model, len(spans), width, seed)
+    mask = torch.zeros(len(spans), width, dtype=torch.bool)
+    for i, (a, e) in enumerate(spans):
+        mask[i, a:e] = True
+    return tokens, mask.to(mask_dtype)
+
+
+def random_spans(rng: random.Random, batch: int, width: int) -> list[tuple[int, int]]:
+    """Per row a contiguous run of real tokens in ``width`` columns: padded left, right,
+    both or not at all; now and then a row with none."""
+    spans = []
+    for _ in range(batch):
+        n = 0 if rng.random() < 0.15 else rng.randint(1, width)
+        a = rng.randint(0, width - n)
+        spans.append((a, a + n))
+    return spans
+
+
+def random_documents(rng: random.Random, batch: int, width: int) -> Tensor:
+    """``document_ids`` (B, width): boundaries anywhere (not only on blocks), ids that
+    sometimes come back later in the row (a new document all the same)."""
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    for i in range(batch):
+        cur = rng.randint(0, 3)
+        for j in range(width):
+            if j and rng.random() < 0.3:
+                cur = rng.choice([d for d in range(5) if d != cur])
+            ids[i, j] = cur
+    return ids
+
+
+def state_row(state: "State | RaggedState", i: int) -> State:
+    """Row ``i`` of a plain or ragged state, as a plain state of batch size 1."""
+    if isinstance(state, RaggedState):
+        return state.row(i)
+    return select_rows(state, [i])
+
+
+def assert_rows_equal(actual: "State | RaggedState", expected: Sequence[State], what: str) -> None:
+    """Row i of ``actual`` equals the batch-1 state ``expected[i]`` (every tensor and ``pos``)."""
+    if actual.batch_size != len(expected):
+        raise AssertionError(f"{what}: batch size {actual.batch_size} != {len(expected)}")
+    for i, want in enumerate(expected):
+        assert_states_equal(state_row(actual, i), want, f"{what}, row {i}")
+
+
+def assert_any_states_equal(actual: "State | RaggedState", expected: "State | RaggedState", what: str) -> None:
+    """Two plain or ragged states hold the same: kind, per-row positions, document ids, every row."""
+    kinds = [type(s).__name__ for s in (actual, expected)]
+    if isinstance(actual, RaggedState) != isinstance(expected, RaggedState):
+        raise AssertionError(f"{what}: a {kinds[0]} where a {kinds[1]} was expected")
+    if isinstance(actual, RaggedState) and isinstance(expected, RaggedState):
+        if not torch.equal(actual.positions, expected.positions):
+            raise AssertionError(f"{what}: row positions {actual.positions.tolist()} != {expected.positions.tolist()}")
+        docs = [None if s.documents is None else s.documents.tolist() for s in (actual, expected)]
+        if docs[0] != docs[1]:
+            raise AssertionError(f"{what}: documents {docs[0]} != {docs[1]}")
+        assert_rows_equal(actual, expected.rows(), what)
+    else:
+        assert_states_equal(actual, expected, what)
+
+
+def check_state_is_batch_first(model: MemzooLM, batch_size: int = 3) -> None:
+    """Every state tensor has the batch on dim 0 (fresh and after a call), else rows of a
+    ragged batch cannot be cut out and stacked."""
+    fresh = model.init_state(batch_size)
+    with torch.no_grad():
+        _, after = model(torch.zeros(batch_size, 2, dtype=torch.long))
+    for when, state in (("the fresh state", fresh), ("the state after a call", after)):
+        for name, value in state.tensor_fields().items():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for j, t in enumerate(items):
+                label = f"{name}[{j}]" if isinstance(value, (list, tuple)) else name
+                if t.dim() == 0 or t.shape[0] != batch_size:
+                    raise AssertionError(
+                        f"{model.variant}: {when} of a batch of {batch_size}: field {label!r} has shape "
+                        f"{tuple(t.shape)}, not batch-first ({BATCH_FIRST_HINT})"
+                    )
+
+
+def _grads(loss: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+    """d loss / d inputs, zeros for inputs it does not depend on (or when nothing does)."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad(loss, list(inputs), allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def _capture_embeddings(model: MemzooLM, into: list[Tensor]) -> Any:
+    return model.embed.register_forward_hook(lambda module, args, out: into.append(out))
+
+
+def _run_chunks(call: Any, cuts: Sequence[int], width: int, *columns: Tensor | None) -> tuple[Tensor, Any]:
+    """``call(*column_slices, state)`` per chunk between ``cuts``, the state carried."""
+    bounds = [0, *cuts, width]
+    outs, state = [], None
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out, state = call(*[c[:, a:b] if c is not None else None for c in columns], state)
+        outs.append(out)
+    return torch.cat(outs, dim=1), state
+
+
+def check_padded_rows(
+    model: MemzooLM, tokens: Tensor, attention_mask: Tensor, *, cuts: Sequence[int] = (),
+    more: Tensor | None = None, seed: int = 1,
+) -> None:
+    """A padded batch (``attention_mask`` (B, T), rows padded left, right, both or
+    empty) gives each row what it gets alone without padding: logits at its real tokens,
+    zeros at pads, its final state (every tensor and ``pos``; ``state.row(i)``), and
+    gradients (a loss over real tokens only): every parameter's and every real token
+    embedding's equal the sum of the rows' alone, pad embeddings get none. With ``cuts``:
+    the batch fed in chunks (each with its slice of the mask, the state carried) gives
+    the same outputs and state as one call and as the rows alone. With ``more`` (B, T2):
+    an unpadded next call continues every row as alone."""
+    b, t = tokens.shape
+    spans = row_spans(attention_mask)
+    what = f"padded batch, rows real at columns {[f'{a}:{e}' for a, e in spans]} of {t}"
+    with _contract(model.variant, what):
+        check_state_is_batch_first(model, b)
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(b, t, model.vocab_size, generator=gen).to(model.embed.weight.dtype)
+        real = attention_mask.bool()
+        params = [p for _, p in model.named_parameters() if p.requires_grad]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+        embedded: list[Tensor] = []
+        handle = _capture_embeddings(model, embedded)
+        try:
+            logits, state = model(tokens, attention_mask=attention_mask)
+            alone: list[tuple[Tensor | None, State]] = []
+            for i, (a, e) in enumerate(spans):
+                if e > a:
+                    alone.append(model(tokens[i : i + 1, a:e]))
+                else:
+                    alone.append((None, model.init_state(1)))
+        finally:
+            handle.remove()
+        emb, emb_alone = embedded[0], iter(embedded[1:])
+
+        for i, ((a, e), (row_logits, _)) in enumerate(zip(spans, alone)):
+            if row_logits is not None:
+                assert_close(logits[i, a:e].detach(), row_logits[0].detach(), f"row {i} logits at its real tokens vs the row alone")
+            pads = logits[i][~real[i]]
+            if pads.numel() and bool(pads.ne(0).any()):
+                raise AssertionError(f"row {i} logits at padding are not 0 (max abs {pads.abs().max().item():.3e})")
+        assert_rows_equal(state, [s for _, s in alone], "final state vs the row alone")
+
+        # gradients of a loss over real tokens
+        loss = (logits * w * real[..., None]).sum()
+        loss_alone = sum(
+            ((row_logits * w[i : i + 1, a:e]).sum() for i, ((a, e), (row_logits, _)) in enumerate(zip(spans, alone))
+             if row_logits is not None),
+            logits.new_zeros(()),
+        )
+        alone_embs = [next(emb_alone) for a, e in spans if e > a]
+        grads = _grads(loss, [*params, emb])
+        grads_alone = _grads(loss_alone, [*params, *alone_embs])
+        for name, g, g1 in zip(names, grads, grads_alone):
+            assert_close(g, g1, f"grad of {name}: padded batch vs the sum of the rows alone")
+        g_emb, rest = grads[len(params)], iter(grads_alone[len(params):])
+        for i, (a, e) in enumerate(spans):
+            if e > a:
+                assert_close(g_emb[i, a:e], next(rest)[0], f"row {i} grad of its real token embeddings vs the row alone")
+            pad_grad = g_emb[i][~real[i]]
+            if pad_grad.numel() and bool(pad_grad.ne(0).any()):
+                raise AssertionError(f"row {i} pad token embeddings get gradient (max abs {pad_grad.abs().max().item():.3e})")
+
+        alone_states = [s.detach() for _, s in alone]
+        with torch.no_grad():
+            if cuts:
+                chunked, chunked_state = _run_chunks(
+                    lambda tok, m, st: model(tok, st, attention_mask=m), cuts, t, tokens, attention_mask
+                )
+                assert_close(chunked, logits.detach(), f"logits chunked at {list(cuts)} vs one call")
+                assert_any_states_equal(chunked_state, state, f"final state chunked at {list(cuts)} vs one call")
+                assert_rows_equal(chunked_state, alone_states, f"final state chunked at {list(cuts)} vs the row alone")
+            if more is not None:
+                nxt, nxt_state = model(more, state)
+                for i in range(b):
+                    row_logits, row_state = model(more[i : i + 1], alone_states[i])
+                    assert_close(nxt[i], row_logits[0], f"row {i} logits of the next (unpadded) call vs the row alone")
+                    assert_states_equal(state_row(nxt_state, i), row_state, f"state after the next call, row {i} vs the row alone")
+
+
+def documents_of_rows(document_ids: Tensor, spans: Sequence[tuple[int, int]]) -> list[list[tuple[int, int, int]]]:
+    """Per row, its documents ``(start, end, id)``: maximal runs of one id within the real tokens."""
+    out = []
+    ids = document_ids.tolist()
+    for row, (a, e) in zip(ids, spans):
+        docs: list[tuple[int, int, int]] = []
+        for j in range(a, e):
+            if docs and docs[-1][2] == row[j]:
+                docs[-1] = (docs[-1][0], j + 1, row[j])
+            else:
+                docs.append((j, j + 1, row[j]))
+        out.append(docs)
+    return out
+
+
+def check_packed_rows(
+    model: MemzooLM, document_ids: Tensor, attention_mask: Tensor | None = None, *, cuts: Sequence[int] = (),
+    seed: int = 0,
+) -> None:
+    """Packed documents (``document_ids`` (B, T), boundaries anywhere; with padding too
+    if ``attention_mask``), at the backbone level: each document's outputs equal that
+    document run alone from a fresh state, pads give 0; the final state's row i is its
+    last document's alone state and ``documents`` its last id; gradients of a loss over
+    real tokens (parameters, inputs) equal the sum of the documents' alone, pads get
+    none. With ``cuts``: fed in chunks, the same outputs and state (a boundary on a chunk
+    boundary starts a new document: the state remembers each row's last id)."""
+    backbone = model.backbone
+    b, t = document_ids.shape
+    spans = row_spans(attention_mask) if attention_mask is not None else [(0, t)] * b
+    docs = documents_of_rows(document_ids, spans)
+    what = f"packed batch, documents (start, end, id) {docs} of {t} columns"
+    with _contract(model.variant, what):
+        check_state_is_batch_first(model, b)
+        gen = torch.Generator().manual_seed(seed)
+        dtype = backbone.param_dtype
+        x = torch.randn(b, t, backbone.d_model, generator=gen).to(dtype).requires_grad_(True)
+        w = torch.randn(b, t, backbone.d_model, generator=gen).to(dtype)
+        real = torch.zeros(b, t, dtype=torch.bool)
+        for i, (a, e) in enumerate(spans):
+            real[i, a:e] = True
+        y, state = backbone(x, attention_mask=attention_mask, document_ids=document_ids)
+        params = [p for _, p in backbone.named_parameters() if p.requires_grad]
+        names = [n for n, p in backbone.named_parameters() if p.requires_grad]
+
+        loss_alone = y.new_zeros(())
+        last: list[State] = []
+        inputs: list[tuple[int, int, int, Tensor]] = []
+        for i, row in enumerate(docs):
+            row_state = backbone.init_state(1)
+            for a, e, d in row:
+                xi = x[i : i + 1, a:e].detach().requires_grad_(True)
+                yi, row_state = backbone(xi)
+                assert_close(y[i, a:e].detach(), yi[0].detach(), f"row {i} document {d} at columns {a}:{e} vs alone from a fresh state")
+                loss_alone = loss_alone + (yi * w[i : i + 1, a:e]).sum()
+                inputs.append((i, a, e, xi))
+            last.append(row_state)
+            pads = y[i][~real[i]]
+            if pads.numel() and bool(pads.ne(0).any()):
+                raise AssertionError(f"row {i} outputs at padding are not 0 (max abs {pads.abs().max().item():.3e})")
+        if not isinstance(state, RaggedState) or state.documents is None:
+            raise AssertionError(f"the state after a call with document_ids is a {type(state).__name__} without documents")
+        want_docs = [row[-1][2] if row else NO_DOCUMENT for row in docs]
+        if state.documents.tolist() != want_docs:
+            raise AssertionError(f"state.documents {state.documents.tolist()} != each row's last id {want_docs}")
+        assert_rows_equal(state, [s.detach() for s in last], "final state vs the row's last document alone")
+
+        loss = (y * w * real[..., None]).sum()
+        grads = _grads(loss, [*params, x])
+        grads_alone = _grads(loss_alone, [*params, *[xi for *_, xi in inputs]])
+        for name, g, g1 in zip(names, grads, grads_alone):
+            assert_close(g, g1, f"grad of {name}: packed batch vs the sum of the documents alone")
+        g_x = grads[len(params)]
+        for (i, a, e, xi), g1 in zip(inputs, grads_alone[len(params):]):
+            assert_close(g_x[i, a:e], g1[0], f"row {i} grad of its inputs at columns {a}:{e} vs the document alone")
+        pad_grad = g_x[~real]
+        if pad_grad.numel() and bool(pad_grad.ne(0).any()):
+            raise AssertionError(f"inputs at padding get gradient (max abs {pad_grad.abs().max().item():.3e})")
+
+        if cuts:
+            with torch.no_grad():
+                chunked, chunked_state = _run_chunks(
+                    lambda xs, d, m, st: backbone(xs, st, attention_mask=m, document_ids=d),
+                    cuts, t, x.detach(), document_ids, attention_mask,
+                )
+            assert_close(chunked, y.detach(), f"outputs chunked at {list(cuts)} vs one call")
+            assert_any_states_equal(chunked_state, state, f"final state chunked at {list(cuts)} vs one call")
+            assert_rows_equal(chunked_state, [s.detach() for s in last], f"final state chunked at {list(cuts)} vs the documents alone")
+
+
 def random_cuts(rng: random.Random, length: int) -> list[int]:
     """Sorted distinct cut points in (0, length): sometimes none, sometimes every position."""
     if length < 2:
@@ -370,6 +689,14 @@ def run_conformance(name: str, options: dict[str, Any] | None = None, *, trials:
         cuts = random_cuts(rng, tokens.shape[1])
         check_state_equivalence(model, tokens, cuts)
         check_gradient_equivalence(model, tokens, cuts)
+    for trial in range(2):  # ragged batches: padded rows (chunked, continued), packed documents
+        width = rng.randint(1, 3 * size)
+        batch = rng.randint(2, 3)
+        tokens, mask = padded_batch(model, random_spans(rng, batch, width), width, seed + trial)
+        more = random_tokens(model, batch, rng.randint(1, size + 1), seed + trial + 1)
+        check_padded_rows(model, tokens, mask, cuts=random_cuts(rng, width), more=more)
+        packed_mask = padded_batch(model, random_spans(rng, batch, width), width)[1] if trial else None
+        check_packed_rows(model, random_documents(rng, batch, width), packed_mask, cuts=random_cuts(rng, width))
     model32 = tiny_model(name, opts, dtype=torch.float32)
     check_state_equivalence(model32, long, random_cuts(rng, long.shape[1]))
     for preset, layer in LAYER_PRESETS.items():
@@ -385,3 +712,6 @@ def run_conformance(name: str, options: dict[str, Any] | None = None, *, trials:
         cuts = random_cuts(rng, tokens.shape[1])
         check_state_equivalence(shaped, tokens, cuts)
         check_gradient_equivalence(shaped, tokens, cuts)
+        width = 2 * size + 1
+        tokens, mask = padded_batch(shaped, random_spans(rng, 3, width), width, seed)
+        check_padded_rows(shaped, tokens, mask, cuts=random_cuts(rng, width))
