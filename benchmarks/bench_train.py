@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    commit = git_commit()  # the code being measured (read now: the tree may move during a long run)
     if args.compile:
         # one compiled loss function serves every contender: each model is a new guard set
         # on the same code, so let Dynamo keep a graph per contender (default limit: 8)
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mode": "forward + cross-entropy + backward, float32, cpu",
         "threads": args.threads, "rounds": args.rounds, "inner_steps": inner,
         "matmul": {"n": n, "flops_per_s_median": matmul_flops, "seconds_min": min(matmul_s)},
-        "commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+        "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(),
         "results": results,
     }
