@@ -124,7 +124,8 @@ class DecoderLayer(nn.Module):
     def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, D) and positions -> q (B, H, T, Dh), k, v (B, Hkv, T, Dh), positions applied."""
         q, k, v = self.project_raw(x)
-        return self.positions.query(q, pos), self.positions.key(k, pos), v
+        q, k = self.positions.query_key(q, k, pos)
+        return q, k, v
 
     def attend_residual(self, x: Tensor, heads: Tensor) -> Tensor:
         """x (B, T, D) + out-projection of per-head attention output (B, H, T, Dh)."""

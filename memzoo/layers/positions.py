@@ -69,6 +69,10 @@ class PositionScheme(nn.Module):
     def key(self, k: Tensor, pos: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def query_key(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """``(query(q, pos), key(k, pos))``; a scheme may share work between the two."""
+        return self.query(q, pos), self.key(k, pos)
+
 
 class NoPositions(PositionScheme):
     """Identity (NoPE): attention sees no explicit position."""
@@ -104,16 +108,29 @@ class RoPE(PositionScheme):
             cached = self._on_device[device] = self.inv_freq.to(device)
         return cached
 
-    def _rotate(self, x: Tensor, pos: Tensor) -> Tensor:
-        ang = pos.to(torch.float64)[..., None] * self._freqs(x.device)  # (T, Dh/2) or (B, T, Dh/2)
+    def _cos_sin(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        ang = pos.to(torch.float64)[..., None] * self._freqs(like.device)  # (T, Dh/2) or (B, T, Dh/2)
         if ang.dim() == 3:
             ang = ang[:, None]  # (B, 1, T, Dh/2)
         cos, sin = ang.cos(), ang.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return cos.to(like.dtype), sin.to(like.dtype)
+
+    @staticmethod
+    def _turn(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    def _rotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        return self._turn(x, *self._cos_sin(pos, x))
+
+    def query_key(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Both rotated with one computation of the angles (a decode step's hot path)."""
+        if q.dtype != k.dtype or q.device != k.device:
+            return self._rotate(q, pos), self._rotate(k, pos)
+        cos, sin = self._cos_sin(pos, q)
+        return self._turn(q, cos, sin), self._turn(k, cos, sin)
 
     def query(self, q: Tensor, pos: Tensor) -> Tensor:
         return self._rotate(q, pos)

@@ -113,6 +113,12 @@ class KVCacheBackbone(Backbone):
             backend=self.backend, **memory, **rows,
         )
 
+    def attends_sinks_at_own_positions(self, start: int, end: int) -> bool:
+        """Whether the call ``[start, end)`` attends (or hands :meth:`extra_rows`) the sink
+        rows rotated at their own positions (``keys``); with False the engine skips
+        rotating them and ``keys`` is ``raw_keys``. Only read with ``sinks_before_positions``."""
+        return True
+
     def next_state(self, state: State, end: int, k: list[Tensor], v: list[Tensor], kept: list[Any]) -> State:
         """The state after a call ending at ``end`` (``kept``: what :meth:`extra_rows` kept)."""
         return self.State(pos=end, fingerprint=self.fingerprint, k=k, v=v)
@@ -131,7 +137,7 @@ class KVCacheBackbone(Backbone):
         for i, layer in enumerate(self.layers):
             if raw_sinks:
                 q, k_raw, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh) x2
-                q, k = layer.positions.query(q, pos), layer.positions.key(k_raw, pos)
+                q, k = layer.positions.query_key(q, k_raw, pos)
                 if new_sinks:
                     k = torch.cat([k_raw[:, :, :new_sinks], k[:, :, new_sinks:]], dim=2)
             else:
@@ -140,7 +146,7 @@ class KVCacheBackbone(Backbone):
             raw_keys = torch.cat([state.k[i], k], dim=2)
             values = torch.cat([state.v[i], v], dim=2)
             keys = raw_keys
-            if raw_sinks:  # the sinks at their own positions 0 … s-1
+            if raw_sinks and self.attends_sinks_at_own_positions(start, end):  # the sinks at their positions 0 … s-1
                 keys = torch.cat([layer.positions.key(raw_keys[:, :, :raw_sinks], sink_pos), raw_keys[:, :, raw_sinks:]], dim=2)
             rows, layer_kept = self.extra_rows(i, layer, state, keys, values, start, end)
             heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)

@@ -98,6 +98,10 @@ class Sinks(KVCacheBackbone):
     def keep_from(self, next_pos: int) -> int:
         return next_pos - (self.window - 1)
 
+    def attends_sinks_at_own_positions(self, start: int, end: int) -> bool:
+        # cache positions: only the queries before S+W (nothing evicted yet) see the sinks at 0 … S-1
+        return self.positions == "absolute" or start < self.num_sinks + self.window
+
     def attend(
         self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, layout: BlockLayout, start: int,
         raw_keys: Tensor, rows: dict[str, Tensor],
@@ -125,7 +129,7 @@ class Sinks(KVCacheBackbone):
         at = (shift[:, None] + torch.arange(s, device=q.device)).flatten()  # (n_late * S,)
         rotated = layer.positions.key(sink_k[:, :, None].expand(b, h_kv, n_late, s, dh).flatten(2, 3), at)
         parts.append(ops.attend(
-            q[:, :, split - start :], keys[:, :, s:], values[:, :, s:], layout=BlockLayout(1, w - 1), q_start=split,
+            q[:, :, split - start :], raw_keys[:, :, s:], values[:, :, s:], layout=BlockLayout(1, w - 1), q_start=split,
             scale=scale, backend=self.backend,
             extra_k=rotated.unflatten(2, (n_late, s)), extra_v=sink_v[:, :, None].expand(b, h_kv, n_late, s, dh),
         ))
