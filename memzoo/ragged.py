@@ -442,7 +442,8 @@ def forward(
             groups = _replace_rows(groups, rows, new)
             for i in rows:
                 cursor[i] += n
-                new_docs[i] = todo[i][0].doc
+                if todo[i][0].doc != NO_DOCUMENT:  # a call without ids continues the row's document
+                    new_docs[i] = todo[i][0].doc
                 if cursor[i] >= todo[i][0].end:
                     todo[i].pop(0)
                     if todo[i]:

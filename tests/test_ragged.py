@@ -420,3 +420,16 @@ def test_the_kit_turns_an_exception_into_a_readable_failure(toy):
     msg = str(err.value)
     assert msg.startswith("zz_fails_on_one_row: padded batch, rows real at columns ['0:2', '0:4'] of 4 raised RuntimeError"), msg
     assert "is invalid for this state" in msg and "batch-first" in msg, msg
+
+
+def test_a_call_without_document_ids_continues_each_rows_document() -> None:
+    """After packed rows, a call with only a mask (or nothing) continues every row's last
+    document: the ids the state keeps stay, so a later call with the same id continues
+    too and a new id starts afresh."""
+    model = memzoo.build_model("bswa", vocab_size=23, d_model=16, n_heads=2, block_size=4, memory_blocks=1).double()
+    tokens = torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, state = model(tokens, document_ids=torch.tensor([[0, 0, 1, 1, 1, 1], [5, 5, 5, 5, 5, 5]]))
+    _, state = model(tokens[:, :3], state, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert state.documents.tolist() == [1, 5]
+    _, state = model(tokens[:, :2], state, document_ids=torch.tensor([[1, 1], [6, 6]]))
+    assert state.positions.tolist() == [9, 2] and state.documents.tolist() == [1, 6]
