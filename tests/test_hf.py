@@ -16,11 +16,8 @@ from memzoo import testing as kit
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("memzoo.hf")
 
-CASES = [
-    pytest.param(name, dict(opts), id=f"{name}-{i}")
-    for name in memzoo.list_variants()
-    for i, opts in enumerate(memzoo.get_variant(name).config.conformance_options)
-]
+#: every registered variant's conformance options and layer presets (GQA, biases, RoPE scaling)
+CASES = [pytest.param(name, opts, id=case_id) for name, opts, case_id in kit.registry_cases()]
 
 
 @pytest.mark.parametrize("name,opts", CASES)
