@@ -154,10 +154,7 @@ class RaggedState:
 
     def row(self, i: int) -> State:
         """Row ``i`` alone: a plain state of batch size 1."""
-        for rows, s in self.groups:
-            if i in rows:
-                return select_rows(s, [rows.index(i)])
-        raise IndexError(f"row {i} out of range for batch size {self.batch_size}")
+        return select_rows_of(self.groups, i)
 
     def rows(self) -> list[State]:
         return [self.row(i) for i in range(self.batch_size)]
@@ -258,12 +255,7 @@ def documents_of(state: AnyState | None, batch_size: int) -> Tensor:
 
 def gather(groups: Sequence[tuple[tuple[int, ...], State]], rows: Sequence[int]) -> State:
     """The state of ``rows`` (in that order; all at one position) from ``groups``."""
-    parts = []
-    for i in rows:
-        for g_rows, s in groups:
-            if i in g_rows:
-                parts.append((g_rows, s, g_rows.index(i)))
-                break
+    parts = [_locate(groups, i) for i in rows]
     if len({id(s) for _, s, _ in parts}) == 1 and tuple(rows) == parts[0][0]:
         return parts[0][1]
     return cat_rows([select_rows(s, [j]) for _, s, j in parts])
@@ -295,11 +287,17 @@ def where(state: AnyState, keep: Tensor, other: AnyState) -> AnyState:
     return normalise([((i,), s) for i, s in rows], docs)
 
 
-def select_rows_of(groups: Sequence[tuple[tuple[int, ...], State]], i: int) -> State:
+def _locate(groups: Sequence[tuple[tuple[int, ...], State]], i: int) -> tuple[tuple[int, ...], State, int]:
+    """The group holding batch row ``i``: its rows, its state and ``i``'s index in it."""
     for rows, s in groups:
         if i in rows:
-            return select_rows(s, [rows.index(i)])
-    raise IndexError(i)
+            return rows, s, rows.index(i)
+    raise IndexError(f"row {i} out of range for batch size {sum(len(rows) for rows, _ in groups)}")
+
+
+def select_rows_of(groups: Sequence[tuple[tuple[int, ...], State]], i: int) -> State:
+    _, s, j = _locate(groups, i)
+    return select_rows(s, [j])
 
 
 # ------------------------------------------------------------------ the inputs
@@ -488,10 +486,7 @@ def _one_call(
 
 
 def _pos_of(groups: Sequence[tuple[tuple[int, ...], State]], i: int) -> int:
-    for rows, s in groups:
-        if i in rows:
-            return s.pos
-    raise IndexError(i)
+    return _locate(groups, i)[1].pos
 
 
 def _replace_rows(

@@ -132,7 +132,7 @@ class KVCacheBackbone(Backbone):
         kept_rows = self.cached_positions(end, layout)
         raw_sinks = layout.n_sink_rows(end) if self.sinks_before_positions else 0
         new_sinks = raw_sinks - layout.n_sink_rows(start)  # this call's tokens that are sinks
-        sink_pos = torch.arange(raw_sinks, device=x.device)
+        sink_pos = torch.arange(raw_sinks, device=x.device) if raw_sinks else None
         new_k, new_v, kept = [], [], []
         for i, layer in enumerate(self.layers):
             if raw_sinks:
