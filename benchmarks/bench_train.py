@@ -120,18 +120,18 @@ def count_attention_pairs(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     def wrap(backend: ops.Backend) -> None:
         attend, dense = backend.attend, backend.dense
 
-        def counting_attend(q, k, v, *, layout, q_start, scale, **rest):  # type: ignore[no-untyped-def]
+        def counting_attend(inputs: ops.AttentionInputs) -> torch.Tensor:
             nonlocal total
+            q, k, layout = inputs.q, inputs.k, inputs.layout
             b, h, tq = q.shape[:3]
-            end = q_start + tq
-            q_pos = torch.arange(q_start, end)
+            end = inputs.end
+            q_pos = torch.arange(inputs.q_start, end)
             k_pos = layout.key_positions(end, k.shape[2])
             pairs = int(layout.visible(q_pos[:, None], k_pos[None, :]).sum())
-            extra = rest.get("extra_k")
-            if extra is not None:
-                pairs += tq * extra.shape[3]
+            if inputs.extra_k is not None:
+                pairs += tq * inputs.extra_k.shape[3]
             total += b * h * pairs
-            return attend(q, k, v, layout=layout, q_start=q_start, scale=scale, **rest)
+            return attend(inputs)
 
         def counting_dense(q, k, v, *, scale):  # type: ignore[no-untyped-def]
             nonlocal total

@@ -346,11 +346,11 @@ def captured_calls(name: str, i: int) -> tuple[Call, ...]:
     reference = ops.get_backend("reference")
     seen: dict[tuple, Call] = {}
 
-    def spy(q, k, v, *, layout, q_start, scale, **rest):
-        tensors = {"q": q, "k": k, "v": v, **{n: t for n, t in rest.items() if t is not None}}
-        call = Call(layout, q_start, scale, {n: t.detach().clone() for n, t in tensors.items()})
+    def spy(inputs: ops.AttentionInputs) -> Tensor:
+        tensors = inputs.tensors()
+        call = Call(inputs.layout, inputs.q_start, inputs.scale, {n: t.detach().clone() for n, t in tensors.items()})
         seen.setdefault(call.shape_key, call)
-        return type(reference).attend(reference, q, k, v, layout=layout, q_start=q_start, scale=scale, **rest)
+        return type(reference).attend(reference, inputs)
 
     reference.attend = spy  # instance attribute: shadows the method while capturing
     try:
@@ -548,7 +548,7 @@ def test_xformers_path_with_a_materialising_kernel_equals_reference(name, i):
         ins = {n: t.clone().requires_grad_(True) for n, t in call.tensors.items()}
         kwargs = dict(layout=call.layout, q_start=call.q_start, scale=call.scale)
         want = ops.attend(**ins, **kwargs, backend="reference")
-        got = xf.attend_planned(xf.materialized_kernel, **ins, **kwargs)
+        got = xf.attend_planned(xf.materialized_kernel, ops.AttentionInputs(**ins, **kwargs))
         tol = ops.get_backend("reference").tolerance(F64)
         close = ops.Tolerance(1e-12, 1e-10) if tol.atol == 0 else tol
         assert_within(got, want, close, f"{name}: output for {call.shape_key}")
@@ -598,7 +598,7 @@ def test_sdpa_lower_right_split_equals_reference(name, i):
         ins = {n: t.clone().requires_grad_(True) for n, t in call.tensors.items()}
         kwargs = dict(layout=call.layout, q_start=call.q_start, scale=call.scale)
         want = ops.attend(**ins, **kwargs, backend="reference")
-        got = split_sdpa.attend(**ins, **kwargs)
+        got = split_sdpa.attend(ops.AttentionInputs(**ins, **kwargs))
         tol = ops.get_backend("sdpa").tolerance(F64)
         assert_within(got, want, tol, f"{name}: output for {call.shape_key}")
         g_want, g_got = input_grads(want, ins), input_grads(got, ins)

@@ -111,7 +111,7 @@ def test_finite_values_whose_sum_overflows_give_the_backend_result() -> None:
     v = torch.full((1, 2, 8, 4), 3e38)
     layout = ops.BlockLayout(block_size=4, window=4)
     for backend in BACKENDS:
-        direct = ops.get_backend(backend).attend(q, k, v, layout=layout, q_start=0, scale=0.5)
+        direct = ops.get_backend(backend).attend(ops.AttentionInputs(q, k, v, layout, q_start=0, scale=0.5))
         routed = ops.attend(q, k, v, layout=layout, q_start=0, scale=0.5, backend=backend)
         assert torch.equal(torch.isfinite(routed), torch.isfinite(direct)), backend
         assert torch.equal(routed[torch.isfinite(direct)], direct[torch.isfinite(direct)]), backend

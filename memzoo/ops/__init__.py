@@ -30,6 +30,7 @@ from memzoo.errors import InputError
 
 from memzoo.ops.base import (
     AttentionCall,
+    AttentionInputs,
     Backend,
     BackendRecord,
     BackendUnavailable,
@@ -102,34 +103,57 @@ def _refuse_non_finite(**named: Tensor | None) -> None:
             )
 
 
-def attend(q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem=None, extra_k=None, extra_v=None):
-    """Dispatch one layout attention call to ``backend`` (a name or ``"auto"``).
+def attend(
+    q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem=None, extra_k=None, extra_v=None, rel_q=None, rel_k=None
+):
+    """Dispatch one layout attention call to ``backend`` (a name or ``"auto"``); the
+    inputs are those of :class:`AttentionInputs`.
 
     ``q`` (B, H, Tq, D); ``k``, ``v`` and the optional memory tensors / extra rows may have
     fewer heads Hkv dividing H (grouped-query attention): they are shared by groups of
-    H / Hkv query heads."""
+    H / Hkv query heads. ``rel_q`` and ``rel_k`` come together (relative-position keys)."""
     h = q.shape[1]
     k, v, k_mem, v_mem, extra_k, extra_v = (repeat_kv(t, h) for t in (k, v, k_mem, v_mem, extra_k, extra_v))
-    call = AttentionCall.describe(q, k, layout, k_mem, extra_k, v=v, v_mem=v_mem, extra_v=extra_v)
-    impl = resolve_backend(backend, call)
+    inputs = AttentionInputs(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, rel_q, rel_k)
+    if (rel_q is None) != (rel_k is None):
+        raise ValueError("relative-position keys need both rel_q (B, H, Tq, Dr) and rel_k (H or 1, n, Dr); got one of them")
+    if rel_k is not None:
+        _check_relative(inputs)
+    impl = resolve_backend(backend, inputs.describe())
     note_resolved(impl.name)
     compiling = torch.compiler.is_compiling()
+    tensors = (k, v, k_mem, v_mem, extra_k, extra_v)
     if not compiling and _CHECK_FINITE.get():  # check_finite() is for eager code
-        _refuse_non_finite(q=q, k=k, v=v, k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v)
+        _refuse_non_finite(**inputs.tensors())
     elif impl.name == "reference" or layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2]):
         pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
     elif compiling or q.device.type != "cpu":
         # a compiled graph cannot branch on data, and on an accelerator the branch would
         # cost a host sync per call: run the non-finite handling unconditionally
         # (branch-free, equal to impl.attend when all is finite)
-        return _attend_non_finite(impl, q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v)
-    elif impl.name != "reference" and not _all_finite(k, v, k_mem, v_mem, extra_k, extra_v):
+        return _attend_non_finite(impl, inputs)
+    elif impl.name != "reference" and not _all_finite(*tensors):
         # on the CPU the check is one sum per tensor, cheaper than the masked path
-        return _attend_non_finite(impl, q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v)
-    return impl.attend(
-        q, k, v, layout=layout, q_start=q_start, scale=scale,
-        k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v,
-    )
+        return _attend_non_finite(impl, inputs)
+    return impl.attend(inputs)
+
+
+def _check_relative(inputs: AttentionInputs) -> None:
+    q, rel_q, rel_k = inputs.q, inputs.rel_q, inputs.rel_k
+    assert rel_q is not None and rel_k is not None
+    b, h, tq, _ = q.shape
+    if rel_q.dim() != 4 or tuple(rel_q.shape[:3]) != (b, h, tq):
+        raise ValueError(f"rel_q must be (B, H, Tq, Dr) = ({b}, {h}, {tq}, Dr) like q's leading dims, got {tuple(rel_q.shape)}")
+    if rel_k.dim() != 3 or rel_k.shape[0] not in (1, h) or rel_k.shape[2] != rel_q.shape[3]:
+        raise ValueError(
+            f"rel_k must be (H or 1, n, Dr) with H={h} and Dr={rel_q.shape[3]} (rel_q's width), got {tuple(rel_k.shape)}"
+        )
+    need = inputs.needed_distances()
+    if rel_k.shape[1] < need:
+        raise ValueError(
+            f"rel_k holds {rel_k.shape[1]} distances but the queries of this call see keys up to distance {need - 1} "
+            f"(it needs at least {need} rows: distances 0 … {need - 1})"
+        )
 
 
 def _zeroed(t: Tensor | None) -> Tensor | None:
@@ -144,13 +168,15 @@ def _in_range(bad: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return (upper - lower > 0) & (hi_c > lo_c)[:, None]
 
 
-def _attend_non_finite(impl, q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v):  # type: ignore[no-untyped-def]
+def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
     """``impl.attend`` when a key or value is NaN/inf: run it on zeroed copies, then set
-    to NaN exactly the outputs that a visible non-finite key (row) or value (column) reaches."""
-    out = impl.attend(
-        q, _zeroed(k), _zeroed(v), layout=layout, q_start=q_start, scale=scale,
-        k_mem=_zeroed(k_mem), v_mem=_zeroed(v_mem), extra_k=_zeroed(extra_k), extra_v=_zeroed(extra_v),
-    )
+    to NaN exactly the outputs that a visible non-finite key (row) or value (column) reaches.
+    (Relative-position keys are derived from queries and weights, like ``q``: not zeroed.)"""
+    q, k, v, layout, q_start = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start
+    k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
+    out = impl.attend(inputs.replace(
+        k=_zeroed(k), v=_zeroed(v), k_mem=_zeroed(k_mem), v_mem=_zeroed(v_mem), extra_k=_zeroed(extra_k), extra_v=_zeroed(extra_v),
+    ))
     tq, tk = q.shape[2], k.shape[2]
     end = q_start + tq
     q_pos = torch.arange(q_start, end, device=q.device)
@@ -186,7 +212,8 @@ def dense(q, k, v, *, scale, backend="auto"):
     """Unmasked attention of every query to every key, through ``backend`` (K/V may have
     fewer heads than ``q``, as in :func:`attend`)."""
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    call = AttentionCall.describe(q, k, BlockLayout(), None, None, v=v)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    call = AttentionCall(q.device.type, q.dtype, BlockLayout(), needs_grad, False, False, q.shape[-1], v.shape[-1])
     impl = resolve_backend(backend, call)
     note_resolved(impl.name)
     if not torch.compiler.is_compiling() and _CHECK_FINITE.get():  # eager only (see attend)
@@ -195,7 +222,7 @@ def dense(q, k, v, *, scale, backend="auto"):
 
 
 __all__ = [
-    "AttentionCall", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "TOLERANCES", "Tolerance",
+    "AttentionCall", "AttentionInputs", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "TOLERANCES", "Tolerance",
     "attend", "check_backend_name", "check_finite", "dense", "explain", "get_backend", "list_backends", "record_backends",
     "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "use_backend",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Mapping
@@ -42,6 +43,72 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@dataclass(frozen=True, eq=False)
+class AttentionInputs:
+    """One layout attention call, as every backend receives it (xformers' ``Inputs`` is the
+    model): the tensors, the layout and where the queries stand. Built once by
+    :func:`memzoo.ops.attend` (K/V already repeated to the query heads).
+
+    ``q`` (B,H,Tq,D), ``k`` (B,H,Tk,D), ``v`` (B,H,Tk,Dv); the key rows' positions are
+    :meth:`BlockLayout.key_positions` (sinks first when ``layout.sinks``).
+
+    * ``k_mem``/``v_mem`` (like ``k``/``v``): used in place of ``k``/``v`` for the keys
+      that are a query's memory (before its block), see :mod:`memzoo.ops.layout`.
+    * ``extra_k``/``extra_v``: (B,H,nb,F,D)/(B,H,nb,F,Dv), one set of rows per query block
+      touched by the call, in order (``nb = layout.n_query_blocks(...)``).
+    * ``rel_q`` (B,H,Tq,Dr) and ``rel_k`` (H or 1, n, Dr): *relative-position keys*
+      (Shaw et al. 2018; Transformer-XL's terms (b)+(d)). The score of query ``i`` and key
+      row ``j`` (not an extra row) gains ``rel_q[i] · rel_k[pos_i - pos_j]``, before the
+      scale like ``q·k``::
+
+          s_ij = scale · (q_i·k_j + rel_q_i·rel_k[pos_i - pos_j])
+
+      ``n`` must cover every distance a query of the call can see
+      (:meth:`needed_distances`).
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    layout: BlockLayout
+    q_start: int
+    scale: float
+    k_mem: Tensor | None = None
+    v_mem: Tensor | None = None
+    extra_k: Tensor | None = None
+    extra_v: Tensor | None = None
+    rel_q: Tensor | None = None
+    rel_k: Tensor | None = None
+
+    @property
+    def end(self) -> int:
+        """One past the last query's position."""
+        return self.q_start + self.q.shape[2]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors that are given, by field name."""
+        names = ("q", "k", "v", "k_mem", "v_mem", "extra_k", "extra_v", "rel_q", "rel_k")
+        return {n: t for n in names if (t := getattr(self, n)) is not None}
+
+    def replace(self, **changes: object) -> "AttentionInputs":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def needed_distances(self) -> int:
+        """How many distances ``rel_k`` must hold: one past the largest ``pos_i - pos_j``
+        over the queries of the call and the keys passed, bounded by what the layout lets
+        a query see (its window and own block)."""
+        layout, end = self.layout, self.end
+        first = 0 if layout.n_sink_rows(end) else layout.run_start(end, self.k.shape[2])
+        reach = end - first  # the last query to the first key, plus one
+        if layout.bounded and not layout.sinks:
+            assert layout.block_size is not None and layout.window is not None
+            reach = min(reach, layout.block_size + layout.window)
+        return reach
+
+    def describe(self) -> "AttentionCall":
+        return AttentionCall.describe(self)
+
+
 @dataclass(frozen=True)
 class AttentionCall:
     """What a backend needs to know to say whether it can run a call."""
@@ -55,31 +122,23 @@ class AttentionCall:
     #: D and Dv (None: not known, e.g. a hand-made call in a test)
     head_dim: int | None = None
     value_dim: int | None = None
+    has_relative_keys: bool = False
 
     @classmethod
-    def describe(
-        cls,
-        q: Tensor,
-        k: Tensor,
-        layout: BlockLayout,
-        k_mem: Tensor | None,
-        extra_k: Tensor | None,
-        v: Tensor | None = None,
-        v_mem: Tensor | None = None,
-        extra_v: Tensor | None = None,
-    ) -> "AttentionCall":
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, k_mem, v_mem, extra_k, extra_v)
-        )
+    def describe(cls, inputs: AttentionInputs) -> "AttentionCall":
+        tensors = inputs.tensors()
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+        q = inputs.q
         return cls(
             device_type=q.device.type,
             dtype=q.dtype,
-            layout=layout,
+            layout=inputs.layout,
             requires_grad=needs_grad,
-            has_memory_tensors=k_mem is not None,
-            has_extra=extra_k is not None,
+            has_memory_tensors=inputs.k_mem is not None,
+            has_extra=inputs.extra_k is not None,
             head_dim=q.shape[-1],
-            value_dim=None if v is None else v.shape[-1],
+            value_dim=inputs.v.shape[-1],
+            has_relative_keys=inputs.rel_q is not None,
         )
 
     def summary(self) -> str:
@@ -89,6 +148,8 @@ class AttentionCall:
             parts.append("memory tensors")
         if self.has_extra:
             parts.append("extra rows")
+        if self.has_relative_keys:
+            parts.append("relative-position keys")
         if self.head_dim is not None and self.value_dim is not None and self.head_dim != self.value_dim:
             parts.append(f"Dv={self.value_dim} != D={self.head_dim}")
         return ", ".join(parts)
@@ -133,6 +194,8 @@ class Support:
     tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=lambda: dict(TOLERANCES))
     #: why training is refused on a device it runs on (a remedy, not just a "no")
     no_training_because: Mapping[str, str] = field(default_factory=dict)
+    #: why relative-position keys (``rel_q``/``rel_k``) are not implemented (None: they are)
+    no_relative_keys_because: str | None = None
 
     @property
     def devices(self) -> list[str]:
@@ -179,6 +242,8 @@ class Backend:
         lay = call.layout
         if not lay.bounded and (call.has_extra or call.has_memory_tensors) and not s.unbounded_with_memory:
             reasons.append("an unbounded layout (window=None) with memory tensors or extra rows is not block-gatherable")
+        if call.has_relative_keys and s.no_relative_keys_because:
+            reasons.append(s.no_relative_keys_because)
         least = s.min_head_dim.get(dev)
         if least is not None and call.head_dim is not None and call.head_dim < least:
             reasons.append(f"head width D={call.head_dim} is below the {least} the {dev} kernels take")
@@ -192,26 +257,8 @@ class Backend:
             valid = ", ".join(dtype_name(d) for d in self.support.tolerances)
             raise MemzooError(f"backend {self.name!r} declares no tolerance for {dtype_name(dtype)} (declared: {valid})") from None
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        layout: BlockLayout,
-        q_start: int,
-        scale: float,
-        k_mem: Tensor | None = None,
-        v_mem: Tensor | None = None,
-        extra_k: Tensor | None = None,
-        extra_v: Tensor | None = None,
-    ) -> Tensor:
-        """``q`` (B,H,Tq,D), ``k`` (B,H,Tk,D), ``v`` (B,H,Tk,Dv) -> (B,H,Tq,Dv). The key rows'
-        positions are :meth:`BlockLayout.key_positions` (sinks first when ``layout.sinks``).
-
-        ``extra_k``/``extra_v``: (B,H,nb,F,D)/(B,H,nb,F,Dv), one set of rows per query
-        block touched by this call, in order (``nb = layout.n_query_blocks(...)``).
-        """
+    def attend(self, inputs: AttentionInputs) -> Tensor:
+        """The call's output (B,H,Tq,Dv); see :class:`AttentionInputs` for what each input is."""
         raise NotImplementedError
 
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
@@ -300,14 +347,16 @@ def _report(verdicts: dict[str, list[str]], skip: str | None = None) -> str:
 
 @torch.compiler.assume_constant_result
 def _resolved_name_when_traced(
-    name: str, device_type: str, dtype: torch.dtype, block_size: int | None, window: int | None, requires_grad: bool,
-    has_memory_tensors: bool, has_extra: bool, head_dim: int | None, value_dim: int | None,
+    name: str, device_type: str, dtype: torch.dtype, block_size: int | None, window: int | None, sinks: int,
+    requires_grad: bool, has_memory_tensors: bool, has_extra: bool, head_dim: int | None, value_dim: int | None,
+    has_relative_keys: bool,
 ) -> str:
     """Resolution run eagerly when ``torch.compile`` traces a call (Dynamo cannot trace
     context variables or the backends' availability checks); its result is a constant of
     the graph."""
     call = AttentionCall(
-        device_type, dtype, BlockLayout(block_size, window), requires_grad, has_memory_tensors, has_extra, head_dim, value_dim
+        device_type, dtype, BlockLayout(block_size, window, sinks), requires_grad, has_memory_tensors, has_extra, head_dim,
+        value_dim, has_relative_keys,
     )
     return _resolve(name, call).name
 
@@ -320,8 +369,8 @@ def resolve_backend(name: str, call: AttentionCall) -> Backend:
     if torch.compiler.is_compiling():
         c = call
         return get_backend(_resolved_name_when_traced(
-            name, c.device_type, c.dtype, c.layout.block_size, c.layout.window, c.requires_grad,
-            c.has_memory_tensors, c.has_extra, c.head_dim, c.value_dim,
+            name, c.device_type, c.dtype, c.layout.block_size, c.layout.window, c.layout.sinks, c.requires_grad,
+            c.has_memory_tensors, c.has_extra, c.head_dim, c.value_dim, c.has_relative_keys,
         ))
     return _resolve(name, call)
 
@@ -359,6 +408,7 @@ def resolve_backend_name(
     memory_tensors: bool = False,
     extra_rows: bool = False,
     head_dim: int | None = None,
+    relative_keys: bool = False,
 ) -> str:
     """The backend ``name`` (or ``"auto"``) resolves to for a typical call on ``device``
     in ``dtype``, without running anything. Raises like :func:`resolve_backend` when
@@ -373,6 +423,7 @@ def resolve_backend_name(
         has_extra=extra_rows,
         head_dim=head_dim,
         value_dim=head_dim,
+        has_relative_keys=relative_keys,
     )
     return resolve_backend(name, call).name
 

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from memzoo.ops.base import FLOATS, AttentionCall, Backend, Support, register_backend
+from memzoo.ops.base import FLOATS, AttentionCall, AttentionInputs, Backend, Support, register_backend
 from memzoo.ops.layout import BlockLayout
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -197,20 +197,9 @@ class FlexBackend(Backend):
         missing = flex_available()
         return [missing] if missing else []
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        layout: BlockLayout,
-        q_start: int,
-        scale: float,
-        k_mem: Tensor | None = None,
-        v_mem: Tensor | None = None,
-        extra_k: Tensor | None = None,
-        extra_v: Tensor | None = None,
-    ) -> Tensor:
+    def attend(self, inputs: AttentionInputs) -> Tensor:
+        q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
+        k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
         tq, tk = q.shape[2], k.shape[2]
         nb = layout.n_query_blocks(q_start, tq)
         keys, values = [k], [v]

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from memzoo.ops.base import FLOATS, AttentionCall, Backend, Support, Tolerance, register_backend
-from memzoo.ops.layout import BlockLayout
+from memzoo.ops.base import FLOATS, AttentionCall, AttentionInputs, Backend, Support, Tolerance, register_backend
 
 
 @register_backend
@@ -34,20 +33,9 @@ class ReferenceBackend(Backend):
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         return []
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        layout: BlockLayout,
-        q_start: int,
-        scale: float,
-        k_mem: Tensor | None = None,
-        v_mem: Tensor | None = None,
-        extra_k: Tensor | None = None,
-        extra_v: Tensor | None = None,
-    ) -> Tensor:
+    def attend(self, inputs: AttentionInputs) -> Tensor:
+        q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
+        k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
         tq, tk = q.shape[2], k.shape[2]
         end = q_start + tq
         q_pos = torch.arange(q_start, end, device=q.device)
@@ -58,6 +46,12 @@ class ReferenceBackend(Backend):
         memory = layout.is_memory(q_pos[:, None], k_pos[None, :])  # (Tq, Tk)
         if k_mem is not None:
             scores = torch.where(memory, (q @ k_mem.transpose(-1, -2)) * scale, scores)
+        if inputs.rel_q is not None:
+            assert inputs.rel_k is not None
+            # rel_q_i · rel_k[d] for every distance d, then each pair's own d = pos_i - pos_j
+            by_distance = inputs.rel_q @ inputs.rel_k.transpose(-1, -2)  # (B, H, Tq, n)
+            distance = (q_pos[:, None] - k_pos[None, :]).clamp(0, by_distance.shape[-1] - 1)  # (Tq, Tk); unseen pairs masked
+            scores = scores + by_distance.gather(-1, distance.expand(*by_distance.shape[:2], tq, tk)) * scale
         scores = scores.masked_fill(~allowed, float("-inf"))
 
         n_extra = 0

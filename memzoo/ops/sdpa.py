@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memzoo.ops.base import FLOATS, Backend, Support, register_backend
+from memzoo.ops.base import FLOATS, AttentionInputs, Backend, Support, register_backend
 from memzoo.ops.layout import BlockLayout
 
 
@@ -141,20 +141,11 @@ class SDPABackend(Backend):
     #: (the flash kernel exists there); tests add "cpu" to check the split on CPU
     lower_right_devices: frozenset[str] = frozenset({"cuda"})
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        layout: BlockLayout,
-        q_start: int,
-        scale: float,
-        k_mem: Tensor | None = None,
-        v_mem: Tensor | None = None,
-        extra_k: Tensor | None = None,
-        extra_v: Tensor | None = None,
-    ) -> Tensor:
+    def attend(self, inputs: AttentionInputs) -> Tensor:
+        if inputs.rel_q is not None:
+            return self._relative(inputs)
+        q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
+        k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
         tq, tk = q.shape[2], k.shape[2]
         end = q_start + tq
         if k_mem is None and layout.one_query_sees_every_key(q_start, tq, tk):
@@ -398,5 +389,120 @@ class SDPABackend(Backend):
             q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=torch.cat(masks, dim=1), scale=scale
         )
 
+    # ------------------------------------------------------ relative-position keys
+    @staticmethod
+    def _relative(inputs: AttentionInputs) -> Tensor:
+        """A call with relative-position keys. The bias ``rel_q_i·rel_k[pos_i - pos_j]`` is
+        a float score term with a gradient, which no fused CPU kernel takes (SDPA then falls
+        back to its unfused path anyway), so these calls compute the softmax themselves:
+        block-gathered (:func:`relative_blocks`) when the call spans several blocks of a
+        bounded layout without sinks, one masked dense call otherwise (decode steps, one
+        block, token windows, unbounded layouts, sinks: :func:`relative_dense`)."""
+        layout, tq, tk = inputs.layout, inputs.q.shape[2], inputs.k.shape[2]
+        if layout.bounded and not layout.sinks:
+            clipped = layout.clipped_to_keys(inputs.q_start, tq, inputs.end - tk)
+            assert clipped.block_size is not None
+            if clipped.block_size > 1 and clipped.n_query_blocks(inputs.q_start, tq) > 1:
+                return relative_blocks(inputs.replace(layout=clipped))
+        return relative_dense(inputs)
+
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def relative_dense(inputs: AttentionInputs) -> Tensor:
+    """Relative-position keys over the call's keys ``[extra rows (nb·F) | k (| k_mem)]``
+    with the layout's (Tq, ·) mask: one matmul for the scores, the bias gathered by
+    distance (extra rows get none), a softmax, one matmul for the output."""
+    q, k, v, layout, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.scale
+    rel_q, rel_k = inputs.rel_q, inputs.rel_k
+    assert rel_q is not None and rel_k is not None
+    b, h, tq, _ = q.shape
+    tk, end, dev = k.shape[2], inputs.end, q.device
+    q_pos = torch.arange(inputs.q_start, end, device=dev)
+    k_pos = layout.key_positions(end, tk, dev)
+    visible = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk); every query sees itself
+    by_distance = rel_q @ rel_k.transpose(-1, -2)  # (B, H, Tq, n)
+    distance = (q_pos[:, None] - k_pos[None, :]).clamp(0, by_distance.shape[-1] - 1)  # unseen pairs are masked
+    bias = by_distance.gather(-1, distance.expand(b, h, tq, tk))
+    keys, values, biases, masks = [k], [v], [bias], [visible]
+    if inputs.k_mem is not None:
+        assert inputs.v_mem is not None
+        memory = layout.is_memory(q_pos[:, None], k_pos[None, :])
+        keys, values, biases = [k, inputs.k_mem], [v, inputs.v_mem], [bias, bias]
+        masks = [visible & ~memory, visible & memory]  # each position from k or from k_mem, never both
+    if inputs.extra_k is not None:
+        assert inputs.extra_v is not None
+        nb, f = inputs.extra_k.shape[2:4]
+        q_block = layout.block_start(q_pos) // (layout.block_size or 1)
+        keys.insert(0, inputs.extra_k.flatten(2, 3))
+        values.insert(0, inputs.extra_v.flatten(2, 3))
+        biases.insert(0, bias.new_zeros(b, h, tq, nb * f))
+        masks.insert(0, (torch.arange(nb * f, device=dev) // f)[None, :] == (q_block - q_block[0])[:, None])
+    scores = (q @ torch.cat(keys, dim=2).transpose(-1, -2) + torch.cat(biases, dim=-1)) * scale
+    scores = scores.masked_fill(~torch.cat(masks, dim=-1), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ torch.cat(values, dim=2)
+
+
+def skew(x: Tensor, n_cols: int) -> Tensor:
+    """Transformer-XL's relative shift as views: ``x`` (..., L, N) with ``N >= n_cols + L - 1``
+    -> (..., L, n_cols) with ``out[o, c] = x[o, c + L - 1 - o]`` (row ``o`` shifted left by
+    ``L - 1 - o``). Row ``o`` of the flattened ``x`` starting at ``L - 1`` and read with
+    stride ``N - 1`` is exactly that, so no gather is needed."""
+    size, n = x.shape[-2:]
+    assert n - 1 >= n_cols and size >= 2, (size, n, n_cols)
+    flat = x.flatten(-2)[..., size - 1 : size - 1 + size * (n - 1)]
+    return flat.unflatten(-1, (size, n - 1))[..., :n_cols]
+
+
+def relative_blocks(inputs: AttentionInputs) -> Tensor:
+    """Relative-position keys, block-gathered like the SDPA path: per block of ``L``
+    queries the keys ``[extra rows (F), memory (W), own block (L)]`` and one batched
+    matmul for the scores. Column ``c`` of the memory/own part is position
+    ``b·L - W + c``, so query ``o`` of the block sees it at distance ``o + W - c``: with
+    the distance table reversed (``ext[e] = rel_k[W + L - 1 - e]``, ``L - 1`` zero rows
+    after it for the negative distances, which the mask hides), ``rel_q @ ext^T`` shifted
+    by :func:`skew` is the bias, ``rel_q_i·rel_k[pos_i - pos_j]``, at ``Tq·(W + 2L)``
+    score entries (XL's "relative shift"). The bias and the layout mask enter the score
+    matmul as its added term (``baddbmm``); softmax and the value matmul follow."""
+    q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
+    rel_q, rel_k = inputs.rel_q, inputs.rel_k
+    assert rel_q is not None and rel_k is not None
+    size, window = layout.block_size, layout.window
+    assert size is not None and window is not None and size >= 2 and not layout.sinks
+    tq, end = q.shape[2], inputs.end
+    k_start = end - k.shape[2]
+    b0 = q_start // size
+    nb = layout.n_query_blocks(q_start, tq)
+    lo, hi = b0 * size, (b0 + nb) * size
+    qb = span(q, q_start, lo, hi).unflatten(2, (nb, size))  # (B,H,nb,L,D)
+    rqb = span(rel_q * scale, q_start, lo, hi).unflatten(2, (nb, size))  # (B,H,nb,L,Dr)
+    keys = [span(k, k_start, lo, hi).unflatten(2, (nb, size))]
+    values = [span(v, k_start, lo, hi).unflatten(2, (nb, size))]
+    if window > 0:
+        km = k if inputs.k_mem is None else inputs.k_mem
+        vm = v if inputs.v_mem is None else inputs.v_mem
+        keys.insert(0, gather_blocks(km, k_start, b0, nb, size, window))
+        values.insert(0, gather_blocks(vm, k_start, b0, nb, size, window))
+    n_extra = 0
+    if inputs.extra_k is not None:
+        assert inputs.extra_v is not None
+        n_extra = inputs.extra_k.shape[3]
+        keys.insert(0, inputs.extra_k)
+        values.insert(0, inputs.extra_v)
+    kb = torch.cat(keys, dim=3) if len(keys) > 1 else keys[0]
+    vb = torch.cat(values, dim=3) if len(values) > 1 else values[0]
+    n_cols = window + size
+    table = rel_k[:, :n_cols]
+    if table.shape[1] < n_cols:  # distances the call cannot see (the keys do not reach so far)
+        table = F.pad(table, (0, 0, 0, n_cols - table.shape[1]))
+    ext = F.pad(table.flip(1), (0, 0, 0, size - 1))  # (H or 1, W + 2L - 1, Dr)
+    bias = skew(rqb @ ext[:, None].transpose(-1, -2), n_cols)  # (B,H,nb,L,W+L)
+    if n_extra:
+        bias = F.pad(bias, (n_extra, 0))
+    mask = block_mask(layout, q_start, tq, k_start, n_extra, q.device)  # (nb, L, F+W+L)
+    bias = bias.masked_fill(~mask, float("-inf"))  # (B,H,nb,L,S): the score matmul's added term
+    lead = qb.shape[:3]
+    scores = torch.baddbmm(bias.flatten(0, 2), qb.flatten(0, 2), kb.flatten(0, 2).transpose(-1, -2), alpha=scale)
+    out = torch.softmax(scores, dim=-1) @ vb.flatten(0, 2)  # (B·H·nb, L, Dv)
+    return out.unflatten(0, lead).flatten(2, 3)[:, :, q_start - lo : q_start - lo + tq]

@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from memzoo.ops.base import TOLERANCES, AttentionCall, Backend, Support, Tolerance, register_backend
+from memzoo.ops.base import TOLERANCES, AttentionCall, AttentionInputs, Backend, Support, Tolerance, register_backend
 from memzoo.ops.layout import BlockLayout
 
 Kernel = Callable[[Tensor, Tensor, Tensor, Any, float], Tensor]
@@ -237,22 +237,11 @@ def fold_batch(x: Tensor) -> Tensor:
     return bmhk(x).reshape(1, b * m, h, d)
 
 
-def attend_planned(
-    kernel: Kernel,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    layout: BlockLayout,
-    q_start: int,
-    scale: float,
-    k_mem: Tensor | None = None,
-    v_mem: Tensor | None = None,
-    extra_k: Tensor | None = None,
-    extra_v: Tensor | None = None,
-) -> Tensor:
+def attend_planned(kernel: Kernel, inputs: AttentionInputs) -> Tensor:
     """The whole xformers path with ``kernel(q, k, v, attn_bias, scale)`` (BMHK in and
     out) as the attention kernel: gather, bias, kernel, un-gather. (B,H,Tq,Dv) out."""
+    q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
+    k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
     b, _, tq, _ = q.shape
     tk = k.shape[2]
     f = 0 if extra_k is None else extra_k.shape[3]
@@ -298,6 +287,10 @@ class XformersBackend(Backend):
         dtypes={"cuda": frozenset({torch.float16, torch.bfloat16, torch.float32})},
         training=frozenset({"cuda"}),
         no_device_because={"cpu": NO_CPU},
+        no_relative_keys_because=(
+            "relative-position keys (xl's positions='relative') are not implemented for xformers (its kernels take "
+            "no score term with a gradient here); use backend='sdpa', or xl with positions='rope'"
+        ),
         # the shared table for its dtypes, but float32 wider: not measured here (no GPU in this
         # project's CI), xformers' own per-op tolerance widened to model level;
         # tests/test_backends.py checks them where a GPU exists
@@ -318,24 +311,8 @@ class XformersBackend(Backend):
         installed, _ = install_status()
         return {"torch": torch.__version__, "xformers": installed or "not installed"}
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        layout: BlockLayout,
-        q_start: int,
-        scale: float,
-        k_mem: Tensor | None = None,
-        v_mem: Tensor | None = None,
-        extra_k: Tensor | None = None,
-        extra_v: Tensor | None = None,
-    ) -> Tensor:
-        return attend_planned(
-            xformers_kernel, q, k, v, layout=layout, q_start=q_start, scale=scale,
-            k_mem=k_mem, v_mem=v_mem, extra_k=extra_k, extra_v=extra_v,
-        )
+    def attend(self, inputs: AttentionInputs) -> Tensor:
+        return attend_planned(xformers_kernel, inputs)
 
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
         lead, tq = q.shape[:-2], q.shape[-2]
