@@ -111,6 +111,27 @@ def layout_mask_mod(
     return mask_mod, (size, window, phase, ks, n_sink, sink_shift, n_queries, n_keys, f, n_blocks, memory_copy)
 
 
+def relative_score_mod(
+    layout: BlockLayout, q_start: int, n_keys: int, n_extra: int, memory_copy: bool, by_distance: Tensor
+) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """The score_mod for relative-position keys over the key source of :func:`layout_mask_mod`:
+    adds ``by_distance[b, h, q, pos_q - pos_k]`` (already scaled) to a key row's score and
+    nothing to an extra row's. Distances the mask hides are clamped into the table."""
+    end = q_start + by_distance.shape[2]
+    n_sink, run_start = layout.n_sink_rows(end), layout.run_start(end, n_keys)
+    last = by_distance.shape[-1] - 1
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        t = kv_idx - n_extra
+        i = torch.where(t >= n_keys, t - n_keys, t) if memory_copy else t  # row of k (or k_mem)
+        kp = torch.where(i < n_sink, i, run_start + i - n_sink) if n_sink else run_start + i
+        d = (q_start + q_idx - kp).clamp(0, last)
+        bias = by_distance[b, h, q_idx, d]
+        return score + (torch.where(t >= 0, bias, torch.zeros_like(bias)) if n_extra else bias)
+
+    return score_mod
+
+
 def dense_mask(mask_mod: MaskMod, n_queries: int, n_kv: int) -> Tensor:
     """``mask_mod`` evaluated on the whole (Tq, n_kv) grid (for tests; O(Tq·n_kv))."""
     zero = torch.zeros((), dtype=torch.long)
@@ -149,11 +170,11 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, compile: bool) -> Tensor:
+def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, compile: bool, score_mod=None) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     if compile:
-        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+        return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
     if not torch.is_grad_enabled():
         # flex refuses CPU inputs that merely *carry* requires_grad, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
@@ -167,10 +188,10 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, compile
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         saved = getattr(fa, _DEBUG_SWITCH, None)
         if saved is None:  # a torch without the switch: plain (traced) uncompiled flex
-            return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
         setattr(fa, _DEBUG_SWITCH, True)
         try:
-            return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
         finally:
             setattr(fa, _DEBUG_SWITCH, saved)
 
@@ -217,7 +238,12 @@ class FlexBackend(Backend):
         vv = torch.cat(values, dim=2) if len(values) > 1 else v
         mask_mod, key = layout_mask_mod(layout, q_start, tq, tk, f, nb, k_mem is not None)
         block_mask = cached_block_mask(mask_mod, key, tq, kk.shape[2], q.device)
-        return _run_flex(q, kk, vv, block_mask, scale, q.device.type in self.compile_devices)
+        score_mod = None
+        if inputs.rel_q is not None:
+            assert inputs.rel_k is not None
+            by_distance = (inputs.rel_q @ inputs.rel_k.transpose(-1, -2)) * scale  # (B, H, Tq, n)
+            score_mod = relative_score_mod(layout, q_start, tk, f * nb, k_mem is not None, by_distance)
+        return _run_flex(q, kk, vv, block_mask, scale, q.device.type in self.compile_devices, score_mod)
 
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
         lead = q.shape[:-2]
