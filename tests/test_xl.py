@@ -55,9 +55,33 @@ def test_relative_scheme_equals_the_papers_formula(backend, q_start, n_keys, win
     allowed = layout.visible(q_pos[:, None], k_pos[None, :])
     slow = relative_attention_reference(q, k, v, q_pos, k_pos, allowed, scheme)
     kit.assert_close(fast, slow, "relative scheme vs explicit R_{i-j}")
+    content, position = scheme.query_terms(q)  # the paper's form: relative-position keys
+    table = scheme.distance_table(n_keys + 2, q)
+    keyed = ops.attend(
+        content, k, v, rel_q=position, rel_k=table, layout=layout, q_start=q_start, scale=scheme.scale, backend=backend
+    )
+    kit.assert_close(keyed, slow, "relative-position keys vs explicit R_{i-j}")
     inputs = [q, k, v, scheme.u, scheme.v, scheme.w_r]
-    for name, a, e in zip(["q", "k", "v", "u", "v_bias", "w_r"], _grads(fast, inputs), _grads(slow, inputs)):
+    for name, a, e, w in zip(["q", "k", "v", "u", "v_bias", "w_r"], _grads(fast, inputs), _grads(slow, inputs), _grads(keyed, inputs)):
         kit.assert_close(a, e, f"grad of {name}")
+        kit.assert_close(w, e, f"grad of {name} (relative-position keys)")
+
+
+def test_distance_table_is_reused_while_decoding_and_renewed_when_w_r_changes():
+    scheme = _scheme()
+    like = torch.zeros((), dtype=F64)
+    with torch.no_grad():
+        first = scheme.distance_table(5, like, most=40)
+        again = scheme.distance_table(7, like, most=40)  # grown (to 10 rows), then sliced
+        assert scheme._table_memo[1].shape[1] == 10 and again.shape == (3, 7, 4)
+        assert again.data_ptr() == scheme.distance_table(7, like, most=40).data_ptr()  # reused
+        kit.assert_close(again[:, :5], first, "a longer table starts with the shorter one")
+        scheme.w_r.mul_(2.0)  # an in-place update, as an optimizer step
+        doubled = scheme.distance_table(7, like, most=40)
+    kit.assert_close(doubled, 2 * again, "the table after W_r changed")
+    fresh = scheme.distance_table(7, like)  # with gradients: computed, never kept
+    assert fresh.requires_grad and scheme._table_memo[1].shape[1] == 7  # renewed at 7 rows, not grown
+    kit.assert_close(fresh, doubled, "with and without gradients")
 
 
 def test_relative_scores_depend_only_on_distance():
@@ -127,6 +151,50 @@ def test_streaming_with_uneven_memory_matches_reference():
         y = torch.cat(outs, 1)
         kit.assert_close(y, ref, f"chunked at {cuts} vs reference")
         kit.assert_close(_grads(y, [x])[0], g_ref, f"input grad chunked at {cuts}")
+
+
+def test_xl_runs_the_papers_form_and_the_widened_form_where_a_backend_lacks_it(monkeypatch):
+    """With relative positions, xl hands the backend Dh-wide queries/keys plus
+    relative-position keys; where the backend does not implement them (xformers), it
+    uses the widened exact form instead: same outputs, states and gradients."""
+    from memzoo.variants import xl as xl_mod
+
+    model = kit.tiny_model("xl", {"memory_len": 5}).backbone
+    x = torch.randn(2, 14, 16, dtype=F64, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    widths = []
+    reference = ops.get_backend("sdpa")
+
+    def spy(inputs):
+        widths.append((inputs.q.shape[-1], inputs.rel_q is not None))
+        return type(reference).attend(reference, inputs)
+
+    monkeypatch.setattr(reference, "attend", spy, raising=False)
+    y, state = model(x)
+    assert set(widths) == {(model.head_dim, True)}
+    widths.clear()
+    monkeypatch.setattr(xl_mod.ops, "takes_relative_keys", lambda name: False)
+    y_wide, state_wide = model(x)
+    assert set(widths) == {(model.head_dim + model.d_model, False)}
+    kit.assert_close(y, y_wide, "relative-position keys vs widened queries/keys")
+    kit.assert_states_equal(state, state_wide, "state")
+    params = [x, *model.parameters()]
+    for a, e in zip(_grads(y, params), _grads(y_wide, params)):
+        kit.assert_close(a, e, "gradient")
+
+
+def test_xl_decode_cache_notices_a_change_of_formulation(monkeypatch):
+    """The no-grad key cache holds keys of one formulation; a call on a backend that needs
+    the other re-projects (it would otherwise attend widened queries to plain keys)."""
+    from memzoo.variants import xl as xl_mod
+
+    model = kit.tiny_model("xl", {"memory_len": 5}).backbone
+    x = torch.randn(1, 9, 16, dtype=F64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        whole, _ = model(x)
+        _, state = model(x[:, :8])
+        monkeypatch.setattr(xl_mod.ops, "takes_relative_keys", lambda name: False)
+        last, _ = model(x[:, 8:], state)
+    kit.assert_close(last, whole[:, 8:], "the next token after switching formulation")
 
 
 # -------------------------------------------------------------- the stop-gradient
@@ -264,11 +332,11 @@ def test_decoding_projects_only_the_new_row(monkeypatch):
     rows: list[int] = []
     original = type(model.backbone)._kv
 
-    def counting(layer, normed, pos):
+    def counting(self, layer, normed, pos):
         rows.append(normed.shape[1])
-        return original(layer, normed, pos)
+        return original(self, layer, normed, pos)
 
-    monkeypatch.setattr(type(model.backbone), "_kv", staticmethod(counting))
+    monkeypatch.setattr(type(model.backbone), "_kv", counting)
     decoded, _ = _decode(model, tokens)
     assert rows[model.backbone.n_layers :] == [1] * (len(rows) - model.backbone.n_layers)
     with torch.no_grad():

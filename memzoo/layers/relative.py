@@ -24,10 +24,20 @@ so with ::
     key(k, j)   = [k,      cos(jω),                    sin(jω)]                     (Dh + R)
 
 ``query · key`` is exactly ``s_ij``. Values are untouched (width Dh), and the scale
-stays ``1/sqrt(Dh)`` as in the paper. This replaces XL's "relative shift" trick: it is
-exact, keys keep the transform of their own position (so cached keys and streaming
-work as for RoPE), and any backend that takes a query/key width different from the
-value width runs it. The price is a wider query/key (``Dh + R`` instead of ``Dh``).
+stays ``1/sqrt(Dh)`` as in the paper. It is exact, keys keep the transform of their own
+position (so cached keys and streaming work as for RoPE), and any backend that takes a
+query/key width different from the value width runs it. The price is a wider query/key
+(``Dh + R`` instead of ``Dh``): with R = d_model it multiplies the score cost by
+``1 + R/Dh`` (5 at d_model 256 with 4 heads).
+
+**What ``xl`` runs** is the paper's own form instead, through the attention seam's
+*relative-position keys* (:class:`memzoo.ops.AttentionInputs`): the content query
+``q + u`` against plain keys, plus ``(q + v)·T[i - j]`` from a per-head table of the
+projected encodings ``T[d] = W_r R_d`` (:meth:`RelativePositions.distance_table`, one
+row per distance a query can see), which the backend adds by distance (sdpa with XL's
+relative shift, done with views). The score cost stays that of a Dh-wide head, plus one
+more Dh-wide product per score. The widened ``query``/``key`` above remain as the second
+exact formulation, which the tests hold the two against.
 
 Angles are computed in float64 from integer positions and then cast.
 :func:`relative_attention_reference` is the paper's formula written out with an
@@ -42,6 +52,10 @@ import torch
 from torch import Tensor, nn
 
 from memzoo.layers.positions import POSITION_SCHEMES, PositionScheme
+
+
+#: rows of :meth:`RelativePositions.distance_table` computed together
+TABLE_PIECE = 64
 
 
 def inverse_frequencies(rel_dim: int, base: float = 10000.0) -> Tensor:
@@ -97,6 +111,43 @@ class RelativePositions(PositionScheme):
         a_s, a_c = a.chunk(2, dim=-1)  # coefficients of R's sines and cosines, (B, H, T, F)
         sin, cos = self._angles(pos, q)
         return torch.cat([q + self.u[:, None], a_s * sin + a_c * cos, a_c * sin - a_s * cos], dim=-1)
+
+    def query_terms(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """The paper's two query terms of ``q`` (B, H, T, Dh): the content query ``q + u``
+        and the position query ``q + v`` (both (B, H, T, Dh)), for relative-position keys."""
+        return q + self.u[:, None], q + self.v[:, None]
+
+    def distance_table(self, n: int, like: Tensor, most: int | None = None) -> Tensor:
+        """``T[h, d] = W_r[h] R_d`` for the distances ``d = 0 … n-1``: (H, n, Dh) in
+        ``like``'s dtype and device, the relative-position keys of
+        :class:`memzoo.ops.AttentionInputs` (``R_d`` built in float64, then cast).
+
+        Under ``torch.no_grad`` (decoding) the table depends on ``W_r`` only, so it is
+        kept and reused while ``W_r`` is the same tensor at the same version (an
+        optimizer step, ``load_state_dict`` or ``.to()`` is noticed), grown to at least
+        twice its length (at most ``most`` rows) when a longer one is asked for; not while
+        ``torch.compile`` traces (the graph computes it)."""
+        remember = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if remember:
+            memo = self.__dict__.get("_table_memo")
+            key = (self.w_r.data_ptr(), self.w_r._version, like.dtype, like.device)
+            if memo is not None and memo[0] == key and memo[1].shape[1] >= n:
+                return memo[1][:, :n]
+            n_make = max(n, min(2 * memo[1].shape[1], most or n)) if memo is not None and memo[0] == key else n
+        else:
+            n_make = n
+        # in pieces of a fixed number of distances, so every row is computed by the same kernel
+        # whatever n (a kept, longer table is bitwise the table a fresh call makes)
+        pieces = -(-n_make // TABLE_PIECE)
+        sin, cos = sinusoid(torch.arange(pieces * TABLE_PIECE, device=like.device), self.inv_freq)  # (n', F) each
+        encoding = torch.cat([sin, cos], dim=-1).to(like.dtype)  # R_d: (n', R)
+        w = self.w_r.to(like.dtype).flatten(0, 1).T  # (R, H·Dh)
+        rows = torch.cat([piece @ w for piece in encoding.split(TABLE_PIECE)])  # (n', H·Dh), one shape per matmul
+        table = rows[:n_make].unflatten(1, (self.n_heads, self.head_dim)).transpose(0, 1)  # (H, n, Dh)
+        if remember:
+            self.__dict__["_table_memo"] = (key, table)
+            return table[:, :n]
+        return table
 
     def key(self, k: Tensor, pos: Tensor) -> Tensor:
         """(B, H, T, Dh) -> (B, H, T, Dh + R)."""

@@ -46,6 +46,7 @@ from memzoo.ops.base import (
     register_backend,
     resolve_backend,
     resolve_backend_name,
+    takes_relative_keys,
     use_backend,
 )
 from memzoo.ops.layout import BlockLayout
@@ -224,5 +225,5 @@ def dense(q, k, v, *, scale, backend="auto"):
 __all__ = [
     "AttentionCall", "AttentionInputs", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "TOLERANCES", "Tolerance",
     "attend", "check_backend_name", "check_finite", "dense", "explain", "get_backend", "list_backends", "record_backends",
-    "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "use_backend",
+    "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "takes_relative_keys", "use_backend",
 ]

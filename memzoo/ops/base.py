@@ -98,8 +98,8 @@ class AttentionInputs:
         over the queries of the call and the keys passed, bounded by what the layout lets
         a query see (its window and own block)."""
         layout, end = self.layout, self.end
-        first = 0 if layout.n_sink_rows(end) else layout.run_start(end, self.k.shape[2])
-        reach = end - first  # the last query to the first key, plus one
+        # the last query to the first key row, plus one (the first row is a sink, or the run's start)
+        reach = end if layout.n_sink_rows(end) else self.k.shape[2]
         if layout.bounded and not layout.sinks:
             assert layout.block_size is not None and layout.window is not None
             reach = min(reach, layout.block_size + layout.window)
@@ -396,6 +396,15 @@ def _resolve(name: str, call: AttentionCall) -> Backend:
             return backend
         verdicts[backend.name] = reasons
     raise BackendUnavailable(f"no attention backend can run this call ({call.summary()}):\n" + _report(verdicts))
+
+
+@torch.compiler.assume_constant_result
+def takes_relative_keys(name: str) -> bool:
+    """Whether backend ``name`` (or the context override; ``"auto"`` always finds one)
+    implements relative-position keys, by its declaration. A variant with another exact
+    formulation (xl's widened queries and keys) uses it where this is False."""
+    name = _OVERRIDE.get() or name
+    return name == "auto" or get_backend(name).support.no_relative_keys_because is None
 
 
 def resolve_backend_name(

@@ -240,6 +240,8 @@ def fold_batch(x: Tensor) -> Tensor:
 def attend_planned(kernel: Kernel, inputs: AttentionInputs) -> Tensor:
     """The whole xformers path with ``kernel(q, k, v, attn_bias, scale)`` (BMHK in and
     out) as the attention kernel: gather, bias, kernel, un-gather. (B,H,Tq,Dv) out."""
+    if inputs.rel_q is not None:
+        raise ValueError(XformersBackend.support.no_relative_keys_because)
     q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
     k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
     b, _, tq, _ = q.shape

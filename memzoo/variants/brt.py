@@ -79,7 +79,7 @@ class BRTConfig(VariantConfig):
         {"num_states": 3},
         {"num_states": 2, "recurrent_layer": 0, "gate": "lstm:dual"},
         {"num_states": 5, "gate": "fixed:dual"},
-        {"num_states": 1, "gate": "lstm:skip", "recurrent_layer": -2},
+        {"num_states": 2, "gate": "lstm:skip", "recurrent_layer": -2},  # 1 state: its query gets no gradient (softmax over one key)
     )
 
     def check_shared(self, shared: BackboneConfig) -> None:

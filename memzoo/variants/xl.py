@@ -110,6 +110,8 @@ class _ProjectionMemo:
     h_version: int
     first: int
     weights: tuple
+    #: keys for relative-position keys (plain) or widened (see TransformerXL._relative_keys)
+    plain_keys: bool
     k: Tensor
     v: Tensor
 
@@ -208,6 +210,8 @@ class TransformerXL(Backbone):
         memo = self._kv_memo.get(i)
         if memo is None or memo.h() is not cache or memo.h_version != cache._version or memo.first != first:
             return None
+        if memo.plain_keys != self._relative_keys(layer.positions):  # the backend changed the formulation
+            return None
         return memo if memo.weights == _weights_key(layer) else None
 
     def _remember(
@@ -215,7 +219,8 @@ class TransformerXL(Backbone):
     ) -> None:
         # copy the kept rows when they are a slice of more, so a long call's keys are not held alive
         k, v = (t.clone() if t._base is not None and t._base.numel() > t.numel() else t for t in (k, v))
-        self._kv_memo[i] = _ProjectionMemo(weakref.ref(h), h._version, first, _weights_key(layer), k, v)
+        plain = self._relative_keys(layer.positions)
+        self._kv_memo[i] = _ProjectionMemo(weakref.ref(h), h._version, first, _weights_key(layer), plain, k, v)
 
     def _attend_inference(
         self, layer: DecoderLayer, h: Tensor, a: int, start: int, memo: _ProjectionMemo | None
@@ -226,24 +231,41 @@ class TransformerXL(Backbone):
         pos = torch.arange(a, a + h.shape[1], device=h.device)
         done = 0 if memo is None else memo.k.shape[2]  # rows [a, a + done) come from the memo
         normed = layer.input_layernorm(h[:, done:])
-        q = self._q(layer, normed[:, start - a - done :], pos[start - a :])
+        q, rel = self._q(layer, normed[:, start - a - done :], pos[start - a :], h.shape[1])
         k, v = self._kv(layer, normed, pos[done:])
         if memo is not None:
             k, v = torch.cat([memo.k, k], dim=2), torch.cat([memo.v, v], dim=2)
         heads = ops.attend(
-            q, k, v, layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend
+            q, k, v, layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend, **rel
         )
         return heads, (k, v)
 
-    @staticmethod
-    def _q(layer: DecoderLayer, normed: Tensor, pos: Tensor) -> Tensor:
-        """Queries (B, H, n, Dh) of normed inputs, through the q_proj module (LoRA sees it)."""
-        return layer.positions.query(layer.split_heads(layer.self_attn.q_proj(normed)), pos)
+    def _q(self, layer: DecoderLayer, normed: Tensor, pos: Tensor, n_keys: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Queries (B, H, n, Dh) of normed inputs, through the q_proj module (LoRA sees it),
+        and, with relative positions, the relative-position keys for :func:`ops.attend`
+        (the position query ``q + v`` and the table of ``W_r R_d`` for the distances the
+        queries can see over ``n_keys`` keys); with RoPE, or on a backend that does not
+        implement relative-position keys (the widened exact form then), none."""
+        q = layer.split_heads(layer.self_attn.q_proj(normed))
+        scheme = layer.positions
+        if not self._relative_keys(scheme):
+            return scheme.query(q, pos), {}
+        q, rel_q = scheme.query_terms(q)
+        most = self.memory_len + self.block_size
+        return q, {"rel_q": rel_q, "rel_k": scheme.distance_table(min(n_keys, most), q, most=most)}
 
-    @staticmethod
-    def _kv(layer: DecoderLayer, normed: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys (positions applied) and values (B, Hkv, n, Dh) of normed inputs."""
+    def _relative_keys(self, scheme: PositionScheme) -> bool:
+        """Relative positions through the seam's relative-position keys (the paper's form,
+        Dh-wide scores): True unless the backend does not implement them (xformers), where
+        the widened queries/keys of :class:`RelativePositions` give the same scores."""
+        return isinstance(scheme, RelativePositions) and ops.takes_relative_keys(self.backend)
+
+    def _kv(self, layer: DecoderLayer, normed: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (positions applied; relative-position keys leave them as they are) and
+        values (B, Hkv, n, Dh) of normed inputs."""
         k, v = layer.project_kv_normed(normed)
+        if self._relative_keys(layer.positions):
+            return k, v
         return layer.positions.key(k, pos), v
 
     def _attend(self, layer: DecoderLayer, h: Tensor, a: int, start: int) -> Tensor:
@@ -266,9 +288,9 @@ class TransformerXL(Backbone):
         split = self.memory_len > 0 and i_last > 0
         i_g = i_first if split else 0  # the graph projection covers [a + i_g, end)
         normed = layer.input_layernorm(h[:, i_g:])
-        q = self._q(layer, normed[:, i_q - i_g :], pos[i_q:])
+        q, rel = self._q(layer, normed[:, i_q - i_g :], pos[i_q:], h.shape[1])
         k, v = self._kv(layer, normed, pos[i_g:])
-        common = dict(layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend)
+        common = dict(layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend, **rel)
         if not split:
             return ops.attend(q, k, v, **common)
         k_d, v_d = self._kv(layer, layer.input_layernorm(h[:, :i_last].detach()), pos[:i_last])
