@@ -641,3 +641,34 @@ def test_sdpa_full_history_split_point():
         if c.layout.bounded
     ]
     assert any(0 < s < nb for s, nb in splits) and any(s == 0 for s, _ in splits)
+
+
+def test_attend_resolves_a_call_shape_once_and_forgets_on_request(monkeypatch):
+    """ops.attend remembers what a call shape resolved to (per backend name and context
+    override), so a decode loop does not re-run every backend's checks per layer and
+    token; a refusal is never remembered, and forget_resolutions() starts afresh."""
+    checked = []
+    sdpa_cls = type(ops.get_backend("sdpa"))
+    real = sdpa_cls.not_supported_reasons
+    monkeypatch.setattr(sdpa_cls, "not_supported_reasons", lambda self, call: checked.append(call) or real(self, call))
+    ops.forget_resolutions()
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 6, 8)
+    layout = BlockLayout(4, 4)
+    for _ in range(3):
+        ops.attend(q, k, k, layout=layout, q_start=5, scale=0.3)
+    assert len(checked) == 1
+    with ops.record_backends() as rec, memzoo.use_backend("reference"):
+        ops.attend(q, k, k, layout=layout, q_start=5, scale=0.3)  # the override is part of the key
+    assert rec.names == ["reference"]
+    ops.attend(q, k, k, layout=layout, q_start=5, scale=0.3, backend="sdpa")  # another name: checked once more
+    assert len(checked) == 2
+    ops.forget_resolutions()
+    ops.attend(q, k, k, layout=layout, q_start=5, scale=0.3)
+    assert len(checked) == 3
+    monkeypatch.setattr(sdpa_cls, "not_supported_reasons", lambda self, call: ["refused for this test"])
+    ops.forget_resolutions()
+    for _ in range(2):
+        with pytest.raises(BackendUnavailable, match="refused for this test"):
+            ops.attend(q, k, k, layout=layout, q_start=5, scale=0.3, backend="sdpa")
+    monkeypatch.undo()
+    ops.forget_resolutions()

@@ -39,6 +39,7 @@ from memzoo.ops.base import (
     Tolerance,
     check_backend_name,
     explain,
+    forget_resolutions,
     get_backend,
     list_backends,
     note_resolved,
@@ -46,6 +47,7 @@ from memzoo.ops.base import (
     register_backend,
     resolve_backend,
     resolve_backend_name,
+    resolve_backend_once,
     takes_relative_keys,
     use_backend,
 )
@@ -120,7 +122,7 @@ def attend(
         raise ValueError("relative-position keys need both rel_q (B, H, Tq, Dr) and rel_k (H or 1, n, Dr); got one of them")
     if rel_k is not None:
         _check_relative(inputs)
-    impl = resolve_backend(backend, inputs.describe())
+    impl = resolve_backend_once(backend, inputs.describe())
     note_resolved(impl.name)
     compiling = torch.compiler.is_compiling()
     tensors = (k, v, k_mem, v_mem, extra_k, extra_v)
@@ -215,7 +217,7 @@ def dense(q, k, v, *, scale, backend="auto"):
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     call = AttentionCall(q.device.type, q.dtype, BlockLayout(), needs_grad, False, False, q.shape[-1], v.shape[-1])
-    impl = resolve_backend(backend, call)
+    impl = resolve_backend_once(backend, call)
     note_resolved(impl.name)
     if not torch.compiler.is_compiling() and _CHECK_FINITE.get():  # eager only (see attend)
         _refuse_non_finite(q=q, k=k, v=v)
@@ -224,6 +226,6 @@ def dense(q, k, v, *, scale, backend="auto"):
 
 __all__ = [
     "AttentionCall", "AttentionInputs", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "TOLERANCES", "Tolerance",
-    "attend", "check_backend_name", "check_finite", "dense", "explain", "get_backend", "list_backends", "record_backends",
+    "attend", "check_backend_name", "check_finite", "dense", "explain", "forget_resolutions", "get_backend", "list_backends", "record_backends",
     "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "takes_relative_keys", "use_backend",
 ]

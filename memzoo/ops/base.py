@@ -283,6 +283,7 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     if cls.name in _BACKENDS or cls.name == "auto":
         raise ValueError(f"backend {cls.name!r} is already registered")
     _BACKENDS[cls.name] = cls
+    _RESOLVED.clear()
     return cls
 
 
@@ -373,6 +374,33 @@ def resolve_backend(name: str, call: AttentionCall) -> Backend:
             c.has_memory_tensors, c.has_extra, c.head_dim, c.value_dim, c.has_relative_keys,
         ))
     return _resolve(name, call)
+
+
+_RESOLVED: dict[tuple[str, AttentionCall], Backend] = {}
+_RESOLVED_MAX = 4096
+
+
+def resolve_backend_once(name: str, call: AttentionCall) -> Backend:
+    """:func:`resolve_backend`, remembered per ``(name or the context override, call)``:
+    what :func:`memzoo.ops.attend` uses, so a decode loop resolves each call shape once,
+    not per layer and token. Refusals are not remembered (they raise every time).
+    :func:`register_backend` forgets everything; so does :func:`forget_resolutions`
+    (after changing a backend's declaration or availability in place)."""
+    if torch.compiler.is_compiling():
+        return resolve_backend(name, call)
+    key = (_OVERRIDE.get() or name, call)
+    backend = _RESOLVED.get(key)
+    if backend is None:
+        backend = _resolve(name, call)
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = backend
+    return backend
+
+
+def forget_resolutions() -> None:
+    """Forget what :func:`resolve_backend_once` remembered."""
+    _RESOLVED.clear()
 
 
 def _resolve(name: str, call: AttentionCall) -> Backend:
