@@ -11,6 +11,8 @@ Printed per contender (JSON on stdout):
 * ``step_s_median`` / ``step_s_min``: seconds per step over the rounds;
 * ``vs_bswa_median`` / ``vs_bswa_min``: the median (and the min) over rounds of this
   contender's step time over ``bswa``'s in the same round;
+* ``vs_xl_rope_median`` / ``vs_xl_rope_min`` (``xl`` with relative positions): the same
+  against ``xl`` with RoPE;
 * ``tokens_per_s``: B·T / median step time;
 * ``model_flops_per_step``, ``model_flops_per_s`` and ``fraction_of_matmul``.
 
@@ -261,6 +263,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if label != base:  # the compiled step against the same contender's eager step, per round
             extra = {"compiled": True, "eager_over_compiled_median": statistics.median(
                 [e / c for e, c in zip(samples[base], times)])}
+        rope = label.replace("xl", "xl(rope)", 1) if label.startswith("xl") and "(rope)" not in label else None
+        if rope in samples:  # xl's relative positions against RoPE, per round (target <= 1.3 at the mid size)
+            over = [x / y for x, y in zip(times, samples[rope])]
+            extra["vs_xl_rope_median"], extra["vs_xl_rope_min"] = statistics.median(over), min(over)
         results[label] = {
             **info[base], **extra,
             "step_s_median": med, "step_s_min": min(times),
