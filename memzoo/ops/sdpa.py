@@ -448,11 +448,33 @@ def skew(x: Tensor, n_cols: int) -> Tensor:
     """Transformer-XL's relative shift as views: ``x`` (..., L, N) with ``N >= n_cols + L - 1``
     -> (..., L, n_cols) with ``out[o, c] = x[o, c + L - 1 - o]`` (row ``o`` shifted left by
     ``L - 1 - o``). Row ``o`` of the flattened ``x`` starting at ``L - 1`` and read with
-    stride ``N - 1`` is exactly that, so no gather is needed."""
+    stride ``N - 1`` is exactly that, so no gather is needed; the backward writes the
+    gradient into one zero tensor through the same view (:class:`_Skew`)."""
     size, n = x.shape[-2:]
     assert n - 1 >= n_cols and size >= 2, (size, n, n_cols)
+    return _Skew.apply(x, n_cols)
+
+
+def _skewed_view(x: Tensor, n_cols: int) -> Tensor:
+    size, n = x.shape[-2:]
     flat = x.flatten(-2)[..., size - 1 : size - 1 + size * (n - 1)]
     return flat.unflatten(-1, (size, n - 1))[..., :n_cols]
+
+
+class _Skew(torch.autograd.Function):
+    """:func:`skew` with a backward of one fill and one strided copy (autograd's own, through
+    two slices, would zero-fill and copy twice)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, n_cols: int) -> Tensor:  # type: ignore[override]
+        ctx.shape, ctx.n_cols = x.shape, n_cols
+        return _skewed_view(x, n_cols)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        out = grad.new_zeros(ctx.shape)
+        _skewed_view(out, ctx.n_cols).copy_(grad)
+        return out, None
 
 
 def relative_blocks(inputs: AttentionInputs) -> Tensor:
@@ -497,12 +519,21 @@ def relative_blocks(inputs: AttentionInputs) -> Tensor:
     if table.shape[1] < n_cols:  # distances the call cannot see (the keys do not reach so far)
         table = F.pad(table, (0, 0, 0, n_cols - table.shape[1]))
     ext = F.pad(table.flip(1), (0, 0, 0, size - 1))  # (H or 1, W + 2L - 1, Dr)
-    bias = skew(rqb @ ext[:, None].transpose(-1, -2), n_cols)  # (B,H,nb,L,W+L)
+    # heads first: the per-head table product is then one (H, B·nb·L, Dr) x (H, Dr, N) bmm,
+    # and every score-sized tensor is made once, contiguous, in the order the score bmm reads
+    b, h = qb.shape[:2]
+    heads_first = (1, 0, 2, 3, 4)
+    qh, kh, vh = (x.permute(heads_first).flatten(0, 2) for x in (qb, kb, vb))  # (H·B·nb, L|S, D)
+    rq = rqb.permute(heads_first).reshape(h, -1, rqb.shape[-1])  # (H, B·nb·L, Dr)
+    by_distance = rq @ ext.transpose(-1, -2) if ext.shape[0] == h else (rq.flatten(0, 1) @ ext[0].T).unflatten(0, (h, -1))
+    bias = skew(by_distance.unflatten(1, (b, nb, size)), n_cols)  # (H, B, nb, L, W+L)
     if n_extra:
         bias = F.pad(bias, (n_extra, 0))
     mask = block_mask(layout, q_start, tq, k_start, n_extra, q.device)  # (nb, L, F+W+L)
-    bias = bias.masked_fill(~mask, float("-inf"))  # (B,H,nb,L,S): the score matmul's added term
-    lead = qb.shape[:3]
-    scores = torch.baddbmm(bias.flatten(0, 2), qb.flatten(0, 2), kb.flatten(0, 2).transpose(-1, -2), alpha=scale)
-    out = torch.softmax(scores, dim=-1) @ vb.flatten(0, 2)  # (B·H·nb, L, Dv)
-    return out.unflatten(0, lead).flatten(2, 3)[:, :, q_start - lo : q_start - lo + tq]
+    # (H, B, nb, L, S): the score matmul's added term. The mask is added as 0/-inf (a constant),
+    # so its backward passes the gradient through untouched (softmax gives masked scores none)
+    bias = bias + torch.zeros((), dtype=bias.dtype, device=bias.device).masked_fill(~mask, float("-inf"))
+    scores = torch.baddbmm(bias.flatten(0, 2), qh, kh.transpose(-1, -2), alpha=scale)
+    out = torch.softmax(scores, dim=-1) @ vh  # (H·B·nb, L, Dv)
+    out = out.unflatten(0, (h, b, nb)).permute(heads_first).flatten(2, 3)  # (B, H, nb·L, Dv)
+    return out[:, :, q_start - lo : q_start - lo + tq]
