@@ -178,6 +178,7 @@ class TransformerXL(Backbone):
         for i, (layer, cache) in enumerate(zip(self.layers, state.h)):
             h = torch.cat([cache, x], dim=1)  # layer inputs of positions [a, end): (B, n, D)
             a = end - h.shape[1]
+            weights: tuple = ()
             if torch.is_grad_enabled():
                 heads = self._attend(layer, h, a, start)
             else:
@@ -185,7 +186,8 @@ class TransformerXL(Backbone):
                 # call; when neither the state tensor nor the weights changed since the last
                 # no-grad call, its keys/values are reused, so a decoded token projects one
                 # row instead of up to M + L - 1 (exactly the same values).
-                memo = self._memo_for(i, layer, cache, a) if _memo_allowed(cache) else None
+                weights = _weights_key(layer)  # once per layer and call: it walks the parameters
+                memo = self._memo_for(i, layer, cache, a, weights) if _memo_allowed(cache) else None
                 heads, (k, v) = self._attend_inference(layer, h, a, start, memo)
             kept = h[:, keep - a :]
             if kept.requires_grad:
@@ -196,7 +198,7 @@ class TransformerXL(Backbone):
                 kept = kept.clone()  # do not hold the dropped rows alive through a view
             new_h.append(kept)
             if _memo_allowed(new_h[-1]):
-                self._remember(i, layer, new_h[-1], keep, k[:, :, keep - a :], v[:, :, keep - a :])
+                self._remember(i, layer, new_h[-1], keep, k[:, :, keep - a :], v[:, :, keep - a :], weights)
             x = layer.feed_forward(layer.attend_residual(x, heads))
         return x, XLState(pos=end, fingerprint=self.fingerprint, h=new_h)
 
@@ -206,21 +208,21 @@ class TransformerXL(Backbone):
         ``.data``, which no version counter sees)."""
         self._kv_memo.clear()
 
-    def _memo_for(self, i: int, layer: DecoderLayer, cache: Tensor, first: int) -> _ProjectionMemo | None:
+    def _memo_for(self, i: int, layer: DecoderLayer, cache: Tensor, first: int, weights: tuple) -> _ProjectionMemo | None:
         memo = self._kv_memo.get(i)
         if memo is None or memo.h() is not cache or memo.h_version != cache._version or memo.first != first:
             return None
         if memo.plain_keys != self._relative_keys(layer.positions):  # the backend changed the formulation
             return None
-        return memo if memo.weights == _weights_key(layer) else None
+        return memo if memo.weights == weights else None
 
     def _remember(
-        self, i: int, layer: DecoderLayer, h: Tensor, first: int, k: Tensor, v: Tensor
+        self, i: int, layer: DecoderLayer, h: Tensor, first: int, k: Tensor, v: Tensor, weights: tuple
     ) -> None:
         # copy the kept rows when they are a slice of more, so a long call's keys are not held alive
         k, v = (t.clone() if t._base is not None and t._base.numel() > t.numel() else t for t in (k, v))
         plain = self._relative_keys(layer.positions)
-        self._kv_memo[i] = _ProjectionMemo(weakref.ref(h), h._version, first, _weights_key(layer), plain, k, v)
+        self._kv_memo[i] = _ProjectionMemo(weakref.ref(h), h._version, first, weights, plain, k, v)
 
     def _attend_inference(
         self, layer: DecoderLayer, h: Tensor, a: int, start: int, memo: _ProjectionMemo | None
