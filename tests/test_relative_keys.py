@@ -147,3 +147,26 @@ def test_a_backend_without_relative_keys_says_so_and_auto_passes_it_by(monkeypat
     assert ops.resolve_backend("auto", plain).name == "xformers"
     with pytest.raises(BackendUnavailable, match="relative-position keys"):
         ops.resolve_backend("xformers", call)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none); the CPU tests above check every path")
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_relative_keys_on_cuda(backend):
+    """xl's shape of call (L=128, W=256, memory tensors) in float32 on CUDA, outputs and
+    input gradients against the reference (flex trains there, through its score_mod)."""
+    layout = BlockLayout(128, 256)
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).cuda().requires_grad_(True)
+
+    ins = {"q": rnd(1, 2, 640, 64), "k": rnd(1, 2, 640, 64), "v": rnd(1, 2, 640, 64), "k_mem": rnd(1, 2, 640, 64),
+           "v_mem": rnd(1, 2, 640, 64), "rel_q": rnd(1, 2, 640, 64), "rel_k": rnd(2, 384, 64)}
+    outs = {}
+    for name in (backend, "reference"):
+        out = ops.attend(**ins, layout=layout, q_start=0, scale=0.125, backend=name)
+        outs[name] = (out, torch.autograd.grad((out * out.detach().sin()).sum(), list(ins.values())))
+    tol = ops.get_backend(backend).tolerance(torch.float32)
+    torch.testing.assert_close(outs[backend][0], outs["reference"][0], atol=tol.atol, rtol=tol.rtol)
+    for key, a, e in zip(ins, outs[backend][1], outs["reference"][1]):
+        torch.testing.assert_close(a, e, atol=tol.atol * 10, rtol=tol.rtol * 10, msg=f"grad of {key}")
