@@ -8,9 +8,13 @@ the same arithmetic, to the conformance tolerance where it only skips padding ro
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import memzoo
 from memzoo.layers.positions import _ANGLES, RoPE, RopeScaling
+from memzoo.variants.kv import KVCacheBackbone
+from memzoo.variants.sinks import Sinks
 
 
 def _plain_rotate(rope: RoPE, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -47,3 +51,56 @@ def test_rope_angle_memo_is_shared_by_equal_ropes_and_notices_changes() -> None:
     assert not torch.equal(a.key(x, pos), first)
     same_values = torch.tensor([9])  # another tensor with equal values: computed anew, equal
     assert torch.equal(a.key(x, same_values), a.key(x, pos))
+
+
+# ------------------------------------------------------------------ sinks
+def _stream(model, x: torch.Tensor, state=None):
+    """``x`` (B, T, D) through ``model`` one token at a time (the decode path)."""
+    ys = []
+    for i in range(x.shape[1]):
+        y, state = model(x[:, i : i + 1], state)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+@pytest.mark.parametrize("positions", ["cache", "absolute"])
+@pytest.mark.parametrize("sinks, window, kv_heads, batch", [(2, 3, 2, 1), (1, 1, 1, 2), (0, 3, 2, 1), (0, 1, 2, 1), (3, 5, 1, 2)])
+def test_sinks_decode_on_a_full_cache_equals_the_engine_exactly(positions, sinks, window, kv_heads, batch) -> None:
+    """Every one-token step from a fresh state on, through ``Sinks.step`` (which takes
+    ``decode_full_cache`` once the cache is full) and through the K/V engine's step:
+    the same outputs and states, bit for bit, and the same gradients."""
+    torch.manual_seed(0)
+    model = memzoo.build_backbone(
+        "sinks", d_model=16, n_heads=2, n_kv_heads=kv_heads, n_layers=2, block_size=4, num_sinks=sinks, window=window,
+        positions=positions,
+    ).double()
+    x = torch.randn(batch, sinks + window + 6, 16, dtype=torch.float64, requires_grad=True)
+    state_fast = state_engine = None
+    outs = []
+    for i in range(x.shape[1]):
+        xi = x[:, i : i + 1]
+        state_fast = model._checked(xi, state_fast)
+        state_engine = model._checked(xi, state_engine)
+        y_fast, state_fast = model.step(xi, state_fast)
+        y_engine, state_engine = KVCacheBackbone.step(model, xi, state_engine)
+        assert torch.equal(y_fast, y_engine), i
+        for a, b in zip(state_fast.tensors(), state_engine.tensors()):
+            assert a.shape == b.shape and torch.equal(a, b), i
+        assert state_fast.pos == state_engine.pos == i + 1
+        outs.append((y_fast, y_engine))
+    w = torch.randn(batch, 1, 16, dtype=torch.float64)
+    fast = torch.autograd.grad(sum((a * w).sum() for a, _ in outs), [x, *model.parameters()], retain_graph=True)
+    engine = torch.autograd.grad(sum((b * w).sum() for _, b in outs), [x, *model.parameters()])
+    for a, b in zip(fast, engine):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert sinks + window - 1 < x.shape[1]  # the full-cache path ran
+
+
+def test_sinks_decode_path_is_taken_once_the_cache_is_full(monkeypatch) -> None:
+    model = memzoo.build_backbone("sinks", d_model=16, n_heads=2, n_layers=1, block_size=4, num_sinks=2, window=3)
+    calls = []
+    original = Sinks.decode_full_cache
+    monkeypatch.setattr(Sinks, "decode_full_cache", lambda self, x, s: calls.append(s.pos) or original(self, x, s))
+    with torch.no_grad():
+        _stream(model, torch.randn(1, 8, 16))
+    assert calls == [4, 5, 6, 7]  # S + W - 1 = 4 onwards
