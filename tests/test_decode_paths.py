@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import memzoo
-from memzoo.layers.positions import _ANGLES, RoPE, RopeScaling
+from memzoo.layers.positions import _ANGLES, _ANGLES_ENTRIES, RoPE, RopeScaling
 from memzoo.variants.kv import KVCacheBackbone
 from memzoo.variants.sinks import Sinks
 
@@ -42,7 +42,7 @@ def test_rope_angle_memo_is_shared_by_equal_ropes_and_notices_changes() -> None:
     x = torch.randn(1, 2, 1, 8)
     pos = torch.tensor([7])
     first = a.key(x, pos)
-    key = (8, 10000.0, None, x.dtype, x.device)
+    key = (8, 10000.0, None, x.dtype, x.device, id(pos))
     assert _ANGLES[key][0] is pos
     assert torch.equal(b.key(x, pos), first)  # same frequencies: the memo's angles
     assert not torch.equal(other.key(x, pos), first)  # other frequencies: an entry of their own
@@ -51,6 +51,9 @@ def test_rope_angle_memo_is_shared_by_equal_ropes_and_notices_changes() -> None:
     assert not torch.equal(a.key(x, pos), first)
     same_values = torch.tensor([9])  # another tensor with equal values: computed anew, equal
     assert torch.equal(a.key(x, same_values), a.key(x, pos))
+    for p in range(20):  # bounded: the oldest entries go
+        a.key(x, torch.tensor([p]))
+    assert len(_ANGLES) <= _ANGLES_ENTRIES and key not in _ANGLES
 
 
 # ------------------------------------------------------------------ sinks

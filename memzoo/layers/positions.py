@@ -111,19 +111,23 @@ class RoPE(PositionScheme):
     def _cos_sin(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin of the angles, in ``like``'s dtype: (T, Dh/2) or (B, 1, T, Dh/2).
 
-        The last small call's result is kept (:data:`_ANGLES`) for every RoPE of the same
-        frequencies: the layers of a decode step rotate at one position tensor, so its
-        angles are computed once per step, not once per layer. Reused only for that very
-        tensor (identity and in-place version), in eager code."""
+        The results of the last few small calls are kept (:data:`_ANGLES`) for every RoPE
+        of the same frequencies: the layers of a decode step rotate at the same position
+        tensors, so their angles are computed once per step, not once per layer. Reused
+        only for that very tensor (identity and in-place version), in eager code."""
         key = None
         if not torch.compiler.is_compiling() and pos.numel() <= _ANGLES_MAX and not pos.is_inference():  # compiling: first
-            key = (self.head_dim, self.base, self.scaling, like.dtype, like.device)
+            # id(pos) is not reused while the entry holds pos itself
+            key = (self.head_dim, self.base, self.scaling, like.dtype, like.device, id(pos))
             hit = _ANGLES.get(key)
             if hit is not None and hit[0] is pos and hit[1] == pos._version:
                 return hit[2], hit[3]
         cos, sin = self._angles(pos, like)
         if key is not None:
+            _ANGLES.pop(key, None)
             _ANGLES[key] = (pos, pos._version, cos, sin)
+            while len(_ANGLES) > _ANGLES_ENTRIES:
+                _ANGLES.pop(next(iter(_ANGLES)), None)  # the oldest
         return cos, sin
 
     def _angles(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -213,10 +217,12 @@ def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = N
     return inv / factor * (1 - keep) + inv * keep, float(attention)
 
 
-#: RoPE's angle memo: (head width, base, scaling, dtype, device) -> (positions tensor, its
-#: version, cos, sin) of the last call with at most ``_ANGLES_MAX`` positions (one entry per
-#: key: bounded). The frequencies are a function of the first three (set in ``__init__``).
+#: RoPE's angle memo: (head width, base, scaling, dtype, device, id of the positions) ->
+#: (the positions tensor, its version, cos, sin), for the last ``_ANGLES_ENTRIES`` calls
+#: with at most ``_ANGLES_MAX`` positions, oldest first. The frequencies are a function
+#: of the first three (set in ``__init__``).
 _ANGLES: dict[tuple, tuple[Tensor, int, Tensor, Tensor]] = {}
+_ANGLES_ENTRIES = 8
 _ANGLES_MAX = 1024
 
 
