@@ -107,3 +107,69 @@ def test_sinks_decode_path_is_taken_once_the_cache_is_full(monkeypatch) -> None:
     with torch.no_grad():
         _stream(model, torch.randn(1, 8, 16))
     assert calls == [4, 5, 6, 7]  # S + W - 1 = 4 onwards
+
+
+# ------------------------------------------------------------ derived tensors
+def test_state_derived_tensors_are_reused_only_for_unchanged_sources() -> None:
+    state = memzoo.build_backbone("bswa", d_model=8, n_heads=2, n_layers=1, block_size=4).init_state(1)
+    src, weight = torch.randn(1, 2, 3, 4), torch.nn.Parameter(torch.randn(3))
+    value = src * 2
+    with torch.no_grad():
+        state.keep_derived("x", (src, weight), value)
+        assert state.derived("x", (src, weight)) is value
+        assert state.derived("x", (src.clone(), weight)) is None  # another tensor
+        assert state.derived("x", (src,)) is None and state.derived("y", (src, weight)) is None
+        weight.add_(1)  # an in-place change of a source (optimizer.step, load_state_dict)
+        assert state.derived("x", (src, weight)) is None
+        state.keep_derived("x", (src, weight), value)
+        weight.data = torch.zeros(3)  # new storage (.to())
+        assert state.derived("x", (src, weight)) is None
+        state.keep_derived("x", (src,), value)
+        assert state.map(lambda t: t).derived("x", (src,)) is None  # not carried by map / to / detach
+    fresh = memzoo.build_backbone("bswa", d_model=8, n_heads=2, n_layers=1, block_size=4).init_state(1)
+    fresh.keep_derived("x", (src,), value)  # with autograd on: nothing is kept (no graph is held)
+    with torch.inference_mode():
+        inf = torch.randn(2)
+        fresh.keep_derived("y", (inf,), inf)  # inference tensors have no version counter
+    with torch.no_grad():
+        assert fresh.derived("x", (src,)) is None and fresh.derived("y", (inf,)) is None
+
+
+VARIANTS_WITH_ROTATED_CACHE = [
+    ("brt", {"num_states": 3}),
+    ("brt", {"num_states": 2, "recurrent_layer": 0, "gate": "lstm:dual"}),
+    ("infini", {"update": "delta"}),
+    ("infini", {"update": "linear", "memory_positions": "rotated"}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant, options", VARIANTS_WITH_ROTATED_CACHE)
+def test_decoding_with_kept_derived_tensors_equals_recomputing_them_exactly(variant, options, dtype, monkeypatch) -> None:
+    """Token by token (no grad), each step with the tensors the last step kept (rotated
+    cached keys; brt's state keys/values) and each step from a copy of the state without
+    them (the general path): the same logits and states, bit for bit; and they are used."""
+    memzoo.list_variants()  # loads the infini plug-in
+    torch.manual_seed(0)
+    model = memzoo.build_model(variant, vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, block_size=8, **options)
+    model = model.to(dtype).eval()
+    tokens = torch.randint(0, 50, (2, 29))
+    hits = []
+    original = memzoo.State.derived
+
+    def spy(self, name, sources):
+        out = original(self, name, sources)
+        hits.append(name if out is not None else None)
+        return out
+
+    monkeypatch.setattr(memzoo.State, "derived", spy)
+    with torch.no_grad():
+        kept = plain = model.init_state(2, dtype=dtype)
+        for i in range(tokens.shape[1]):
+            a, kept = model.decode_step(tokens[:, i : i + 1], kept)
+            b, plain = model.decode_step(tokens[:, i : i + 1], plain.map(lambda t: t))  # map drops what is kept
+            assert torch.equal(a, b), i
+            assert all(torch.equal(x, y) for x, y in zip(kept.tensors(), plain.tensors())), i
+    assert "rotated_k.1" in hits
+    if variant == "brt":
+        assert "state_kv" in hits

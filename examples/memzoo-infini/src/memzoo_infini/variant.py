@@ -32,7 +32,9 @@ Choices the paper leaves open (see docs/variants/infini.md):
 
 Streaming: the memory changes only when a block completes (on the absolute grid of
 ``block_size`` positions), and the partial block's unrotated keys and values are held in
-the state until then, so any chunking gives the same outputs, state and gradients.
+the state until then, so any chunking gives the same outputs, state and gradients. In
+eager no-grad calls a state also carries its partial block's keys rotated, beside its
+fields (``memzoo.State.derived``), so a decode step rotates only its own key.
 
 Shapes: B batch, T tokens in this call, D model width, H query heads, Hkv key/value
 heads, Dh head width, L block_size, nb query blocks touched by the call.
@@ -158,13 +160,18 @@ class InfiniAttention(memzoo.Backbone):
         layout = BlockLayout(block_size=size, window=0)  # causal within the block only
         rotated = self.memory_positions == "rotated"
         gates = torch.sigmoid(self.gate).to(x.dtype)  # (n_layers, H)
-        new_k, new_v, new_mem, new_norm = [], [], [], []
+        new_k, new_v, new_mem, new_norm, rotated_k = [], [], [], [], []
         for i, layer in enumerate(self.layers):
             q_raw, k_raw, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh)
             keys_raw = torch.cat([state.k[i], k_raw], dim=2)  # positions [block_start, end)
             values = torch.cat([state.v[i], v], dim=2)
-            q = layer.positions.query(q_raw, q_pos)
-            keys = layer.positions.key(keys_raw, pos)
+            cached = state.derived(f"rotated_k.{i}", (state.k[i],))  # the cache's keys rotated, by the last step
+            if cached is None:
+                q = layer.positions.query(q_raw, q_pos)
+                keys = layer.positions.key(keys_raw, pos)
+            else:  # rotate only this call's keys (a decode step would rotate the whole partial block again)
+                q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
+                keys = torch.cat([cached, k], dim=2)
             local = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
 
             sq = sigma(q if rotated else q_raw)
@@ -192,4 +199,8 @@ class InfiniAttention(memzoo.Backbone):
             new_v.append(values[:, :, kept:])
             new_mem.append(mems[n_done])
             new_norm.append(norms[n_done])
-        return x, InfiniState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, mem=new_mem, norm=new_norm)
+            rotated_k.append(keys[:, :, kept:])
+        new = InfiniState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, mem=new_mem, norm=new_norm)
+        for i, (k, r) in enumerate(zip(new_k, rotated_k)):  # for the next step (eager no-grad calls only)
+            new.keep_derived(f"rotated_k.{i}", (k,), r)
+        return x, new
