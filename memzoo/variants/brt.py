@@ -174,6 +174,15 @@ class RecurrentCell(nn.Module):
         return new
 
 
+def _parameters(module: nn.Module) -> list[Tensor]:
+    """``list(module.parameters())`` without its bookkeeping (a decode step walks a few)."""
+    out = [p for p in module._parameters.values() if p is not None]
+    for child in module._modules.values():
+        if child is not None:
+            out += _parameters(child)
+    return out
+
+
 @dataclass
 class BRTState(State):
     """Per layer, ``k[l]`` (unrotated) and ``v[l]`` (B, Hkv, t, Dh): keys and values of the
@@ -289,31 +298,33 @@ class BlockRecurrentTransformer(Backbone):
         for i, (k, r) in enumerate(zip(new_k, rotated)):  # for the next step (eager no-grad calls only)
             new.keep_derived(f"rotated_k.{i}", (k,), r)
         if n_done < n_blocks:  # the states' inputs, keys and values for the block the call ends in
-            new.keep_derived("state_kv", self._state_kv_sources(cells), last_kv)
+            new.keep_derived("state_kv", *last_kv)
         return x, new
 
     def _state_kv_sources(self, cells: Tensor) -> tuple[Tensor, ...]:
-        """What the states' normed inputs, keys and values depend on: ``cells`` and the weights."""
+        """What the states' normed inputs, keys and values depend on: ``cells`` and the
+        weights (every parameter of the modules, wrapped ones such as LoRA's included)."""
         cell = self.cell
-        weights = (p for m in (cell.state_layernorm, cell.state_k_proj, cell.state_v_proj) for p in m.parameters())
+        weights = [p for m in (cell.state_layernorm, cell.state_k_proj, cell.state_v_proj) for p in _parameters(m)]
         return (cells, cell.state_ids, *weights)
 
     def _recurrent(
         self, h: Tensor, state: BRTState, keys_raw: Tensor, values: Tensor, lo: int, n_done: int, n_blocks: int, pad: int
-    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    ) -> tuple[Tensor, Tensor, tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]]:
         """The recurrent layer's state side for one call: the scan over the completed
         blocks (``lo``: index of the first touched block's first key in ``keys_raw``) and
         the tokens' cross-attention to the states of their block, batched over blocks.
         ``h`` (B, T, D) normed token inputs, ``pad`` the first token's offset in its block.
         Returns the cross-attention heads (B, H, T, Dh), the last states (B, S, D) and the
-        last block's state inputs, keys and values (the next step's, if no block completed
-        after it). The first block's are those the last step kept with ``state`` (they
+        last block's state inputs, keys and values with what they depend on (the next
+        step's, if no block completed after it). The first block's are those the last step kept with ``state`` (they
         change only when a block completes), when it kept them."""
         cell, size, t = self.cell, self.block_size, h.shape[1]
         cells = state.cells
+        sources = self._state_kv_sources(cells)
         state_k, state_v = [], []
         for j in range(n_blocks):
-            kept = state.derived("state_kv", self._state_kv_sources(cells)) if j == 0 else None
+            kept = state.derived("state_kv", sources) if j == 0 else None
             if kept is None:
                 hs = cell.state_inputs(cells)
                 sk, sv = cell.state_kv(hs)
@@ -324,7 +335,7 @@ class BlockRecurrentTransformer(Backbone):
             if j < n_done:
                 block = slice(lo + j * size, lo + (j + 1) * size)
                 cells = cell.update(cells, hs, sk, sv, keys_raw[:, :, block], values[:, :, block], self.backend)
-        last = (hs, sk, sv)
+        last = (sources if n_done == 0 else self._state_kv_sources(cells), (hs, sk, sv))
         qc = cell.split_heads(cell.cross_q_proj(h))  # (B, H, T, Dh), no positions
         if n_blocks == 1:  # every token reads the same states (a decode step): no padding to a whole block
             return ops.dense(qc, state_k[0], state_v[0], scale=self.head_dim**-0.5, backend=self.backend), cells, last
