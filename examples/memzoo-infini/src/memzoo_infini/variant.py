@@ -160,6 +160,7 @@ class InfiniAttention(memzoo.Backbone):
         layout = BlockLayout(block_size=size, window=0)  # causal within the block only
         rotated = self.memory_positions == "rotated"
         gates = torch.sigmoid(self.gate).to(x.dtype)  # (n_layers, H)
+        rests = 1 - gates
         new_k, new_v, new_mem, new_norm, rotated_k = [], [], [], [], []
         for i, layer in enumerate(self.layers):
             q_raw, k_raw, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh)
@@ -192,8 +193,8 @@ class InfiniAttention(memzoo.Backbone):
                 norm = ops.repeat_kv(torch.stack(norms[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh)
                 a_mem = retrieve(sq_blocks, mem, norm).flatten(2, 3)[:, :, pad : pad + t]  # (B, H, T, Dh)
 
-            g = gates[i][None, :, None, None]  # (1, H, 1, 1)
-            x = layer.feed_forward(layer.attend_residual(x, g * a_mem + (1 - g) * local))
+            g, rest = gates[i][None, :, None, None], rests[i][None, :, None, None]  # (1, H, 1, 1): sigmoid(β), 1 - sigmoid(β)
+            x = layer.feed_forward(layer.attend_residual(x, g * a_mem + rest * local))
             kept = n_done * size  # the new partial block starts here
             new_k.append(keys_raw[:, :, kept:])
             new_v.append(values[:, :, kept:])
