@@ -193,6 +193,8 @@ class State:
         Never part of the state's meaning: not a field, not saved, not compared, dropped
         by :meth:`map` (``to``, ``detach``, ...). Only eager no-grad code keeps any
         (:func:`derived_allowed`)."""
+        if torch.compiler.is_compiling():  # traced code recomputes (the checks are Python, outside the graph)
+            return None
         kept = self.__dict__.get(_DERIVED)
         hit = kept.get(name) if kept else None
         if hit is None or len(hit[0]) != len(sources):
