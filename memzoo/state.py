@@ -71,6 +71,24 @@ def check_finite(name: str, t: Tensor) -> None:
         raise StateError(f"state entry {name!r} has {bad} non-finite value(s) (NaN or inf)")
 
 
+#: the attribute of a state that holds its derived tensors (:meth:`State.derived`)
+_DERIVED = "_memzoo_derived"
+
+
+def derived_allowed(*tensors: Tensor) -> bool:
+    """Whether a state may keep derived tensors of ``tensors``: in eager code without
+    autograd (a kept tensor would hold its graph), and not under ``torch.inference_mode``
+    (inference tensors have no version counter to notice a change by)."""
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the other checks
+        return False
+    return not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not any(t.is_inference() for t in tensors)
+
+
+def _source_key(sources: tuple[Tensor, ...]) -> tuple:
+    # holds the sources themselves, so their ids are not reused while the entry lives
+    return tuple((t, t.data_ptr(), t._version) for t in sources)
+
+
 @dataclass
 class State:
     """Base class; subclasses are dataclasses that add tensor fields and set ``variant``."""
@@ -162,6 +180,37 @@ class State:
             else:
                 changes[name] = pick(value, theirs[name])
         return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------- derived tensors
+    def derived(self, name: str, sources: tuple[Tensor, ...]) -> Any:
+        """A tensor a variant computed from ``sources`` and kept with this state
+        (:meth:`keep_derived`), e.g. the RoPE-rotated copy of cached keys the state holds
+        unrotated, so the next decode step does not recompute it; None when none was
+        kept, or when a source is not the very tensor it was computed from, unchanged
+        (identity, storage, in-place version: ``optimizer.step()``, ``load_state_dict``,
+        ``.to()``, any in-place write is noticed; a write through ``.data`` is not).
+
+        Never part of the state's meaning: not a field, not saved, not compared, dropped
+        by :meth:`map` (``to``, ``detach``, ...). Only eager no-grad code keeps any
+        (:func:`derived_allowed`)."""
+        if torch.compiler.is_compiling():  # traced code recomputes (the checks are Python, outside the graph)
+            return None
+        kept = self.__dict__.get(_DERIVED)
+        hit = kept.get(name) if kept else None
+        if hit is None or len(hit[0]) != len(sources):
+            return None
+        for (t, ptr, version), now in zip(hit[0], sources):
+            if t is not now or ptr != now.data_ptr() or version != now._version:
+                return None
+        return hit[1]
+
+    def keep_derived(self, name: str, sources: tuple[Tensor, ...], value: Any) -> None:
+        """Keep ``value`` (a tensor or a tuple of tensors), a function of ``sources`` alone
+        (tensors of this state, the parameters it was computed with), for :meth:`derived`;
+        nothing is kept unless :func:`derived_allowed` (no graph is held, no version
+        counter is missing)."""
+        if derived_allowed(*(value if isinstance(value, tuple) else (value,)), *sources):
+            self.__dict__.setdefault(_DERIVED, {})[name] = (_source_key(sources), value)
 
     # --------------------------------------------------------------- flat dict
     def to_dict(self) -> dict[str, Tensor]:

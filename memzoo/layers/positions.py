@@ -109,6 +109,28 @@ class RoPE(PositionScheme):
         return cached
 
     def _cos_sin(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin of the angles, in ``like``'s dtype: (T, Dh/2) or (B, 1, T, Dh/2).
+
+        The results of the last few small calls are kept (:data:`_ANGLES`) for every RoPE
+        of the same frequencies: the layers of a decode step rotate at the same position
+        tensors, so their angles are computed once per step, not once per layer. Reused
+        only for that very tensor (identity and in-place version), in eager code."""
+        key = None
+        if not torch.compiler.is_compiling() and pos.numel() <= _ANGLES_MAX and not pos.is_inference():  # compiling: first
+            # id(pos) is not reused while the entry holds pos itself
+            key = (self.head_dim, self.base, self.scaling, like.dtype, like.device, id(pos))
+            hit = _ANGLES.get(key)
+            if hit is not None and hit[0] is pos and hit[1] == pos._version:
+                return hit[2], hit[3]
+        cos, sin = self._angles(pos, like)
+        if key is not None:
+            _ANGLES.pop(key, None)
+            _ANGLES[key] = (pos, pos._version, cos, sin)
+            while len(_ANGLES) > _ANGLES_ENTRIES:
+                _ANGLES.pop(next(iter(_ANGLES)), None)  # the oldest
+        return cos, sin
+
+    def _angles(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         ang = pos.to(torch.float64)[..., None] * self._freqs(like.device)  # (T, Dh/2) or (B, T, Dh/2)
         if ang.dim() == 3:
             ang = ang[:, None]  # (B, 1, T, Dh/2)
@@ -130,6 +152,11 @@ class RoPE(PositionScheme):
         if q.dtype != k.dtype or q.device != k.device:
             return self._rotate(q, pos), self._rotate(k, pos)
         cos, sin = self._cos_sin(pos, q)
+        if q.shape[0] == 1 and q.shape[2:] == k.shape[2:]:
+            # one sequence (a decode step): both in one rotation of their heads side by side
+            # (elementwise, so the same values); for B = 1 the two slices stay contiguous
+            both = self._turn(torch.cat([q, k], dim=1), cos, sin)
+            return both[:, : q.shape[1]], both[:, q.shape[1] :]
         return self._turn(q, cos, sin), self._turn(k, cos, sin)
 
     def query(self, q: Tensor, pos: Tensor) -> Tensor:
@@ -188,6 +215,15 @@ def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = N
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
     return inv / factor * (1 - keep) + inv * keep, float(attention)
+
+
+#: RoPE's angle memo: (head width, base, scaling, dtype, device, id of the positions) ->
+#: (the positions tensor, its version, cos, sin), for the last ``_ANGLES_ENTRIES`` calls
+#: with at most ``_ANGLES_MAX`` positions, oldest first. The frequencies are a function
+#: of the first three (set in ``__init__``).
+_ANGLES: dict[tuple, tuple[Tensor, int, Tensor, Tensor]] = {}
+_ANGLES_ENTRIES = 8
+_ANGLES_MAX = 1024
 
 
 POSITION_SCHEMES: dict[str, type[PositionScheme]] = {"rope": RoPE, "none": NoPositions}

@@ -34,7 +34,10 @@ calls unless the caller detaches it): the lucidrains port never trained its stat
 
 Streaming: the state changes only when a block completes (the absolute grid of
 ``block_size`` positions); the K/V of the previous and the partial block are held
-(unrotated), so any chunking gives the same outputs, state and gradients.
+(unrotated), so any chunking gives the same outputs, state and gradients. In eager
+no-grad calls a state also carries, beside its fields (:meth:`memzoo.State.derived`),
+its window keys rotated and its states' keys/values, so a decode step rotates only its
+own key and recomputes the states only when a block completes.
 
 Two implementations: :meth:`BlockRecurrentTransformer.step` (the fast path: layer by
 layer over the whole call, one batched window attention per layer, a sequential scan
@@ -171,6 +174,15 @@ class RecurrentCell(nn.Module):
         return new
 
 
+def _parameters(module: nn.Module) -> list[Tensor]:
+    """``list(module.parameters())`` without its bookkeeping (a decode step walks a few)."""
+    out = [p for p in module._parameters.values() if p is not None]
+    for child in module._modules.values():
+        if child is not None:
+            out += _parameters(child)
+    return out
+
+
 @dataclass
 class BRTState(State):
     """Per layer, ``k[l]`` (unrotated) and ``v[l]`` (B, Hkv, t, Dh): keys and values of the
@@ -254,46 +266,79 @@ class BlockRecurrentTransformer(Backbone):
         n_blocks = (end - 1) // size - first + 1  # query blocks touched: nb
         k_start = end - t - state.k[0].shape[2]  # the caches hold positions [k_start, start)
         pos = torch.arange(k_start, end, device=x.device)
+        q_pos = pos[start - k_start :]  # made once for every layer (RoPE then computes its angles once)
         drop = self.keep_from(end) - k_start
         layout = self.layout()
         cells = state.cells
-        new_k, new_v = [], []
+        new_k, new_v, rotated = [], [], []
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             q_raw, k_raw, v = layer.project_normed(h)
             keys_raw = torch.cat([state.k[i], k_raw], dim=2)  # (B, Hkv, n, Dh), positions [k_start, end)
             values = torch.cat([state.v[i], v], dim=2)
-            q = layer.positions.query(q_raw, pos[start - k_start :])
-            keys = layer.positions.key(keys_raw, pos)
+            cached = state.derived(f"rotated_k.{i}", (state.k[i],))  # the cache's keys rotated, by the last step
+            if cached is None:
+                q = layer.positions.query(q_raw, q_pos)
+                keys = layer.positions.key(keys_raw, pos)
+            else:  # rotate only this call's keys (a decode step would rotate the whole window again)
+                q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
+                keys = torch.cat([cached, k], dim=2)
             heads = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
             out = layer.attend_residual(x, heads)
             if i == self.recurrent_index:
-                cross, cells = self._recurrent(h, cells, keys_raw, values, first * size - k_start, n_done, n_blocks, start - first * size)
+                cross, cells, last_kv = self._recurrent(
+                    h, state, keys_raw, values, first * size - k_start, n_done, n_blocks, start - first * size
+                )
                 out = out + self.cell.cross_o_proj(cross.transpose(1, 2).flatten(-2))
             x = layer.feed_forward(out)
             new_k.append(keys_raw[:, :, drop:])
             new_v.append(values[:, :, drop:])
-        return x, BRTState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, cells=cells)
+            rotated.append(keys[:, :, drop:])
+        new = BRTState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, cells=cells)
+        for i, (k, r) in enumerate(zip(new_k, rotated)):  # for the next step (eager no-grad calls only)
+            new.keep_derived(f"rotated_k.{i}", (k,), r)
+        if n_done < n_blocks:  # the states' inputs, keys and values for the block the call ends in
+            new.keep_derived("state_kv", *last_kv)
+        return x, new
+
+    def _state_kv_sources(self, cells: Tensor) -> tuple[Tensor, ...]:
+        """What the states' normed inputs, keys and values depend on: ``cells`` and the
+        weights (every parameter of the modules, wrapped ones such as LoRA's included)."""
+        cell = self.cell
+        weights = [p for m in (cell.state_layernorm, cell.state_k_proj, cell.state_v_proj) for p in _parameters(m)]
+        return (cells, cell.state_ids, *weights)
 
     def _recurrent(
-        self, h: Tensor, cells: Tensor, keys_raw: Tensor, values: Tensor, lo: int, n_done: int, n_blocks: int, pad: int
-    ) -> tuple[Tensor, Tensor]:
+        self, h: Tensor, state: BRTState, keys_raw: Tensor, values: Tensor, lo: int, n_done: int, n_blocks: int, pad: int
+    ) -> tuple[Tensor, Tensor, tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]]:
         """The recurrent layer's state side for one call: the scan over the completed
         blocks (``lo``: index of the first touched block's first key in ``keys_raw``) and
         the tokens' cross-attention to the states of their block, batched over blocks.
         ``h`` (B, T, D) normed token inputs, ``pad`` the first token's offset in its block.
-        Returns the cross-attention heads (B, H, T, Dh) and the last states (B, S, D)."""
+        Returns the cross-attention heads (B, H, T, Dh), the last states (B, S, D) and the
+        last block's state inputs, keys and values with what they depend on (the next
+        step's, if no block completed after it). The first block's are those the last step kept with ``state`` (they
+        change only when a block completes), when it kept them."""
         cell, size, t = self.cell, self.block_size, h.shape[1]
+        cells = state.cells
+        sources = self._state_kv_sources(cells)
         state_k, state_v = [], []
         for j in range(n_blocks):
-            hs = cell.state_inputs(cells)
-            sk, sv = cell.state_kv(hs)
+            kept = state.derived("state_kv", sources) if j == 0 else None
+            if kept is None:
+                hs = cell.state_inputs(cells)
+                sk, sv = cell.state_kv(hs)
+            else:
+                hs, sk, sv = kept
             state_k.append(sk)
             state_v.append(sv)
             if j < n_done:
                 block = slice(lo + j * size, lo + (j + 1) * size)
                 cells = cell.update(cells, hs, sk, sv, keys_raw[:, :, block], values[:, :, block], self.backend)
+        last = (sources if n_done == 0 else self._state_kv_sources(cells), (hs, sk, sv))
         qc = cell.split_heads(cell.cross_q_proj(h))  # (B, H, T, Dh), no positions
+        if n_blocks == 1:  # every token reads the same states (a decode step): no padding to a whole block
+            return ops.dense(qc, state_k[0], state_v[0], scale=self.head_dim**-0.5, backend=self.backend), cells, last
         qc = F.pad(qc, (0, 0, pad, n_blocks * size - pad - t)).unflatten(2, (n_blocks, size))  # (B, H, nb, L, Dh)
         # blocks into the batch: queries (B·nb, H, L, Dh) against their block's states (B·nb, Hkv, S, Dh)
         cross = ops.dense(
@@ -301,4 +346,4 @@ class BlockRecurrentTransformer(Backbone):
             scale=self.head_dim**-0.5, backend=self.backend,
         )
         cross = cross.unflatten(0, (h.shape[0], n_blocks)).transpose(1, 2).flatten(2, 3)[:, :, pad : pad + t]
-        return cross, cells
+        return cross, cells, last

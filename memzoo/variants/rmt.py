@@ -145,7 +145,7 @@ class RecurrentMemoryTransformer(Backbone):
             if completes and n_mem:
                 rows.append(self._write_rows(x.shape[0], x))
             start = n_mem + done if done else 0
-            z, k_cache, v_cache = self._run(torch.cat(rows, dim=1), start, k_cache, v_cache)
+            z, k_cache, v_cache = self._run(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0], start, k_cache, v_cache)
             outputs.append(z[:, first : first + take])
             if completes:  # new read memory; the next segment's rows are computed when it starts
                 if n_mem:
@@ -154,7 +154,8 @@ class RecurrentMemoryTransformer(Backbone):
                 v_cache = [vc[:, :, :0] for vc in v_cache]
             pos += take
             i += take
-        return torch.cat(outputs, dim=1), RMTState(pos=pos, fingerprint=self.fingerprint, mem=mem, k=k_cache, v=v_cache)
+        y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # one piece: no copy
+        return y, RMTState(pos=pos, fingerprint=self.fingerprint, mem=mem, k=k_cache, v=v_cache)
 
     def carry_state(self, state: State) -> RMTState:
         """To start an unrelated sequence: keep the memory only (the read memory of the

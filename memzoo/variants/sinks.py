@@ -32,7 +32,9 @@ Two implementations of the same function live here:
   ``BlockLayout(1, W-1, sinks=S)`` (the sinks as always-visible keys). With cache
   positions the queries past ``S+W-1`` are a second call without layout sinks, whose
   per-query extra rows are the sink keys rotated at ``j + t - (S+W-1)``: with the query
-  rotated at ``t`` that is the distance ``c(t) - j`` of the paper.
+  rotated at ``t`` that is the distance ``c(t) - j`` of the paper. One token on a full
+  cache (every decode step past ``S+W-1``) takes :meth:`Sinks.decode_full_cache`, the
+  same tensors with fewer copies (held equal to the engine, exactly).
 * :meth:`Sinks.step_reference`: the paper's rule written per query: the visible
   positions, each numbered by its cache position (or its text position), RoPE applied
   to the pre-RoPE query and keys at those numbers, a plain softmax.
@@ -97,6 +99,43 @@ class Sinks(KVCacheBackbone):
 
     def keep_from(self, next_pos: int) -> int:
         return next_pos - (self.window - 1)
+
+    def step(self, x: Tensor, state: SinksState) -> tuple[Tensor, SinksState]:
+        """The K/V engine's step, or for one token whose cache is full (past ``S+W-1``: a
+        decode step) :meth:`decode_full_cache`, which computes the same thing with fewer
+        copies (``tests/test_decode_paths.py`` holds the two equal, exactly)."""
+        if x.shape[1] == 1 and state.pos >= self.num_sinks + self.window - 1:
+            return self.decode_full_cache(x, state)
+        return super().step(x, state)
+
+    def decode_full_cache(self, x: Tensor, state: SinksState) -> tuple[Tensor, SinksState]:
+        """One token ``x`` (B, 1, D) at ``t = state.pos >= S+W-1``: the cache holds the S
+        pre-RoPE sinks and the last ``W-1`` keys, all of which the token sees, so its
+        attention is plain (unmasked) attention over ``[sinks rotated, run, itself]``; the
+        next cache drops the run's oldest row. The sinks are rotated at ``j + t - (S+W-1)``
+        (cache positions: their distance ``c(t) - j`` to the query at ``t``) or at ``j``
+        (absolute). The engine builds these very tensors through more copies
+        (cache + new rows, then extra rows + run, then eviction)."""
+        s, w, t = self.num_sinks, self.window, state.pos
+        pos = self.token_positions(state, 1, x.device)  # (1,)
+        shift = t - (s + w - 1) if self.positions == "cache" else 0
+        sink_pos = torch.arange(shift, shift + s, device=x.device) if s else None
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.project(x, pos)  # (B, H, 1, Dh), (B, Hkv, 1, Dh) x2
+            cache_k, cache_v = state.k[i], state.v[i]  # (B, Hkv, S + W - 1, Dh)
+            run_k = [cache_k[:, :, s:], k]
+            keys = torch.cat([layer.positions.key(cache_k[:, :, :s], sink_pos), *run_k] if s else run_k, dim=2)
+            values = torch.cat([cache_v, v], dim=2)  # (B, Hkv, S + W, Dh)
+            heads = ops.dense(q, keys, values, scale=layer.positions.scale, backend=self.backend)
+            x = layer.feed_forward(layer.attend_residual(x, heads))
+            if s:  # the sinks, then the run without its oldest row (W - 1 rows)
+                new_k.append(torch.cat([cache_k[:, :, :s], cache_k[:, :, s + 1 :], k], dim=2)[:, :, : s + w - 1])
+                new_v.append(torch.cat([cache_v[:, :, :s], cache_v[:, :, s + 1 :], v], dim=2)[:, :, : s + w - 1])
+            else:
+                new_k.append(keys[:, :, 1:])
+                new_v.append(values[:, :, 1:])
+        return x, SinksState(pos=t + 1, fingerprint=self.fingerprint, k=new_k, v=new_v)
 
     def attends_sinks_at_own_positions(self, start: int, end: int) -> bool:
         # cache positions: only the queries before S+W (nothing evicted yet) see the sinks at 0 … S-1

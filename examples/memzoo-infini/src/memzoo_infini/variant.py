@@ -32,7 +32,9 @@ Choices the paper leaves open (see docs/variants/infini.md):
 
 Streaming: the memory changes only when a block completes (on the absolute grid of
 ``block_size`` positions), and the partial block's unrotated keys and values are held in
-the state until then, so any chunking gives the same outputs, state and gradients.
+the state until then, so any chunking gives the same outputs, state and gradients. In
+eager no-grad calls a state also carries its partial block's keys rotated, beside its
+fields (``memzoo.State.derived``), so a decode step rotates only its own key.
 
 Shapes: B batch, T tokens in this call, D model width, H query heads, Hkv key/value
 heads, Dh head width, L block_size, nb query blocks touched by the call.
@@ -154,36 +156,52 @@ class InfiniAttention(memzoo.Backbone):
         n_blocks = (end - 1) // size - start // size + 1  # query blocks touched: nb
         pad = start - block_start
         pos = torch.arange(block_start, end, device=x.device)
+        q_pos = pos[pad:]  # made once for every layer (RoPE then computes its angles once)
         layout = BlockLayout(block_size=size, window=0)  # causal within the block only
-        new_k, new_v, new_mem, new_norm = [], [], [], []
+        rotated = self.memory_positions == "rotated"
+        gates = torch.sigmoid(self.gate).to(x.dtype)  # (n_layers, H)
+        rests = 1 - gates
+        new_k, new_v, new_mem, new_norm, rotated_k = [], [], [], [], []
         for i, layer in enumerate(self.layers):
             q_raw, k_raw, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh)
             keys_raw = torch.cat([state.k[i], k_raw], dim=2)  # positions [block_start, end)
             values = torch.cat([state.v[i], v], dim=2)
-            q = layer.positions.query(q_raw, pos[pad:])
-            keys = layer.positions.key(keys_raw, pos)
+            cached = state.derived(f"rotated_k.{i}", (state.k[i],))  # the cache's keys rotated, by the last step
+            if cached is None:
+                q = layer.positions.query(q_raw, q_pos)
+                keys = layer.positions.key(keys_raw, pos)
+            else:  # rotate only this call's keys (a decode step would rotate the whole partial block again)
+                q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
+                keys = torch.cat([cached, k], dim=2)
             local = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
 
-            rotated = self.memory_positions == "rotated"
-            sq, sk = sigma(q if rotated else q_raw), sigma(keys if rotated else keys_raw)
+            sq = sigma(q if rotated else q_raw)
             # the scan: the memory each query block reads, written once per completed block
             mems, norms = [state.mem[i]], [state.norm[i]]
-            for j in range(n_done):
-                block = slice(j * size, (j + 1) * size)
-                m, z = write(mems[-1], norms[-1], sk[:, :, block], values[:, :, block], self.update)
-                mems.append(m)
-                norms.append(z)
-            # every query block's retrieval in one batched product: queries padded to whole blocks
-            sq_blocks = F.pad(sq, (0, 0, pad, n_blocks * size - pad - t)).unflatten(2, (n_blocks, size))  # (B, H, nb, L, Dh)
-            mem = ops.repeat_kv(torch.stack(mems[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh, Dh)
-            norm = ops.repeat_kv(torch.stack(norms[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh)
-            a_mem = retrieve(sq_blocks, mem, norm).flatten(2, 3)[:, :, pad : pad + t]  # (B, H, T, Dh)
+            if n_done:
+                sk = sigma((keys if rotated else keys_raw)[:, :, : n_done * size])  # the completed blocks' keys
+                for j in range(n_done):
+                    block = slice(j * size, (j + 1) * size)
+                    m, z = write(mems[-1], norms[-1], sk[:, :, block], values[:, :, block], self.update)
+                    mems.append(m)
+                    norms.append(z)
+            if n_blocks == 1:  # every query reads one memory (a decode step): no padding to a whole block
+                a_mem = retrieve(sq, ops.repeat_kv(mems[0], self.n_heads), ops.repeat_kv(norms[0], self.n_heads))
+            else:  # every query block's retrieval in one batched product: queries padded to whole blocks
+                sq_blocks = F.pad(sq, (0, 0, pad, n_blocks * size - pad - t)).unflatten(2, (n_blocks, size))  # (B, H, nb, L, Dh)
+                mem = ops.repeat_kv(torch.stack(mems[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh, Dh)
+                norm = ops.repeat_kv(torch.stack(norms[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh)
+                a_mem = retrieve(sq_blocks, mem, norm).flatten(2, 3)[:, :, pad : pad + t]  # (B, H, T, Dh)
 
-            g = torch.sigmoid(self.gate[i]).to(x.dtype)[None, :, None, None]  # (1, H, 1, 1)
-            x = layer.feed_forward(layer.attend_residual(x, g * a_mem + (1 - g) * local))
+            g, rest = gates[i][None, :, None, None], rests[i][None, :, None, None]  # (1, H, 1, 1): sigmoid(β), 1 - sigmoid(β)
+            x = layer.feed_forward(layer.attend_residual(x, g * a_mem + rest * local))
             kept = n_done * size  # the new partial block starts here
             new_k.append(keys_raw[:, :, kept:])
             new_v.append(values[:, :, kept:])
             new_mem.append(mems[n_done])
             new_norm.append(norms[n_done])
-        return x, InfiniState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, mem=new_mem, norm=new_norm)
+            rotated_k.append(keys[:, :, kept:])
+        new = InfiniState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, mem=new_mem, norm=new_norm)
+        for i, (k, r) in enumerate(zip(new_k, rotated_k)):  # for the next step (eager no-grad calls only)
+            new.keep_derived(f"rotated_k.{i}", (k,), r)
+        return x, new
