@@ -233,8 +233,14 @@ class TransformerXL(Backbone):
         pos = torch.arange(a, a + h.shape[1], device=h.device)
         done = 0 if memo is None else memo.k.shape[2]  # rows [a, a + done) come from the memo
         normed = layer.input_layernorm(h[:, done:])
-        q, rel = self._q(layer, normed[:, start - a - done :], pos[start - a :], h.shape[1])
-        k, v = self._kv(layer, normed, pos[done:])
+        if start - a == done and not self._relative_keys(layer.positions):
+            # the rows projected are exactly the queries (a decode step on the memo, or a
+            # call from position 0): one Q/K/V projection, positions for both at once
+            q, k, v = layer.project_normed(normed)
+            (q, k), rel = layer.positions.query_key(q, k, pos[done:]), {}
+        else:
+            q, rel = self._q(layer, normed[:, start - a - done :], pos[start - a :], h.shape[1])
+            k, v = self._kv(layer, normed, pos[done:])
         if memo is not None:
             k, v = torch.cat([memo.k, k], dim=2), torch.cat([memo.v, v], dim=2)
         heads = ops.attend(
