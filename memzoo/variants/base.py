@@ -291,3 +291,16 @@ class Backbone(nn.Module):
         else:
             rows = torch.randint(0, v, (n,), generator=generator)
         return embed.detach()[rows.to(embed.device)].clone()
+
+
+def module_tensors(module: nn.Module, buffers: bool = False) -> list[Tensor]:
+    """``list(module.parameters())`` (and its buffers with ``buffers=True``) without the
+    bookkeeping of ``named_parameters`` (deduplication, names): a decode step that keys a
+    cache on the weights walks a few modules per token."""
+    out = [p for p in module._parameters.values() if p is not None]
+    if buffers:
+        out += [b for b in module._buffers.values() if b is not None]
+    for child in module._modules.values():
+        if child is not None:
+            out += module_tensors(child, buffers)
+    return out

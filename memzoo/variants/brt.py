@@ -66,7 +66,7 @@ from memzoo.layers import MLP
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
-from memzoo.variants.base import Backbone
+from memzoo.variants.base import Backbone, module_tensors
 from memzoo.variants.naive import brt_reference  # noqa: F401  (the slow reference, kept with the others)
 
 class BRTConfig(VariantConfig):
@@ -172,15 +172,6 @@ class RecurrentCell(nn.Module):
         if self.dual:
             new = self.mlp_gate(new, self.state_mlp(self.state_post_layernorm(new)))
         return new
-
-
-def _parameters(module: nn.Module) -> list[Tensor]:
-    """``list(module.parameters())`` without its bookkeeping (a decode step walks a few)."""
-    out = [p for p in module._parameters.values() if p is not None]
-    for child in module._modules.values():
-        if child is not None:
-            out += _parameters(child)
-    return out
 
 
 @dataclass
@@ -305,7 +296,7 @@ class BlockRecurrentTransformer(Backbone):
         """What the states' normed inputs, keys and values depend on: ``cells`` and the
         weights (every parameter of the modules, wrapped ones such as LoRA's included)."""
         cell = self.cell
-        weights = [p for m in (cell.state_layernorm, cell.state_k_proj, cell.state_v_proj) for p in _parameters(m)]
+        weights = [p for m in (cell.state_layernorm, cell.state_k_proj, cell.state_v_proj) for p in module_tensors(m)]
         return (cells, cell.state_ids, *weights)
 
     def _recurrent(

@@ -48,7 +48,7 @@ from memzoo.layers.relative import RelativePositions
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
-from memzoo.variants.base import Backbone
+from memzoo.variants.base import Backbone, module_tensors
 from memzoo.variants.naive import xl_reference  # noqa: F401  (the slow reference, kept with the others)
 
 
@@ -119,9 +119,7 @@ class _ProjectionMemo:
 def _weights_key(layer: DecoderLayer) -> tuple:
     """What the memory's keys/values depend on, by storage and version (no copies)."""
     attn = layer.self_attn
-    deps = (
-        t for m in (layer.input_layernorm, attn.k_proj, attn.v_proj, layer.positions) for t in (*m.parameters(), *m.buffers())
-    )
+    deps = (t for m in (layer.input_layernorm, attn.k_proj, attn.v_proj, layer.positions) for t in module_tensors(m, buffers=True))
     return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in deps)
 
 
