@@ -116,7 +116,8 @@ def attend(
     fewer heads Hkv dividing H (grouped-query attention): they are shared by groups of
     H / Hkv query heads. ``rel_q`` and ``rel_k`` come together (relative-position keys)."""
     h = q.shape[1]
-    k, v, k_mem, v_mem, extra_k, extra_v = (repeat_kv(t, h) for t in (k, v, k_mem, v_mem, extra_k, extra_v))
+    if k.shape[1] != h or v.shape[1] != h or k_mem is not None or v_mem is not None or extra_k is not None or extra_v is not None:
+        k, v, k_mem, v_mem, extra_k, extra_v = (repeat_kv(t, h) for t in (k, v, k_mem, v_mem, extra_k, extra_v))
     inputs = AttentionInputs(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, rel_q, rel_k)
     if (rel_q is None) != (rel_k is None):
         raise ValueError("relative-position keys need both rel_q (B, H, Tq, Dr) and rel_k (H or 1, n, Dr); got one of them")

@@ -126,8 +126,7 @@ class AttentionCall:
 
     @classmethod
     def describe(cls, inputs: AttentionInputs) -> "AttentionCall":
-        tensors = inputs.tensors()
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs.tensors().values())
         q = inputs.q
         return cls(
             device_type=q.device.type,
