@@ -216,6 +216,13 @@ def test_fam_positions_used_by_the_fast_path():
             return original(t, pos)
         setattr(rope, kind, recording)
 
+    def recording_both(q, k, pos, original=rope.query_key):  # the scan rotates an update's q and k at once
+        if pos.shape[-1] == 2:
+            seen["query"].append(pos.tolist())
+            seen["key"].append(pos.tolist())
+        return original(q, k, pos)
+    rope.query_key = recording_both
+
     def shifted(*blocks):
         return [[[a + 5, b + 5], [a, b]] for a, b in blocks]
 
@@ -230,6 +237,10 @@ def test_fam_positions_used_by_the_fast_path():
         model(torch.randn(2, 5, D, dtype=torch.float64), state)  # positions 6..10: blocks 1, 2
         assert seen["key"] == shifted([-2, -1], [2, 3], [6, 7])
         assert seen["query"] == shifted([-2, -1], [2, 3])  # F_1 (from the state) updated at block 1's end
+        seen["key"].clear(), seen["query"].clear()
+        model(torch.randn(2, 10, D, dtype=torch.float64), state)  # positions 6..15: blocks 1, 2, 3 complete
+        assert seen["key"] == shifted([6, 7], [10, 11], [14, 15])  # F_2, F_3, F_4
+        assert seen["query"] == shifted([2, 3], [6, 7], [10, 11])  # F_1, F_2, F_3 for their updates; F_4 unused
     assert model.fam_positions(0, torch.zeros(1, dtype=torch.long)).tolist() == [[-2, -1]]
 
 

@@ -256,47 +256,75 @@ class FAM(BlockWindowBackbone):
     ) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor]]:
         """The scan of layer ``i``: ``F_{τ-1}``'s keys/values for each query block of the
         call (the extra rows, (B, H, nb, F, Dh)), updating ``F`` at every block that
-        completes in this call. Keeps ``(F, its keys, its values)`` for the next state."""
+        completes in this call. Keeps ``(F, its keys, its values)`` for the next state.
+
+        The scan is a chain of small sequential ops (at the leaderboard size one update is
+        a few dozen ops on B·F rows), so it is written to keep their count down; what it
+        computes is :meth:`compress` and :meth:`DecoderLayer.project` on ``F``, as in
+        :meth:`step_reference`:
+
+        * ``F`` is carried as (B·F, D) rows, so every projection is a plain 2-D matmul
+          (a 3-D ``nn.Linear`` input adds a view before and after the matmul, forward and
+          backward); the projections are still called as modules;
+        * the positions of every update are made at once, and an update rotates the new
+          ``F``'s queries and keys with one ``query_key`` call (one computation of the
+          angles); the queries only when a later update uses them;
+        * ``F`` from the state gets its queries projected alone (its keys/values came with it).
+        """
         assert isinstance(state, FAMState)
-        fam, fk, fv = state.fam[i], state.fam_k[i], state.fam_v[i]  # F and its keys/values: (B, H, F, Dh)
+        fam, fk, fv = state.fam[i], state.fam_k[i], state.fam_v[i]  # F (B, F, D) and its keys/values (B, Hkv, F, Dh)
         if not self.fam_len:
             return {}, (fam, fk, fv)
         size = self.block_size
         first_block = start // size
         n_blocks = (end - 1) // size - first_block + 1  # query blocks touched: nb
+        n_done = end // size - first_block  # blocks completed here: one FAM update each
         k_start = end - keys.shape[2]
-        # The scan is a chain of small ops, so it keeps their count down: queries are only
-        # rotated when an update uses them.
-        fam_k, fam_v, fq = [], [], None
-        r: Tensor | None = state.residual  # None: 1 (after the first update)
-        fam_pos = self.fam_positions(first_block, state.offset)  # (B, F), + j·L for block first_block + j
-        # the keys/values of the blocks completed here, cut once: slicing the whole
-        # sequence in every step would make backward build a full-size gradient per block
-        n_done = end // size - first_block
-        lo = first_block * size - k_start  # >= 0: the cache holds the partial block from its start
-        block_k = keys[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)  # (B, H, L, Dh) each
-        block_v = values[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)
-        for j in range(n_blocks):
-            block = first_block + j
+        fam_k, fam_v = [], []
+        if n_done:
+            b, f, d = fam.shape
+            attn, positions, dh = layer.self_attn, layer.positions, layer.head_dim
+
+            def heads_of(rows: Tensor) -> Tensor:  # (B·F, n·Dh) -> (B, n, F, Dh)
+                return rows.reshape(b, f, -1, dh).transpose(1, 2)
+
+            # the keys/values of the blocks completed here, cut once: slicing the whole
+            # sequence in every update would make backward build a full-size gradient per block
+            lo = first_block * size - k_start  # >= 0: the cache holds the partial block from its start
+            block_k = keys[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)  # (B, Hkv, L, Dh) each
+            block_v = values[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)
+            # F's positions at blocks first_block + j, j = 0 … n_done: (B, F) each
+            offsets = torch.arange(0, (n_done + 1) * size, size, device=fam.device)
+            pos = (self.fam_positions(first_block, state.offset)[:, None, :] + offsets[None, :, None]).unbind(1)
+            r: Tensor | None = state.residual  # None: 1 (after the first update)
+            rows = fam.reshape(b * f, d)  # F as (B·F, D)
+            fq = positions.query(heads_of(attn.q_proj(layer.input_layernorm(rows))), pos[0])
+            for j in range(n_done):
+                fam_k.append(fk)
+                fam_v.append(fv)
+                heads = ops.dense(  # F's queries against [F ; block]: (B, H, F, Dh)
+                    fq,
+                    torch.cat([fk, block_k[j]], dim=2),  # (B, Hkv, F + L, Dh)
+                    torch.cat([fv, block_v[j]], dim=2),
+                    scale=positions.scale,
+                    backend=self.backend,
+                )
+                # compress(): A = r·F + Out(heads), F_new = A + FF(Norm2(A)), on rows
+                kept = rows if r is None else (r[:, None, None] * fam).reshape(b * f, d)
+                rows, r = layer.feed_forward(kept + attn.o_proj(heads.transpose(1, 2).reshape(b * f, -1))), None
+                # project(): Norm1, then Q/K/V at F_new's positions (queries only if used)
+                normed = layer.input_layernorm(rows)
+                fv = heads_of(attn.v_proj(normed))
+                if j + 1 < n_done:
+                    fq, fk = positions.query_key(heads_of(attn.q_proj(normed)), heads_of(attn.k_proj(normed)), pos[j + 1])
+                else:
+                    fk = positions.key(heads_of(attn.k_proj(normed)), pos[j + 1])
+            fam = rows.reshape(b, f, d)
+        if n_blocks > n_done:  # the call ends in a partial block: it sees the last F
             fam_k.append(fk)
             fam_v.append(fv)
-            if (block + 1) * size > end:  # only the last block of a call can be partial
-                break
-            if fq is None:  # F came with the state: its queries were never needed
-                fq = layer.positions.query(layer.project_raw(fam)[0], fam_pos + j * size)
-            heads = ops.dense(
-                fq,
-                torch.cat([fk, block_k[j]], dim=2),  # (B, H, F + L, Dh)
-                torch.cat([fv, block_v[j]], dim=2),
-                scale=layer.positions.scale,
-                backend=self.backend,
-            )
-            fam, r = self.compress(layer, fam, r, heads), None
-            fq_raw, fk_raw, fv = layer.project_raw(fam)
-            fk = layer.positions.key(fk_raw, fam_pos + (j + 1) * size)
-            fq = layer.positions.query(fq_raw, fam_pos + (j + 1) * size) if (block + 2) * size <= end else None
-        rows = dict(extra_k=torch.stack(fam_k, dim=2), extra_v=torch.stack(fam_v, dim=2))  # (B, H, nb, F, Dh)
-        return rows, (fam, fk, fv)
+        extra = dict(extra_k=torch.stack(fam_k, dim=2), extra_v=torch.stack(fam_v, dim=2))  # (B, H, nb, F, Dh)
+        return extra, (fam, fk, fv)
 
     def next_state(self, state: State, end: int, k: list[Tensor], v: list[Tensor], kept: list[Any]) -> FAMState:
         assert isinstance(state, FAMState)
