@@ -182,6 +182,34 @@ def test_xl_runs_the_papers_form_and_the_widened_form_where_a_backend_lacks_it(m
         kit.assert_close(a, e, "gradient")
 
 
+def test_two_streams_taking_turns_each_keep_their_decode_cache(monkeypatch):
+    """The no-grad cache keeps the last few states per layer: two streams decoded in turns
+    (two conversations, or the same state fed twice) still project one row per token."""
+    model = kit.tiny_model("xl", {"memory_len": 6})
+    rows: list[int] = []
+    original = type(model.backbone)._kv
+
+    def counting(self, layer, normed, pos):
+        rows.append(normed.shape[1])
+        return original(self, layer, normed, pos)
+
+    a, b = kit.random_tokens(model, 1, 20, seed=1), kit.random_tokens(model, 1, 20, seed=2)
+    with torch.no_grad():
+        _, sa = model(a[:, :10])
+        _, sb = model(b[:, :10])
+        monkeypatch.setattr(type(model.backbone), "_kv", counting)
+        outs_a, outs_b = [], []
+        for i in range(10, 20):
+            out, sa = model(a[:, i : i + 1], sa)
+            outs_a.append(out)
+            out, sb = model(b[:, i : i + 1], sb)
+            outs_b.append(out)
+        monkeypatch.undo()
+        assert rows == [1] * len(rows) and len(rows) == 2 * 10 * model.backbone.n_layers
+        for tokens, outs in ((a, outs_a), (b, outs_b)):
+            kit.assert_close(torch.cat(outs, 1), model(tokens).logits[:, 10:], "turn-taking streams vs one call")
+
+
 def test_xl_decode_cache_notices_a_change_of_formulation(monkeypatch):
     """The no-grad key cache holds keys of one formulation; a call on a backend that needs
     the other re-projects (it would otherwise attend widened queries to plain keys)."""
@@ -401,9 +429,10 @@ def test_the_cache_is_not_pickled_and_never_used_with_gradients():
     copy.deepcopy(model)
     # poison the cached keys/values of `state` (everything else left valid): a call with
     # gradients re-projects the memory (so W_k, W_v learn from it) and does not see it ...
-    for memo in model.backbone._kv_memo.values():
-        memo.k.zero_()
-        memo.v.zero_()
+    for memos in model.backbone._kv_memo.values():
+        for memo in memos:
+            memo.k.zero_()
+            memo.v.zero_()
     with_grad, _ = model(tokens[:, 9:], state=state)
     kit.assert_close(with_grad.detach(), clean, "a call with gradients ignores the cache")
     # ... while a no-grad call uses it (the cache is live, so the check above means something)

@@ -25,8 +25,9 @@ Streaming state per layer: the layer inputs (hidden states) of positions
 ``[segment_start - M, pos)``: the memory of the current segment, kept detached, and
 the current partial segment, kept with its graph (its own later queries use it).
 At most ``M + L - 1`` positions per layer, so the state is bounded. Under no_grad the
-keys/values computed for a returned state are cached on the backbone and reused by the
-next no-grad call on that same state while it and the weights are unchanged (see
+keys/values computed for a returned state are cached on the backbone (for the last
+``MEMO_STATES`` states per layer, so streams that take turns keep theirs) and reused by a
+no-grad call on that same state while it and the weights are unchanged (see
 :class:`_ProjectionMemo`), so decoding projects one row per token and layer; under
 ``torch.inference_mode`` every call re-projects.
 """
@@ -116,6 +117,10 @@ class _ProjectionMemo:
     v: Tensor
 
 
+#: states per layer whose memory keys/values the no-grad cache keeps (the most recent)
+MEMO_STATES = 4
+
+
 def _weights_key(layer: DecoderLayer) -> tuple:
     """What the memory's keys/values depend on, by storage and version (no copies)."""
     attn = layer.self_attn
@@ -142,7 +147,7 @@ class TransformerXL(Backbone):
         self.relative_width = self.relative_dim or self.d_model  # R; relative_dim=0 means d_model
         self.layers = self.make_layers()
         #: per layer, the keys/values of the last no-grad call's state (an inference cache, see step)
-        self._kv_memo: dict[int, _ProjectionMemo] = {}
+        self._kv_memo: dict[int, list[_ProjectionMemo]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -207,12 +212,12 @@ class TransformerXL(Backbone):
         self._kv_memo.clear()
 
     def _memo_for(self, i: int, layer: DecoderLayer, cache: Tensor, first: int, weights: tuple) -> _ProjectionMemo | None:
-        memo = self._kv_memo.get(i)
-        if memo is None or memo.h() is not cache or memo.h_version != cache._version or memo.first != first:
-            return None
-        if memo.plain_keys != self._relative_keys(layer.positions):  # the backend changed the formulation
-            return None
-        return memo if memo.weights == weights else None
+        plain = self._relative_keys(layer.positions)
+        for memo in self._kv_memo.get(i, ()):
+            if memo.h() is cache and memo.h_version == cache._version and memo.first == first:
+                # the same formulation (a backend may need the other) and the same weights
+                return memo if memo.plain_keys == plain and memo.weights == weights else None
+        return None
 
     def _remember(
         self, i: int, layer: DecoderLayer, h: Tensor, first: int, k: Tensor, v: Tensor, weights: tuple
@@ -220,7 +225,11 @@ class TransformerXL(Backbone):
         # copy the kept rows when they are a slice of more, so a long call's keys are not held alive
         k, v = (t.clone() if t._base is not None and t._base.numel() > t.numel() else t for t in (k, v))
         plain = self._relative_keys(layer.positions)
-        self._kv_memo[i] = _ProjectionMemo(weakref.ref(h), h._version, first, weights, plain, k, v)
+        # the last MEMO_STATES states per layer whose tensors are still alive: streams that
+        # take turns (two conversations, a validated and an unvalidated loop) each keep theirs
+        kept = [m for m in self._kv_memo.get(i, ()) if m.h() is not None]
+        kept = kept[max(0, len(kept) - MEMO_STATES + 1) :]
+        self._kv_memo[i] = [*kept, _ProjectionMemo(weakref.ref(h), h._version, first, weights, plain, k, v)]
 
     def _attend_inference(
         self, layer: DecoderLayer, h: Tensor, a: int, start: int, memo: _ProjectionMemo | None
