@@ -170,3 +170,25 @@ def test_relative_keys_on_cuda(backend):
     torch.testing.assert_close(outs[backend][0], outs["reference"][0], atol=tol.atol, rtol=tol.rtol)
     for key, a, e in zip(ins, outs[backend][1], outs["reference"][1]):
         torch.testing.assert_close(a, e, atol=tol.atol * 10, rtol=tol.rtol * 10, msg=f"grad of {key}")
+
+
+@pytest.mark.parametrize(
+    "size,window,q_start,tq,back,extra,memory",
+    [(16, 16, 0, 50, 0, 0, True), (24, 10, 7, 60, 7, 2, False), (18, 20, 30, 41, 20, 0, True), (16, 0, 5, 40, 5, 1, False)],
+)
+def test_sdpa_block_parts_equal_reference(size, window, q_start, tq, back, extra, memory):
+    """Blocks long enough to be scored in parts (``relative_parts``: 4 parts, or halves), with
+    partial first/last blocks, memory tensors and extra rows: outputs and every gradient."""
+    from memzoo.ops.sdpa import relative_parts
+
+    assert len(relative_parts(size)) == (4 if size % 4 == 0 else 2)
+    layout = BlockLayout(size, window)
+    nb = layout.n_query_blocks(q_start, tq)
+    ins = with_relative(_inputs(tq, back + tq, nb, extra, memory, seed=size), layout, q_start, seed=tq)
+    outs = []
+    for name in ("reference", "sdpa"):
+        out = ops.attend(**ins, layout=layout, q_start=q_start, scale=0.4, backend=name)
+        outs.append((out, torch.autograd.grad((out * out.detach().cos()).sum(), list(ins.values()))))
+    assert_close(outs[1][0], outs[0][0], f"{layout}: output")
+    for key, a, e in zip(ins, outs[1][1], outs[0][1]):
+        assert_close(a, e, f"{layout}: grad of {key}")
