@@ -174,14 +174,14 @@ def test_relative_keys_on_cuda(backend):
 
 @pytest.mark.parametrize(
     "size,window,q_start,tq,back,extra,memory",
-    [(16, 16, 0, 50, 0, 0, True), (24, 10, 7, 60, 7, 2, False), (18, 20, 30, 41, 20, 0, True), (16, 0, 5, 40, 5, 1, False)],
+    [(64, 64, 0, 150, 0, 0, True), (96, 40, 7, 200, 7, 2, False), (34, 20, 30, 100, 20, 0, True), (64, 0, 5, 140, 5, 1, False)],
 )
 def test_sdpa_block_parts_equal_reference(size, window, q_start, tq, back, extra, memory):
     """Blocks long enough to be scored in parts (``relative_parts``: 4 parts, or halves), with
     partial first/last blocks, memory tensors and extra rows: outputs and every gradient."""
     from memzoo.ops.sdpa import relative_parts
 
-    assert len(relative_parts(size)) == (4 if size % 4 == 0 else 2)
+    assert len(relative_parts(size)) == (4 if size % 4 == 0 else 2) and relative_parts(8) == [(0, 8)]
     layout = BlockLayout(size, window)
     nb = layout.n_query_blocks(q_start, tq)
     ins = with_relative(_inputs(tq, back + tq, nb, extra, memory, seed=size), layout, q_start, seed=tq)

@@ -479,18 +479,20 @@ class _Skew(torch.autograd.Function):
 
 def relative_parts(size: int) -> list[tuple[int, int]]:
     """The query rows ``[o0, o1)`` of a block that :func:`relative_blocks` scores together:
-    ``PARTS`` equal parts when ``L`` divides into parts of at least 4 rows, else two halves
-    when ``L`` is even and at least 4, else the whole block. A part's keys stop at its own
+    ``PARTS`` equal parts when ``L`` divides into parts of at least ``MIN_PART_ROWS`` rows,
+    else two halves of at least that many, else the whole block. A part's keys stop at its own
     last query, so fewer parts score more of the block's causal triangle for nothing, and
     more parts cost more calls (at L=256, W=256 on CPU, forward+backward of one attention
     call: 4 parts about 0.6x one part, 2 parts 0.8x, 8 and 16 no better than 4)."""
-    n = PARTS if size >= 4 * PARTS and size % PARTS == 0 else 2 if size >= 4 and size % 2 == 0 else 1
+    n = PARTS if size >= MIN_PART_ROWS * PARTS and size % PARTS == 0 else 2 if size >= 2 * MIN_PART_ROWS and size % 2 == 0 else 1
     step = size // n
     return [(i * step, (i + 1) * step) for i in range(n)]
 
 
-#: parts of a block's queries in :func:`relative_blocks` (see :func:`relative_parts`)
+#: parts of a block's queries in :func:`relative_blocks` (see :func:`relative_parts`), and
+#: the fewest rows a part may have (smaller parts cost more in calls than they save)
 PARTS = 4
+MIN_PART_ROWS = 16
 
 
 def relative_blocks(inputs: AttentionInputs) -> Tensor:
