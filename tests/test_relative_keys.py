@@ -192,3 +192,33 @@ def test_sdpa_block_parts_equal_reference(size, window, q_start, tq, back, extra
     assert_close(outs[1][0], outs[0][0], f"{layout}: output")
     for key, a, e in zip(ins, outs[1][1], outs[0][1]):
         assert_close(a, e, f"{layout}: grad of {key}")
+
+
+def test_a_non_finite_table_row_reaches_only_the_queries_that_see_its_distance():
+    """As on the reference: an infinite rel_k row at a distance only one query sees (the
+    others' keys at that distance do not exist) makes that query's output non-finite, no other."""
+    layout = BlockLayout(4, 8)
+    ins = with_relative(_inputs(12, 12, 3, 0, False, seed=3), layout, 0, seed=3)
+    rel_k = ins["rel_k"].detach().clone()
+    rel_k[:, 11] = float("inf")
+    ins = {n: t.detach() for n, t in ins.items()} | {"rel_k": rel_k}
+    bad = {}
+    for name in relative_backends() + ["reference"]:
+        out = ops.attend(**ins, layout=layout, q_start=0, scale=0.5, backend=name)
+        bad[name] = (~torch.isfinite(out)).any(-1).any(0).any(0)  # (Tq,) queries with a non-finite output
+    for name, rows in bad.items():
+        assert torch.equal(rows, bad["reference"]), (name, rows.nonzero().flatten().tolist(), bad["reference"].nonzero().flatten().tolist())
+    assert bad["reference"].sum() == 1
+
+
+def test_relative_keys_are_opt_in_for_a_backend(monkeypatch):
+    """A backend that does not declare relative-position keys is never handed them (its
+    attend would drop the bias): it says why, and auto passes it by."""
+    sdpa_cls = type(ops.get_backend("sdpa"))
+    import dataclasses
+
+    monkeypatch.setattr(sdpa_cls, "support", dataclasses.replace(sdpa_cls.support, relative_keys=False))
+    call = AttentionCall("cpu", F64, BlockLayout(4, 4), False, False, False, 4, 4, has_relative_keys=True)
+    assert any("relative-position keys are not declared by backend 'sdpa'" in r for r in ops.get_backend("sdpa").not_supported_reasons(call))
+    assert not ops.takes_relative_keys("sdpa") and ops.takes_relative_keys("auto")
+    assert ops.resolve_backend("auto", call).name != "sdpa"

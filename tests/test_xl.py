@@ -439,3 +439,17 @@ def test_the_cache_is_not_pickled_and_never_used_with_gradients():
     with torch.no_grad():
         poisoned, _ = model(tokens[:, 9:], state=state)
     assert not torch.allclose(poisoned, clean)
+
+
+def test_clear_inference_cache_forgets_the_relative_tables_too():
+    """A write through ``.data`` bypasses version counting: after clear_inference_cache()
+    the no-grad output follows the new W_r (the distance table is recomputed)."""
+    model = kit.tiny_model("xl", {"memory_len": 4}).backbone
+    x = torch.randn(1, 9, 16, dtype=F64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(x)
+        model.layers[0].positions.w_r.data.mul_(5.0)
+        model.clear_inference_cache()
+        after, _ = model(x)
+    fresh, _ = model(x)  # gradients enabled: nothing kept
+    kit.assert_close(after, fresh.detach(), "no-grad output after a .data write and clear_inference_cache()")

@@ -193,7 +193,10 @@ class Support:
     tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=lambda: dict(TOLERANCES))
     #: why training is refused on a device it runs on (a remedy, not just a "no")
     no_training_because: Mapping[str, str] = field(default_factory=dict)
-    #: why relative-position keys (``rel_q``/``rel_k``) are not implemented (None: they are)
+    #: relative-position keys (``rel_q``/``rel_k``) implemented: opt in, so a backend whose
+    #: ``attend`` never reads them is never handed them (the bias would be dropped silently)
+    relative_keys: bool = False
+    #: why not, with a remedy (used when ``relative_keys`` is False)
     no_relative_keys_because: str | None = None
 
     @property
@@ -241,8 +244,10 @@ class Backend:
         lay = call.layout
         if not lay.bounded and (call.has_extra or call.has_memory_tensors) and not s.unbounded_with_memory:
             reasons.append("an unbounded layout (window=None) with memory tensors or extra rows is not block-gatherable")
-        if call.has_relative_keys and s.no_relative_keys_because:
-            reasons.append(s.no_relative_keys_because)
+        if call.has_relative_keys and not s.relative_keys:
+            reasons.append(s.no_relative_keys_because or (
+                f"relative-position keys are not declared by backend {self.name!r} (Support.relative_keys=False)"
+            ))
         least = s.min_head_dim.get(dev)
         if least is not None and call.head_dim is not None and call.head_dim < least:
             reasons.append(f"head width D={call.head_dim} is below the {least} the {dev} kernels take")
@@ -431,7 +436,7 @@ def takes_relative_keys(name: str) -> bool:
     implements relative-position keys, by its declaration. A variant with another exact
     formulation (xl's widened queries and keys) uses it where this is False."""
     name = _OVERRIDE.get() or name
-    return name == "auto" or get_backend(name).support.no_relative_keys_because is None
+    return name == "auto" or get_backend(name).support.relative_keys
 
 
 def resolve_backend_name(

@@ -205,6 +205,7 @@ class FlexBackend(Backend):
         training=frozenset({"cuda"}),
         no_training_because={"cpu": NO_CPU_BACKWARD},
         min_head_dim={"cuda": 16},
+        relative_keys=True,
     )
     #: device types where flex runs compiled (fused); elsewhere eager (unfused, correct)
     compile_devices: frozenset[str] = frozenset({"cuda"})

@@ -28,6 +28,7 @@ class ReferenceBackend(Backend):
         dtypes={"*": FLOATS},
         training=frozenset({"*"}),
         tolerances={d: Tolerance(0.0, 0.0) for d in FLOATS},
+        relative_keys=True,
     )
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:

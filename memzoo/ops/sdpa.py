@@ -136,6 +136,7 @@ class SDPABackend(Backend):
         dtypes={"*": FLOATS},
         training=frozenset({"*"}),
         unbounded_with_memory=False,
+        relative_keys=True,
     )
     #: device types where full-history blocks use ``causal_lower_right`` instead of a mask
     #: (the flash kernel exists there); tests add "cpu" to check the split on CPU
@@ -559,10 +560,9 @@ def relative_blocks(inputs: AttentionInputs) -> Tensor:
         bias = skew(by_distance.unflatten(1, (b, nb, rows)), cols)  # (H, B, nb, rows, W + o1)
         if n_extra:
             bias = F.pad(bias, (n_extra, 0))
-        # the layout mask added as 0/-inf (a constant): its backward passes the gradient
-        # through untouched (the softmax gives masked scores none)
-        visible = mask[:, o0:o1, : n_extra + cols]
-        bias = bias + torch.zeros((), dtype=bias.dtype, device=bias.device).masked_fill(~visible, float("-inf"))
+        # hidden scores set to -inf whatever the bias there (a non-finite table row at a
+        # distance no query sees must not reach any query, as on the other backends)
+        bias = bias.masked_fill(~mask[:, o0:o1, : n_extra + cols], float("-inf"))
         k_part, v_part = kh[:, : n_extra + cols], vh[:, : n_extra + cols]
         scores = torch.baddbmm(bias.flatten(0, 2), qh[:, o0:o1], k_part.transpose(-1, -2), alpha=scale)
         outs.append(torch.softmax(scores, dim=-1) @ v_part)  # (H·B·nb, rows, Dv)

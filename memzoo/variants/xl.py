@@ -208,8 +208,11 @@ class TransformerXL(Backbone):
     # ------------------------------------------------------------ inference cache
     def clear_inference_cache(self) -> None:
         """Forget the cached memory keys/values (needed only after writing weights through
-        ``.data``, which no version counter sees)."""
+        ``.data``, which no version counter sees), and the relative-position tables kept
+        from ``W_r`` (:meth:`RelativePositions.distance_table`)."""
         self._kv_memo.clear()
+        for layer in self.layers:
+            layer.positions.__dict__.pop("_table_memo", None)
 
     def _memo_for(self, i: int, layer: DecoderLayer, cache: Tensor, first: int, weights: tuple) -> _ProjectionMemo | None:
         plain = self._relative_keys(layer.positions)
