@@ -189,9 +189,9 @@ def test_two_streams_taking_turns_each_keep_their_decode_cache(monkeypatch):
     rows: list[int] = []
     original = type(model.backbone)._kv
 
-    def counting(self, layer, normed, pos):
+    def counting(self, layer, normed, *rest):
         rows.append(normed.shape[1])
-        return original(self, layer, normed, pos)
+        return original(self, layer, normed, *rest)
 
     a, b = kit.random_tokens(model, 1, 20, seed=1), kit.random_tokens(model, 1, 20, seed=2)
     with torch.no_grad():
@@ -360,9 +360,9 @@ def test_decoding_projects_only_the_new_row(monkeypatch):
     rows: list[int] = []
     original = type(model.backbone)._kv
 
-    def counting(self, layer, normed, pos):
+    def counting(self, layer, normed, *rest):
         rows.append(normed.shape[1])
-        return original(self, layer, normed, pos)
+        return original(self, layer, normed, *rest)
 
     monkeypatch.setattr(type(model.backbone), "_kv", counting)
     decoded, _ = _decode(model, tokens)

@@ -178,20 +178,21 @@ class TransformerXL(Backbone):
         next_segment = end // size * size
         keep = max(0, next_segment - mem)  # first position a later query can still see
         new_h = []
+        relative = self._relative_keys()  # the formulation of every layer in this call
         for i, (layer, cache) in enumerate(zip(self.layers, state.h)):
             h = torch.cat([cache, x], dim=1)  # layer inputs of positions [a, end): (B, n, D)
             a = end - h.shape[1]
             weights: tuple = ()
             if torch.is_grad_enabled():
-                heads = self._attend(layer, h, a, start)
+                heads = self._attend(layer, h, a, start, relative)
             else:
                 # Inference: XL re-projects the memory with the current weights on every
                 # call; when neither the state tensor nor the weights changed since the last
                 # no-grad call, its keys/values are reused, so a decoded token projects one
                 # row instead of up to M + L - 1 (exactly the same values).
                 weights = _weights_key(layer)  # once per layer and call: it walks the parameters
-                memo = self._memo_for(i, layer, cache, a, weights) if _memo_allowed(cache) else None
-                heads, (k, v) = self._attend_inference(layer, h, a, start, memo)
+                memo = self._memo_for(i, cache, a, weights, relative) if _memo_allowed(cache) else None
+                heads, (k, v) = self._attend_inference(layer, h, a, start, memo, relative)
             kept = h[:, keep - a :]
             if kept.requires_grad:
                 # positions before the next segment are only ever memory from now on: detach them
@@ -201,7 +202,7 @@ class TransformerXL(Backbone):
                 kept = kept.clone()  # do not hold the dropped rows alive through a view
             new_h.append(kept)
             if _memo_allowed(new_h[-1]):
-                self._remember(i, layer, new_h[-1], keep, k[:, :, keep - a :], v[:, :, keep - a :], weights)
+                self._remember(i, new_h[-1], keep, k[:, :, keep - a :], v[:, :, keep - a :], weights, relative)
             x = layer.feed_forward(layer.attend_residual(x, heads))
         return x, XLState(pos=end, fingerprint=self.fingerprint, h=new_h)
 
@@ -214,8 +215,7 @@ class TransformerXL(Backbone):
         for layer in self.layers:
             layer.positions.__dict__.pop("_table_memo", None)
 
-    def _memo_for(self, i: int, layer: DecoderLayer, cache: Tensor, first: int, weights: tuple) -> _ProjectionMemo | None:
-        plain = self._relative_keys(layer.positions)
+    def _memo_for(self, i: int, cache: Tensor, first: int, weights: tuple, plain: bool) -> _ProjectionMemo | None:
         for memo in self._kv_memo.get(i, ()):
             if memo.h() is cache and memo.h_version == cache._version and memo.first == first:
                 # the same formulation (a backend may need the other) and the same weights
@@ -223,11 +223,10 @@ class TransformerXL(Backbone):
         return None
 
     def _remember(
-        self, i: int, layer: DecoderLayer, h: Tensor, first: int, k: Tensor, v: Tensor, weights: tuple
+        self, i: int, h: Tensor, first: int, k: Tensor, v: Tensor, weights: tuple, plain: bool
     ) -> None:
         # copy the kept rows when they are a slice of more, so a long call's keys are not held alive
         k, v = (t.clone() if t._base is not None and t._base.numel() > t.numel() else t for t in (k, v))
-        plain = self._relative_keys(layer.positions)
         # the last MEMO_STATES states per layer whose tensors are still alive: streams that
         # take turns (two conversations, a validated and an unvalidated loop) each keep theirs
         kept = [m for m in self._kv_memo.get(i, ()) if m.h() is not None]
@@ -235,7 +234,7 @@ class TransformerXL(Backbone):
         self._kv_memo[i] = [*kept, _ProjectionMemo(weakref.ref(h), h._version, first, weights, plain, k, v)]
 
     def _attend_inference(
-        self, layer: DecoderLayer, h: Tensor, a: int, start: int, memo: _ProjectionMemo | None
+        self, layer: DecoderLayer, h: Tensor, a: int, start: int, memo: _ProjectionMemo | None, relative: bool
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """No-grad attention of the queries ``[start, end)`` over ``h`` (positions
         ``[a, end)``), projecting only the rows the memo does not hold. Returns the
@@ -243,14 +242,14 @@ class TransformerXL(Backbone):
         pos = torch.arange(a, a + h.shape[1], device=h.device)
         done = 0 if memo is None else memo.k.shape[2]  # rows [a, a + done) come from the memo
         normed = layer.input_layernorm(h[:, done:])
-        if start - a == done and not self._relative_keys(layer.positions):
+        if start - a == done and not relative:
             # the rows projected are exactly the queries (a decode step on the memo, or a
             # call from position 0): one Q/K/V projection, positions for both at once
             q, k, v = layer.project_normed(normed)
             (q, k), rel = layer.positions.query_key(q, k, pos[done:]), {}
         else:
-            q, rel = self._q(layer, normed[:, start - a - done :], pos[start - a :], h.shape[1])
-            k, v = self._kv(layer, normed, pos[done:])
+            q, rel = self._q(layer, normed[:, start - a - done :], pos[start - a :], h.shape[1], relative)
+            k, v = self._kv(layer, normed, pos[done:], relative)
         if memo is not None:
             k, v = torch.cat([memo.k, k], dim=2), torch.cat([memo.v, v], dim=2)
         heads = ops.attend(
@@ -258,7 +257,9 @@ class TransformerXL(Backbone):
         )
         return heads, (k, v)
 
-    def _q(self, layer: DecoderLayer, normed: Tensor, pos: Tensor, n_keys: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _q(
+        self, layer: DecoderLayer, normed: Tensor, pos: Tensor, n_keys: int, relative: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Queries (B, H, n, Dh) of normed inputs, through the q_proj module (LoRA sees it),
         and, with relative positions, the relative-position keys for :func:`ops.attend`
         (the position query ``q + v`` and the table of ``W_r R_d`` for the distances the
@@ -266,27 +267,29 @@ class TransformerXL(Backbone):
         implement relative-position keys (the widened exact form then), none."""
         q = layer.split_heads(layer.self_attn.q_proj(normed))
         scheme = layer.positions
-        if not self._relative_keys(scheme):
+        if not relative:
             return scheme.query(q, pos), {}
+        assert isinstance(scheme, RelativePositions)
         q, rel_q = scheme.query_terms(q)
         most = self.memory_len + self.block_size
         return q, {"rel_q": rel_q, "rel_k": scheme.distance_table(min(n_keys, most), q, most=most)}
 
-    def _relative_keys(self, scheme: PositionScheme) -> bool:
+    def _relative_keys(self) -> bool:
         """Relative positions through the seam's relative-position keys (the paper's form,
         Dh-wide scores): True unless the backend does not implement them (xformers), where
-        the widened queries/keys of :class:`RelativePositions` give the same scores."""
-        return isinstance(scheme, RelativePositions) and ops.takes_relative_keys(self.backend)
+        the widened queries/keys of :class:`RelativePositions` give the same scores. Asked
+        once per call (the ``relative`` argument of the helpers below)."""
+        return self.positions == "relative" and ops.takes_relative_keys(self.backend)
 
-    def _kv(self, layer: DecoderLayer, normed: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    def _kv(self, layer: DecoderLayer, normed: Tensor, pos: Tensor, relative: bool) -> tuple[Tensor, Tensor]:
         """Keys (positions applied; relative-position keys leave them as they are) and
         values (B, Hkv, n, Dh) of normed inputs."""
         k, v = layer.project_kv_normed(normed)
-        if self._relative_keys(layer.positions):
+        if relative:
             return k, v
         return layer.positions.key(k, pos), v
 
-    def _attend(self, layer: DecoderLayer, h: Tensor, a: int, start: int) -> Tensor:
+    def _attend(self, layer: DecoderLayer, h: Tensor, a: int, start: int, relative: bool) -> Tensor:
         """Attention (gradients enabled) of the queries ``[start, end)`` over layer inputs
         ``h`` of positions ``[a, end)``: per-head outputs (B, H, T, Dh).
 
@@ -306,12 +309,12 @@ class TransformerXL(Backbone):
         split = self.memory_len > 0 and i_last > 0
         i_g = i_first if split else 0  # the graph projection covers [a + i_g, end)
         normed = layer.input_layernorm(h[:, i_g:])
-        q, rel = self._q(layer, normed[:, i_q - i_g :], pos[i_q:], h.shape[1])
-        k, v = self._kv(layer, normed, pos[i_g:])
+        q, rel = self._q(layer, normed[:, i_q - i_g :], pos[i_q:], h.shape[1], relative)
+        k, v = self._kv(layer, normed, pos[i_g:], relative)
         common = dict(layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend, **rel)
         if not split:
             return ops.attend(q, k, v, **common)
-        k_d, v_d = self._kv(layer, layer.input_layernorm(h[:, :i_last].detach()), pos[:i_last])
+        k_d, v_d = self._kv(layer, layer.input_layernorm(h[:, :i_last].detach()), pos[:i_last], relative)
         keys = torch.cat([k_d[:, :, :i_first], k], dim=2)
         values = torch.cat([v_d[:, :, :i_first], v], dim=2)
         k_mem = torch.cat([k_d, k[:, :, i_last - i_first :].detach()], dim=2)
