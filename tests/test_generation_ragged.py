@@ -6,8 +6,6 @@ each row's real tokens only."""
 
 from __future__ import annotations
 
-import functools
-import json
 
 import pytest
 import torch
@@ -19,21 +17,7 @@ from memzoo import testing as kit
 from memzoo.generation import generate_reference, seen_tokens
 from memzoo.ragged import RaggedState
 
-CASES = [pytest.param(name, opts, id=case_id) for name, opts, case_id in kit.registry_cases()]
-SAMPLED = dict(temperature=0.8, top_k=9, top_p=0.9, repetition_penalty=1.3)
-
-
-@functools.lru_cache(maxsize=None)
-def _model(name: str, opts_key: str):
-    return kit.tiny_model(name, json.loads(opts_key))
-
-
-def model_for(name, opts):
-    return _model(name, json.dumps(opts, sort_keys=True))
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from test_generation import CASES, SAMPLED, gen, model_for  # one model cache for both files
 
 
 def padded(model, lengths, width, side, seed=0):
