@@ -45,13 +45,16 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import time
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 import memzoo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, also when loaded by path
+from bench_train import git_commit, timed  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "leaderboard": {
@@ -133,13 +136,6 @@ def count_calls(model: Any, fn: Callable[[], None]) -> int:
     return n
 
 
-def timed(fn: Callable[[], None], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
-
-
 def profile(step: Callable[[], None], rows: int = 15) -> list[dict[str, Any]]:
     """The ops with the most self CPU time over 3 steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -149,13 +145,6 @@ def profile(step: Callable[[], None], rows: int = 15) -> list[dict[str, Any]]:
             step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
     return [{"op": e.key, "calls_per_step": e.count / 3, "self_ms_per_step": e.self_cpu_time_total / 3e3} for e in events]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
