@@ -48,6 +48,7 @@ from memzoo.ops.base import (
     resolve_backend,
     resolve_backend_name,
     resolve_backend_once,
+    takes_key_positions,
     takes_relative_keys,
     use_backend,
 )
@@ -107,29 +108,38 @@ def _refuse_non_finite(**named: Tensor | None) -> None:
 
 
 def attend(
-    q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem=None, extra_k=None, extra_v=None, rel_q=None, rel_k=None
+    q, k, v, *, layout, q_start, scale, backend="auto", k_mem=None, v_mem=None, extra_k=None, extra_v=None, rel_q=None, rel_k=None,
+    key_pos=None,
 ):
     """Dispatch one layout attention call to ``backend`` (a name or ``"auto"``); the
     inputs are those of :class:`AttentionInputs`.
 
     ``q`` (B, H, Tq, D); ``k``, ``v`` and the optional memory tensors / extra rows may have
     fewer heads Hkv dividing H (grouped-query attention): they are shared by groups of
-    H / Hkv query heads. ``rel_q`` and ``rel_k`` come together (relative-position keys)."""
+    H / Hkv query heads. ``rel_q`` and ``rel_k`` come together (relative-position keys).
+    ``key_pos`` (Tk,) int64: the key rows' positions, in any order (keys at explicit
+    positions, e.g. a ring buffer in slot order; a backend declares it)."""
     h = q.shape[1]
     if k.shape[1] != h or v.shape[1] != h or k_mem is not None or v_mem is not None or extra_k is not None or extra_v is not None:
         k, v, k_mem, v_mem, extra_k, extra_v = (repeat_kv(t, h) for t in (k, v, k_mem, v_mem, extra_k, extra_v))
-    inputs = AttentionInputs(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, rel_q, rel_k)
+    inputs = AttentionInputs(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, rel_q, rel_k, key_pos)
     if (rel_q is None) != (rel_k is None):
         raise ValueError("relative-position keys need both rel_q (B, H, Tq, Dr) and rel_k (H or 1, n, Dr); got one of them")
     if rel_k is not None:
         _check_relative(inputs)
+    if key_pos is not None and (
+        not isinstance(key_pos, Tensor) or key_pos.dtype != torch.int64 or tuple(key_pos.shape) != (k.shape[2],)
+        or key_pos.device != k.device
+    ):
+        got = f"{key_pos.dtype} {tuple(key_pos.shape)} on {key_pos.device}" if isinstance(key_pos, Tensor) else type(key_pos).__name__
+        raise ValueError(f"key_pos must be an int64 tensor of shape (Tk,) = ({k.shape[2]},) on {k.device} (one position per key row), got {got}")
     impl = resolve_backend_once(backend, inputs.describe())
     note_resolved(impl.name)
     compiling = torch.compiler.is_compiling()
     tensors = (k, v, k_mem, v_mem, extra_k, extra_v)
     if not compiling and _CHECK_FINITE.get():  # check_finite() is for eager code
         _refuse_non_finite(**inputs.tensors())
-    elif impl.name == "reference" or layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2]):
+    elif impl.name == "reference" or (key_pos is None and layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2])):
         pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
     elif compiling or q.device.type != "cpu":
         # a compiled graph cannot branch on data, and on an accelerator the branch would
@@ -181,6 +191,8 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
     out = impl.attend(inputs.replace(
         k=_zeroed(k), v=_zeroed(v), k_mem=_zeroed(k_mem), v_mem=_zeroed(v_mem), extra_k=_zeroed(extra_k), extra_v=_zeroed(extra_v),
     ))
+    if inputs.key_pos is not None:
+        return out.masked_fill(_reached_by_non_finite(inputs), float("nan"))
     tq, tk = q.shape[2], k.shape[2]
     end = q_start + tq
     q_pos = torch.arange(q_start, end, device=q.device)
@@ -212,6 +224,35 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
     return out.masked_fill(row | col, float("nan"))
 
 
+def _reached_by_non_finite(inputs: AttentionInputs) -> Tensor:
+    """(B, H, Tq, Dv): the outputs a visible non-finite key (the whole row) or value (its
+    column) reaches, for keys at explicit positions (any order: a mask, not ranges)."""
+    q, k, v, layout = inputs.q, inputs.k, inputs.v, inputs.layout
+    q_pos = torch.arange(inputs.q_start, inputs.end, device=q.device)
+    k_pos = inputs.key_positions()
+    visible = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk)
+    sources = [(visible, k, v)]
+    if inputs.k_mem is not None:
+        assert inputs.v_mem is not None
+        memory = layout.is_memory(q_pos[:, None], k_pos[None, :])
+        sources = [(visible & ~memory, k, v), (visible & memory, inputs.k_mem, inputs.v_mem)]
+    if inputs.extra_k is not None:
+        nb, f = inputs.extra_k.shape[2:4]
+        q_block = layout.block_start(q_pos) // (layout.block_size or 1)
+        mine = (torch.arange(nb * f, device=q.device) // max(f, 1))[None, :] == (q_block - q_block[0])[:, None]
+        extra_v = inputs.extra_v if inputs.extra_v is not None else inputs.extra_k
+        sources.append((mine, inputs.extra_k.flatten(2, 3), extra_v.flatten(2, 3)))
+    reached = None
+    for seen, keys, values in sources:
+        seen = seen.to(q.dtype)
+        bad_k = (~torch.isfinite(keys)).any(-1).to(q.dtype)  # (B, H, Tk)
+        bad_v = (~torch.isfinite(values)).to(q.dtype)  # (B, H, Tk, Dv)
+        part = ((seen @ bad_k[..., None]) > 0) | ((seen @ bad_v) > 0)  # (B, H, Tq, Dv)
+        reached = part if reached is None else reached | part
+    assert reached is not None
+    return reached
+
+
 def dense(q, k, v, *, scale, backend="auto"):
     """Unmasked attention of every query to every key, through ``backend`` (K/V may have
     fewer heads than ``q``, as in :func:`attend`)."""
@@ -228,5 +269,6 @@ def dense(q, k, v, *, scale, backend="auto"):
 __all__ = [
     "AttentionCall", "AttentionInputs", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "TOLERANCES", "Tolerance",
     "attend", "check_backend_name", "check_finite", "dense", "explain", "forget_resolutions", "get_backend", "list_backends", "record_backends",
-    "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "takes_relative_keys", "use_backend",
+    "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "takes_key_positions", "takes_relative_keys",
+    "use_backend",
 ]

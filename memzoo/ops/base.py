@@ -65,6 +65,13 @@ class AttentionInputs:
 
       ``n`` must cover every distance a query of the call can see
       (:meth:`needed_distances`).
+    * ``key_pos`` (Tk,) int64: *keys at explicit positions*. The key rows stand at these
+      positions, in any order, instead of :meth:`BlockLayout.key_positions` (a ring buffer
+      read in slot order: a decode step over a fixed-size cache); the layout still says
+      who sees what (:meth:`BlockLayout.visible`), so a row at a position no query of the
+      call may see (at or after :attr:`end`, or out of every window) is never seen,
+      whatever it holds. Every query's own position must be one of the rows (a query
+      sees at least itself).
     """
 
     q: Tensor
@@ -79,6 +86,7 @@ class AttentionInputs:
     extra_v: Tensor | None = None
     rel_q: Tensor | None = None
     rel_k: Tensor | None = None
+    key_pos: Tensor | None = None
 
     @property
     def end(self) -> int:
@@ -93,13 +101,20 @@ class AttentionInputs:
     def replace(self, **changes: object) -> "AttentionInputs":
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    def key_positions(self) -> Tensor:
+        """(Tk,) int64: the position of every key row (``key_pos``, or the layout's order)."""
+        if self.key_pos is not None:
+            return self.key_pos
+        return self.layout.key_positions(self.end, self.k.shape[2], self.q.device)
+
     def needed_distances(self) -> int:
         """How many distances ``rel_k`` must hold: one past the largest ``pos_i - pos_j``
         over the queries of the call and the keys passed, bounded by what the layout lets
         a query see (its window and own block)."""
         layout, end = self.layout, self.end
-        # the last query to the first key row, plus one (the first row is a sink, or the run's start)
-        reach = end if layout.n_sink_rows(end) else self.k.shape[2]
+        # the last query to the first key row, plus one (the first row is a sink, or the run's
+        # start; rows at explicit positions may stand anywhere from position 0 on)
+        reach = end if layout.n_sink_rows(end) or self.key_pos is not None else self.k.shape[2]
         if layout.bounded and not layout.sinks:
             assert layout.block_size is not None and layout.window is not None
             reach = min(reach, layout.block_size + layout.window)
@@ -123,6 +138,7 @@ class AttentionCall:
     head_dim: int | None = None
     value_dim: int | None = None
     has_relative_keys: bool = False
+    has_key_positions: bool = False
 
     @classmethod
     def describe(cls, inputs: AttentionInputs) -> "AttentionCall":
@@ -138,6 +154,7 @@ class AttentionCall:
             head_dim=q.shape[-1],
             value_dim=inputs.v.shape[-1],
             has_relative_keys=inputs.rel_q is not None,
+            has_key_positions=inputs.key_pos is not None,
         )
 
     def summary(self) -> str:
@@ -149,6 +166,8 @@ class AttentionCall:
             parts.append("extra rows")
         if self.has_relative_keys:
             parts.append("relative-position keys")
+        if self.has_key_positions:
+            parts.append("keys at explicit positions")
         if self.head_dim is not None and self.value_dim is not None and self.head_dim != self.value_dim:
             parts.append(f"Dv={self.value_dim} != D={self.head_dim}")
         return ", ".join(parts)
@@ -198,6 +217,10 @@ class Support:
     relative_keys: bool = False
     #: why not, with a remedy (used when ``relative_keys`` is False)
     no_relative_keys_because: str | None = None
+    #: keys at explicit positions (``key_pos``) implemented: opt in, like ``relative_keys``
+    key_positions: bool = False
+    #: why not, with a remedy (used when ``key_positions`` is False)
+    no_key_positions_because: str | None = None
 
     @property
     def devices(self) -> list[str]:
@@ -247,6 +270,10 @@ class Backend:
         if call.has_relative_keys and not s.relative_keys:
             reasons.append(s.no_relative_keys_because or (
                 f"relative-position keys are not declared by backend {self.name!r} (Support.relative_keys=False)"
+            ))
+        if call.has_key_positions and not s.key_positions:
+            reasons.append(s.no_key_positions_because or (
+                f"keys at explicit positions are not declared by backend {self.name!r} (Support.key_positions=False)"
             ))
         least = s.min_head_dim.get(dev)
         if least is not None and call.head_dim is not None and call.head_dim < least:
@@ -354,14 +381,14 @@ def _report(verdicts: dict[str, list[str]], skip: str | None = None) -> str:
 def _resolved_name_when_traced(
     name: str, device_type: str, dtype: torch.dtype, block_size: int | None, window: int | None, sinks: int,
     requires_grad: bool, has_memory_tensors: bool, has_extra: bool, head_dim: int | None, value_dim: int | None,
-    has_relative_keys: bool,
+    has_relative_keys: bool, has_key_positions: bool,
 ) -> str:
     """Resolution run eagerly when ``torch.compile`` traces a call (Dynamo cannot trace
     context variables or the backends' availability checks); its result is a constant of
     the graph."""
     call = AttentionCall(
         device_type, dtype, BlockLayout(block_size, window, sinks), requires_grad, has_memory_tensors, has_extra, head_dim,
-        value_dim, has_relative_keys,
+        value_dim, has_relative_keys, has_key_positions,
     )
     return _resolve(name, call).name
 
@@ -375,7 +402,7 @@ def resolve_backend(name: str, call: AttentionCall) -> Backend:
         c = call
         return get_backend(_resolved_name_when_traced(
             name, c.device_type, c.dtype, c.layout.block_size, c.layout.window, c.layout.sinks, c.requires_grad,
-            c.has_memory_tensors, c.has_extra, c.head_dim, c.value_dim, c.has_relative_keys,
+            c.has_memory_tensors, c.has_extra, c.head_dim, c.value_dim, c.has_relative_keys, c.has_key_positions,
         ))
     return _resolve(name, call)
 
@@ -439,6 +466,16 @@ def takes_relative_keys(name: str) -> bool:
     return name == "auto" or get_backend(name).support.relative_keys
 
 
+@torch.compiler.assume_constant_result
+def takes_key_positions(name: str) -> bool:
+    """Whether backend ``name`` (or the context override; ``"auto"`` always finds one)
+    implements keys at explicit positions (``key_pos``), by its declaration. A variant
+    reading its ring-buffer cache in slot order does so only where this is True, and reads
+    it in position order (the layout's keys) elsewhere."""
+    name = _OVERRIDE.get() or name
+    return name == "auto" or get_backend(name).support.key_positions
+
+
 def resolve_backend_name(
     name: str = "auto",
     *,
@@ -450,6 +487,7 @@ def resolve_backend_name(
     extra_rows: bool = False,
     head_dim: int | None = None,
     relative_keys: bool = False,
+    key_positions: bool = False,
 ) -> str:
     """The backend ``name`` (or ``"auto"``) resolves to for a typical call on ``device``
     in ``dtype``, without running anything. Raises like :func:`resolve_backend` when
@@ -465,6 +503,7 @@ def resolve_backend_name(
         head_dim=head_dim,
         value_dim=head_dim,
         has_relative_keys=relative_keys,
+        has_key_positions=key_positions,
     )
     return resolve_backend(name, call).name
 

@@ -206,6 +206,11 @@ class FlexBackend(Backend):
         no_training_because={"cpu": NO_CPU_BACKWARD},
         min_head_dim={"cuda": 16},
         relative_keys=True,
+        no_key_positions_because=(
+            "keys at explicit positions (a ring-buffer cache read in slot order) are not implemented for flex: its "
+            "block masks are made once per call shape, and these positions change at every decode step; the variants "
+            "then read their caches in position order (or use backend='sdpa')"
+        ),
     )
     #: device types where flex runs compiled (fused); elsewhere eager (unfused, correct)
     compile_devices: frozenset[str] = frozenset({"cuda"})
@@ -220,6 +225,8 @@ class FlexBackend(Backend):
         return [missing] if missing else []
 
     def attend(self, inputs: AttentionInputs) -> Tensor:
+        if inputs.key_pos is not None:
+            raise ValueError(FlexBackend.support.no_key_positions_because)
         q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
         k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
         tq, tk = q.shape[2], k.shape[2]

@@ -29,6 +29,7 @@ class ReferenceBackend(Backend):
         training=frozenset({"*"}),
         tolerances={d: Tolerance(0.0, 0.0) for d in FLOATS},
         relative_keys=True,
+        key_positions=True,
     )
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
@@ -40,7 +41,7 @@ class ReferenceBackend(Backend):
         tq, tk = q.shape[2], k.shape[2]
         end = q_start + tq
         q_pos = torch.arange(q_start, end, device=q.device)
-        k_pos = layout.key_positions(end, tk, q.device)  # sinks first, then the run
+        k_pos = inputs.key_positions()  # sinks first, then the run (or the rows' own positions)
         allowed = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk)
 
         scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)

@@ -137,6 +137,7 @@ class SDPABackend(Backend):
         training=frozenset({"*"}),
         unbounded_with_memory=False,
         relative_keys=True,
+        key_positions=True,
     )
     #: device types where full-history blocks use ``causal_lower_right`` instead of a mask
     #: (the flash kernel exists there); tests add "cpu" to check the split on CPU
@@ -147,6 +148,8 @@ class SDPABackend(Backend):
             return self._relative(inputs)
         q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
         k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
+        if inputs.key_pos is not None:  # keys in any order (a ring buffer): one masked call by position
+            return self._masked_call(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, None, inputs.key_pos)
         tq, tk = q.shape[2], k.shape[2]
         end = q_start + tq
         if k_mem is None and layout.one_query_sees_every_key(q_start, tq, tk):
@@ -245,16 +248,19 @@ class SDPABackend(Backend):
         extra_k: Tensor | None,
         extra_v: Tensor | None,
         sinks: tuple[Tensor, ...] | None,
+        key_pos: Tensor | None = None,
     ) -> Tensor:
-        """``block_size=1`` (token windows, one query per block): one SDPA call over all the
-        call's keys ``[extra rows (Tq·F) | sinks | run (| run's k_mem copy)]`` with the
-        layout's (Tq, ·) mask. Block-gathering would copy ``F+s+W+1`` key rows per query to
-        save at most the ``Tq - 1`` scores a query's window skips; here no row is copied.
-        ``k``/``v`` (and ``k_mem``) are the run, ``sinks`` the sink rows split off by the caller."""
+        """One SDPA call over all the call's keys ``[extra rows (nb·F) | sinks | run (| run's
+        k_mem copy)]`` with the layout's (Tq, ·) mask: for ``block_size=1`` (token windows,
+        one query per block), where block-gathering would copy ``F+s+W+1`` key rows per
+        query to save at most the ``Tq - 1`` scores a query's window skips (here no row is
+        copied), and for keys at explicit positions (``key_pos``: the rows in any order, no
+        sinks split off). ``k``/``v`` (and ``k_mem``) are the run, ``sinks`` the sink rows
+        split off by the caller."""
         tq = q.shape[2]
         end = q_start + tq
         dev = q.device
-        if extra_k is not None and sinks is None:
+        if extra_k is not None and sinks is None and key_pos is None:
             window = layout.window
             assert window is not None
             f = extra_k.shape[3]
@@ -268,7 +274,7 @@ class SDPABackend(Backend):
             if k_mem is not None:
                 k_mem, v_mem = torch.cat([sinks[2], k_mem], dim=2), torch.cat([sinks[3], v_mem], dim=2)
         q_pos = torch.arange(q_start, end, device=dev)
-        k_pos = layout.key_positions(end, k.shape[2], dev)
+        k_pos = layout.key_positions(end, k.shape[2], dev) if key_pos is None else key_pos
         visible = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk); every query sees itself
         keys, values, masks = [k], [v], [visible]
         if k_mem is not None:
@@ -279,10 +285,11 @@ class SDPABackend(Backend):
             masks = [visible & ~memory, visible & memory]  # each position from k or from k_mem, never both
         if extra_k is not None:
             assert extra_v is not None
-            f = extra_k.shape[3]
-            keys.insert(0, extra_k.flatten(2, 3))  # (B, H, Tq·F, D): query i's rows are i·F .. i·F+F-1
+            nb, f = extra_k.shape[2:4]
+            keys.insert(0, extra_k.flatten(2, 3))  # (B, H, nb·F, D): block j's rows are j·F .. j·F+F-1
             values.insert(0, extra_v.flatten(2, 3))
-            masks.insert(0, (torch.arange(tq * f, device=dev) // f)[None, :] == torch.arange(tq, device=dev)[:, None])
+            q_block = layout.block_start(q_pos) // (layout.block_size or 1)
+            masks.insert(0, (torch.arange(nb * f, device=dev) // f)[None, :] == (q_block - q_block[0])[:, None])
         return F.scaled_dot_product_attention(
             q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=torch.cat(masks, dim=1), scale=scale
         )
@@ -398,9 +405,10 @@ class SDPABackend(Backend):
         back to its unfused path anyway), so these calls compute the softmax themselves:
         block-gathered (:func:`relative_blocks`) when the call spans several blocks of a
         bounded layout without sinks, one masked dense call otherwise (decode steps, one
-        block, token windows, unbounded layouts, sinks: :func:`relative_dense`)."""
+        block, token windows, unbounded layouts, sinks, keys at explicit positions:
+        :func:`relative_dense`)."""
         layout, tq, tk = inputs.layout, inputs.q.shape[2], inputs.k.shape[2]
-        if layout.bounded and not layout.sinks:
+        if layout.bounded and not layout.sinks and inputs.key_pos is None:
             clipped = layout.clipped_to_keys(inputs.q_start, tq, inputs.end - tk)
             assert clipped.block_size is not None
             if clipped.block_size > 1 and clipped.n_query_blocks(inputs.q_start, tq) > 1:
@@ -421,7 +429,7 @@ def relative_dense(inputs: AttentionInputs) -> Tensor:
     b, h, tq, _ = q.shape
     tk, end, dev = k.shape[2], inputs.end, q.device
     q_pos = torch.arange(inputs.q_start, end, device=dev)
-    k_pos = layout.key_positions(end, tk, dev)
+    k_pos = inputs.key_positions()
     visible = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk); every query sees itself
     by_distance = rel_q @ rel_k.transpose(-1, -2)  # (B, H, Tq, n)
     distance = (q_pos[:, None] - k_pos[None, :]).clamp(0, by_distance.shape[-1] - 1)  # unseen pairs are masked

@@ -242,6 +242,8 @@ def attend_planned(kernel: Kernel, inputs: AttentionInputs) -> Tensor:
     out) as the attention kernel: gather, bias, kernel, un-gather. (B,H,Tq,Dv) out."""
     if inputs.rel_q is not None:
         raise ValueError(XformersBackend.support.no_relative_keys_because)
+    if inputs.key_pos is not None:
+        raise ValueError(XformersBackend.support.no_key_positions_because)
     q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
     k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
     b, _, tq, _ = q.shape
@@ -292,6 +294,11 @@ class XformersBackend(Backend):
         no_relative_keys_because=(
             "relative-position keys (xl's positions='relative') are not implemented for xformers (its kernels take "
             "no score term with a gradient here); use backend='sdpa', or xl with positions='rope'"
+        ),
+        no_key_positions_because=(
+            "keys at explicit positions (a ring-buffer cache read in slot order) are not implemented for xformers: its "
+            "biases describe runs of consecutive positions; the variants then read their caches in position order "
+            "(or use backend='sdpa')"
         ),
         # the shared table for its dtypes, but float32 wider: not measured here (no GPU in this
         # project's CI), xformers' own per-op tolerance widened to model level;
