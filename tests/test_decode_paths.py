@@ -1,9 +1,10 @@
 """The decode fast paths (issue 10) against the general code they stand in for.
 
 Each shortcut a decode step takes (RoPE's angle memo and joint rotation, the one-token
-paths of ``sinks``, ``brt``, ``infini`` and ``rmt``) is compared here with the general
-path it replaces, on the same inputs: exactly (``torch.equal``) where the shortcut does
-the same arithmetic, to the conformance tolerance where it only skips padding rows.
+paths of ``brt``, ``infini`` and ``rmt``, the ring buffers read in slot order by every
+bounded variant) is compared here with the general path it replaces, on the same inputs:
+exactly (``torch.equal``) where the shortcut does the same arithmetic, to the conformance
+tolerance where it computes the same thing another way.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import pytest
 import torch
 
 import memzoo
+from memzoo import testing as kit
 from memzoo.layers.positions import _ANGLES, _ANGLES_ENTRIES, RoPE, RopeScaling
-from memzoo.variants.kv import KVCacheBackbone
-from memzoo.variants.sinks import Sinks
 
 
 def _plain_rotate(rope: RoPE, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -66,47 +66,35 @@ def _stream(model, x: torch.Tensor, state=None):
     return torch.cat(ys, dim=1), state
 
 
-@pytest.mark.parametrize("positions", ["cache", "absolute"])
-@pytest.mark.parametrize("sinks, window, kv_heads, batch", [(2, 3, 2, 1), (1, 1, 1, 2), (0, 3, 2, 1), (0, 1, 2, 1), (3, 5, 1, 2)])
-def test_sinks_decode_on_a_full_cache_equals_the_engine_exactly(positions, sinks, window, kv_heads, batch) -> None:
-    """Every one-token step from a fresh state on, through ``Sinks.step`` (which takes
-    ``decode_full_cache`` once the cache is full) and through the K/V engine's step:
-    the same outputs and states, bit for bit, and the same gradients."""
-    torch.manual_seed(0)
-    model = memzoo.build_backbone(
-        "sinks", d_model=16, n_heads=2, n_kv_heads=kv_heads, n_layers=2, block_size=4, num_sinks=sinks, window=window,
-        positions=positions,
-    ).double()
-    x = torch.randn(batch, sinks + window + 6, 16, dtype=torch.float64, requires_grad=True)
-    state_fast = state_engine = None
-    outs = []
-    for i in range(x.shape[1]):
-        xi = x[:, i : i + 1]
-        state_fast = model._checked(xi, state_fast)
-        state_engine = model._checked(xi, state_engine)
-        y_fast, state_fast = model.step(xi, state_fast)
-        y_engine, state_engine = KVCacheBackbone.step(model, xi, state_engine)
-        assert torch.equal(y_fast, y_engine), i
-        for a, b in zip(state_fast.tensors(), state_engine.tensors()):
-            assert a.shape == b.shape and torch.equal(a, b), i
-        assert state_fast.pos == state_engine.pos == i + 1
-        outs.append((y_fast, y_engine))
-    w = torch.randn(batch, 1, 16, dtype=torch.float64)
-    fast = torch.autograd.grad(sum((a * w).sum() for a, _ in outs), [x, *model.parameters()], retain_graph=True)
-    engine = torch.autograd.grad(sum((b * w).sum() for _, b in outs), [x, *model.parameters()])
-    for a, b in zip(fast, engine):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    assert sinks + window - 1 < x.shape[1]  # the full-cache path ran
+CASES = [pytest.param(name, opts, id=case_id) for name, opts, case_id in kit.registry_cases()]
 
 
-def test_sinks_decode_path_is_taken_once_the_cache_is_full(monkeypatch) -> None:
-    model = memzoo.build_backbone("sinks", d_model=16, n_heads=2, n_layers=1, block_size=4, num_sinks=2, window=3)
-    calls = []
-    original = Sinks.decode_full_cache
-    monkeypatch.setattr(Sinks, "decode_full_cache", lambda self, x, s: calls.append(s.pos) or original(self, x, s))
-    with torch.no_grad():
-        _stream(model, torch.randn(1, 8, 16))
-    assert calls == [4, 5, 6, 7]  # S + W - 1 = 4 onwards
+@pytest.mark.parametrize("name,opts", CASES)
+def test_decode_in_ring_order_equals_the_general_path(name, opts, monkeypatch) -> None:
+    """One token at a time from a fresh state, twice: as it runs (a full ring buffer is
+    read in slot order, keys at explicit positions) and as it runs on a backend without
+    keys at explicit positions (the cache read in position order): the same outputs,
+    states and gradients."""
+    model = kit.tiny_model(name, opts).backbone
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, model.d_model, generator=gen, dtype=torch.float64, requires_grad=True)
+    if not any(model.decodes_in_ring_order(p, 1) for p in range(x.shape[1])):
+        pytest.skip(f"{name} {opts}: no decode step reads a ring buffer in slot order (its state grows)")
+    runs = []
+    for ring_order in (True, False):
+        monkeypatch.setattr(memzoo.ops, "takes_key_positions", lambda backend, ring_order=ring_order: ring_order)
+        taken = sum(model.decodes_in_ring_order(p, 1) for p in range(x.shape[1]))
+        assert (taken > 0) == ring_order
+        y, state = _stream(model, x)
+        runs.append((y, state, torch.autograd.grad((y * y.detach().cos()).sum(), [x, *model.parameters()], allow_unused=True)))
+    (y1, s1, g1), (y2, s2, g2) = runs
+    kit.assert_close(y1, y2, f"{name}: outputs")
+    kit.assert_states_equal(s1, s2, f"{name}: final state")
+    for a, b, what in zip(g1, g2, ["x", *(n for n, _ in model.named_parameters())]):
+        if a is None or b is None:
+            assert a is None and b is None, what
+            continue
+        kit.assert_close(a, b, f"{name}: grad of {what}")
 
 
 # ------------------------------------------------------------ derived tensors

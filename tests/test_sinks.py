@@ -177,7 +177,7 @@ def test_state_is_bounded_by_sinks_plus_window():
         for _ in range(12):
             _, state = model(torch.randn(1, 1, D, dtype=torch.float64), state)
             sizes.append(state.k[0].shape[2])
-    assert sizes == [1, 2, 3, 4] + [4] * 8  # S + W - 1 = 4 rows: what the next query sees but itself
+    assert sizes == [1, 2, 3, 4, 5] + [5] * 7  # S + W = 5 rows: the sinks and a ring of the window, then one shape
 
 
 def test_bad_settings_are_refused():
@@ -189,22 +189,23 @@ def test_bad_settings_are_refused():
 
 def test_window_keys_are_cached_rotated_and_older_states_are_refused():
     """The state keeps the sinks' keys before RoPE and the window's with RoPE at their text
-    positions (state_format 2); a state made under the old layout (every key before RoPE,
-    no state_format in the fingerprint) is refused, naming the field."""
+    positions, in a ring of W slots (state_format 3); a state made under an older layout
+    (no state_format in the fingerprint, or another one) is refused, naming the field."""
     torch.manual_seed(0)
     model = memzoo.build_backbone("sinks", d_model=16, n_heads=2, num_sinks=2, window=3).double()
     x = torch.randn(1, 9, 16, dtype=torch.float64)
     _, state = model(x)
     layer = model.layers[0]
     _, k_raw, _ = layer.project_raw(x)
-    kept = [0, 1, 7, 8]  # the sinks, then the last W - 1 = 2 positions
+    assert state.k[0].shape[2] == 2 + 3  # the sinks, then the last W = 3 positions: 6, 7, 8 in slots (p - 2) % 3
     assert torch.allclose(state.k[0][:, :, :2], k_raw[:, :, :2], atol=1e-12)
-    assert torch.allclose(state.k[0][:, :, 2:], layer.positions.key(k_raw[:, :, 7:], torch.arange(7, 9)), atol=1e-12)
-    assert state.k[0].shape[2] == len(kept)
+    window = layer.positions.key(k_raw[:, :, 6:], torch.arange(6, 9))
+    assert torch.allclose(state.k[0][:, :, 2:], window[:, :, [2, 0, 1]], atol=1e-12)  # slots 0, 1, 2 hold 8, 6, 7
     import dataclasses, json
 
-    old = json.loads(state.fingerprint)
-    old.pop("state_format")
-    stale = dataclasses.replace(state, fingerprint=json.dumps(old, sort_keys=True, separators=(",", ":")))
-    with pytest.raises(memzoo.StateError, match="state_format"):
-        model(x[:, :1], stale)
+    for fmt in (None, 2):
+        old = json.loads(state.fingerprint)
+        old.pop("state_format") if fmt is None else old.update(state_format=fmt)
+        stale = dataclasses.replace(state, fingerprint=json.dumps(old, sort_keys=True, separators=(",", ":")))
+        with pytest.raises(memzoo.StateError, match="state_format"):
+            model(x[:, :1], stale)

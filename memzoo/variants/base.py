@@ -263,6 +263,12 @@ class Backbone(nn.Module):
                         f"{where}: {label} has shape {tuple(t.shape)}, expected {tuple(s)} for a state at position {state.pos}"
                     )
 
+    def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
+        """Whether the call of ``n_tokens`` from position ``start`` is a decode step that
+        reads the state's ring buffers in slot order (keys at explicit positions, see
+        :mod:`memzoo.variants.ring`) rather than in position order. Default: never."""
+        return False
+
     def token_positions(self, state: State, n: int, device: torch.device) -> Tensor:
         """Absolute positions of the next ``n`` tokens: (n,) int64."""
         return torch.arange(state.pos, state.pos + n, device=device)

@@ -26,9 +26,8 @@ class FullState(KVState):
 @register_variant("full", config=FullConfig)
 class Full(KVCacheBackbone):
     State = FullState
+    #: the whole cache in position order, as before rings (an unbounded ring never wraps)
+    state_format = 1
 
     def layout(self) -> BlockLayout:
         return BlockLayout(block_size=None, window=None)
-
-    def keep_from(self, next_pos: int) -> int:
-        return 0

@@ -1,19 +1,25 @@
 """A shared engine for variants whose per-layer state is a window of cached keys and
 values: ``full`` (keep everything), ``bswa`` (the last m blocks + the partial block),
 ``fam`` (BSWA's window plus per-block extra rows, its feedback memory) and ``sinks``
-(the first S keys plus the last W-1).
+(the first S keys plus a window of W).
 
 A subclass says what a query may see (:meth:`KVCacheBackbone.layout`, whose ``sinks``
-rows are never evicted) and how far back the recent run must reach
-(:meth:`KVCacheBackbone.keep_from`). Per layer the engine projects the call's tokens,
-appends their K/V to the cache, asks :meth:`KVCacheBackbone.extra_rows` for per-block
-extra rows (the one hook for memory rows; FAM's scan lives there), attends, runs the
-feed-forward and evicts what no later query can see::
+rows are never evicted). The cache is a ring buffer (:mod:`memzoo.variants.ring`) of the
+run after the sinks, of :meth:`KVCacheBackbone.capacity` rows, the most a query may see
+(window + own block; unbounded for ``full``): once full it has one shape at every
+position. Per layer the engine projects the call's tokens, reads the cache in position
+order and appends their K/V, asks :meth:`KVCacheBackbone.extra_rows` for per-block extra
+rows (the one hook for memory rows; FAM's scan lives there), attends, runs the
+feed-forward and writes the new K/V into the ring::
 
-    cache (sinks | run) + new K/V -> [extra rows hook] -> attend -> residual, FF -> evict
+    cache (sinks | ring) -> in order + new K/V -> [extra rows hook] -> attend -> residual, FF -> write
 
-Shapes: B batch, T tokens in the call, Hkv key/value heads, t cached positions, Dh head
-width, nb query blocks touched by the call, F extra rows per block.
+A one-token call on a full ring (a decode step) reads nothing back in order: it writes
+its K/V into the ring and attends over every row at its position (``key_pos``), the
+stale rows hidden by the layout; nothing in it changes shape from one token to the next.
+
+Shapes: B batch, T tokens in the call, Hkv key/value heads, t cached rows, Dh head
+width, nb query blocks touched by the call, F extra rows per block, S sinks, C capacity.
 """
 
 from __future__ import annotations
@@ -28,15 +34,18 @@ from memzoo import ops
 from memzoo.layers import DecoderLayer
 from memzoo.ops import BlockLayout
 from memzoo.state import State
+from memzoo.variants import ring
 from memzoo.variants.base import Backbone
 
 
 @dataclass
 class KVState(State):
-    """Per layer, keys and values of the positions later queries can still see, in the
-    order of :meth:`BlockLayout.key_positions` (the sinks, then the recent run ending at
-    ``pos``): ``k[l]``, ``v[l]``: (B, Hkv, t, Dh). Keys carry their text positions (RoPE
-    applied), except the sink rows of a variant that sets ``sinks_before_positions``."""
+    """Per layer, keys and values ``k[l]``, ``v[l]``: (B, Hkv, t, Dh): the layout's sinks
+    (the first ``min(S, pos)`` positions, in order), then the ring of the run after them
+    (:mod:`memzoo.variants.ring`, origin S: in position order until it holds
+    :meth:`KVCacheBackbone.capacity` rows, then one slot per position modulo C). Keys carry
+    their text positions (RoPE applied), except the sink rows of a variant that sets
+    ``sinks_before_positions``."""
 
     k: list[Tensor]
     v: list[Tensor]
@@ -50,42 +59,65 @@ class KVCacheBackbone(Backbone):
     #: positions, and never rotated again): a variant that re-numbers its sinks per query
     #: (``sinks`` with cache positions) rotates the pre-RoPE sink keys itself
     sinks_before_positions: ClassVar[bool] = False
+    #: 2: the run is a ring buffer of ``capacity()`` rows (1 kept exactly the positions the
+    #: next query could see, in order; an unbounded cache, ``full``'s, is the same in both)
+    state_format = 2
 
     def layout(self) -> BlockLayout:
         raise NotImplementedError
 
-    def keep_from(self, next_pos: int) -> int:
-        """The first position of the recent run a query at ``next_pos`` or later can still
-        see (the layout's sinks are kept apart from it)."""
-        raise NotImplementedError
+    def capacity(self) -> int | None:
+        """Rows of the run the ring keeps: the most keys after the sinks a query may see
+        (window + own block) for a bounded layout, so a decode step can write its own row
+        before it attends; None (the cache grows) for an unbounded one."""
+        layout = self.layout()
+        if not layout.bounded:
+            return None
+        assert layout.window is not None and layout.block_size is not None
+        return layout.window + layout.block_size
 
     # ------------------------------------------------------------------ the cache
-    def cached_positions(self, pos: int, layout: BlockLayout | None = None) -> tuple[int, int]:
-        """``(s, r)``: a state at ``pos`` holds the sinks ``[0, s)`` and the run ``[r, pos)``."""
-        s = (layout or self.layout()).n_sink_rows(pos)
-        return s, min(pos, max(s, self.keep_from(pos), 0))
+    def cache_rows(self, pos: int) -> tuple[int, int]:
+        """``(s, n)``: a state at ``pos`` holds ``s`` sink rows and ``n`` ring rows."""
+        sinks = self.layout().sinks
+        return min(sinks, pos), ring.size(self.capacity(), pos, sinks)
 
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
-        s, r = self.cached_positions(pos)
-        kv = [(batch_size, self.n_kv_heads, s + pos - r, self.head_dim)] * self.n_layers
+        kv = [(batch_size, self.n_kv_heads, sum(self.cache_rows(pos)), self.head_dim)] * self.n_layers
         return {"k": kv, "v": kv}
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVState:
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return self.State(pos=0, fingerprint=self.fingerprint, k=[empty] * self.n_layers, v=[empty] * self.n_layers)
 
-    @staticmethod
-    def evict(x: Tensor, end: int, kept: tuple[int, int]) -> Tensor:
-        """Cache rows ``x`` (B, Hkv, n, Dh) after a call ending at ``end`` -> the rows the
-        state keeps, ``kept = (s, r)`` of :meth:`cached_positions` (sinks and run)."""
-        s, r = kept
-        run_start = end - (x.shape[2] - s)
-        drop = r - run_start
-        if drop <= 0:
-            return x
-        if not s:
-            return x[:, :, drop:]
-        return torch.cat([x[:, :, :s], x[:, :, s + drop :]], dim=2)
+    def cached(self, cache: Tensor, pos: int, first: int = 0) -> Tensor:
+        """The rows of a cache at ``pos`` a call from ``pos`` reads, at
+        :meth:`BlockLayout.key_positions`: the sinks, then the run in position order from
+        ``first`` on (or from its first row held, whichever is later)."""
+        sinks, cap = self.layout().sinks, self.capacity()
+        s, n = min(sinks, pos), ring.size(cap, pos, sinks)
+        run = ring.read(cache, max(first, pos - n), pos, pos, capacity=cap, origin=sinks, offset=s)
+        return torch.cat([cache[:, :, :s], run], dim=2) if s else run
+
+    def written(self, cache: Tensor, rows: Tensor, start: int) -> Tensor:
+        """The cache after a call from ``start``: ``cache`` with ``rows`` (B, Hkv, T, Dh), the
+        K/V of positions ``[start, start + T)`` as the state keeps them, written in (the
+        sinks among them after the sinks held, the others into the ring)."""
+        sinks, cap = self.layout().sinks, self.capacity()
+        held = min(sinks, start)
+        new_sinks = min(sinks, start + rows.shape[2]) - held
+        if new_sinks:  # only while the ring is still empty: the sinks come first
+            cache = torch.cat([cache, rows[:, :, :new_sinks]], dim=2)
+            rows, start = rows[:, :, new_sinks:], start + new_sinks
+        return ring.write(cache, rows, start, capacity=cap, origin=sinks, offset=held + new_sinks)
+
+    def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
+        """Whether the call ``[start, start + n_tokens)`` is a decode step on a full ring (one
+        token after the sinks) that a backend taking keys at explicit positions runs."""
+        cap, sinks = self.capacity(), self.layout().sinks
+        return (
+            n_tokens == 1 and cap is not None and start - sinks >= cap and ops.takes_key_positions(self.backend)
+        )
 
     # ---------------------------------------------------------------------- hooks
     def extra_rows(
@@ -94,23 +126,27 @@ class KVCacheBackbone(Backbone):
         """Per-block extra rows for layer ``i``'s queries ``[start, end)`` and what the layer
         keeps for the next state (given to :meth:`next_state`, one entry per layer).
 
-        ``keys``/``values`` (B, Hkv, Tk, Dh): the cache plus this call's K/V, the rows at
-        :meth:`BlockLayout.key_positions`. Returns ``({"extra_k": (B,Hkv,nb,F,Dh),
-        "extra_v": ...}, kept)``, or ``({}, None)`` for no extra rows (the default)."""
+        ``keys``/``values`` (B, Hkv, Tk, Dh): rows of the positions ``[end - Tk, end)`` in
+        order, the call's K/V among them, from the start of its first query block at the
+        latest (a decode step hands the block so far; a longer call the cache and its K/V).
+        Returns ``({"extra_k": (B,Hkv,nb,F,Dh), "extra_v": ...}, kept)``, or ``({}, None)``
+        for no extra rows (the default)."""
         return {}, None
 
     def attend(
         self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, layout: BlockLayout, start: int,
-        raw_keys: Tensor, rows: dict[str, Tensor],
+        raw_keys: Tensor, rows: dict[str, Tensor], key_pos: Tensor | None = None,
     ) -> Tensor:
         """Layer attention of queries ``q`` (B, H, T, Dh) at ``[start, start + T)`` under
         ``layout`` (this call's :meth:`layout`): (B, H, T, Dh). ``raw_keys``: the keys before
         positions for the sink rows of a variant with ``sinks_before_positions`` (the same as
-        ``keys`` otherwise). Override only where one layout cannot say it."""
+        ``keys`` otherwise). ``key_pos``: the rows' positions when they are a ring in slot
+        order (a decode step), else None (the layout's order). Override only where one
+        layout cannot say it."""
         memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
         return ops.attend(
             q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale,
-            backend=self.backend, **memory, **rows,
+            backend=self.backend, key_pos=key_pos, **memory, **rows,
         )
 
     def attends_sinks_at_own_positions(self, start: int, end: int) -> bool:
@@ -127,12 +163,15 @@ class KVCacheBackbone(Backbone):
     def step(self, x: Tensor, state: KVState) -> tuple[Tensor, KVState]:
         t = x.shape[1]
         start, end = state.pos, state.pos + t
+        if self.decodes_in_ring_order(start, t):
+            return self.decode_step(x, state)
         pos = self.token_positions(state, t, x.device)
         layout = self.layout()
-        kept_rows = self.cached_positions(end, layout)
         raw_sinks = layout.n_sink_rows(end) if self.sinks_before_positions else 0
         new_sinks = raw_sinks - layout.n_sink_rows(start)  # this call's tokens that are sinks
         sink_pos = torch.arange(raw_sinks, device=x.device) if raw_sinks else None
+        # the run the call's queries may see starts at the first query block's window
+        first = 0 if not layout.bounded else (start // layout.block_size) * layout.block_size - layout.window  # type: ignore[operator]
         new_k, new_v, kept = [], [], []
         for i, layer in enumerate(self.layers):
             if raw_sinks:
@@ -142,29 +181,59 @@ class KVCacheBackbone(Backbone):
                     k = torch.cat([k_raw[:, :, :new_sinks], k[:, :, new_sinks:]], dim=2)
             else:
                 q, k, v = layer.project(x, pos)
-            # (B, Hkv, Tk, Dh): sinks, then the run to `end`, as the state keeps them
-            raw_keys = torch.cat([state.k[i], k], dim=2)
-            values = torch.cat([state.v[i], v], dim=2)
+            # (B, Hkv, Tk, Dh): sinks, then the run to `end`, in position order
+            raw_keys = torch.cat([self.cached(state.k[i], start, first), k], dim=2)
+            values = torch.cat([self.cached(state.v[i], start, first), v], dim=2)
             keys = raw_keys
             if raw_sinks and self.attends_sinks_at_own_positions(start, end):  # the sinks at their positions 0 … s-1
                 keys = torch.cat([layer.positions.key(raw_keys[:, :, :raw_sinks], sink_pos), raw_keys[:, :, raw_sinks:]], dim=2)
             rows, layer_kept = self.extra_rows(i, layer, state, keys, values, start, end)
             heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)
             x = layer.feed_forward(layer.attend_residual(x, heads))
-            new_k.append(self.evict(raw_keys, end, kept_rows))
-            new_v.append(self.evict(values, end, kept_rows))
+            new_k.append(self.written(state.k[i], k, start))
+            new_v.append(self.written(state.v[i], v, start))
+            kept.append(layer_kept)
+        return x, self.next_state(state, end, new_k, new_v, kept)
+
+    def decode_step(self, x: Tensor, state: KVState) -> tuple[Tensor, KVState]:
+        """One token ``x`` (B, 1, D) on a full ring (:meth:`decodes_in_ring_order`): its K/V
+        written into the ring, then attention over every row at its position, sinks
+        included (a stale row is out of the layout's window: never seen). Equals
+        :meth:`step`'s general path (tests/test_decode_paths.py)."""
+        start, end = state.pos, state.pos + 1
+        layout, cap = self.layout(), self.capacity()
+        sinks = layout.sinks
+        pos = self.token_positions(state, 1, x.device)
+        run_pos = ring.positions(cap, end, x.device, origin=sinks)  # (C,)
+        key_pos = torch.cat([torch.arange(sinks, device=x.device), run_pos]) if sinks else run_pos
+        rotate_sinks = self.sinks_before_positions and sinks and self.attends_sinks_at_own_positions(start, end)
+        block = start if layout.block_size is None else (start // layout.block_size) * layout.block_size
+        new_k, new_v, kept = [], [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.project(x, pos)  # past the sinks: the token's key has its position
+            raw_keys = ring.write(state.k[i], k, start, capacity=cap, origin=sinks, offset=sinks)  # (B, Hkv, S + C, Dh)
+            values = ring.write(state.v[i], v, start, capacity=cap, origin=sinks, offset=sinks)
+            keys = raw_keys
+            if rotate_sinks:
+                keys = torch.cat([layer.positions.key(raw_keys[:, :, :sinks], key_pos[:sinks]), raw_keys[:, :, sinks:]], dim=2)
+            own = dict(capacity=cap, origin=sinks, offset=sinks)
+            rows, layer_kept = self.extra_rows(
+                i, layer, state, ring.read(keys, block, end, end, **own), ring.read(values, block, end, end, **own), start, end
+            )
+            heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows, key_pos=key_pos)
+            x = layer.feed_forward(layer.attend_residual(x, heads))
+            new_k.append(raw_keys)
+            new_v.append(values)
             kept.append(layer_kept)
         return x, self.next_state(state, end, new_k, new_v, kept)
 
 
 class BlockWindowBackbone(KVCacheBackbone):
     """BSWA's window (``memory_blocks`` previous blocks in full, the own block causally),
-    shared by ``bswa`` and ``fam``; both have a ``memory_blocks`` field."""
+    shared by ``bswa`` and ``fam``; both have a ``memory_blocks`` field. The ring holds
+    ``(memory_blocks + 1)·block_size`` rows, whole blocks in whole slots."""
 
     memory_blocks: int
 
     def layout(self) -> BlockLayout:
         return BlockLayout(block_size=self.block_size, window=self.memory_blocks * self.block_size)
-
-    def keep_from(self, next_pos: int) -> int:
-        return (next_pos // self.block_size - self.memory_blocks) * self.block_size

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from memzoo import ops
 from memzoo.layers.relative import RelativePositions, relative_attention_reference
+from memzoo.variants import ring
 
 if TYPE_CHECKING:
     from memzoo.variants.brt import BlockRecurrentTransformer
@@ -162,7 +163,9 @@ def fam_reference(model: FAM, x: Tensor, state: FAMState) -> tuple[Tensor, FAMSt
     """
     b, t, _ = x.shape
     size, n_fam, scale = model.block_size, model.fam_len, model.layers[0].positions.scale
-    keys, values = list(state.k), list(state.v)
+    n_window = model.memory_blocks * size  # keys of the memory blocks
+    # the caches in position order (the state keeps them in a ring buffer of C rows)
+    keys, values = [model.cached(k, state.pos) for k in state.k], [model.cached(v, state.pos) for v in state.v]
     fams, fam_keys, fam_values = list(state.fam), list(state.fam_k), list(state.fam_v)
     residual = state.residual
     p, done, outs = state.pos, 0, []
@@ -181,11 +184,12 @@ def fam_reference(model: FAM, x: Tensor, state: FAMState) -> tuple[Tensor, FAMSt
             tok_k, tok_v = k[:, :, :n], v[:, :, :n]
             # F's keys/values are the ones made with F (the same projection, at fam_pos)
             fam_k, fam_v = fam_keys[i], fam_values[i]
-            # the cache covers [p - len, p): memory blocks, then the block's earlier tokens
+            # the cache covers [p - len, p): older keys, the memory blocks, the block's earlier tokens
             n_own = p - block * size
-            n_mem = keys[i].shape[2] - n_own
-            mem_k, own_k = keys[i][:, :, :n_mem], keys[i][:, :, n_mem:]
-            mem_v, own_v = values[i][:, :, :n_mem], values[i][:, :, n_mem:]
+            n_cached = keys[i].shape[2]
+            n_mem = min(n_cached - n_own, n_window)
+            mem_k, own_k = keys[i][:, :, n_cached - n_own - n_mem : n_cached - n_own], keys[i][:, :, n_cached - n_own :]
+            mem_v, own_v = values[i][:, :, n_cached - n_own - n_mem : n_cached - n_own], values[i][:, :, n_cached - n_own :]
             if model.stop_gradient_memory:
                 mem_k, mem_v = mem_k.detach(), mem_v.detach()
             blk_k = torch.cat([own_k, tok_k], dim=2)  # block τ's keys so far: (B, H, n_own + n, Dh)
@@ -221,7 +225,7 @@ def fam_reference(model: FAM, x: Tensor, state: FAMState) -> tuple[Tensor, FAMSt
                 _, fam_keys[i], fam_values[i] = layer.project(fams[i], model.fam_positions(block + 1, state.offset))
             keys[i] = torch.cat([keys[i], tok_k], dim=2)
             values[i] = torch.cat([values[i], tok_v], dim=2)
-            drop = max(0, model.keep_from(p + n) - (p + n - keys[i].shape[2]))
+            drop = keys[i].shape[2] - ring.size(model.capacity(), p + n)  # the ring keeps the last C positions
             keys[i], values[i] = keys[i][:, :, drop:], values[i][:, :, drop:]
             h = h_next
         if completes:
@@ -229,8 +233,10 @@ def fam_reference(model: FAM, x: Tensor, state: FAMState) -> tuple[Tensor, FAMSt
         outs.append(h)
         p, done = p + n, done + n
     y = torch.cat(outs, dim=1)
+    cap = model.capacity()
     return y, type(state)(
-        pos=p, fingerprint=model.fingerprint, k=keys, v=values, fam=fams, fam_k=fam_keys, fam_v=fam_values,
+        pos=p, fingerprint=model.fingerprint, k=[ring.from_ordered(k, p, capacity=cap) for k in keys],
+        v=[ring.from_ordered(v, p, capacity=cap) for v in values], fam=fams, fam_k=fam_keys, fam_v=fam_values,
         offset=state.offset, residual=residual,
     )
 
@@ -242,16 +248,23 @@ def sinks_reference(model: Sinks, x: Tensor, state: SinksState) -> tuple[Tensor,
     t = x.shape[1]
     start, end = state.pos, state.pos + t
     new_k, new_v = [], []
-    s_rows, run = model.cached_positions(start)
-    s_keep, r_keep = model.cached_positions(end)
+    n_sinks, cap = model.num_sinks, model.capacity()
+    s_rows = min(n_sinks, start)  # the state: the sinks [0, s_rows), then a ring of the run [run, start)
+    run = start - ring.size(cap, start, n_sinks)
+    s_keep = min(n_sinks, end)
+    r_keep = end - ring.size(cap, end, n_sinks)
     for i, layer in enumerate(model.layers):
         q_raw, k_raw, v = layer.project_raw(x)  # pre-RoPE
         # the state keeps the window's keys with RoPE at their text positions: undo it here,
         # so every key below is pre-RoPE and rotated only where a query numbers it
         cached = state.k[i]
-        window = layer.positions.unrotate(cached[:, :, s_rows:], torch.arange(run, start, device=x.device))
+        in_order = ring.ordered(cached, start, capacity=cap, origin=n_sinks, offset=s_rows)
+        window = layer.positions.unrotate(in_order, torch.arange(run, start, device=x.device))
         keys = torch.cat([cached[:, :, :s_rows], window, k_raw], dim=2)  # (B, Hkv, Tk, Dh)
-        values = torch.cat([state.v[i], v], dim=2)
+        cached_v = state.v[i]
+        values = torch.cat(
+            [cached_v[:, :, :s_rows], ring.ordered(cached_v, start, capacity=cap, origin=n_sinks, offset=s_rows), v], dim=2
+        )
         row_of = {p: r for r, p in enumerate([*range(s_rows), *range(run, end)])}  # text position -> key row
         heads = []
         for n in range(t):
@@ -269,6 +282,11 @@ def sinks_reference(model: Sinks, x: Tensor, state: SinksState) -> tuple[Tensor,
         keep = torch.tensor([row_of[j] for j in [*range(s_keep), *range(r_keep, end)]], dtype=torch.long, device=x.device)
         kept = keys[:, :, keep]
         kept_window = layer.positions.key(kept[:, :, s_keep:], torch.arange(r_keep, end, device=x.device))
-        new_k.append(torch.cat([kept[:, :, :s_keep], kept_window], dim=2))
-        new_v.append(values[:, :, keep])
+        kept_v = values[:, :, keep]
+
+        def as_ring(rows: Tensor) -> Tensor:  # the window in the state's ring order
+            return ring.from_ordered(rows, end, capacity=cap, origin=n_sinks)
+
+        new_k.append(torch.cat([kept[:, :, :s_keep], as_ring(kept_window)], dim=2))
+        new_v.append(torch.cat([kept_v[:, :, :s_keep], as_ring(kept_v[:, :, s_keep:])], dim=2))
     return x, type(state)(pos=end, fingerprint=model.fingerprint, k=new_k, v=new_v)

@@ -8,23 +8,13 @@ and to the last ``W = window`` tokens up to itself (token-level; itself included
     query 5               x x . x x x . . .     sinks + window, a gap between them
     query 8               x x . . . . x x x
 
-No new weights. Streaming state per layer: the K/V of the S sinks and of the last
-``W - 1`` tokens (the next query's window without itself). The sinks' keys are cached
-*before* RoPE (they are rotated at whatever position each query gives them); the
-window's keys with RoPE at their text positions, rotated once, when they are made: with
-RoPE a window key's distance to the query is the same in both numberings (below), so a
-decode step rotates only its new key and the S sinks, never the whole window.
-
-Positions (``positions``):
-
-* ``"cache"`` (the paper's): a query's keys are numbered by their place in *its* cache,
-  not in the text: sinks ``0 … S-1``, then the window, the query last at cache position
-  ``c(t) = min(t, S+W-1)``. With RoPE a window key's distance to the query is the same in
-  both numberings (the window is contiguous and ends at the query); only the sinks'
-  distances differ: ``c(t) - j`` instead of ``t - j``. Until the window leaves the sinks
-  (``t <= S+W-1``) the cache is ``[0, t]`` and both numberings agree.
-* ``"absolute"``: every key at its position in the text (what window attention with
-  extra always-visible keys computes; it is not what the paper evaluates).
+No new weights. Streaming state per layer: the K/V of the S sinks and a ring buffer
+(:mod:`memzoo.variants.ring`) of the last ``W`` tokens after them (the next query's
+window, and a slot for its own row). The sinks' keys are cached *before* RoPE (they are
+rotated at whatever position each query gives them); the window's keys with RoPE at their
+text positions, rotated once, when they are made: with RoPE a window key's distance to
+the query is the same in both numberings (below), so a decode step rotates only its new
+key and the S sinks, never the whole window.
 
 Two implementations of the same function live here:
 
@@ -33,8 +23,8 @@ Two implementations of the same function live here:
   positions the queries past ``S+W-1`` are a second call without layout sinks, whose
   per-query extra rows are the sink keys rotated at ``j + t - (S+W-1)``: with the query
   rotated at ``t`` that is the distance ``c(t) - j`` of the paper. One token on a full
-  cache (every decode step past ``S+W-1``) takes :meth:`Sinks.decode_full_cache`, the
-  same tensors with fewer copies (held equal to the engine, exactly).
+  ring (every decode step past ``S+W``) is the engine's decode step: that second call
+  over the ring in slot order (``key_pos``), the oldest row hidden by the window.
 * :meth:`Sinks.step_reference`: the paper's rule written per query: the visible
   positions, each numbered by its cache position (or its text position), RoPE applied
   to the pre-RoPE query and keys at those numbers, a plain softmax.
@@ -78,17 +68,18 @@ class SinksConfig(VariantConfig):
 
 @dataclass
 class SinksState(KVState):
-    """Per layer, keys and values of the sinks ``[0, min(S, pos))`` followed by the last
-    ``W - 1`` positions after them: ``k[l]``, ``v[l]``: (B, Hkv, t, Dh); the sinks' keys
-    before RoPE, the others with RoPE at their text positions."""
+    """Per layer, keys and values of the sinks ``[0, min(S, pos))`` followed by a ring of
+    the last ``W`` positions after them: ``k[l]``, ``v[l]``: (B, Hkv, t, Dh); the sinks'
+    keys before RoPE, the others with RoPE at their text positions."""
 
 
 @register_variant("sinks", config=SinksConfig)
 class Sinks(KVCacheBackbone):
     State = SinksState
     sinks_before_positions = True
-    #: 2: window keys cached with RoPE at their text positions (1 cached them before RoPE)
-    state_format = 2
+    #: 3: the window is a ring of W rows (2: the last W-1 positions in order; 1 cached
+    #: them before RoPE)
+    state_format = 3
 
     num_sinks: int
     window: int
@@ -97,63 +88,25 @@ class Sinks(KVCacheBackbone):
     def layout(self) -> BlockLayout:
         return BlockLayout(block_size=1, window=self.window - 1, sinks=self.num_sinks)
 
-    def keep_from(self, next_pos: int) -> int:
-        return next_pos - (self.window - 1)
-
-    def step(self, x: Tensor, state: SinksState) -> tuple[Tensor, SinksState]:
-        """The K/V engine's step, or for one token whose cache is full (past ``S+W-1``: a
-        decode step) :meth:`decode_full_cache`, which computes the same thing with fewer
-        copies (``tests/test_decode_paths.py`` holds the two equal, exactly)."""
-        if x.shape[1] == 1 and state.pos >= self.num_sinks + self.window - 1:
-            return self.decode_full_cache(x, state)
-        return super().step(x, state)
-
-    def decode_full_cache(self, x: Tensor, state: SinksState) -> tuple[Tensor, SinksState]:
-        """One token ``x`` (B, 1, D) at ``t = state.pos >= S+W-1``: the cache holds the S
-        pre-RoPE sinks and the last ``W-1`` keys, all of which the token sees, so its
-        attention is plain (unmasked) attention over ``[sinks rotated, run, itself]``; the
-        next cache drops the run's oldest row. The sinks are rotated at ``j + t - (S+W-1)``
-        (cache positions: their distance ``c(t) - j`` to the query at ``t``) or at ``j``
-        (absolute). The engine builds these very tensors through more copies
-        (cache + new rows, then extra rows + run, then eviction)."""
-        s, w, t = self.num_sinks, self.window, state.pos
-        pos = self.token_positions(state, 1, x.device)  # (1,)
-        shift = t - (s + w - 1) if self.positions == "cache" else 0
-        sink_pos = torch.arange(shift, shift + s, device=x.device) if s else None
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.project(x, pos)  # (B, H, 1, Dh), (B, Hkv, 1, Dh) x2
-            cache_k, cache_v = state.k[i], state.v[i]  # (B, Hkv, S + W - 1, Dh)
-            run_k = [cache_k[:, :, s:], k]
-            keys = torch.cat([layer.positions.key(cache_k[:, :, :s], sink_pos), *run_k] if s else run_k, dim=2)
-            values = torch.cat([cache_v, v], dim=2)  # (B, Hkv, S + W, Dh)
-            heads = ops.dense(q, keys, values, scale=layer.positions.scale, backend=self.backend)
-            x = layer.feed_forward(layer.attend_residual(x, heads))
-            if s:  # the sinks, then the run without its oldest row (W - 1 rows)
-                new_k.append(torch.cat([cache_k[:, :, :s], cache_k[:, :, s + 1 :], k], dim=2)[:, :, : s + w - 1])
-                new_v.append(torch.cat([cache_v[:, :, :s], cache_v[:, :, s + 1 :], v], dim=2)[:, :, : s + w - 1])
-            else:
-                new_k.append(keys[:, :, 1:])
-                new_v.append(values[:, :, 1:])
-        return x, SinksState(pos=t + 1, fingerprint=self.fingerprint, k=new_k, v=new_v)
-
     def attends_sinks_at_own_positions(self, start: int, end: int) -> bool:
         # cache positions: only the queries before S+W (nothing evicted yet) see the sinks at 0 … S-1
         return self.positions == "absolute" or start < self.num_sinks + self.window
 
     def attend(
         self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, layout: BlockLayout, start: int,
-        raw_keys: Tensor, rows: dict[str, Tensor],
+        raw_keys: Tensor, rows: dict[str, Tensor], key_pos: Tensor | None = None,
     ) -> Tensor:
         """Cache positions: queries up to ``S+W-1`` are one call under the sink layout
         (nothing evicted, cache positions = text positions); later queries one call over
         the run with the sinks as per-query extra rows, rotated to the distance the
-        paper's numbering gives them."""
+        paper's numbering gives them (a decode step: its one query, the run in ring order)."""
         s, w = self.num_sinks, self.window
         end = start + q.shape[2]
         split = min(max(s + w, start), end)  # first query whose window has left the sinks
         if self.positions == "absolute" or not s or split == end:
-            return super().attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)
+            return super().attend(
+                layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows, key_pos=key_pos
+            )
         scale, parts = layer.positions.scale, []
         if split > start:  # the key rows before `split`: every row but the run's last end - split
             n_keys = keys.shape[2] - (end - split)
@@ -169,7 +122,7 @@ class Sinks(KVCacheBackbone):
         rotated = layer.positions.key(sink_k[:, :, None].expand(b, h_kv, n_late, s, dh).flatten(2, 3), at)
         parts.append(ops.attend(
             q[:, :, split - start :], raw_keys[:, :, s:], values[:, :, s:], layout=BlockLayout(1, w - 1), q_start=split,
-            scale=scale, backend=self.backend,
+            scale=scale, backend=self.backend, key_pos=None if key_pos is None else key_pos[s:],
             extra_k=rotated.unflatten(2, (n_late, s)), extra_v=sink_v[:, :, None].expand(b, h_kv, n_late, s, dh),
         ))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]

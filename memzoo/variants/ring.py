@@ -1,0 +1,100 @@
+"""Ring buffers: the caches of bounded variants, one shape once they are full.
+
+A ring of ``capacity`` C keeps rows by position, from its ``origin`` on (the first
+position it receives; ``sinks`` keeps the positions before it apart). It fills in
+position order while it has fewer than C rows, then keeps the row of position ``p`` in
+slot ``(p - origin) % C``: writing a position overwrites the oldest row. So after the
+positions ``[origin, end)`` it holds the last ``min(C, end - origin)`` of them
+(:func:`size`), and once full its shape never changes again::
+
+    C = 4, after positions 0..5:   slot: 0 1 2 3
+                                   pos:  4 5 2 3     (2, 3 stale once no query sees them)
+
+What a query may see is the variant's layout: the stale rows are never read. A decode
+step hands every row to the attention with its position (:func:`positions`, for
+:func:`memzoo.ops.attend`'s ``key_pos``); a longer call reads the rows it needs in
+position order (:func:`read`). The rows run along ``dim`` and start ``offset`` rows into
+the buffer (rows before it are the variant's own, e.g. the sinks). An unbounded cache is a
+ring that never fills (``capacity=None``): it grows in position order.
+
+Every function is out of place (a call never changes the state it reads) and
+differentiable, so gradients flow through a state like through any tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def size(capacity: int | None, end: int, origin: int = 0) -> int:
+    """How many rows a ring holds once the positions ``[origin, end)`` were written."""
+    held = max(0, end - origin)
+    return held if capacity is None else min(capacity, held)
+
+
+def read(
+    buf: Tensor, lo: int, hi: int, end: int, *, capacity: int | None, origin: int = 0, offset: int = 0, dim: int = 2
+) -> Tensor:
+    """The rows of positions ``[lo, hi)`` in position order, from a ring written up to
+    ``end`` (they must still be held): a view when they do not wrap around, else a copy."""
+    n = hi - lo
+    if n == 0:
+        return buf.narrow(dim, offset, 0)
+    first_held = end - size(capacity, end, origin)
+    assert first_held <= lo <= hi <= end, (lo, hi, end, capacity, origin)
+    if capacity is None or end - origin <= capacity:  # not full yet: in position order
+        return buf.narrow(dim, offset + lo - origin, n)
+    first = (lo - origin) % capacity
+    if first + n <= capacity:
+        return buf.narrow(dim, offset + first, n)
+    return buf.index_select(dim, offset + (torch.arange(lo, hi, device=buf.device) - origin) % capacity)
+
+
+def write(
+    buf: Tensor, rows: Tensor, start: int, *, capacity: int | None, origin: int = 0, offset: int = 0, dim: int = 2
+) -> Tensor:
+    """A new buffer: ``buf`` (a ring written up to ``start``) with ``rows`` (n along ``dim``),
+    the positions ``[start, start + n)``, written in: appended while the ring fills, then in
+    their slots (only the last ``capacity`` of them when there are more)."""
+    n = rows.shape[dim]
+    held = buf.shape[dim] - offset
+    assert held == size(capacity, start, origin), (held, start, capacity, origin)
+    grow = n if capacity is None else min(n, capacity - held)
+    if grow > 0:
+        buf = torch.cat([buf, rows.narrow(dim, 0, grow)], dim=dim)
+        rows, start, n = rows.narrow(dim, grow, n - grow), start + grow, n - grow
+    if n == 0:
+        return buf
+    assert capacity is not None
+    if n > capacity:
+        rows, start, n = rows.narrow(dim, n - capacity, capacity), start + n - capacity, capacity
+    return buf.index_copy(dim, offset + (torch.arange(start, start + n, device=buf.device) - origin) % capacity, rows)
+
+
+def positions(capacity: int | None, end: int, device: torch.device | str | None = None, *, origin: int = 0) -> Tensor:
+    """(rows,) int64: the position of each row of a ring written up to ``end``, in the
+    buffer's order (for :func:`memzoo.ops.attend`'s ``key_pos``)."""
+    n = size(capacity, end, origin)
+    slots = torch.arange(n, device=device)
+    if capacity is None or end - origin <= capacity:
+        return slots + origin
+    last = end - 1
+    return last - (last - origin - slots) % capacity
+
+
+def from_ordered(rows: Tensor, end: int, *, capacity: int | None, origin: int = 0, dim: int = 2) -> Tensor:
+    """The ring holding what ``rows`` hold: the positions ``[end - n, end)`` in order, at
+    least every position the ring keeps (for code that computes a state in position order,
+    such as the slow references)."""
+    n = size(capacity, end, origin)
+    assert rows.shape[dim] >= n, (rows.shape, n)
+    tail = rows.narrow(dim, rows.shape[dim] - n, n)
+    if capacity is None or end - origin <= capacity:
+        return tail
+    return torch.roll(tail, (end - origin) % capacity, dims=dim)
+
+
+def ordered(buf: Tensor, end: int, *, capacity: int | None, origin: int = 0, offset: int = 0, dim: int = 2) -> Tensor:
+    """Every row a ring written up to ``end`` holds, in position order (``from_ordered``'s inverse)."""
+    return read(buf, end - size(capacity, end, origin), end, end, capacity=capacity, origin=origin, offset=offset, dim=dim)
