@@ -115,3 +115,31 @@ def test_finite_values_whose_sum_overflows_give_the_backend_result() -> None:
         routed = ops.attend(q, k, v, layout=layout, q_start=0, scale=0.5, backend=backend)
         assert torch.equal(torch.isfinite(routed), torch.isfinite(direct)), backend
         assert torch.equal(routed[torch.isfinite(direct)], direct[torch.isfinite(direct)]), backend
+
+
+@pytest.mark.parametrize("variant,options,reach", [
+    ("bswa", {"memory_blocks": 1}, 20),  # (block of 10 + n_layers·m + 1)·L = (2 + 2 + 1)·4
+    ("sinks", {"num_sinks": 2, "window": 3}, 15),  # 10 + n_layers·(W - 1) + 1
+])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_token_is_forgotten_once_out_of_reach_when_decoding(variant: str, options: dict, reach: int, bad: float) -> None:
+    """Decoding token by token, a non-finite input stays in the ring buffer's stale rows
+    after no query can see it any more: it must reach no later output. Past its reach the
+    outputs are finite and equal those of the same stream with that token clean."""
+    torch.manual_seed(0)
+    bb = memzoo.build_backbone(variant, d_model=16, n_layers=2, n_heads=2, block_size=4, **options)
+    x = torch.randn(1, 36, 16)
+    clean = x.clone()
+    x[0, 10, 2] = bad
+    outs = {}
+    with torch.no_grad():
+        for name, xs in (("bad", x), ("clean", clean)):
+            state, ys = None, []
+            for i in range(xs.shape[1]):
+                y, state = bb(xs[:, i : i + 1], state)
+                ys.append(y)
+            outs[name] = torch.cat(ys, dim=1)
+    assert not torch.isfinite(outs["bad"][0, 10]).all()
+    assert torch.isfinite(outs["bad"][0, reach:]).all(), f"{variant}: the token at 10 still reaches outputs past {reach}"
+    torch.testing.assert_close(outs["bad"][0, reach:], outs["clean"][0, reach:], atol=1e-5, rtol=1e-5)
+    assert bb.decodes_in_ring_order(reach, 1)  # these steps read the ring in slot order

@@ -21,6 +21,7 @@ runs (branch-free); on the CPU, eagerly, one sum per tensor decides whether it m
 
 import contextlib
 import contextvars
+import math
 from typing import Iterator
 
 import torch
@@ -95,7 +96,7 @@ def _all_finite(*tensors: Tensor | None) -> bool:
             continue
         part = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
         total = part if total is None else total + part
-    return total is None or bool(torch.isfinite(total))
+    return total is None or math.isfinite(total.item())
 
 
 def _refuse_non_finite(**named: Tensor | None) -> None:
@@ -136,7 +137,8 @@ def attend(
     impl = resolve_backend_once(backend, inputs.describe())
     note_resolved(impl.name)
     compiling = torch.compiler.is_compiling()
-    tensors = (k, v, k_mem, v_mem, extra_k, extra_v)
+    # one query sees all the extra rows it is given (its block's): only key rows can be hidden from it
+    tensors = (k, v, k_mem, v_mem) if q.shape[2] == 1 else (k, v, k_mem, v_mem, extra_k, extra_v)
     if not compiling and _CHECK_FINITE.get():  # check_finite() is for eager code
         _refuse_non_finite(**inputs.tensors())
     elif impl.name == "reference" or (key_pos is None and layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2])):

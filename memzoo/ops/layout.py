@@ -115,6 +115,18 @@ class BlockLayout:
             allowed = allowed & near
         return allowed
 
+    def visible_to(self, q: int, k_pos: Tensor) -> Tensor:
+        """:meth:`visible` for one query at position ``q`` (a decode step): (Tk,) bool, the
+        window's bounds worked out in Python (fewer tensor ops than the general form)."""
+        allowed = k_pos <= q
+        if self.window is not None:
+            block_start = 0 if self.block_size is None else (q // self.block_size) * self.block_size
+            near = k_pos >= block_start - self.window
+            if self.sinks:
+                near = near | (k_pos < self.sinks)
+            allowed = allowed & near
+        return allowed
+
     def is_memory(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """True where the key lies before the query's block (the query's memory)."""
         return k_pos < self.block_start(q_pos)

@@ -92,6 +92,39 @@ def sink_blocks(sinks: tuple[Tensor, ...], starts: Tensor) -> tuple[Tensor, Tens
     return torch.where(memory, sinks[2][:, :, None], k), torch.where(memory, sinks[3][:, :, None], v)
 
 
+#: the last few decode masks (:func:`decode_mask`): the layers of a decode step attend with
+#: one ``key_pos`` tensor, so the mask is made once per step, not once per layer
+_DECODE_MASKS: dict[tuple, tuple[Tensor, int, Tensor]] = {}
+_DECODE_MASKS_ENTRIES = 8
+
+
+def decode_mask(layout: BlockLayout, q: int, key_pos: Tensor, n_extra: int, dtype: torch.dtype) -> Tensor:
+    """(1, n_extra + Tk) additive mask (0 where visible, -inf elsewhere) of one query at
+    position ``q`` over ``n_extra`` extra rows (its own: visible) and keys at ``key_pos``.
+    Kept for that very ``key_pos`` tensor (identity and in-place version), in eager code."""
+    key = None
+    if not torch.compiler.is_compiling() and not key_pos.is_inference():
+        key = (id(key_pos), layout, q, n_extra, dtype)  # id(key_pos) is not reused while the entry holds it
+        hit = _DECODE_MASKS.get(key)
+        if hit is not None and hit[0] is key_pos and hit[1] == key_pos._version:
+            return hit[2]
+    hidden = ~layout.visible_to(q, key_pos)
+    if n_extra:
+        hidden = torch.cat([hidden.new_zeros(n_extra), hidden])
+    mask = torch.zeros(hidden.shape, dtype=dtype, device=key_pos.device).masked_fill_(hidden, float("-inf"))[None, :]
+    if key is not None:
+        _DECODE_MASKS.pop(key, None)
+        _DECODE_MASKS[key] = (key_pos, key_pos._version, mask)
+        while len(_DECODE_MASKS) > _DECODE_MASKS_ENTRIES:
+            _DECODE_MASKS.pop(next(iter(_DECODE_MASKS)))  # the oldest
+    return mask
+
+
+def _joined(parts: list[Tensor], dim: int = 2) -> Tensor:
+    """``torch.cat(parts, dim)``, without the copy when there is one part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def full_history_from(layout: BlockLayout, q_start: int, k_start: int) -> int:
     """Index (within the call) of the first query block whose ``W`` memory keys all lie
     at or after ``k_start``; from there on the block mask is bottom-right causal."""
@@ -273,13 +306,23 @@ class SDPABackend(Backend):
             k, v = torch.cat([sinks[0], k], dim=2), torch.cat([sinks[1], v], dim=2)
             if k_mem is not None:
                 k_mem, v_mem = torch.cat([sinks[2], k_mem], dim=2), torch.cat([sinks[3], v_mem], dim=2)
-        q_pos = torch.arange(q_start, end, device=dev)
+        if key_pos is not None and tq == 1 and k_mem is None:  # a decode step over a ring buffer
+            n_extra = 0 if extra_k is None else extra_k.shape[2] * extra_k.shape[3]
+            mask = decode_mask(layout, q_start, key_pos, n_extra, q.dtype)
+            if extra_k is not None:
+                assert extra_v is not None
+                k, v = torch.cat([extra_k.flatten(2, 3), k], dim=2), torch.cat([extra_v.flatten(2, 3), v], dim=2)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         k_pos = layout.key_positions(end, k.shape[2], dev) if key_pos is None else key_pos
-        visible = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk); every query sees itself
+        q_pos = None if tq == 1 else torch.arange(q_start, end, device=dev)
+        if q_pos is None:  # one query: the window's bounds in Python
+            visible = layout.visible_to(q_start, k_pos)[None, :]
+        else:
+            visible = layout.visible(q_pos[:, None], k_pos[None, :])  # (Tq, Tk); every query sees itself
         keys, values, masks = [k], [v], [visible]
         if k_mem is not None:
             assert v_mem is not None
-            memory = layout.is_memory(q_pos[:, None], k_pos[None, :])
+            memory = layout.is_memory(torch.arange(q_start, end, device=dev)[:, None], k_pos[None, :])
             keys.append(k_mem)
             values.append(v_mem)
             masks = [visible & ~memory, visible & memory]  # each position from k or from k_mem, never both
@@ -288,11 +331,12 @@ class SDPABackend(Backend):
             nb, f = extra_k.shape[2:4]
             keys.insert(0, extra_k.flatten(2, 3))  # (B, H, nb·F, D): block j's rows are j·F .. j·F+F-1
             values.insert(0, extra_v.flatten(2, 3))
-            q_block = layout.block_start(q_pos) // (layout.block_size or 1)
-            masks.insert(0, (torch.arange(nb * f, device=dev) // f)[None, :] == (q_block - q_block[0])[:, None])
-        return F.scaled_dot_product_attention(
-            q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=torch.cat(masks, dim=1), scale=scale
-        )
+            if q_pos is None:  # one query, one block: all of its rows
+                masks.insert(0, torch.ones(1, nb * f, dtype=torch.bool, device=dev))
+            else:
+                q_block = layout.block_start(q_pos) // (layout.block_size or 1)
+                masks.insert(0, (torch.arange(nb * f, device=dev) // f)[None, :] == (q_block - q_block[0])[:, None])
+        return F.scaled_dot_product_attention(q, _joined(keys), _joined(values), attn_mask=_joined(masks, dim=1), scale=scale)
 
     @staticmethod
     def _token_chunks(

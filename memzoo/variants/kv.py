@@ -172,6 +172,9 @@ class KVCacheBackbone(Backbone):
         sink_pos = torch.arange(raw_sinks, device=x.device) if raw_sinks else None
         # the run the call's queries may see starts at the first query block's window
         first = 0 if not layout.bounded else (start // layout.block_size) * layout.block_size - layout.window  # type: ignore[operator]
+        cap = self.capacity()
+        # rows of the cache after the call when its ring does not wrap (else -1): sinks + run from the sinks on
+        kept_rows = sum(self.cache_rows(end)) if cap is None or end - layout.sinks <= cap else -1
         new_k, new_v, kept = [], [], []
         for i, layer in enumerate(self.layers):
             if raw_sinks:
@@ -190,8 +193,12 @@ class KVCacheBackbone(Backbone):
             rows, layer_kept = self.extra_rows(i, layer, state, keys, values, start, end)
             heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)
             x = layer.feed_forward(layer.attend_residual(x, heads))
-            new_k.append(self.written(state.k[i], k, start))
-            new_v.append(self.written(state.v[i], v, start))
+            if raw_keys.shape[2] == kept_rows:  # every row in order and no wrap: that is the new cache
+                new_k.append(raw_keys)
+                new_v.append(values)
+            else:
+                new_k.append(self.written(state.k[i], k, start))
+                new_v.append(self.written(state.v[i], v, start))
             kept.append(layer_kept)
         return x, self.next_state(state, end, new_k, new_v, kept)
 
@@ -208,6 +215,7 @@ class KVCacheBackbone(Backbone):
         key_pos = torch.cat([torch.arange(sinks, device=x.device), run_pos]) if sinks else run_pos
         rotate_sinks = self.sinks_before_positions and sinks and self.attends_sinks_at_own_positions(start, end)
         block = start if layout.block_size is None else (start // layout.block_size) * layout.block_size
+        has_extra_rows = type(self).extra_rows is not KVCacheBackbone.extra_rows
         new_k, new_v, kept = [], [], []
         for i, layer in enumerate(self.layers):
             q, k, v = layer.project(x, pos)  # past the sinks: the token's key has its position
@@ -216,10 +224,12 @@ class KVCacheBackbone(Backbone):
             keys = raw_keys
             if rotate_sinks:
                 keys = torch.cat([layer.positions.key(raw_keys[:, :, :sinks], key_pos[:sinks]), raw_keys[:, :, sinks:]], dim=2)
-            own = dict(capacity=cap, origin=sinks, offset=sinks)
-            rows, layer_kept = self.extra_rows(
-                i, layer, state, ring.read(keys, block, end, end, **own), ring.read(values, block, end, end, **own), start, end
-            )
+            rows, layer_kept = {}, None
+            if has_extra_rows:  # the call's block so far, in order
+                own = dict(capacity=cap, origin=sinks, offset=sinks)
+                rows, layer_kept = self.extra_rows(
+                    i, layer, state, ring.read(keys, block, end, end, **own), ring.read(values, block, end, end, **own), start, end
+                )
             heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows, key_pos=key_pos)
             x = layer.feed_forward(layer.attend_residual(x, heads))
             new_k.append(raw_keys)

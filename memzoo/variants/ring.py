@@ -60,6 +60,9 @@ def write(
     n = rows.shape[dim]
     held = buf.shape[dim] - offset
     assert held == size(capacity, start, origin), (held, start, capacity, origin)
+    if capacity is not None and n >= capacity:  # every slot gets a new row: the last C rows, rolled
+        rolled = from_ordered(rows, start + n, capacity=capacity, origin=origin, dim=dim)
+        return torch.cat([buf.narrow(dim, 0, offset), rolled], dim=dim) if offset else rolled
     grow = n if capacity is None else min(n, capacity - held)
     if grow > 0:
         buf = torch.cat([buf, rows.narrow(dim, 0, grow)], dim=dim)
@@ -67,9 +70,15 @@ def write(
     if n == 0:
         return buf
     assert capacity is not None
-    if n > capacity:
-        rows, start, n = rows.narrow(dim, n - capacity, capacity), start + n - capacity, capacity
-    return buf.index_copy(dim, offset + (torch.arange(start, start + n, device=buf.device) - origin) % capacity, rows)
+    # slots [first, first + n) modulo C: one or two runs of slots, copied into a copy of buf
+    # (no index tensor: nothing to move to the device, nothing that changes with the position)
+    first = (start - origin) % capacity
+    head = min(n, capacity - first)
+    out = buf.clone()
+    out.narrow(dim, offset + first, head).copy_(rows if head == n else rows.narrow(dim, 0, head))
+    if n > head:
+        out.narrow(dim, offset, n - head).copy_(rows.narrow(dim, head, n - head))
+    return out
 
 
 def positions(capacity: int | None, end: int, device: torch.device | str | None = None, *, origin: int = 0) -> Tensor:

@@ -23,8 +23,8 @@ Two implementations of the same function live here:
   positions the queries past ``S+W-1`` are a second call without layout sinks, whose
   per-query extra rows are the sink keys rotated at ``j + t - (S+W-1)``: with the query
   rotated at ``t`` that is the distance ``c(t) - j`` of the paper. One token on a full
-  ring (every decode step past ``S+W``) is the engine's decode step: that second call
-  over the ring in slot order (``key_pos``), the oldest row hidden by the window.
+  ring (every decode step past ``S+W``) takes :meth:`Sinks.decode_step`: the ring then
+  holds exactly the token's window, so plain attention over it in slot order.
 * :meth:`Sinks.step_reference`: the paper's rule written per query: the visible
   positions, each numbered by its cache position (or its text position), RoPE applied
   to the pre-RoPE query and keys at those numbers, a plain softmax.
@@ -47,6 +47,7 @@ from memzoo.config import VariantConfig
 from memzoo.layers import DecoderLayer
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
+from memzoo.variants import ring
 from memzoo.variants.kv import KVCacheBackbone, KVState
 
 
@@ -87,6 +88,33 @@ class Sinks(KVCacheBackbone):
 
     def layout(self) -> BlockLayout:
         return BlockLayout(block_size=1, window=self.window - 1, sinks=self.num_sinks)
+
+    def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
+        # a full ring holds exactly the query's window: plain attention, any backend
+        return n_tokens == 1 and start - self.num_sinks >= self.window
+
+    def decode_step(self, x: Tensor, state: SinksState) -> tuple[Tensor, SinksState]:
+        """One token ``x`` (B, 1, D) at ``t = state.pos`` on a full ring: the ring, once the
+        token's row is written, holds exactly its window ``[t-W+1, t]``, so its attention is
+        plain (unmasked) attention over ``[sinks rotated, ring]`` in any order. The sinks are
+        rotated at ``j + t - (S+W-1)`` (cache positions: their distance ``c(t) - j`` to the
+        query at ``t``) or at ``j`` (absolute). Equals the engine's general path
+        (tests/test_decode_paths.py)."""
+        s, w, t = self.num_sinks, self.window, state.pos
+        pos = self.token_positions(state, 1, x.device)  # (1,)
+        shift = t - (s + w - 1) if self.positions == "cache" else 0
+        sink_pos = torch.arange(shift, shift + s, device=x.device) if s else None
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.project(x, pos)  # (B, H, 1, Dh), (B, Hkv, 1, Dh) x2
+            raw_keys = ring.write(state.k[i], k, t, capacity=w, origin=s, offset=s)  # (B, Hkv, S + W, Dh)
+            values = ring.write(state.v[i], v, t, capacity=w, origin=s, offset=s)
+            keys = torch.cat([layer.positions.key(raw_keys[:, :, :s], sink_pos), raw_keys[:, :, s:]], dim=2) if s else raw_keys
+            heads = ops.dense(q, keys, values, scale=layer.positions.scale, backend=self.backend)
+            x = layer.feed_forward(layer.attend_residual(x, heads))
+            new_k.append(raw_keys)
+            new_v.append(values)
+        return x, SinksState(pos=t + 1, fingerprint=self.fingerprint, k=new_k, v=new_v)
 
     def attends_sinks_at_own_positions(self, start: int, end: int) -> bool:
         # cache positions: only the queries before S+W (nothing evicted yet) see the sinks at 0 … S-1
