@@ -34,7 +34,9 @@ calls unless the caller detaches it): the lucidrains port never trained its stat
 
 Streaming: the state changes only when a block completes (the absolute grid of
 ``block_size`` positions); the K/V of the previous and the partial block are held
-(unrotated), so any chunking gives the same outputs, state and gradients. In eager
+(unrotated) in a ring buffer of ``2L`` rows, so any chunking gives the same outputs, state
+and gradients, and once full the state keeps one shape; a decode step reads the ring in
+slot order (keys at explicit positions). In eager
 no-grad calls a state also carries, beside its fields (:meth:`memzoo.State.derived`),
 its window keys rotated and its states' keys/values, so a decode step rotates only its
 own key and recomputes the states only when a block completes.
@@ -66,6 +68,7 @@ from memzoo.layers import MLP
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
+from memzoo.variants import ring
 from memzoo.variants.base import Backbone, module_tensors
 from memzoo.variants.naive import brt_reference  # noqa: F401  (the slow reference, kept with the others)
 
@@ -177,9 +180,9 @@ class RecurrentCell(nn.Module):
 @dataclass
 class BRTState(State):
     """Per layer, ``k[l]`` (unrotated) and ``v[l]`` (B, Hkv, t, Dh): keys and values of the
-    previous complete block and the current partial block (positions
-    ``[max(0, (pos // L - 1)·L), pos)``); ``cells`` (B, S, D): the recurrent layer's states
-    after the last completed block."""
+    previous and the current block, a ring buffer of ``2·L`` rows (:mod:`memzoo.variants.ring`:
+    in position order while it fills, then position ``p`` in slot ``p % 2L``);
+    ``cells`` (B, S, D): the recurrent layer's states after the last completed block."""
 
     k: list[Tensor]
     v: list[Tensor]
@@ -189,6 +192,8 @@ class BRTState(State):
 @register_variant("brt", config=BRTConfig)
 class BlockRecurrentTransformer(Backbone):
     State = BRTState
+    #: 2: the K/V caches are ring buffers of 2·L rows (1: the positions a query could see, in order)
+    state_format = 2
 
     def build(self) -> None:
         self.layers = self.make_layers()
@@ -235,13 +240,17 @@ class BlockRecurrentTransformer(Backbone):
             cell.initial_state.copy_(rows[self.num_states :])
         return [f"cell.{name}" for name, _ in cell.named_parameters()]
 
-    def keep_from(self, next_pos: int) -> int:
-        return max(0, (next_pos // self.block_size - 1) * self.block_size)
-
     # ------------------------------------------------------------------ the contract
+    def capacity(self) -> int:
+        """Rows of the K/V ring: the previous block and the own block (what a query sees)."""
+        return 2 * self.block_size
+
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
-        kv = [(batch_size, self.n_kv_heads, pos - self.keep_from(pos), self.head_dim)] * self.n_layers
+        kv = [(batch_size, self.n_kv_heads, ring.size(self.capacity(), pos), self.head_dim)] * self.n_layers
         return {"k": kv, "v": kv, "cells": (batch_size, self.num_states, self.d_model)}
+
+    def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
+        return n_tokens == 1 and start >= self.capacity() and ops.takes_key_positions(self.backend)
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> BRTState:
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
@@ -252,39 +261,66 @@ class BlockRecurrentTransformer(Backbone):
     def step(self, x: Tensor, state: BRTState) -> tuple[Tensor, BRTState]:
         size, t = self.block_size, x.shape[1]
         start, end = state.pos, state.pos + t
+        cap = self.capacity()
         first = start // size
         n_done = end // size - first  # blocks completed in this call
         n_blocks = (end - 1) // size - first + 1  # query blocks touched: nb
-        k_start = end - t - state.k[0].shape[2]  # the caches hold positions [k_start, start)
+        in_ring = self.decodes_in_ring_order(start, t)  # a decode step: the ring in slot order
+        # the caches read in position order, all of them (the previous block on, and what the
+        # ring still holds before it): [k_start, start)
+        k_start = start if in_ring else start - ring.size(cap, start)
         pos = torch.arange(k_start, end, device=x.device)
         q_pos = pos[start - k_start :]  # made once for every layer (RoPE then computes its angles once)
-        drop = self.keep_from(end) - k_start
+        key_pos = ring.positions(cap, end, x.device) if in_ring else None
+        # the new caches are the rows read plus the new ones while the ring holds [0, end) in order
+        wraps = end > cap or k_start > 0
         layout = self.layout()
         cells = state.cells
         new_k, new_v, rotated = [], [], []
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             q_raw, k_raw, v = layer.project_normed(h)
-            keys_raw = torch.cat([state.k[i], k_raw], dim=2)  # (B, Hkv, n, Dh), positions [k_start, end)
-            values = torch.cat([state.v[i], v], dim=2)
             cached = state.derived(f"rotated_k.{i}", (state.k[i],))  # the cache's keys rotated, by the last step
-            if cached is None:
-                q = layer.positions.query(q_raw, q_pos)
-                keys = layer.positions.key(keys_raw, pos)
-            else:  # rotate only this call's keys (a decode step would rotate the whole window again)
-                q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
-                keys = torch.cat([cached, k], dim=2)
-            heads = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
+            if in_ring:
+                ring_k = ring.write(state.k[i], k_raw, start, capacity=cap)  # (B, Hkv, 2L, Dh), slot order
+                values = ring.write(state.v[i], v, start, capacity=cap)
+                if cached is None:
+                    q, keys = layer.positions.query(q_raw, q_pos), layer.positions.key(ring_k, key_pos)
+                else:  # rotate only this call's key
+                    q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
+                    keys = ring.write(cached, k, start, capacity=cap)
+                block_k = ring.read(ring_k, first * size, end, end, capacity=cap)  # the block so far, in order
+                block_v = ring.read(values, first * size, end, end, capacity=cap)
+            else:
+                keys_raw = torch.cat([ring.read(state.k[i], k_start, start, start, capacity=cap), k_raw], dim=2)  # [k_start, end)
+                values = torch.cat([ring.read(state.v[i], k_start, start, start, capacity=cap), v], dim=2)
+                if cached is None:
+                    q = layer.positions.query(q_raw, q_pos)
+                    keys = layer.positions.key(keys_raw, pos)
+                else:  # rotate only this call's keys (a decode step would rotate the whole window again)
+                    q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
+                    keys = torch.cat([ring.read(cached, k_start, start, start, capacity=cap), k], dim=2)
+                block_k, block_v = keys_raw[:, :, first * size - k_start :], values[:, :, first * size - k_start :]
+            heads = ops.attend(
+                q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend, key_pos=key_pos
+            )
             out = layer.attend_residual(x, heads)
             if i == self.recurrent_index:
-                cross, cells, last_kv = self._recurrent(
-                    h, state, keys_raw, values, first * size - k_start, n_done, n_blocks, start - first * size
-                )
+                cross, cells, last_kv = self._recurrent(h, state, block_k, block_v, n_done, n_blocks, start - first * size)
                 out = out + self.cell.cross_o_proj(cross.transpose(1, 2).flatten(-2))
             x = layer.feed_forward(out)
-            new_k.append(keys_raw[:, :, drop:])
-            new_v.append(values[:, :, drop:])
-            rotated.append(keys[:, :, drop:])
+            if in_ring:
+                new_k.append(ring_k)
+                new_v.append(values)
+                rotated.append(keys)
+            elif wraps:
+                new_k.append(ring.write(state.k[i], k_raw, start, capacity=cap))
+                new_v.append(ring.write(state.v[i], v, start, capacity=cap))
+                rotated.append(ring.from_ordered(keys, end, capacity=cap))
+            else:  # the rows read and the new ones are the new caches
+                new_k.append(keys_raw)
+                new_v.append(values)
+                rotated.append(keys)
         new = BRTState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, cells=cells)
         for i, (k, r) in enumerate(zip(new_k, rotated)):  # for the next step (eager no-grad calls only)
             new.keep_derived(f"rotated_k.{i}", (k,), r)
@@ -300,10 +336,11 @@ class BlockRecurrentTransformer(Backbone):
         return (cells, cell.state_ids, *weights)
 
     def _recurrent(
-        self, h: Tensor, state: BRTState, keys_raw: Tensor, values: Tensor, lo: int, n_done: int, n_blocks: int, pad: int
+        self, h: Tensor, state: BRTState, keys_raw: Tensor, values: Tensor, n_done: int, n_blocks: int, pad: int
     ) -> tuple[Tensor, Tensor, tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]]:
         """The recurrent layer's state side for one call: the scan over the completed
-        blocks (``lo``: index of the first touched block's first key in ``keys_raw``) and
+        blocks (``keys_raw``/``values``: the unrotated keys and values of the touched blocks
+        from the first one's start, in order) and
         the tokens' cross-attention to the states of their block, batched over blocks.
         ``h`` (B, T, D) normed token inputs, ``pad`` the first token's offset in its block.
         Returns the cross-attention heads (B, H, T, Dh), the last states (B, S, D) and the
@@ -324,7 +361,7 @@ class BlockRecurrentTransformer(Backbone):
             state_k.append(sk)
             state_v.append(sv)
             if j < n_done:
-                block = slice(lo + j * size, lo + (j + 1) * size)
+                block = slice(j * size, (j + 1) * size)
                 cells = cell.update(cells, hs, sk, sv, keys_raw[:, :, block], values[:, :, block], self.backend)
         last = (sources if n_done == 0 else self._state_kv_sources(cells), (hs, sk, sv))
         qc = cell.split_heads(cell.cross_q_proj(h))  # (B, H, T, Dh), no positions
