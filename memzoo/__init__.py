@@ -13,7 +13,7 @@ from memzoo.errors import InputError, MemzooError, StateError, UnknownNameError
 from memzoo.ops import list_backends, use_backend
 from memzoo.registry import get_variant, list_variants, register_variant
 from memzoo.state import State, load_state, save_state
-from memzoo.variants import Backbone, BackboneOutput
+from memzoo.variants import Backbone, BackboneOutput, ring
 from memzoo.models import MemzooLM, ModelOutput, build_backbone, build_model
 from memzoo.pretrained import from_pretrained
 
@@ -34,6 +34,6 @@ __all__ = [
     "Backbone", "BackboneConfig", "BackboneOutput", "InputError", "MemzooError", "MemzooLM", "ModelConfig",
     "ModelOutput", "NOT_IN_FINGERPRINT", "State", "StateError", "UnknownNameError", "VariantConfig", "__version__", "build_backbone",
     "compare", "build_model", "from_pretrained", "get_variant", "list_backends", "list_variants", "load_state", "register_variant",
-    "save_state",
+    "ring", "save_state",
     "use_backend",
 ]

@@ -32,9 +32,12 @@ Choices the paper leaves open (see docs/variants/infini.md):
 
 Streaming: the memory changes only when a block completes (on the absolute grid of
 ``block_size`` positions), and the partial block's unrotated keys and values are held in
-the state until then, so any chunking gives the same outputs, state and gradients. In
-eager no-grad calls a state also carries its partial block's keys rotated, beside its
-fields (``memzoo.State.derived``), so a decode step rotates only its own key.
+the state until then (a ring buffer of L rows, :mod:`memzoo.ring`: one shape once the
+first block is complete), so any chunking gives the same outputs, state and gradients. A
+decode step attends over the whole ring at its positions (``key_pos``; the previous
+block's rows lie outside the layout). In eager no-grad calls a state also carries its
+ring's keys rotated, beside its fields (``memzoo.State.derived``), so a decode step
+rotates only its own key.
 
 Shapes: B batch, T tokens in this call, D model width, H query heads, Hkv key/value
 heads, Dh head width, L block_size, nb query blocks touched by the call.
@@ -104,8 +107,10 @@ def write(mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, rule: str) -> tuple[
 @dataclass
 class InfiniState(memzoo.State):
     """Per layer: ``k[l]``, ``v[l]`` (B, Hkv, t, Dh) the *unrotated* keys and the values of
-    the current partial block (``t = pos % L``); ``mem[l]`` (B, Hkv, Dh, Dh) and
-    ``norm[l]`` (B, Hkv, Dh) the memory and normaliser of every completed block."""
+    the current block so far, in a ring buffer of L rows (:mod:`memzoo.ring`: the block's
+    positions in its slots 0 … pos % L - 1, the previous block's rows after them; one
+    shape once the first block is complete); ``mem[l]`` (B, Hkv, Dh, Dh) and ``norm[l]``
+    (B, Hkv, Dh) the memory and normaliser of every completed block."""
 
     k: list[Tensor]
     v: list[Tensor]
@@ -116,6 +121,8 @@ class InfiniState(memzoo.State):
 @memzoo.register_variant("infini", config=InfiniConfig)
 class InfiniAttention(memzoo.Backbone):
     State = InfiniState
+    #: 2: the block's K/V are a ring buffer of L rows (1: the partial block's rows only)
+    state_format = 2
     #: why a compiled training step fails (memzoo's compile tests check it still does)
     compile_training_issue = (
         "torch 2.13's AOT autograd traces a backward for the padded block retrieval whose gradient strides differ "
@@ -138,7 +145,7 @@ class InfiniAttention(memzoo.Backbone):
     # ------------------------------------------------------------------ the contract
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
         b, n, hkv, dh = batch_size, self.n_layers, self.n_kv_heads, self.head_dim
-        kv = [(b, hkv, pos % self.block_size, dh)] * n
+        kv = [(b, hkv, memzoo.ring.size(self.block_size, pos), dh)] * n
         return {"k": kv, "v": kv, "mem": [(b, hkv, dh, dh)] * n, "norm": [(b, hkv, dh)] * n}
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> InfiniState:
@@ -148,15 +155,21 @@ class InfiniAttention(memzoo.Backbone):
         norm = torch.zeros(b, hkv, dh, device=device, dtype=dtype)
         return InfiniState(pos=0, fingerprint=self.fingerprint, k=[empty] * n, v=[empty] * n, mem=[mem] * n, norm=[norm] * n)
 
+    def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
+        return n_tokens == 1 and start >= self.block_size and ops.takes_key_positions(self.backend)
+
     def step(self, x: Tensor, state: InfiniState) -> tuple[Tensor, InfiniState]:
         size, t = self.block_size, x.shape[1]
-        start, end = state.pos, state.pos + x.shape[1]
-        block_start = start // size * size  # the cache holds the partial block [block_start, start)
+        start, end = state.pos, state.pos + t
+        block_start = start // size * size  # the ring holds the partial block [block_start, start) in its first slots
         n_done = end // size - start // size  # blocks completed in this call
         n_blocks = (end - 1) // size - start // size + 1  # query blocks touched: nb
         pad = start - block_start
+        in_ring = self.decodes_in_ring_order(start, t)  # a decode step: attention over the ring in slot order
+        ring = dict(capacity=size)  # for memzoo.ring
         pos = torch.arange(block_start, end, device=x.device)
         q_pos = pos[pad:]  # made once for every layer (RoPE then computes its angles once)
+        key_pos = memzoo.ring.positions(size, end, x.device) if in_ring else None
         layout = BlockLayout(block_size=size, window=0)  # causal within the block only
         rotated = self.memory_positions == "rotated"
         gates = torch.sigmoid(self.gate).to(x.dtype)  # (n_layers, H)
@@ -164,16 +177,33 @@ class InfiniAttention(memzoo.Backbone):
         new_k, new_v, new_mem, new_norm, rotated_k = [], [], [], [], []
         for i, layer in enumerate(self.layers):
             q_raw, k_raw, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh)
-            keys_raw = torch.cat([state.k[i], k_raw], dim=2)  # positions [block_start, end)
-            values = torch.cat([state.v[i], v], dim=2)
-            cached = state.derived(f"rotated_k.{i}", (state.k[i],))  # the cache's keys rotated, by the last step
-            if cached is None:
-                q = layer.positions.query(q_raw, q_pos)
-                keys = layer.positions.key(keys_raw, pos)
-            else:  # rotate only this call's keys (a decode step would rotate the whole partial block again)
-                q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
-                keys = torch.cat([cached, k], dim=2)
-            local = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
+            cached = state.derived(f"rotated_k.{i}", (state.k[i],))  # the ring's keys rotated, by the last step
+            if n_blocks == 1:  # the call stays in one block: write the ring, read the block so far from it
+                ring_k = memzoo.ring.write(state.k[i], k_raw, start, **ring)
+                ring_v = memzoo.ring.write(state.v[i], v, start, **ring)
+                if cached is None:
+                    q = layer.positions.query(q_raw, q_pos)
+                    keys_ring = layer.positions.key(ring_k, memzoo.ring.positions(size, end, x.device))
+                else:  # rotate only this call's keys (a decode step would rotate the whole block again)
+                    q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
+                    keys_ring = memzoo.ring.write(cached, k, start, **ring)
+                keys_raw, values, keys = (memzoo.ring.read(r, block_start, end, end, **ring) for r in (ring_k, ring_v, keys_ring))
+            else:  # positions [block_start, end) in order; the new ring is their last L rows
+                keys_raw = torch.cat([memzoo.ring.read(state.k[i], block_start, start, start, **ring), k_raw], dim=2)
+                values = torch.cat([memzoo.ring.read(state.v[i], block_start, start, start, **ring), v], dim=2)
+                if cached is None:
+                    q, keys = layer.positions.query(q_raw, q_pos), layer.positions.key(keys_raw, pos)
+                else:
+                    q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
+                    keys = torch.cat([memzoo.ring.read(cached, block_start, start, start, **ring), k], dim=2)
+                ring_k, ring_v, keys_ring = (memzoo.ring.from_ordered(r, end, **ring) for r in (keys_raw, values, keys))
+            if in_ring:  # every slot at its position: the previous block's rows are out of the layout's reach
+                local = ops.attend(
+                    q, keys_ring, ring_v, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend,
+                    key_pos=key_pos,
+                )
+            else:
+                local = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
 
             sq = sigma(q if rotated else q_raw)
             # the scan: the memory each query block reads, written once per completed block
@@ -195,12 +225,11 @@ class InfiniAttention(memzoo.Backbone):
 
             g, rest = gates[i][None, :, None, None], rests[i][None, :, None, None]  # (1, H, 1, 1): sigmoid(β), 1 - sigmoid(β)
             x = layer.feed_forward(layer.attend_residual(x, g * a_mem + rest * local))
-            kept = n_done * size  # the new partial block starts here
-            new_k.append(keys_raw[:, :, kept:])
-            new_v.append(values[:, :, kept:])
+            new_k.append(ring_k)
+            new_v.append(ring_v)
             new_mem.append(mems[n_done])
             new_norm.append(norms[n_done])
-            rotated_k.append(keys[:, :, kept:])
+            rotated_k.append(keys_ring)
         new = InfiniState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, mem=new_mem, norm=new_norm)
         for i, (k, r) in enumerate(zip(new_k, rotated_k)):  # for the next step (eager no-grad calls only)
             new.keep_derived(f"rotated_k.{i}", (k,), r)
