@@ -16,8 +16,10 @@ head width; "local" positions count from the start of the segment's concatenatio
 
 Streaming: a token's output depends only on the read memory and earlier tokens of its
 segment, so the state keeps, per layer, the keys/values of ``[read memory, tokens so
-far]`` of the current segment. A new token costs one row through the stack against that
-cache (the segment is never recomputed). When a segment completes, the K write
+far]`` of the current segment, in buffers of ``K + L`` rows (zeros after them: one shape
+from the first token on). A new token costs one row through the stack against that
+cache (the segment is never recomputed); inside a segment it is written into the buffers
+and attends over all of their rows at their local positions (``key_pos``). When a segment completes, the K write
 placeholders run through the stack against the cache and the last layer's write
 outputs become the new read memory. A whole-sequence call is parallel within each
 segment and sequential across segments.
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -60,9 +63,10 @@ class RMTConfig(VariantConfig):
 @dataclass
 class RMTState(State):
     """``mem`` (B, K, D): the read memory of the current segment. ``k[l]``, ``v[l]``
-    (B, H, c, Dh): keys (RoPE at local positions) and values of the first ``c`` rows of
-    the current segment's concatenation, ``c = K + pos % L`` inside a segment and 0 at
-    a segment boundary (the next segment's rows are not computed yet)."""
+    (B, H, K + L, Dh), empty at position 0: keys (RoPE at local positions) and values of
+    the first ``c`` rows of the current segment's concatenation in rows ``0 … c-1``, zeros
+    after them: ``c = K + pos % L`` inside a segment and 0 at a segment boundary (the next
+    segment's rows are not computed yet). One shape from the first token on."""
 
     mem: Tensor
     k: list[Tensor]
@@ -72,6 +76,8 @@ class RMTState(State):
 @register_variant("rmt", config=RMTConfig)
 class RecurrentMemoryTransformer(Backbone):
     State = RMTState
+    #: 2: the K/V are buffers of K + L rows, zeros past the segment's rows (1: those rows only)
+    state_format = 2
 
     def build(self) -> None:
         num_memory_tokens = self.num_memory_tokens
@@ -97,17 +103,31 @@ class RecurrentMemoryTransformer(Backbone):
             return mem.detach()
         return mem
 
-    def _run(self, z: Tensor, start: int, k_cache: list[Tensor], v_cache: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def _run(
+        self, z: Tensor, start: int, k_cache: list[Tensor], v_cache: list[Tensor], in_buffer: bool = False
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Rows ``z`` (B, n, D) at local positions ``[start, start+n)`` through the whole
         stack, causally over the cached rows ``[0, start)`` and themselves. Returns the
-        last layer's outputs (B, n, D) and per-layer keys/values of rows ``[0, start+n)``."""
+        last layer's outputs (B, n, D) and per-layer keys/values of rows ``[0, start+n)``.
+        With ``in_buffer`` the caches are the state's whole buffers (K + L rows, rows
+        ``[0, start)`` valid): the new rows are written into them and attention runs over
+        every row at its local position (``key_pos``: the rows after the queries hidden),
+        so the shapes are the same at every position (a decode step); the buffers with the
+        new rows are returned."""
         pos = torch.arange(start, start + z.shape[1], device=z.device)
+        key_pos = torch.arange(k_cache[0].shape[2], device=z.device) if in_buffer else None
         new_k, new_v = [], []
         for layer, kc, vc in zip(self.layers, k_cache, v_cache):
             q, k, v = layer.project(z, pos)
-            keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
+            if in_buffer:
+                keys, values = kc.clone(), vc.clone()
+                keys[:, :, start : start + z.shape[1]] = k
+                values[:, :, start : start + z.shape[1]] = v
+            else:
+                keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
             heads = ops.attend(
-                q, keys, values, layout=BlockLayout(), q_start=start, scale=layer.positions.scale, backend=self.backend
+                q, keys, values, layout=BlockLayout(), q_start=start, scale=layer.positions.scale, backend=self.backend,
+                key_pos=key_pos,
             )
             z = layer.feed_forward(layer.attend_residual(z, heads))
             new_k.append(keys)
@@ -115,10 +135,12 @@ class RecurrentMemoryTransformer(Backbone):
         return z, new_k, new_v
 
     # ------------------------------------------------------------------ the contract
+    def rows(self, pos: int) -> int:
+        """Rows of a state's K/V buffers at ``pos``: K + L from the first token on."""
+        return self.num_memory_tokens + self.block_size if pos else 0
+
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
-        done = pos % self.block_size
-        rows = self.num_memory_tokens + done if done else 0  # see RMTState
-        kv = [(batch_size, self.n_kv_heads, rows, self.head_dim)] * self.n_layers
+        kv = [(batch_size, self.n_kv_heads, self.rows(pos), self.head_dim)] * self.n_layers
         return {"mem": (batch_size, self.num_memory_tokens, self.d_model), "k": kv, "v": kv}
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> RMTState:
@@ -130,28 +152,41 @@ class RecurrentMemoryTransformer(Backbone):
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return RMTState(pos=0, fingerprint=self.fingerprint, mem=mem, k=[empty] * self.n_layers, v=[empty] * self.n_layers)
 
+    def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
+        # one token inside a segment (its first and last tokens run more rows: the memory)
+        done = start % self.block_size
+        return n_tokens == 1 and 0 < done < self.block_size - 1 and ops.takes_key_positions(self.backend)
+
     def step(self, x: Tensor, state: RMTState) -> tuple[Tensor, RMTState]:
         size, n_mem = self.block_size, self.num_memory_tokens
         pos, mem, k_cache, v_cache = state.pos, state.mem, state.k, state.v
+        if self.decodes_in_ring_order(pos, x.shape[1]):  # written into the buffers, one shape at every position
+            z, k_cache, v_cache = self._run(x, n_mem + pos % size, k_cache, v_cache, in_buffer=True)
+            return z, RMTState(pos=pos + 1, fingerprint=self.fingerprint, mem=mem, k=k_cache, v=v_cache)
+        rows_kept = n_mem + size
         outputs, i = [], 0
         while i < x.shape[1]:  # one piece per segment touched by this call
             done = pos % size  # tokens of this segment already in the cache
             take = min(size - done, x.shape[1] - i)
             completes = done + take == size
             rows, first = [x[:, i : i + take]], 0  # first: index of the first token row
+            start = n_mem + done if done else 0
             if done == 0:  # a fresh segment starts with its read memory (the cache is empty)
                 mem = self._read_memory(mem, pos // size)
                 rows, first = [mem, *rows], n_mem
             if completes and n_mem:
                 rows.append(self._write_rows(x.shape[0], x))
-            start = n_mem + done if done else 0
-            z, k_cache, v_cache = self._run(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0], start, k_cache, v_cache)
+            cached_k, cached_v = [kc[:, :, :start] for kc in k_cache], [vc[:, :, :start] for vc in v_cache]
+            z, k_cache, v_cache = self._run(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0], start, cached_k, cached_v)
             outputs.append(z[:, first : first + take])
             if completes:  # new read memory; the next segment's rows are computed when it starts
                 if n_mem:
                     mem = z[:, first + take :]  # the last layer's outputs at the write rows
-                k_cache = [kc[:, :, :0] for kc in k_cache]
-                v_cache = [vc[:, :, :0] for vc in v_cache]
+                k_cache = [kc.new_zeros(*kc.shape[:2], rows_kept, kc.shape[3]) for kc in k_cache]
+                v_cache = [vc.new_zeros(*vc.shape[:2], rows_kept, vc.shape[3]) for vc in v_cache]
+            else:  # the rows so far, zeros after them
+                k_cache = [F.pad(kc, (0, 0, 0, rows_kept - kc.shape[2])) for kc in k_cache]
+                v_cache = [F.pad(vc, (0, 0, 0, rows_kept - vc.shape[2])) for vc in v_cache]
             pos += take
             i += take
         y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # one piece: no copy
