@@ -151,8 +151,9 @@ class AttentionCall:
             requires_grad=needs_grad,
             has_memory_tensors=inputs.k_mem is not None,
             has_extra=inputs.extra_k is not None,
-            head_dim=q.shape[-1],
-            value_dim=inputs.v.shape[-1],
+            # int(): under torch.compile with dynamic shapes a head width is a constant of the graph
+            head_dim=int(q.shape[-1]),
+            value_dim=int(inputs.v.shape[-1]),
             has_relative_keys=inputs.rel_q is not None,
             has_key_positions=inputs.key_pos is not None,
         )

@@ -70,15 +70,19 @@ def write(
     if n == 0:
         return buf
     assert capacity is not None
-    # slots [first, first + n) modulo C: one or two runs of slots, copied into a copy of buf
-    # (no index tensor: nothing to move to the device, nothing that changes with the position)
+    # slots [first, first + n) modulo C: one run of slots, or two when it wraps around; the new
+    # buffer is one concatenation of the old rows around them and the new rows (no index
+    # tensor: nothing to move to the device, nothing that changes shape with the position)
     first = (start - origin) % capacity
     head = min(n, capacity - first)
-    out = buf.clone()
-    out.narrow(dim, offset + first, head).copy_(rows if head == n else rows.narrow(dim, 0, head))
-    if n > head:
-        out.narrow(dim, offset, n - head).copy_(rows.narrow(dim, head, n - head))
-    return out
+    if n == head:  # [before | rows | after]
+        parts = [buf.narrow(dim, 0, offset + first), rows, buf.narrow(dim, offset + first + n, capacity - first - n)]
+    else:  # [own rows | rows' tail in the first slots | old rows | rows' head in the last slots]
+        parts = [
+            buf.narrow(dim, 0, offset), rows.narrow(dim, head, n - head),
+            buf.narrow(dim, offset + n - head, first - (n - head)), rows.narrow(dim, 0, head),
+        ]
+    return torch.cat([p for p in parts if p.shape[dim]], dim=dim)
 
 
 def positions(capacity: int | None, end: int, device: torch.device | str | None = None, *, origin: int = 0) -> Tensor:

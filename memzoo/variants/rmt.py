@@ -119,10 +119,10 @@ class RecurrentMemoryTransformer(Backbone):
         new_k, new_v = [], []
         for layer, kc, vc in zip(self.layers, k_cache, v_cache):
             q, k, v = layer.project(z, pos)
-            if in_buffer:
-                keys, values = kc.clone(), vc.clone()
-                keys[:, :, start : start + z.shape[1]] = k
-                values[:, :, start : start + z.shape[1]] = v
+            if in_buffer:  # [rows before | the new rows | rows after], one copy
+                after = start + z.shape[1]
+                keys = torch.cat([kc[:, :, :start], k, kc[:, :, after:]], dim=2)
+                values = torch.cat([vc[:, :, :start], v, vc[:, :, after:]], dim=2)
             else:
                 keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
             heads = ops.attend(

@@ -21,10 +21,11 @@ segment at once (``BlockLayout(block_size=L, window=M)``).
 Shape notation: B batch, T new positions, n = cached + new positions, D model width,
 H heads, Dh head width.
 
-Streaming state per layer: the layer inputs (hidden states) of positions
-``[segment_start - M, pos)``: the memory of the current segment, kept detached, and
-the current partial segment, kept with its graph (its own later queries use it).
-At most ``M + L - 1`` positions per layer, so the state is bounded. Under no_grad the
+Streaming state per layer: the layer inputs (hidden states) of the last ``M + L``
+positions in a ring buffer (:mod:`memzoo.variants.ring`), which holds the memory of the
+current segment, kept detached, and the current partial segment, kept with its graph (its
+own later queries use it); once full it has one shape, and a decode step writes its row
+and attends over the ring in slot order (keys at explicit positions). Under no_grad the
 keys/values computed for a returned state are cached on the backbone (for the last
 ``MEMO_STATES`` states per layer, so streams that take turns keep theirs) and reused by a
 no-grad call on that same state while it and the weights are unchanged (see
@@ -49,6 +50,7 @@ from memzoo.layers.relative import RelativePositions
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
+from memzoo.variants import ring
 from memzoo.variants.base import Backbone, module_tensors
 from memzoo.variants.naive import xl_reference  # noqa: F401  (the slow reference, kept with the others)
 
@@ -90,8 +92,9 @@ class XLConfig(VariantConfig):
 
 @dataclass
 class XLState(State):
-    """Per layer, the layer inputs of positions ``[pos - t, pos)``: ``h[l]`` (B, t, D),
-    with ``pos - t = max(0, segment_start - memory_len)``."""
+    """Per layer, the layer inputs ``h[l]`` (B, t, D) of the last ``t`` positions, in a ring
+    buffer of ``M + L`` rows (:mod:`memzoo.variants.ring`: in position order while it fills,
+    then position ``p`` in slot ``p % (M + L)``); a query sees at most those."""
 
     h: list[Tensor]
 
@@ -101,7 +104,7 @@ class _ProjectionMemo:
     """Keys/values a no-grad call computed for the rows of the state tensor ``h`` it
     returned, with what they were computed from. The next no-grad call on that very
     tensor reuses them instead of re-projecting the memory, but only if nothing changed:
-    the tensor (identity, in-place version, first position) and the parameters the keys
+    the tensor (identity, in-place version, the state's position) and the parameters the keys
     depend on (identity of their storage and in-place version: ``optimizer.step()``,
     ``load_state_dict``, ``.to()``, any in-place update is noticed; a write through
     ``.data``, which bypasses version counting, is not). Holds no copy of the weights.
@@ -109,10 +112,12 @@ class _ProjectionMemo:
 
     h: "weakref.ref[Tensor]"
     h_version: int
-    first: int
+    #: the state's position (the ring's order of rows follows from it)
+    pos: int
     weights: tuple
     #: keys for relative-position keys (plain) or widened (see TransformerXL._relative_keys)
     plain_keys: bool
+    #: (B, H, t, Dh), in the ring's order of ``h``'s rows
     k: Tensor
     v: Tensor
 
@@ -139,6 +144,8 @@ def _memo_allowed(*tensors: Tensor) -> bool:
 @register_variant("xl", config=XLConfig)
 class TransformerXL(Backbone):
     State = XLState
+    #: 2: the hidden states are a ring buffer of M + L rows (1: the positions a query could see, in order)
+    state_format = 2
 
     #: "relative" or "rope" (the config field ``positions``)
     positions: str
@@ -164,47 +171,94 @@ class TransformerXL(Backbone):
         return BlockLayout(block_size=self.block_size, window=self.memory_len)
 
     # ------------------------------------------------------------------ the contract
+    def capacity(self) -> int:
+        """Rows of the hidden-state ring: the most positions a query sees (memory + own segment)."""
+        return self.memory_len + self.block_size
+
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
-        kept = pos - max(0, pos // self.block_size * self.block_size - self.memory_len)
-        return {"h": [(batch_size, kept, self.d_model)] * self.n_layers}
+        return {"h": [(batch_size, ring.size(self.capacity(), pos), self.d_model)] * self.n_layers}
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> XLState:
         empty = torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype)
         return XLState(pos=0, fingerprint=self.fingerprint, h=[empty] * self.n_layers)
 
+    def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
+        return n_tokens == 1 and start >= self.capacity() and ops.takes_key_positions(self.backend)
+
     def step(self, x: Tensor, state: XLState) -> tuple[Tensor, XLState]:
-        size, mem = self.block_size, self.memory_len
+        size, cap = self.block_size, self.capacity()
         start, end = state.pos, state.pos + x.shape[1]
         next_segment = end // size * size
-        keep = max(0, next_segment - mem)  # first position a later query can still see
+        keep = end - ring.size(cap, end)  # the ring after the call holds [keep, end)
+        in_ring = self.decodes_in_ring_order(start, x.shape[1])  # one token over the full ring, in slot order
+        key_pos = ring.positions(cap, end, x.device) if in_ring else None
         new_h = []
         relative = self._relative_keys()  # the formulation of every layer in this call
         for i, (layer, cache) in enumerate(zip(self.layers, state.h)):
-            h = torch.cat([cache, x], dim=1)  # layer inputs of positions [a, end): (B, n, D)
-            a = end - h.shape[1]
             weights: tuple = ()
-            if torch.is_grad_enabled():
-                heads = self._attend(layer, h, a, start, relative)
-            else:
+            memo = None
+            if not torch.is_grad_enabled():
                 # Inference: XL re-projects the memory with the current weights on every
                 # call; when neither the state tensor nor the weights changed since the last
                 # no-grad call, its keys/values are reused, so a decoded token projects one
-                # row instead of up to M + L - 1 (exactly the same values).
+                # row instead of up to M + L (exactly the same values).
                 weights = _weights_key(layer)  # once per layer and call: it walks the parameters
-                memo = self._memo_for(i, cache, a, weights, relative) if _memo_allowed(cache) else None
-                heads, (k, v) = self._attend_inference(layer, h, a, start, memo, relative)
-            kept = h[:, keep - a :]
-            if kept.requires_grad:
-                # positions before the next segment are only ever memory from now on: detach them
-                n_mem = next_segment - keep
-                kept = torch.cat([kept[:, :n_mem].detach(), kept[:, n_mem:]], dim=1)
-            elif keep > a:
-                kept = kept.clone()  # do not hold the dropped rows alive through a view
+                memo = self._memo_for(i, cache, start, weights, relative) if _memo_allowed(cache) else None
+            if in_ring:
+                kept = ring.write(cache, x, start, capacity=cap, dim=1)  # layer inputs, slot order: (B, M + L, D)
+                heads, kv = self._attend_ring(layer, kept, x, start, key_pos, memo, relative)
+                if end == next_segment:  # the segment is complete: every row is memory from now on
+                    kept = kept.detach()
+            else:
+                h = torch.cat([ring.ordered(cache, start, capacity=cap, dim=1), x], dim=1)  # positions [a, end): (B, n, D)
+                a = end - h.shape[1]
+                if torch.is_grad_enabled():
+                    heads, kv = self._attend(layer, h, a, start, relative), None
+                else:
+                    heads, (k, v) = self._attend_inference(layer, h, a, start, memo, relative)
+                    kv = tuple(ring.from_ordered(t[:, :, keep - a :], end, capacity=cap) for t in (k, v))
+                kept = h[:, keep - a :]
+                if kept.requires_grad:
+                    # positions before the next segment are only ever memory from now on: detach them
+                    n_mem = max(0, next_segment - keep)
+                    kept = torch.cat([kept[:, :n_mem].detach(), kept[:, n_mem:]], dim=1)
+                kept = ring.from_ordered(kept, end, capacity=cap, dim=1)
             new_h.append(kept)
-            if _memo_allowed(new_h[-1]):
-                self._remember(i, new_h[-1], keep, k[:, :, keep - a :], v[:, :, keep - a :], weights, relative)
+            if kv is not None and _memo_allowed(kept):
+                self._remember(i, kept, end, *kv, weights, relative)
             x = layer.feed_forward(layer.attend_residual(x, heads))
         return x, XLState(pos=end, fingerprint=self.fingerprint, h=new_h)
+
+    def _attend_ring(
+        self, layer: DecoderLayer, h: Tensor, x: Tensor, start: int, key_pos: Tensor, memo: _ProjectionMemo | None,
+        relative: bool,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """One token ``x`` (B, 1, D) at ``start`` over the ring ``h`` (B, M + L, D) of layer
+        inputs in slot order, ``x`` written in, every row at its position ``key_pos``: the
+        per-head outputs and, without gradients, the keys/values of every row (in slot order).
+        Without gradients the token's row alone is projected when the memo holds the rest;
+        with them, the memory rows' keys/values come from the detached inputs (``k_mem``)."""
+        cap = h.shape[1]
+        pos = key_pos.new_full((1,), start)
+        common = dict(layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend, key_pos=key_pos)
+        normed_x = layer.input_layernorm(x)
+        if torch.is_grad_enabled():
+            q, rel = self._q(layer, normed_x, pos, cap, relative)
+            k, v = self._kv(layer, layer.input_layernorm(h), key_pos, relative)
+            k_mem, v_mem = self._kv(layer, layer.input_layernorm(h.detach()), key_pos, relative)
+            return ops.attend(q, k, v, k_mem=k_mem, v_mem=v_mem, **common, **rel), None
+        if memo is None:
+            q, rel = self._q(layer, normed_x, pos, cap, relative)
+            k, v = self._kv(layer, layer.input_layernorm(h), key_pos, relative)
+        else:  # the token's row only
+            if relative:
+                q, rel = self._q(layer, normed_x, pos, cap, relative)
+                k_new, v_new = self._kv(layer, normed_x, pos, relative)
+            else:
+                q, k_new, v_new = layer.project_normed(normed_x)
+                (q, k_new), rel = layer.positions.query_key(q, k_new, pos), {}
+            k, v = ring.write(memo.k, k_new, start, capacity=cap), ring.write(memo.v, v_new, start, capacity=cap)
+        return ops.attend(q, k, v, **common, **rel), (k, v)
 
     # ------------------------------------------------------------ inference cache
     def clear_inference_cache(self) -> None:
@@ -215,15 +269,15 @@ class TransformerXL(Backbone):
         for layer in self.layers:
             layer.positions.__dict__.pop("_table_memo", None)
 
-    def _memo_for(self, i: int, cache: Tensor, first: int, weights: tuple, plain: bool) -> _ProjectionMemo | None:
+    def _memo_for(self, i: int, cache: Tensor, pos: int, weights: tuple, plain: bool) -> _ProjectionMemo | None:
         for memo in self._kv_memo.get(i, ()):
-            if memo.h() is cache and memo.h_version == cache._version and memo.first == first:
+            if memo.h() is cache and memo.h_version == cache._version and memo.pos == pos:
                 # the same formulation (a backend may need the other) and the same weights
                 return memo if memo.plain_keys == plain and memo.weights == weights else None
         return None
 
     def _remember(
-        self, i: int, h: Tensor, first: int, k: Tensor, v: Tensor, weights: tuple, plain: bool
+        self, i: int, h: Tensor, pos: int, k: Tensor, v: Tensor, weights: tuple, plain: bool
     ) -> None:
         # copy the kept rows when they are a slice of more, so a long call's keys are not held alive
         k, v = (t.clone() if t._base is not None and t._base.numel() > t.numel() else t for t in (k, v))
@@ -231,7 +285,7 @@ class TransformerXL(Backbone):
         # take turns (two conversations, a validated and an unvalidated loop) each keep theirs
         kept = [m for m in self._kv_memo.get(i, ()) if m.h() is not None]
         kept = kept[max(0, len(kept) - MEMO_STATES + 1) :]
-        self._kv_memo[i] = [*kept, _ProjectionMemo(weakref.ref(h), h._version, first, weights, plain, k, v)]
+        self._kv_memo[i] = [*kept, _ProjectionMemo(weakref.ref(h), h._version, pos, weights, plain, k, v)]
 
     def _attend_inference(
         self, layer: DecoderLayer, h: Tensor, a: int, start: int, memo: _ProjectionMemo | None, relative: bool
@@ -240,7 +294,9 @@ class TransformerXL(Backbone):
         ``[a, end)``), projecting only the rows the memo does not hold. Returns the
         per-head outputs and the keys/values of every row of ``h``."""
         pos = torch.arange(a, a + h.shape[1], device=h.device)
-        done = 0 if memo is None else memo.k.shape[2]  # rows [a, a + done) come from the memo
+        cap = self.capacity()
+        memo_kv = None if memo is None else tuple(ring.ordered(t, start, capacity=cap) for t in (memo.k, memo.v))
+        done = 0 if memo_kv is None else memo_kv[0].shape[2]  # rows [a, a + done) come from the memo
         normed = layer.input_layernorm(h[:, done:])
         if start - a == done and not relative:
             # the rows projected are exactly the queries (a decode step on the memo, or a
@@ -250,8 +306,8 @@ class TransformerXL(Backbone):
         else:
             q, rel = self._q(layer, normed[:, start - a - done :], pos[start - a :], h.shape[1], relative)
             k, v = self._kv(layer, normed, pos[done:], relative)
-        if memo is not None:
-            k, v = torch.cat([memo.k, k], dim=2), torch.cat([memo.v, v], dim=2)
+        if memo_kv is not None:
+            k, v = torch.cat([memo_kv[0], k], dim=2), torch.cat([memo_kv[1], v], dim=2)
         heads = ops.attend(
             q, k, v, layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend, **rel
         )
