@@ -65,6 +65,46 @@ def test_compiled_decode_equals_eager(name, opts):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("name,opts", CASES)
+def test_compiled_decode_on_a_full_state_has_static_shapes_and_no_recompiles(name, opts):
+    """Once a bounded variant's state is full (its ring buffers hold their capacity) a
+    decode step is one graph, or one per kind of step (a block or segment that completes),
+    whose tensors all have static shapes (only the position is a symbol): after a warm-up
+    of every kind of step nothing recompiles. (What CUDA-graph replay of a decode step needs;
+    an unbounded state, ``full``'s, grows by design.)"""
+    model = kit.tiny_model(name, opts)
+    tokens = kit.random_tokens(model, 1, 68, seed=5)
+    with torch.no_grad():
+        _, state = model.prefill(tokens[:, :48])
+        sizes, probe = [], state
+        for i in range(48, 56):
+            sizes.append(sum(t.numel() for t in probe.tensors()))
+            probe = model.decode_step(tokens[:, i : i + 1], probe)[1]
+    if all(b > a for a, b in zip(sizes, sizes[1:])):
+        pytest.skip(f"{name}'s state grows with every token: its decode steps change shape by design")
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(model.decode_step, backend=record)  # automatic dynamic shapes, as by default
+    with torch.no_grad():
+        for i in range(48, 60):  # warm-up: every kind of step (blocks and segments of 4 complete)
+            _, state = step(tokens[:, i : i + 1], state)
+        warm = len(graphs)
+        for i in range(60, 68):
+            logits, state = step(tokens[:, i : i + 1], state)
+    assert len(graphs) == warm, f"{name}: {len(graphs) - warm} recompilation(s) once warm"
+    for gm in graphs:
+        for node in gm.graph.find_nodes(op="placeholder"):
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor):
+                assert all(isinstance(d, int) for d in value.shape), f"{name}: input {node.name} has dynamic shape {value.shape}"
+    torch._dynamo.reset()
+
+
 def test_compiled_attention_keeps_non_finite_keys_out_of_sight():
     """Inside a compiled graph the dispatcher's non-finite handling runs without a host
     sync and gives what eager gives: a NaN key reaches exactly the queries that see it."""

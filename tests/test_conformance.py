@@ -184,6 +184,11 @@ def test_state_owns_its_memory(name, opts):
 
 
 @pytest.mark.parametrize("name,opts", CASES)
+def test_state_shapes_settle_or_grow(name, opts):
+    kit.check_state_shapes_settle(model_for(name, opts))
+
+
+@pytest.mark.parametrize("name,opts", CASES)
 def test_bad_inputs_are_refused(name, opts):
     kit.check_bad_inputs(model_for(name, opts))
 

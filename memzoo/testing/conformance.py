@@ -217,6 +217,34 @@ def check_state_owns_its_memory(model: MemzooLM, batch_size: int = 2) -> None:
             raise AssertionError(f"{type(state).__name__} tensors {shared} share storage with parameters")
 
 
+def check_state_shapes_settle(model: MemzooLM, length: int = 48, batch_size: int = 2) -> None:
+    """Streamed one token at a time, a state's tensors either settle into one set of shapes
+    (a bounded variant: its caches are ring buffers that fill, then keep their shape, so a
+    decode step never changes shape; :mod:`memzoo.variants.ring`) or grow at every token
+    (an unbounded cache, ``full``'s), and never shrink: a cache that grows and shrinks with
+    the position in a block makes every decode step a new shape."""
+    tokens = random_tokens(model, batch_size, length)
+    shapes, state = [], None
+    with torch.no_grad():
+        for i in range(length):
+            state = model(tokens[:, i : i + 1], state=state).state
+            shapes.append([tuple(t.shape) for t in state.tensors()])
+    sizes = [sum(torch.Size(s).numel() for s in step) for step in shapes]
+    shrinks = [i + 1 for i in range(length - 1) if sizes[i + 1] < sizes[i]]
+    if shrinks:
+        raise AssertionError(
+            f"{model.variant}: the state shrinks after tokens {shrinks[:5]} (elements per step: {sizes[:16]} ...): "
+            "keep bounded caches in ring buffers (memzoo.variants.ring) so their shape settles"
+        )
+    tail = shapes[length // 2 :]
+    grows = all(sizes[i + 1] > sizes[i] for i in range(length // 2, length - 1))
+    if not grows and any(step != tail[0] for step in tail):
+        raise AssertionError(
+            f"{model.variant}: after {length // 2} tokens the state neither keeps one shape nor grows at every token "
+            f"(elements per step: {sizes[length // 2:]})"
+        )
+
+
 def check_gradient_equivalence(model: MemzooLM, tokens: Tensor, cuts: Sequence[int]) -> None:
     """Gradients of a loss on all outputs: chunked with the state not detached == one call."""
     whole, _ = model(tokens)
@@ -683,6 +711,7 @@ def run_conformance(name: str, options: dict[str, Any] | None = None, *, trials:
     check_backend_matches_reference(model, long, state_cut=size + 2)
     check_state_roundtrip(model, long)
     check_state_owns_its_memory(model)
+    check_state_shapes_settle(model)
     check_bad_inputs(model)
     for trial in range(trials):
         tokens = random_tokens(model, rng.randint(1, 2), rng.randint(1, 5 * size + 1), seed + trial)

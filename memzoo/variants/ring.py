@@ -82,7 +82,7 @@ def write(
             buf.narrow(dim, 0, offset), rows.narrow(dim, head, n - head),
             buf.narrow(dim, offset + n - head, first - (n - head)), rows.narrow(dim, 0, head),
         ]
-    return torch.cat([p for p in parts if p.shape[dim]], dim=dim)
+    return torch.cat(parts, dim=dim)  # empty parts too: no branch on where the slots fall
 
 
 def positions(capacity: int | None, end: int, device: torch.device | str | None = None, *, origin: int = 0) -> Tensor:
