@@ -38,6 +38,7 @@ from torch import Tensor
 from memzoo.errors import InputError, StateError
 from memzoo.ragged import RaggedState, check_mask
 from memzoo.state import State
+from memzoo.variants import ring
 
 AnyState = State | RaggedState
 
@@ -375,7 +376,8 @@ class GenerationMixin:
                 done.append(pick.finished.all())
                 stop = (i + 1) % check_every == 0 and bool(done[-1])
             if return_state or (i + 1 < max_new_tokens and not stop):
-                logits, state = self.decode_step(nxt[:, None], state)
+                with ring.written_in_place():  # the state is this loop's own (made by the prompt)
+                    logits, state = self.decode_step(nxt[:, None], state)
             if stop:
                 break
         if done:
@@ -426,7 +428,7 @@ class GenerationMixin:
             if pick.eos is not None and bool(pick.finished.all()):
                 return
             if i + 1 < max_new_tokens:
-                with torch.no_grad():
+                with torch.no_grad(), ring.written_in_place():  # this loop's own state (not across a yield)
                     logits, state = self.decode_step(nxt[:, None], state)
 
 

@@ -254,3 +254,29 @@ def test_half_precision_models_sample_in_float32():
     out = model.generate(prompt, 6, generator=gen(0), **SAMPLED)
     assert out.shape == (2, 11) and out.dtype == torch.long
     assert torch.equal(out, model.generate(prompt, 6, generator=gen(0), **SAMPLED))
+
+
+def test_generate_writes_its_own_state_in_place_and_never_a_callers():
+    """generate's decode steps write the one new row of each full ring buffer into the
+    state the prompt made (no copy of the caches per token); a state passed in is never
+    written: generating twice from it gives the same tokens, and it is unchanged."""
+    torch.manual_seed(0)
+    model = memzoo.build_model("bswa", vocab_size=32, d_model=16, n_layers=2, n_heads=2, block_size=4, memory_blocks=1).eval()
+    prompt = torch.randint(0, 32, (1, 12))
+    with torch.no_grad():
+        _, given = model(prompt)
+    before = [t.clone() for t in given.tensors()]
+    seen = []
+    real = model.decode_step
+
+    def spy(tokens, state):
+        seen.append(state.k[0])
+        return real(tokens, state)
+
+    model.decode_step = spy
+    first, after = model.generate(prompt[:, -1:], 10, state=given, return_state=True)
+    del model.decode_step
+    assert all(k is seen[1] for k in seen[1:]) and after.k[0] is seen[1], "decode steps should reuse the prompt's buffers"
+    assert all(torch.equal(a, b) for a, b in zip(given.tensors(), before)), "the caller's state was written"
+    again = model.generate(prompt[:, -1:], 10, state=given)
+    assert torch.equal(first, again)

@@ -59,3 +59,21 @@ def test_reads_are_the_rows_of_their_positions_and_carry_gradients(case, data):
         (grad,) = torch.autograd.grad(got.sum(), buf)
         touched = grad[0, 0, :, 0] != 0
         assert int(touched.sum()) == hi - lo and not touched[:offset].any()
+
+
+def test_writes_in_place_only_inside_the_context_and_without_gradients():
+    buf = torch.zeros(1, 2, 4, 3)
+    rows = torch.ones(1, 2, 1, 3)
+    out = ring.write(buf, rows, 9, capacity=4)  # full ring: position 9 in slot 1
+    assert out is not buf and not buf.any() and out[0, 0, :, 0].tolist() == [0, 1, 0, 0]
+    with ring.written_in_place():
+        with torch.no_grad():
+            same = ring.write(buf, rows, 10, capacity=4)
+            assert same is buf and buf[0, 0, :, 0].tolist() == [0, 0, 1, 0]
+            wrapped = ring.write(buf, torch.full((1, 2, 2, 3), 2.0), 11, capacity=4)  # slots 3 and 0
+            assert wrapped is buf and buf[0, 0, :, 0].tolist() == [2, 0, 1, 2]
+        grad_rows = rows.clone().requires_grad_(True)
+        kept = ring.write(buf, grad_rows, 13, capacity=4)  # autograd needs a new buffer
+        assert kept is not buf and kept.requires_grad
+        filling = ring.write(torch.zeros(1, 2, 2, 3), rows, 2, capacity=4)  # not full yet: it grows
+        assert filling.shape[2] == 3

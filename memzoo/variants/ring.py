@@ -18,10 +18,16 @@ the buffer (rows before it are the variant's own, e.g. the sinks). An unbounded 
 ring that never fills (``capacity=None``): it grows in position order.
 
 Every function is out of place (a call never changes the state it reads) and
-differentiable, so gradients flow through a state like through any tensor.
+differentiable, so gradients flow through a state like through any tensor; except
+inside :func:`written_in_place` (no-grad decoding of a state nobody else holds), where a
+write into a full buffer copies its rows in and returns that buffer.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -70,19 +76,42 @@ def write(
     if n == 0:
         return buf
     assert capacity is not None
-    # slots [first, first + n) modulo C: one run of slots, or two when it wraps around; the new
-    # buffer is one concatenation of the old rows around them and the new rows (no index
-    # tensor: nothing to move to the device, nothing that changes shape with the position)
+    # slots [first, first + n) modulo C: one run of slots, or two when it wraps around
     first = (start - origin) % capacity
     head = min(n, capacity - first)
-    if n == head:  # [before | rows | after]
-        parts = [buf.narrow(dim, 0, offset + first), rows, buf.narrow(dim, offset + first + n, capacity - first - n)]
-    else:  # [own rows | rows' tail in the first slots | old rows | rows' head in the last slots]
-        parts = [
-            buf.narrow(dim, 0, offset), rows.narrow(dim, head, n - head),
-            buf.narrow(dim, offset + n - head, first - (n - head)), rows.narrow(dim, 0, head),
-        ]
-    return torch.cat(parts, dim=dim)  # empty parts too: no branch on where the slots fall
+    if n == head:
+        return put(buf, rows, offset + first, dim=dim)
+    return put(put(buf, rows.narrow(dim, 0, head), offset + first, dim=dim), rows.narrow(dim, head, n - head), offset, dim=dim)
+
+
+def put(buf: Tensor, rows: Tensor, at: int, *, dim: int = 2) -> Tensor:
+    """``buf`` with ``rows`` (n along ``dim``) in its rows ``[at, at + n)``: a new buffer,
+    one concatenation of the old rows around them and the new rows (no index tensor:
+    nothing to move to the device, no branch on where the rows fall); or, inside
+    :func:`written_in_place`, ``buf`` itself with the rows copied in."""
+    n = rows.shape[dim]
+    if _IN_PLACE.get() and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        buf.narrow(dim, at, n).copy_(rows)
+        return buf
+    return torch.cat([buf.narrow(dim, 0, at), rows, buf.narrow(dim, at + n, buf.shape[dim] - at - n)], dim=dim)
+
+
+_IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("memzoo_ring_in_place", default=False)
+
+
+@contextlib.contextmanager
+def written_in_place() -> Iterator[None]:
+    """Within the block, writes into full buffers (:func:`write`, :func:`put`) copy the new
+    rows into the buffer they are given and return it, instead of a new buffer: a decode
+    step then copies one row per cache, not the whole cache. Only where nobody else holds
+    those buffers: ``generate`` and ``stream`` use it for the states they made themselves
+    (after the prompt), never for a state a caller passed in. Eager no-grad code only
+    (elsewhere writes stay out of place: autograd and compiled graphs need them)."""
+    token = _IN_PLACE.set(True)
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
 
 
 def positions(capacity: int | None, end: int, device: torch.device | str | None = None, *, origin: int = 0) -> Tensor:

@@ -40,6 +40,7 @@ from memzoo.config import MAX_POSITION, MAX_WIDTH, NOT_IN_FINGERPRINT, VariantCo
 from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
+from memzoo.variants import ring
 from memzoo.variants.base import Backbone
 from memzoo.variants.naive import rmt_reference  # noqa: F401  (the slow reference, kept with the others)
 
@@ -119,10 +120,8 @@ class RecurrentMemoryTransformer(Backbone):
         new_k, new_v = [], []
         for layer, kc, vc in zip(self.layers, k_cache, v_cache):
             q, k, v = layer.project(z, pos)
-            if in_buffer:  # [rows before | the new rows | rows after], one copy
-                after = start + z.shape[1]
-                keys = torch.cat([kc[:, :, :start], k, kc[:, :, after:]], dim=2)
-                values = torch.cat([vc[:, :, :start], v, vc[:, :, after:]], dim=2)
+            if in_buffer:  # the new rows into rows [start, start + n) of the buffers
+                keys, values = ring.put(kc, k, start), ring.put(vc, v, start)
             else:
                 keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
             heads = ops.attend(
