@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 13), under 8 minutes on one CUDA GPU:
 #   1. the test suite's CUDA tests (the ones that skip on CPU: every test with "cuda" in its
-#      name in tests/test_backends.py, tests/test_ops.py and tests/test_relative_keys.py), at most 240 s;
+#      name in tests/test_backends.py, tests/test_ops.py and tests/test_relative_keys.py, tests/test_key_positions.py), at most 240 s;
 #   2. a short attention benchmark, at most 180 s: bswa's and fam's attention layouts
 #      (block 1024, one memory block; fam with 16 extra rows per block), forward+backward,
 #      T=32768, bf16, head dim 128, 16 heads, through `sdpa`, `flex` and `xformers`, and
@@ -40,7 +40,7 @@ fi
 TESTS_RC=null
 if [ "$DEVICE" = cuda ]; then
   echo "gpu_check: CUDA tests (at most 240 s)"
-  timeout 240 "$PY" -m pytest tests/test_backends.py tests/test_ops.py tests/test_relative_keys.py -q -n 0 -k cuda -rs \
+  timeout 240 "$PY" -m pytest tests/test_backends.py tests/test_ops.py tests/test_relative_keys.py tests/test_key_positions.py -q -n 0 -k cuda -rs \
     --junitxml="$WORK/cuda_tests.xml" -p no:cacheprovider | tail -40
   TESTS_RC=${PIPESTATUS[0]}
 fi

@@ -163,3 +163,19 @@ def test_flex_and_xformers_say_why_not_and_auto_passes_them_by(monkeypatch):
     assert ops.resolve_backend("auto", gpu).name == "sdpa"
     with ops.use_backend("flex"):
         assert not ops.takes_key_positions("auto")  # the context override decides
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none); the CPU tests above check every path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keys_at_explicit_positions_on_cuda(dtype):
+    """A decode step over a ring in slot order on CUDA equals the reference there."""
+    layout = BlockLayout(128, 128)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 4, 1, 64, device="cuda", dtype=dtype, generator=gen)
+    k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    start = 1000
+    key_pos = start - (start - torch.arange(256, device="cuda")) % 256  # the ring after writing position `start`
+    got = ops.attend(q, k, v, layout=layout, q_start=start, scale=0.125, backend="sdpa", key_pos=key_pos)
+    want = ops.attend(q.double(), k.double(), v.double(), layout=layout, q_start=start, scale=0.125, backend="reference", key_pos=key_pos)
+    tol = ops.get_backend("sdpa").tolerance(dtype)
+    torch.testing.assert_close(got.double(), want, atol=tol.atol, rtol=tol.rtol)

@@ -26,6 +26,10 @@ so they go through ``torch.nn.attention.bias.causal_lower_right``, which reaches
 flash kernel; only the first few blocks of a call (at most ``ceil(W/L)+1``) keep the
 explicit mask. ``is_causal=True`` would be top-left aligned when ``L != F+W+L``, which
 is wrong here. On CPU one masked call does all blocks (as before).
+
+Keys at explicit positions (``key_pos``: a ring buffer in slot order) are one SDPA call
+over the rows with the layout's mask by position; for one query (a decode step) the mask
+is an additive row made once per step and shared by the layers (:func:`decode_mask`).
 """
 
 from __future__ import annotations
