@@ -8,7 +8,8 @@ streaming that many tokens in no-grad chunks), the median time per token of:
 
 * ``forward``: ``model(token, state)``, validated on every call (what a user loop did);
 * ``decode_step``: the unvalidated fast path ``generate`` uses (validated once);
-* ``generate``: the median gap between consecutive tokens of ``model.generate`` (greedy);
+* ``generate``: the median gap between consecutive tokens of ``model.generate`` (greedy;
+  it writes its own state's ring buffers in place);
 * ``compiled`` (``--compile``): ``torch.compile(model.decode_step)`` (inductor);
 * ``bare``: a hand-written loop of the same size (embedding, RMSNorm, fused QKV, RoPE,
   SDPA, GELU MLP, head, argmax) over a preallocated K/V ring buffer of the variant's
@@ -18,6 +19,12 @@ streaming that many tokens in no-grad chunks), the median time per token of:
     python benchmarks/bench_decode.py --quick         # 1k and 8k, fewer repeats (about a minute)
     python benchmarks/bench_decode.py --compile       # adds torch.compile'd decode steps
     python benchmarks/bench_decode.py --profile bswa  # where a decode step's time goes
+    python benchmarks/bench_decode.py --size mid --quick   # d_model 512, 8 layers, 1,024-key windows
+
+``generate`` writes the full ring buffers of the state it made in place (one row per cache
+and token); ``decode_step`` on a given state leaves it unchanged, so it writes a new
+buffer (a copy of each cache per token): at the mid size the gap between the two is that
+copy.
 """
 
 from __future__ import annotations
@@ -45,6 +52,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rmt": {"num_memory_tokens": 16},
     "brt": {"num_states": 16},
     "sinks": {"num_sinks": 4, "window": 124},  # 128 keys per query, bswa's window
+}
+#: ``--size``: the sizes above ("tiny"), or a model where the caches are large enough for
+#: their copies to show ("mid": d_model 512, 8 layers, 8 heads, 1,024-key windows)
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"D": 64, "LAYERS": 2, "HEADS": 4, "L": 64, "VARIANTS": dict(VARIANTS)},
+    "mid": {"D": 512, "LAYERS": 8, "HEADS": 8, "L": 512, "VARIANTS": {
+        "full": {},
+        "bswa": {"memory_blocks": 1},
+        "fam": {"memory_blocks": 1, "fam_len": 64},
+        "xl": {"memory_len": 512, "positions": "rope"},
+        "rmt": {"num_memory_tokens": 16},
+        "brt": {"num_states": 64},
+        "sinks": {"num_sinks": 4, "window": 1020},
+    }},
 }
 
 
@@ -180,6 +201,7 @@ def bench_variant(name: str, opts: dict[str, Any], pos: int, repeats: int, compi
         gaps += [b - a for a, b in zip(stamps[:-1], stamps[1:])]
     row["generate_ms_per_token"] = statistics.median(gaps) * 1e3
     row["decode_step_over_bare"] = round(row["decode_step_ms"] / row["bare_ms"], 2)
+    row["generate_over_bare"] = round(row["generate_ms_per_token"] / row["bare_ms"], 2)
     if "compiled_ms" in row:
         row["compiled_over_bare"] = round(row["compiled_ms"] / row["bare_ms"], 2)
     for key in ("forward_ms", "decode_step_ms", "generate_ms_per_token", "compiled_ms", "bare_ms"):
@@ -224,9 +246,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd decode steps (inductor)")
     parser.add_argument("--variants", default=None, help="comma-separated (default: every registered one we have sizes for)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (default tiny: d_model 64, 2 layers)")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="profile 500 decode steps of VARIANT at 1k (cProfile) and stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    globals().update(SIZES[args.size])  # the sizes every function below reads
     if args.profile:
         profile(args.profile)
         return
@@ -239,11 +263,12 @@ def main() -> None:
             if name == "full" and pos > 8192:
                 continue  # unbounded state: streaming 100k tokens through full attention is the O(T^2) it avoids
             rows.append(bench_variant(name, VARIANTS.get(name, {}), pos, repeats, args.compile))
+            rows[-1]["size"] = args.size
             print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({
         "benchmark": "decode", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "sizes": {"d_model": D, "n_layers": LAYERS, "n_heads": HEADS,
-        "vocab": VOCAB, "block_size": L, "batch": 1}, "rows": rows,
+        "vocab": VOCAB, "block_size": L, "batch": 1, "name": args.size}, "rows": rows,
         "max_decode_step_over_bare": max((r["decode_step_over_bare"] for r in rows), default=math.nan),
     }, indent=1))
 
