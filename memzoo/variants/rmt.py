@@ -133,12 +133,15 @@ class RecurrentMemoryTransformer(Backbone):
     def step(self, x: Tensor, state: RMTState) -> tuple[Tensor, RMTState]:
         size, n_mem = self.block_size, self.num_memory_tokens
         pos, mem, k_cache, v_cache = state.pos, state.mem, state.k, state.v
-        outputs, i = [], 0
-        while i < x.shape[1]:  # one piece per segment touched by this call
-            done = pos % size  # tokens of this segment already in the cache
-            take = min(size - done, x.shape[1] - i)
+        # the call's tokens cut at the segment boundaries once: a slice per segment would make
+        # backward build a zero gradient of the whole input per segment (O(segments·T) time)
+        end = pos + x.shape[1]
+        bounds = [pos, *range(pos // size * size + size, end, size), end]  # the segment boundaries inside the call
+        outputs = []
+        for piece in x.split([b - a for a, b in zip(bounds, bounds[1:])], dim=1):  # one piece per segment touched
+            done, take = pos % size, piece.shape[1]  # done: tokens of this segment already in the cache
             completes = done + take == size
-            rows, first = [x[:, i : i + take]], 0  # first: index of the first token row
+            rows, first = [piece], 0  # first: index of the first token row
             if done == 0:  # a fresh segment starts with its read memory (the cache is empty)
                 mem = self._read_memory(mem, pos // size)
                 rows, first = [mem, *rows], n_mem
@@ -153,7 +156,6 @@ class RecurrentMemoryTransformer(Backbone):
                 k_cache = [kc[:, :, :0] for kc in k_cache]
                 v_cache = [vc[:, :, :0] for vc in v_cache]
             pos += take
-            i += take
         y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # one piece: no copy
         return y, RMTState(pos=pos, fingerprint=self.fingerprint, mem=mem, k=k_cache, v=v_cache)
 
