@@ -5,7 +5,9 @@ For every registered variant, every backend that can run on the device, and ever
 * ``train_tokens_per_s``: forward+backward of a whole sequence (batch 1), the median of
   ``--repeats`` (``--long-repeats`` above T=4096) timed steps after two untimed full-size
   ones (the first measures the memory); for a backend that is inference-only on the device
-  (flex on CPU) ``forward_tokens_per_s`` instead;
+  (flex on CPU) ``forward_tokens_per_s`` instead; on CPU also ``step_cpu_s``, the median
+  of the process's CPU time per step: with ``--threads 1`` it leaves out the time the
+  process waited for a core, which on a shared CPU moves the wall time by tens of percent;
 * ``decode_tokens_per_s``: streaming decode, one token per call, after a prefill of T
   tokens streamed in chunks (the state then holds what T tokens leave behind);
 * ``state_bytes`` after the prefill;
@@ -20,7 +22,8 @@ For every registered variant, every backend that can run on the device, and ever
   on the same device, so ``fraction_of_matmul`` reads as a share of what the machine
   can do;
 * ``cost_growth``: time(T_hi)/time(T_lo) per variant and backend (linear = T_hi/T_lo,
-  i.e. 8 for 16k/2k).
+  i.e. 8 for 16k/2k), of the wall time (``time_ratio``) and, on CPU, of the CPU time
+  (``cpu_time_ratio``).
 
 Every cell runs in its own subprocess (clean memory peak, no cross-talk); a cell that
 cannot run says why in the JSON (``skipped``): the dense reference and uncompiled CPU
@@ -132,16 +135,19 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     # page faults), then the timed repeats.
     step()
     model.zero_grad(set_to_none=True)
-    times = []
+    times, cpu_times = [], []
     for _ in range(cell["repeats"]):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         model.zero_grad(set_to_none=True)
     out["step_s"] = statistics.median(times)
     out["step_s_each"] = times
+    if device.type == "cpu":
+        out["step_cpu_s"] = statistics.median(cpu_times)
     out["train_tokens_per_s" if trains else "forward_tokens_per_s"] = t / out["step_s"]
     out["backends_used"] = rec.names
 
@@ -308,6 +314,7 @@ def growth(results: list[dict[str, Any]], lo: int, hi: int) -> list[dict[str, An
         rows.append({
             "variant": name, "backend": backend, "T_lo": lo, "T_hi": hi,
             "time_ratio": r["step_s"] / by_key[(name, backend, lo)]["step_s"],
+            **({"cpu_time_ratio": r["step_cpu_s"] / by_key[(name, backend, lo)]["step_cpu_s"]} if "step_cpu_s" in r else {}),
             "linear_would_be": hi / lo,
             "mode": r["mode"],
         })
