@@ -2,13 +2,17 @@
 
 For every registered variant, every backend that can run on the device, and every T:
 
-* ``train_tokens_per_s``: forward+backward of a whole sequence (batch 1); for a backend
-  that is inference-only on the device (flex on CPU) ``forward_tokens_per_s`` instead;
+* ``train_tokens_per_s``: forward+backward of a whole sequence (batch 1), the median of
+  ``--repeats`` (``--long-repeats`` above T=4096) timed steps after two untimed full-size
+  ones (the first measures the memory); for a backend that is inference-only on the device
+  (flex on CPU) ``forward_tokens_per_s`` instead; on CPU also ``step_cpu_s``, the median
+  of the process's CPU time per step: with ``--threads 1`` it leaves out the time the
+  process waited for a core, which on a shared CPU moves the wall time by tens of percent;
 * ``decode_tokens_per_s``: streaming decode, one token per call, after a prefill of T
   tokens streamed in chunks (the state then holds what T tokens leave behind);
 * ``state_bytes`` after the prefill;
 * ``peak_memory_mb``: CPU: growth of the process's peak RSS (``resource.getrusage``
-  ``ru_maxrss``) over its level just before the measured forward+backward, in a fresh
+  ``ru_maxrss``) over its level just before the first full-size forward+backward, in a fresh
   subprocess per cell (tracemalloc does not see torch's allocations); CUDA:
   ``torch.cuda.max_memory_allocated`` after a reset;
 * ``attention``: the variant's largest attention call at that T (captured from the
@@ -18,7 +22,8 @@ For every registered variant, every backend that can run on the device, and ever
   on the same device, so ``fraction_of_matmul`` reads as a share of what the machine
   can do;
 * ``cost_growth``: time(T_hi)/time(T_lo) per variant and backend (linear = T_hi/T_lo,
-  i.e. 8 for 16k/2k).
+  i.e. 8 for 16k/2k), of the wall time (``time_ratio``) and, on CPU, of the CPU time
+  (``cpu_time_ratio``).
 
 Every cell runs in its own subprocess (clean memory peak, no cross-talk); a cell that
 cannot run says why in the JSON (``skipped``): the dense reference and uncompiled CPU
@@ -94,7 +99,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         model(tokens[:, : min(t, 2 * cell["block_size"])])
 
-    # the measured step; the first attend call of the largest size is captured for replay
+    # the first full-size step: peak memory, the backends used, and the largest attend call
+    # (captured for replay); it also pays for the allocator's growth, so it is not timed
     captured: dict[str, Any] = {}
     real_attend = ops.attend
 
@@ -113,11 +119,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     ops.attend = spy
     try:
         with ops.record_backends() as rec:
-            sync()
-            t0 = time.perf_counter()
             step()
             sync()
-            elapsed = time.perf_counter() - t0
     finally:
         ops.attend = real_attend
     model.zero_grad(set_to_none=True)
@@ -127,15 +130,24 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     else:
         out["peak_memory_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         out["peak_memory_how"] = "growth of ru_maxrss (peak RSS) during the step, fresh subprocess"
-    times = [elapsed]
-    for _ in range(cell["repeats"] - 1):
+    # The steady state a training loop runs in: one more untimed step (glibc's malloc settles
+    # only after the second one: at T=16k bswa's first three steps took 77k, 35k and 11k minor
+    # page faults), then the timed repeats.
+    step()
+    model.zero_grad(set_to_none=True)
+    times, cpu_times = [], []
+    for _ in range(cell["repeats"]):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         model.zero_grad(set_to_none=True)
     out["step_s"] = statistics.median(times)
+    out["step_s_each"] = times
+    if device.type == "cpu":
+        out["step_cpu_s"] = statistics.median(cpu_times)
     out["train_tokens_per_s" if trains else "forward_tokens_per_s"] = t / out["step_s"]
     out["backends_used"] = rec.names
 
@@ -280,7 +292,7 @@ def plan_cells(args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[s
                 cell = dict(variant=name, backend=backend, T=t, device=args.device, dtype=args.dtype,
                             d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
                             block_size=args.block_size, options=BENCH_OPTIONS.get(name, {}),
-                            repeats=args.repeats if t <= 4096 else 1, decode_tokens=args.decode_tokens,
+                            repeats=args.repeats if t <= 4096 else args.long_repeats, decode_tokens=args.decode_tokens,
                             prefill_chunk=args.prefill_chunk, threads=args.threads)
                 dense = backend == "reference" or (backend == "flex" and args.device == "cpu")
                 if dense and t > args.max_dense_t:
@@ -302,6 +314,7 @@ def growth(results: list[dict[str, Any]], lo: int, hi: int) -> list[dict[str, An
         rows.append({
             "variant": name, "backend": backend, "T_lo": lo, "T_hi": hi,
             "time_ratio": r["step_s"] / by_key[(name, backend, lo)]["step_s"],
+            **({"cpu_time_ratio": r["step_cpu_s"] / by_key[(name, backend, lo)]["step_cpu_s"]} if "step_cpu_s" in r else {}),
             "linear_would_be": hi / lo,
             "mode": r["mode"],
         })
@@ -322,7 +335,8 @@ def main() -> None:
     p.add_argument("--n-layers", type=int, default=1)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per cell (0: torch's default); use 1 on a shared CPU")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats for T <= 4096 (one above)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats for T <= 4096 (the median is reported)")
+    p.add_argument("--long-repeats", type=int, default=3, help="timed repeats for T > 4096 (the median is reported)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--prefill-chunk", type=int, default=1024)
     p.add_argument("--max-dense-t", type=int, default=None, help="largest T for the dense reference and CPU flex (default: 4096 on CPU, no limit on CUDA)")
@@ -363,6 +377,7 @@ def main() -> None:
         "environment": environment(args),
         "settings": {"batch": 1, "d_model": args.d_model, "n_heads": args.n_heads, "n_layers": args.n_layers,
                      "block_size": args.block_size, "variant_options": BENCH_OPTIONS, "decode_tokens": args.decode_tokens,
+                     "repeats": args.repeats, "long_repeats": args.long_repeats,
                      "prefill_chunk": args.prefill_chunk, "lengths": args.lengths},
         "unavailable_backends": unavailable,
         "results": results + skipped,

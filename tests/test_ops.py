@@ -238,3 +238,31 @@ def test_token_windows_with_extra_rows_cost_the_window_not_tq_times_f(monkeypatc
     grads = [torch.autograd.grad(o.square().sum(), list(ins.values())) for o in (actual, expected)]
     for key, ga, gr in zip(ins, *grads):
         assert_close(ga, gr, f"grad of {key}")
+
+
+@pytest.mark.parametrize("memory", [False, True])
+@pytest.mark.parametrize("q_start,cached", [(9, 9), (0, 0), (20, 6)])  # 0, 4 and 1 chunks see before the first key
+def test_token_window_chunks_after_the_first_key_share_one_mask(monkeypatch, memory, q_start, cached):
+    """In the chunked path above, the chunks whose window starts before the first key get a
+    mask each and all the others one (c, ·) mask, broadcast (not one per chunk); outputs and
+    every gradient equal the reference either way."""
+    shapes: list[tuple[int, ...]] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kw):  # type: ignore[no-untyped-def]
+        shapes.append(tuple(attn_mask.shape))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    window, f, tq = 7, 4, 61
+    c = (window + 1) // f
+    layout = BlockLayout(1, window)
+    ins = _inputs(tq, cached + tq, tq, f, memory, seed=5)
+    expected = ops.attend(**ins, layout=layout, q_start=q_start, scale=0.6, backend="reference")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    actual = ops.attend(**ins, layout=layout, q_start=q_start, scale=0.6, backend="sdpa")
+    head = max(0, -(-(window - cached) // c))  # the chunks whose window starts before the first key
+    assert [s[1] for s in shapes] == [n for n in (head, 1) if n], shapes  # masks: (1, chunks, c, ·)
+    assert_close(actual, expected, "output")
+    grads = [torch.autograd.grad((o * o.detach().cos()).sum(), list(ins.values())) for o in (actual, expected)]
+    for key, ga, gr in zip(ins, *grads):
+        assert_close(ga, gr, f"grad of {key}")

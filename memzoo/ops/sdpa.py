@@ -359,9 +359,9 @@ class SDPABackend(Backend):
         """``block_size=1`` with ``F`` extra rows per query, no sinks: one call with all
         ``Tq·F`` extra rows as columns would cost ``Tq·(Tq·F + Tk)``. Instead the queries
         are cut into chunks of ``c`` (about ``(W+1)/F``), each over its own ``c·F`` extra
-        rows and the ``W + c`` run positions its queries can see (gathered like blocks,
-        one batched SDPA call, a (nc, c, c·F + W + c) mask): about ``Tq·(2W + c)`` score
-        entries whatever ``Tq``."""
+        rows and the ``W + c`` run positions its queries can see (gathered like blocks, one
+        batched SDPA call; two when the first chunks' windows start before the first key):
+        about ``Tq·(2W + c)`` score entries whatever ``Tq``."""
         window = layout.window
         assert window is not None
         tq, f = q.shape[2], extra_k.shape[3]
@@ -381,21 +381,42 @@ class SDPABackend(Backend):
             padded = span(x, k_start, lo - window, hi)
             return padded.unfold(2, span_len, c).transpose(-1, -2)
 
-        firsts = q_start + c * torch.arange(nc, device=dev)  # (nc,)
-        q_pos = firsts[:, None] + torch.arange(c, device=dev)  # (nc, c)
-        k_pos = firsts[:, None] - window + torch.arange(span_len, device=dev)  # (nc, W+c)
-        visible = layout.visible(q_pos[:, :, None], k_pos[:, None, :]) & (k_pos >= k_start)[:, None, :]
         extra = (torch.arange(c * f, device=dev) // f)[None, :] == torch.arange(c, device=dev)[:, None]  # (c, c·F)
+
+        def chunk_masks(firsts: Tensor) -> Tensor:  # chunks starting at `firsts` (n,): (n, c, c·F + W + c [+ W + c])
+            q_pos = firsts[:, None] + torch.arange(c, device=dev)  # (n, c)
+            k_pos = firsts[:, None] - window + torch.arange(span_len, device=dev)  # (n, W+c)
+            visible = layout.visible(q_pos[:, :, None], k_pos[:, None, :]) & (k_pos >= k_start)[:, None, :]
+            masks = [extra.expand(len(firsts), c, c * f), visible]
+            if k_mem is not None:
+                memory = layout.is_memory(q_pos[:, :, None], k_pos[:, None, :])
+                masks[1:] = [visible & ~memory, visible & memory]  # each position from k or from k_mem, never both
+            return torch.cat(masks, dim=-1) | (q_pos >= end)[:, :, None]  # padding queries see everything (dropped)
+
         keys, values = [rows(extra_k), gathered(k)], [rows(extra_v), gathered(v)]
-        masks = [extra.expand(nc, c, c * f), visible]
         if k_mem is not None:
             assert v_mem is not None
-            memory = layout.is_memory(q_pos[:, :, None], k_pos[:, None, :])
             keys.append(gathered(k_mem))
             values.append(gathered(v_mem))
-            masks[1:] = [visible & ~memory, visible & memory]  # each position from k or from k_mem, never both
-        mask = torch.cat(masks, dim=-1) | (q_pos >= end)[:, :, None]  # padding queries see everything (dropped)
-        out = masked_block_sdpa(qb, torch.cat(keys, dim=3), torch.cat(values, dim=3), mask, scale)
+        # With one query per block what a query sees depends only on its distance to the key, so
+        # every chunk has the same (c, ·) mask but the first `head` (their windows start before
+        # the first key) and the padding queries of the last (dropped; they still see their own
+        # extra rows, so no row is empty): the chunks after the head share one mask, broadcast.
+        # A mask per chunk, (nc, c, 2W + c), was 36 MB of bools at T=16k in the sinks variant
+        # (and SDPA makes a float copy of it).
+        firsts = q_start + c * torch.arange(nc, device=dev)  # (nc,)
+        head = min(nc, max(0, -(-(k_start + window - q_start) // c)))
+        sizes, masks = [], []
+        if head:
+            sizes.append(head)
+            masks.append(chunk_masks(firsts[:head]))
+        if head < nc:
+            sizes.append(nc - head)
+            masks.append(chunk_masks(firsts[head : head + 1]))  # (1, c, ·): broadcast over the chunks
+        tensors = (qb, torch.cat(keys, dim=3), torch.cat(values, dim=3))
+        parts = (x.split(sizes, dim=2) if len(sizes) > 1 else (x,) for x in tensors)  # one piece: no split (its backward copies)
+        outs = [masked_block_sdpa(qp, kp, vp, mask, scale) for qp, kp, vp, mask in zip(*parts, masks)]
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         return out.flatten(2, 3)[:, :, :tq]
 
     @staticmethod

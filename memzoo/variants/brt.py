@@ -350,6 +350,10 @@ class BlockRecurrentTransformer(Backbone):
         cell, size, t = self.cell, self.block_size, h.shape[1]
         cells = state.cells
         sources = self._state_kv_sources(cells)
+        # the completed blocks' keys/values cut once: a slice per block would make backward
+        # build a zero gradient of the whole window per block (O(nb·T) time)
+        block_k = keys_raw[:, :, : n_done * size].unflatten(2, (n_done, size)).unbind(2)  # (B, Hkv, L, Dh) each
+        block_v = values[:, :, : n_done * size].unflatten(2, (n_done, size)).unbind(2)
         state_k, state_v = [], []
         for j in range(n_blocks):
             kept = state.derived("state_kv", sources) if j == 0 else None
@@ -361,8 +365,7 @@ class BlockRecurrentTransformer(Backbone):
             state_k.append(sk)
             state_v.append(sv)
             if j < n_done:
-                block = slice(j * size, (j + 1) * size)
-                cells = cell.update(cells, hs, sk, sv, keys_raw[:, :, block], values[:, :, block], self.backend)
+                cells = cell.update(cells, hs, sk, sv, block_k[j], block_v[j], self.backend)
         last = (sources if n_done == 0 else self._state_kv_sources(cells), (hs, sk, sv))
         qc = cell.split_heads(cell.cross_q_proj(h))  # (B, H, T, Dh), no positions
         if n_blocks == 1:  # every token reads the same states (a decode step): no padding to a whole block

@@ -163,12 +163,15 @@ class RecurrentMemoryTransformer(Backbone):
             z, k_cache, v_cache = self._run(x, n_mem + pos % size, k_cache, v_cache, in_buffer=True)
             return z, RMTState(pos=pos + 1, fingerprint=self.fingerprint, mem=mem, k=k_cache, v=v_cache)
         rows_kept = n_mem + size
-        outputs, i = [], 0
-        while i < x.shape[1]:  # one piece per segment touched by this call
-            done = pos % size  # tokens of this segment already in the cache
-            take = min(size - done, x.shape[1] - i)
+        # the call's tokens cut at the segment boundaries once: a slice per segment would make
+        # backward build a zero gradient of the whole input per segment (O(segments·T) time)
+        end = pos + x.shape[1]
+        bounds = [pos, *range(pos // size * size + size, end, size), end]  # the segment boundaries inside the call
+        outputs = []
+        for piece in x.split([b - a for a, b in zip(bounds, bounds[1:])], dim=1):  # one piece per segment touched
+            done, take = pos % size, piece.shape[1]  # done: tokens of this segment already in the cache
             completes = done + take == size
-            rows, first = [x[:, i : i + take]], 0  # first: index of the first token row
+            rows, first = [piece], 0  # first: index of the first token row
             start = n_mem + done if done else 0
             if done == 0:  # a fresh segment starts with its read memory (the cache is empty)
                 mem = self._read_memory(mem, pos // size)
@@ -187,7 +190,6 @@ class RecurrentMemoryTransformer(Backbone):
                 k_cache = [F.pad(kc, (0, 0, 0, rows_kept - kc.shape[2])) for kc in k_cache]
                 v_cache = [F.pad(vc, (0, 0, 0, rows_kept - vc.shape[2])) for vc in v_cache]
             pos += take
-            i += take
         y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # one piece: no copy
         return y, RMTState(pos=pos, fingerprint=self.fingerprint, mem=mem, k=k_cache, v=v_cache)
 

@@ -209,10 +209,12 @@ class InfiniAttention(memzoo.Backbone):
             # the scan: the memory each query block reads, written once per completed block
             mems, norms = [state.mem[i]], [state.norm[i]]
             if n_done:
-                sk = sigma((keys if rotated else keys_raw)[:, :, : n_done * size])  # the completed blocks' keys
-                for j in range(n_done):
-                    block = slice(j * size, (j + 1) * size)
-                    m, z = write(mems[-1], norms[-1], sk[:, :, block], values[:, :, block], self.update)
+                # the completed blocks cut once: a slice per block would make backward build
+                # a zero gradient of the whole call per block (O(nb·T) time)
+                sk = sigma((keys if rotated else keys_raw)[:, :, : n_done * size]).unflatten(2, (n_done, size))
+                block_v = values[:, :, : n_done * size].unflatten(2, (n_done, size))
+                for sk_j, v_j in zip(sk.unbind(2), block_v.unbind(2)):  # (B, Hkv, L, Dh) each
+                    m, z = write(mems[-1], norms[-1], sk_j, v_j, self.update)
                     mems.append(m)
                     norms.append(z)
             if n_blocks == 1:  # every query reads one memory (a decode step): no padding to a whole block
