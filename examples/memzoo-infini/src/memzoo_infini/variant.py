@@ -101,6 +101,45 @@ def write(mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, rule: str) -> tuple[
     return mem + sk.transpose(-1, -2) @ v, norm + sk.sum(dim=2)
 
 
+def scan(mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, size: int, rule: str, fresh: bool) -> tuple[Tensor, Tensor]:
+    """:func:`write` for ``n`` consecutive complete blocks at once: ``sk`` = σ(K) and ``v``
+    (B, Hkv, n·L, Dh), ``mem`` (B, Hkv, Dh, Dh) and ``norm`` (B, Hkv, Dh) before the first.
+    Returns every memory and normaliser from before the first block to after the last:
+    (B·Hkv, n+1, Dh, Dh) and (B·Hkv, n+1, Dh). ``fresh``: ``mem`` and ``norm`` are the
+    empty ones (zeros; the first block of the sequence), so the first write is the linear one.
+
+    The same function as ``n`` calls of :func:`write`, with the per-block work batched
+    (at small sizes a step is per-op overhead): the normalisers are a cumulative sum, the
+    blocks' ``σ(K)ᵀ V`` one batched product, and the delta rule's write, linear in the
+    memory, ``M_s = (I - σ(K)ᵀ diag(1/den) σ(K)) M_{s-1} + σ(K)ᵀ V`` with ``den = σ(K) z_{s-1}``
+    (clamped), leaves one product per block in the sequential loop. With ``fresh`` the
+    first block's factor (``den`` clamped at :data:`DENOMINATOR_MIN`, times ``M = 0``) is
+    never formed."""
+    b, hkv, length, dh = sk.shape
+    g, n = b * hkv, length // size
+    skb = sk.reshape(g * n, size, dh)  # (B·Hkv·n, L, Dh): one row of blocks per head
+    skt = skb.transpose(1, 2)
+    written = torch.bmm(skt, v.reshape(g * n, size, dh)).view(g, n, dh, dh)  # σ(K)ᵀ V per block
+    # z before block j is norms[:, j]: the state's, then a running sum of the blocks' σ(K) sums
+    norms = torch.cat([norm.reshape(g, 1, dh), skb.sum(1).view(g, n, dh)], dim=1).cumsum(1)  # (B·Hkv, n+1, Dh)
+    if rule == "linear":
+        return torch.cat([mem.reshape(g, 1, dh, dh), written], dim=1).cumsum(1), norms
+    first = 1 if fresh else 0  # blocks [first, n) need the delta factor
+    factors: tuple[Tensor, ...] = ()
+    if first < n:
+        sk_d = skb.view(g, n, size, dh)[:, first:].reshape(-1, size, dh)
+        den = torch.bmm(sk_d, norms[:, first:n].reshape(-1, dh, 1)).clamp_min(DENOMINATOR_MIN)  # (·, L, 1)
+        eye = torch.eye(dh, dtype=sk.dtype, device=sk.device)
+        factors = torch.baddbmm(eye, sk_d.transpose(1, 2), sk_d / den, alpha=-1).view(g, n - first, dh, dh).unbind(1)
+    writes = written.unbind(1)
+    m = mem.reshape(g, dh, dh)
+    mems = [m]
+    for j in range(n):
+        m = writes[j] if j < first else torch.baddbmm(writes[j], factors[j - first], m)
+        mems.append(m)
+    return torch.stack(mems, dim=1), norms
+
+
 @dataclass
 class InfiniState(memzoo.State):
     """Per layer: ``k[l]``, ``v[l]`` (B, Hkv, t, Dh) the *unrotated* keys and the values of
@@ -159,8 +198,7 @@ class InfiniAttention(memzoo.Backbone):
         q_pos = pos[pad:]  # made once for every layer (RoPE then computes its angles once)
         layout = BlockLayout(block_size=size, window=0)  # causal within the block only
         rotated = self.memory_positions == "rotated"
-        gates = torch.sigmoid(self.gate).to(x.dtype)  # (n_layers, H)
-        rests = 1 - gates
+        gates = torch.sigmoid(self.gate).to(x.dtype)[:, None, :, None, None]  # (n_layers, 1, H, 1, 1): sigmoid(β)
         new_k, new_v, new_mem, new_norm, rotated_k = [], [], [], [], []
         for i, layer in enumerate(self.layers):
             q_raw, k_raw, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh)
@@ -176,30 +214,31 @@ class InfiniAttention(memzoo.Backbone):
             local = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
 
             sq = sigma(q if rotated else q_raw)
-            # the scan: the memory each query block reads, written once per completed block
-            mems, norms = [state.mem[i]], [state.norm[i]]
-            if n_done:
+            b, dh = x.shape[0], self.head_dim
+            if n_done:  # every memory the call's query blocks read, and the last: (B·Hkv, n_done+1, ...)
                 sk = sigma((keys if rotated else keys_raw)[:, :, : n_done * size])  # the completed blocks' keys
-                for j in range(n_done):
-                    block = slice(j * size, (j + 1) * size)
-                    m, z = write(mems[-1], norms[-1], sk[:, :, block], values[:, :, block], self.update)
-                    mems.append(m)
-                    norms.append(z)
+                mems, norms = scan(
+                    state.mem[i], state.norm[i], sk, values[:, :, : n_done * size], size, self.update, fresh=block_start == 0
+                )
+                last_mem, last_norm = mems[:, n_done].view(b, -1, dh, dh), norms[:, n_done].view(b, -1, dh)
+            else:
+                last_mem, last_norm = state.mem[i], state.norm[i]
             if n_blocks == 1:  # every query reads one memory (a decode step): no padding to a whole block
-                a_mem = retrieve(sq, ops.repeat_kv(mems[0], self.n_heads), ops.repeat_kv(norms[0], self.n_heads))
+                a_mem = retrieve(sq, ops.repeat_kv(state.mem[i], self.n_heads), ops.repeat_kv(state.norm[i], self.n_heads))
             else:  # every query block's retrieval in one batched product: queries padded to whole blocks
-                sq_blocks = F.pad(sq, (0, 0, pad, n_blocks * size - pad - t)).unflatten(2, (n_blocks, size))  # (B, H, nb, L, Dh)
-                mem = ops.repeat_kv(torch.stack(mems[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh, Dh)
-                norm = ops.repeat_kv(torch.stack(norms[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh)
-                a_mem = retrieve(sq_blocks, mem, norm).flatten(2, 3)[:, :, pad : pad + t]  # (B, H, T, Dh)
+                sq_blocks = F.pad(sq, (0, 0, pad, n_blocks * size - pad - t)).reshape(-1, size, dh)  # (B·H·nb, L, Dh)
+                mem = ops.repeat_kv(mems[:, :n_blocks].unflatten(0, (b, -1)), self.n_heads)  # (B, H, nb, Dh, Dh)
+                norm = ops.repeat_kv(norms[:, :n_blocks].unflatten(0, (b, -1)), self.n_heads)  # (B, H, nb, Dh)
+                den = torch.bmm(sq_blocks, norm.reshape(-1, dh, 1)).clamp_min(DENOMINATOR_MIN)  # (B·H·nb, L, 1)
+                a_mem = (torch.bmm(sq_blocks, mem.reshape(-1, dh, dh)) / den).view(b, self.n_heads, -1, dh)[:, :, pad : pad + t]
 
-            g, rest = gates[i][None, :, None, None], rests[i][None, :, None, None]  # (1, H, 1, 1): sigmoid(β), 1 - sigmoid(β)
-            x = layer.feed_forward(layer.attend_residual(x, g * a_mem + rest * local))
+            # sigmoid(β) ⊙ A_mem + (1 - sigmoid(β)) ⊙ A_local, as local + sigmoid(β) ⊙ (A_mem - local)
+            x = layer.feed_forward(layer.attend_residual(x, torch.lerp(local, a_mem, gates[i])))
             kept = n_done * size  # the new partial block starts here
             new_k.append(keys_raw[:, :, kept:])
             new_v.append(values[:, :, kept:])
-            new_mem.append(mems[n_done])
-            new_norm.append(norms[n_done])
+            new_mem.append(last_mem)
+            new_norm.append(last_norm)
             rotated_k.append(keys[:, :, kept:])
         new = InfiniState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, mem=new_mem, norm=new_norm)
         for i, (k, r) in enumerate(zip(new_k, rotated_k)):  # for the next step (eager no-grad calls only)
