@@ -37,6 +37,28 @@ def test_rope_query_key_equals_rotating_each_alone() -> None:
             assert torch.equal(rq2, rq) and torch.equal(rk2, rk)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rope_rotation_equals_rotating_the_halves(dtype) -> None:
+    """RoPE's rotation (``x·[cos, cos] + roll(x)·[-sin, sin]``, the training path's 4 ops)
+    is Hugging Face's ``x·cos + rotate_half(x)·sin`` on the halves, bitwise: outputs and
+    input gradients, shared and per-row positions, with and without a scaling factor."""
+    gen = torch.Generator().manual_seed(1)
+    for scaling in (None, RopeScaling(type="yarn", factor=2.0, original_max_position_embeddings=64)):
+        rope = RoPE(16, 10000.0, scaling)
+        for pos in (torch.arange(100, 107), torch.randint(0, 60000, (3, 7), generator=gen)):
+            x = (torch.randn(3, 2, 7, 16, generator=gen) * 5).to(dtype).requires_grad_()
+            ang = pos.to(torch.float64)[..., None] * rope.inv_freq
+            ang = ang[:, None] if ang.dim() == 3 else ang
+            cos, sin = (t * rope.attention_factor for t in (ang.cos(), ang.sin()))
+            cos, sin = cos.to(dtype), sin.to(dtype)
+            x1, x2 = x.chunk(2, dim=-1)
+            want = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+            got = rope.key(x, pos)
+            g = torch.randn(x.shape, generator=gen).to(dtype)
+            assert torch.equal(got, want)
+            assert torch.equal(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+
+
 def test_rope_angle_memo_is_shared_by_equal_ropes_and_notices_changes() -> None:
     a, b, other = RoPE(8), RoPE(8), RoPE(8, base=20.0)
     x = torch.randn(1, 2, 1, 8)

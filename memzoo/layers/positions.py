@@ -109,7 +109,7 @@ class RoPE(PositionScheme):
         return cached
 
     def _cos_sin(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin of the angles, in ``like``'s dtype: (T, Dh/2) or (B, 1, T, Dh/2).
+        """:meth:`_angles` (the rotation's factors), in ``like``'s dtype: (T, Dh) or (B, 1, T, Dh).
 
         The results of the last few small calls are kept (:data:`_ANGLES`) for every RoPE
         of the same frequencies: the layers of a decode step rotate at the same position
@@ -131,18 +131,23 @@ class RoPE(PositionScheme):
         return cos, sin
 
     def _angles(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``[cos, cos]`` and ``[-sin, sin]`` of the angles, full head width: (T, Dh) or
+        (B, 1, T, Dh), in ``like``'s dtype (the factors :meth:`_turn` multiplies by)."""
         ang = pos.to(torch.float64)[..., None] * self._freqs(like.device)  # (T, Dh/2) or (B, T, Dh/2)
         if ang.dim() == 3:
             ang = ang[:, None]  # (B, 1, T, Dh/2)
         cos, sin = ang.cos(), ang.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        return cos.to(like.dtype), sin.to(like.dtype)
+        return torch.cat([cos, cos], dim=-1).to(like.dtype), torch.cat([-sin, sin], dim=-1).to(like.dtype)
 
     @staticmethod
     def _turn(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        """``[x1·cos - x2·sin, x2·cos + x1·sin]`` (halves ``x1``, ``x2``) from the full-width
+        factors of :meth:`_angles`: ``x·[cos, cos] + roll(x)·[-sin, sin]``, ``roll`` swapping
+        the halves. The same products and sums as rotating the halves apart (bitwise equal),
+        in 4 ops instead of 8, forward and backward."""
+        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
     def _rotate(self, x: Tensor, pos: Tensor) -> Tensor:
         return self._turn(x, *self._cos_sin(pos, x))

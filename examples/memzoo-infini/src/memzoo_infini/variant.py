@@ -130,7 +130,8 @@ def scan(mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, size: int, rule: str,
         sk_d = skb.view(g, n, size, dh)[:, first:].reshape(-1, size, dh)
         den = torch.bmm(sk_d, norms[:, first:n].reshape(-1, dh, 1)).clamp_min(DENOMINATOR_MIN)  # (·, L, 1)
         eye = torch.eye(dh, dtype=sk.dtype, device=sk.device)
-        factors = torch.baddbmm(eye, sk_d.transpose(1, 2), sk_d / den, alpha=-1).view(g, n - first, dh, dh).unbind(1)
+        # (a 2-D eye as baddbmm's input would broadcast: its backward is a slow per-batch loop)
+        factors = (eye - torch.bmm(sk_d.transpose(1, 2), sk_d / den)).view(g, n - first, dh, dh).unbind(1)
     writes = written.unbind(1)
     m = mem.reshape(g, dh, dh)
     mems = [m]
