@@ -126,9 +126,9 @@ def test_decoding_never_recomputes_the_segment_and_state_is_bounded(monkeypatch)
     rows: list[int] = []
     original = RecurrentMemoryTransformer._run
 
-    def counting(self, z, start, k_cache, v_cache):
+    def counting(self, z, start, k_cache, v_cache, pos=None):
         rows.append(z.shape[1])
-        return original(self, z, start, k_cache, v_cache)
+        return original(self, z, start, k_cache, v_cache, pos)
 
     monkeypatch.setattr(RecurrentMemoryTransformer, "_run", counting)
     state, cached = None, []

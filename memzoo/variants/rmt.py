@@ -97,15 +97,22 @@ class RecurrentMemoryTransformer(Backbone):
             return mem.detach()
         return mem
 
-    def _run(self, z: Tensor, start: int, k_cache: list[Tensor], v_cache: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Rows ``z`` (B, n, D) at local positions ``[start, start+n)`` through the whole
-        stack, causally over the cached rows ``[0, start)`` and themselves. Returns the
-        last layer's outputs (B, n, D) and per-layer keys/values of rows ``[0, start+n)``."""
-        pos = torch.arange(start, start + z.shape[1], device=z.device)
+    def _run(
+        self, z: Tensor, start: int, k_cache: list[Tensor], v_cache: list[Tensor], pos: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Rows ``z`` (B, n, D) at local positions ``[start, start+n)`` (``pos``, made here
+        if not given) through the whole stack, causally over the cached rows ``[0, start)``
+        and themselves. Returns the last layer's outputs (B, n, D) and per-layer
+        keys/values of rows ``[0, start+n)``."""
+        if pos is None:
+            pos = torch.arange(start, start + z.shape[1], device=z.device)
         new_k, new_v = [], []
         for layer, kc, vc in zip(self.layers, k_cache, v_cache):
             q, k, v = layer.project(z, pos)
-            keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
+            if start:  # rows of this segment before these, cached
+                keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
+            else:  # a segment's first rows: nothing cached to put before them
+                keys, values = k, v
             heads = ops.attend(
                 q, keys, values, layout=BlockLayout(), q_start=start, scale=layer.positions.scale, backend=self.backend
             )
@@ -134,6 +141,9 @@ class RecurrentMemoryTransformer(Backbone):
         size, n_mem = self.block_size, self.num_memory_tokens
         pos, mem, k_cache, v_cache = state.pos, state.mem, state.k, state.v
         outputs, i = [], 0
+        # the positions 0 … 2K+L-1 of a whole segment, one tensor for every whole segment of
+        # the call (RoPE computes its angles for them once: its memo keys on the tensor)
+        whole = torch.arange(2 * n_mem + size, device=x.device) if x.shape[1] >= size else None
         while i < x.shape[1]:  # one piece per segment touched by this call
             done = pos % size  # tokens of this segment already in the cache
             take = min(size - done, x.shape[1] - i)
@@ -145,7 +155,10 @@ class RecurrentMemoryTransformer(Backbone):
             if completes and n_mem:
                 rows.append(self._write_rows(x.shape[0], x))
             start = n_mem + done if done else 0
-            z, k_cache, v_cache = self._run(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0], start, k_cache, v_cache)
+            z, k_cache, v_cache = self._run(
+                torch.cat(rows, dim=1) if len(rows) > 1 else rows[0], start, k_cache, v_cache,
+                whole if done == 0 and completes else None,
+            )
             outputs.append(z[:, first : first + take])
             if completes:  # new read memory; the next segment's rows are computed when it starts
                 if n_mem:
