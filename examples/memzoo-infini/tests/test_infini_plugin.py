@@ -74,7 +74,8 @@ def test_batched_scan_equals_block_by_block_writes(rule, fresh):
     else:
         mem = torch.randn(b, hkv, dh, dh, dtype=F64, generator=gen, requires_grad=True)
         norm = (torch.rand(b, hkv, dh, dtype=F64, generator=gen) + 0.5).requires_grad_()
-    mems, norms = scan(mem, norm, sk, v, size, rule, fresh=fresh)
+    reads, last, norms = scan(mem, norm, sk, v, size, rule, fresh=fresh, n_read=n + 1)
+    mems = reads
     want_m, want_z = [mem], [norm]
     for j in range(n):
         block = slice(j * size, (j + 1) * size)
@@ -83,6 +84,8 @@ def test_batched_scan_equals_block_by_block_writes(rule, fresh):
         want_z.append(z)
     want_mems, want_norms = torch.stack(want_m, 2).flatten(0, 1), torch.stack(want_z, 2).flatten(0, 1)
     kit.assert_close(mems, want_mems, f"{rule} scan: memories")
+    kit.assert_close(last, want_mems[:, n], f"{rule} scan: last memory")
+    kit.assert_close(scan(mem, norm, sk, v, size, rule, fresh=fresh, n_read=n)[0], want_mems[:, :n], f"{rule} scan: {n} read")
     kit.assert_close(norms, want_norms, f"{rule} scan: normalisers")
     inputs = [sk, v] + ([] if fresh else [mem, norm])
     got = _grads(torch.cat([mems.flatten(1), norms.flatten(1)], 1), inputs)

@@ -101,44 +101,50 @@ def write(mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, rule: str) -> tuple[
     return mem + sk.transpose(-1, -2) @ v, norm + sk.sum(dim=2)
 
 
-def scan(mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, size: int, rule: str, fresh: bool) -> tuple[Tensor, Tensor]:
+def scan(
+    mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, size: int, rule: str, fresh: bool, n_read: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`write` for ``n`` consecutive complete blocks at once: ``sk`` = σ(K) and ``v``
     (B, Hkv, n·L, Dh), ``mem`` (B, Hkv, Dh, Dh) and ``norm`` (B, Hkv, Dh) before the first.
-    Returns every memory and normaliser from before the first block to after the last:
-    (B·Hkv, n+1, Dh, Dh) and (B·Hkv, n+1, Dh). ``fresh``: ``mem`` and ``norm`` are the
-    empty ones (zeros; the first block of the sequence), so the first write is the linear one.
+    Returns the memories before each of the first ``n_read`` blocks (``n_read`` ≤ n + 1;
+    the (n+1)-th is the last), (B·Hkv, n_read, Dh, Dh); the last memory (B·Hkv, Dh, Dh);
+    and every normaliser from before the first block to after the last, (B·Hkv, n+1, Dh).
+    ``fresh``: ``mem`` and ``norm`` are the empty ones (zeros: the sequence's first block).
 
     The same function as ``n`` calls of :func:`write`, with the per-block work batched
-    (at small sizes a step is per-op overhead): the normalisers are a cumulative sum, the
-    blocks' ``σ(K)ᵀ V`` one batched product, and the delta rule's write, linear in the
-    memory, ``M_s = (I - σ(K)ᵀ diag(1/den) σ(K)) M_{s-1} + σ(K)ᵀ V`` with ``den = σ(K) z_{s-1}``
-    (clamped), leaves one product per block in the sequential loop. With ``fresh`` the
-    first block's factor (``den`` clamped at :data:`DENOMINATOR_MIN`, times ``M = 0``) is
-    never formed."""
+    (at small sizes a step is per-op overhead): the normalisers are a cumulative sum, so
+    every block's denominator ``den = σ(K) z_{s-1}`` (clamped) and ``W = σ(K) / den`` are
+    known before the loop, which then does the delta rule's write
+    ``M_s = M_{s-1} + σ(K)ᵀ (V - W M_{s-1})`` as two ``baddbmm`` per block (the linear
+    rule is a cumulative sum of the blocks' ``σ(K)ᵀ V``). With ``fresh`` the first block's
+    write is the linear one (its retrieval is exactly 0: ``M = 0``), so no ``W`` with the
+    clamped ``den`` of an empty normaliser is formed."""
     b, hkv, length, dh = sk.shape
     g, n = b * hkv, length // size
-    skb = sk.reshape(g * n, size, dh)  # (B·Hkv·n, L, Dh): one row of blocks per head
-    skt = skb.transpose(1, 2)
-    written = torch.bmm(skt, v.reshape(g * n, size, dh)).view(g, n, dh, dh)  # σ(K)ᵀ V per block
+    skb = sk.reshape(g, n, size, dh)  # one row of blocks per head
+    vb = v.reshape(g, n, size, dh)
     # z before block j is norms[:, j]: the state's, then a running sum of the blocks' σ(K) sums
-    norms = torch.cat([norm.reshape(g, 1, dh), skb.sum(1).view(g, n, dh)], dim=1).cumsum(1)  # (B·Hkv, n+1, Dh)
+    norms = torch.cat([norm.reshape(g, 1, dh), skb.sum(2)], dim=1).cumsum(1)  # (B·Hkv, n+1, Dh)
     if rule == "linear":
-        return torch.cat([mem.reshape(g, 1, dh, dh), written], dim=1).cumsum(1), norms
-    first = 1 if fresh else 0  # blocks [first, n) need the delta factor
-    factors: tuple[Tensor, ...] = ()
+        written = torch.bmm(sk.reshape(g * n, size, dh).transpose(1, 2), v.reshape(g * n, size, dh)).view(g, n, dh, dh)  # σ(K)ᵀ V
+        mems = torch.cat([mem.reshape(g, 1, dh, dh), written], dim=1).cumsum(1)
+        return mems[:, :n_read], mems[:, n], norms
+    first = 1 if fresh else 0  # blocks [first, n) read the memory before writing
+    ws: tuple[Tensor, ...] = ()
     if first < n:
-        sk_d = skb.view(g, n, size, dh)[:, first:].reshape(-1, size, dh)
+        sk_d = skb[:, first:].reshape(-1, size, dh)  # (B·Hkv·(n-first), L, Dh)
         den = torch.bmm(sk_d, norms[:, first:n].reshape(-1, dh, 1)).clamp_min(DENOMINATOR_MIN)  # (·, L, 1)
-        eye = torch.eye(dh, dtype=sk.dtype, device=sk.device)
-        # (a 2-D eye as baddbmm's input would broadcast: its backward is a slow per-batch loop)
-        factors = (eye - torch.bmm(sk_d.transpose(1, 2), sk_d / den)).view(g, n - first, dh, dh).unbind(1)
-    writes = written.unbind(1)
+        ws = (sk_d / den).view(g, n - first, size, dh).unbind(1)
+    keys_t, values = skb.transpose(2, 3).unbind(1), vb.unbind(1)  # (B·Hkv, Dh, L), (B·Hkv, L, Dh) per block
     m = mem.reshape(g, dh, dh)
     mems = [m]
     for j in range(n):
-        m = writes[j] if j < first else torch.baddbmm(writes[j], factors[j - first], m)
+        if j < first:
+            m = torch.bmm(keys_t[j], values[j])
+        else:  # M + σ(K)ᵀ (V - W M)
+            m = torch.baddbmm(m, keys_t[j], torch.baddbmm(values[j], ws[j - first], m, alpha=-1))
         mems.append(m)
-    return torch.stack(mems, dim=1), norms
+    return torch.stack(mems[:n_read], dim=1), m, norms
 
 
 @dataclass
@@ -216,19 +222,20 @@ class InfiniAttention(memzoo.Backbone):
 
             sq = sigma(q if rotated else q_raw)
             b, dh = x.shape[0], self.head_dim
-            if n_done:  # every memory the call's query blocks read, and the last: (B·Hkv, n_done+1, ...)
+            if n_done:  # the memory each query block of the call reads, and the last
                 sk = sigma((keys if rotated else keys_raw)[:, :, : n_done * size])  # the completed blocks' keys
-                mems, norms = scan(
-                    state.mem[i], state.norm[i], sk, values[:, :, : n_done * size], size, self.update, fresh=block_start == 0
+                reads, last, norms = scan(
+                    state.mem[i], state.norm[i], sk, values[:, :, : n_done * size], size, self.update,
+                    fresh=block_start == 0, n_read=n_blocks,
                 )
-                last_mem, last_norm = mems[:, n_done].view(b, -1, dh, dh), norms[:, n_done].view(b, -1, dh)
+                last_mem, last_norm = last.view(b, -1, dh, dh), norms[:, n_done].view(b, -1, dh)
             else:
                 last_mem, last_norm = state.mem[i], state.norm[i]
             if n_blocks == 1:  # every query reads one memory (a decode step): no padding to a whole block
                 a_mem = retrieve(sq, ops.repeat_kv(state.mem[i], self.n_heads), ops.repeat_kv(state.norm[i], self.n_heads))
             else:  # every query block's retrieval in one batched product: queries padded to whole blocks
                 sq_blocks = F.pad(sq, (0, 0, pad, n_blocks * size - pad - t)).reshape(-1, size, dh)  # (B·H·nb, L, Dh)
-                mem = ops.repeat_kv(mems[:, :n_blocks].unflatten(0, (b, -1)), self.n_heads)  # (B, H, nb, Dh, Dh)
+                mem = ops.repeat_kv(reads.unflatten(0, (b, -1)), self.n_heads)  # (B, H, nb, Dh, Dh)
                 norm = ops.repeat_kv(norms[:, :n_blocks].unflatten(0, (b, -1)), self.n_heads)  # (B, H, nb, Dh)
                 den = torch.bmm(sq_blocks, norm.reshape(-1, dh, 1)).clamp_min(DENOMINATOR_MIN)  # (B·H·nb, L, 1)
                 a_mem = (torch.bmm(sq_blocks, mem.reshape(-1, dh, dh)) / den).view(b, self.n_heads, -1, dh)[:, :, pad : pad + t]
