@@ -59,6 +59,30 @@ def test_rope_rotation_equals_rotating_the_halves(dtype) -> None:
             assert torch.equal(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_rope_computes_its_factors_in_one_op(dynamic) -> None:
+    """Traced, RoPE's factors come from the op ``memzoo::rope_factors`` (one node the graph
+    cannot inline into every rotated element) and rotate exactly as eager, shared and
+    per-row positions, with a scaling factor, static and dynamic shapes."""
+    rope = RoPE(16, 500.0, RopeScaling(type="yarn", factor=2.0, original_max_position_embeddings=64))
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(3, 4, 5, 16, generator=gen), torch.randn(3, 2, 5, 16, generator=gen)
+    for pos in (torch.arange(7, 12), torch.randint(0, 60000, (3, 5), generator=gen)):
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm
+
+        torch._dynamo.reset()
+        got = torch.compile(rope.query_key, backend=backend, fullgraph=True, dynamic=dynamic)(q, k, pos)
+        want = (_plain_rotate(rope, q, pos), _plain_rotate(rope, k, pos))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+        assert sum(t.startswith("memzoo.rope_factors") for t in targets) == 1, targets
+    torch._dynamo.reset()
+
+
 def test_rope_angle_memo_is_shared_by_equal_ropes_and_notices_changes() -> None:
     a, b, other = RoPE(8), RoPE(8), RoPE(8, base=20.0)
     x = torch.randn(1, 2, 1, 8)
