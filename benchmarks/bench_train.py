@@ -49,8 +49,13 @@ Sizes (``--size``):
     python benchmarks/bench_train.py --compile               # + each step with the loss torch.compile'd (inductor)
 
 With ``--compile`` a contender ``name+compiled`` is timed in the same rounds (its
-``eager_over_compiled_median`` is the speed-up over its own eager step, round by round);
-the compile time (first call, forward and backward) is ``compile_s``, apart.
+``eager_over_compiled_median`` is the speed-up over its own eager step, round by round,
+``vs_bswa_compiled_median`` its time over compiled ``bswa``'s); the compile time (first
+call, forward and backward) is ``compile_s``, apart. The loss is compiled with
+``fullgraph=True`` and the inductor options of
+:func:`memzoo.compare.trainer.compile_options` (what ``memzoo compare --compile`` uses);
+``--compile-defaults-too`` adds ``name+compiled(defaults)``, inductor's own defaults, in
+the same rounds.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ import torch.nn.functional as F
 
 import memzoo
 from memzoo import ops
+from memzoo.compare.trainer import compile_options
 
 SIZES: dict[str, dict[str, Any]] = {
     "leaderboard": {
@@ -160,6 +166,13 @@ def training_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
+def training_loss_inductor_defaults(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`training_loss` under another name: compiled with inductor's default options
+    beside the one compiled with :func:`compile_options` (Dynamo keeps its graphs per
+    function, so the two must not be the same function)."""
+    return training_loss(model, tokens)
+
+
 def make_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[..., torch.Tensor] = training_loss) -> Callable[[], None]:
     def step() -> None:
         loss_fn(model, tokens).backward()
@@ -193,7 +206,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--matmul-n", type=int, default=512, help="side of the fp32 square matmul timed alongside")
     parser.add_argument("--compile", action="store_true",
                         help="also time each contender's step with the loss compiled by torch.compile (inductor, "
-                             "fullgraph); compile time is reported apart")
+                             "fullgraph, memzoo.compare.trainer.compile_options: what memzoo compare --compile uses); "
+                             "compile time is reported apart")
+    parser.add_argument("--compile-defaults-too", action="store_true",
+                        help="with --compile, also time each step compiled with inductor's default options "
+                             "(contender name+compiled(defaults)), side by side")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -223,18 +240,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "attention_pairs_times_heads": pairs, "model_flops_per_step": flops}
         for _ in range(args.warmup):
             steps[label]()
-        if args.compile:
-            compiled = make_step(model, tokens, torch.compile(training_loss, fullgraph=True, dynamic=False))
+        kinds = [("compiled", training_loss, compile_options(tokens.device))] if args.compile else []
+        if args.compile and args.compile_defaults_too:
+            kinds.append(("compiled(defaults)", training_loss_inductor_defaults, {}))
+        for kind, loss, options in kinds:
+            compiled = make_step(model, tokens, torch.compile(loss, fullgraph=True, dynamic=False, options=options))
+            suffix = kind.removeprefix("compiled")
             start = time.perf_counter()
             try:
                 compiled()  # the first call compiles forward and backward
             except Exception as err:  # a variant that does not compile: say why, time it eagerly only
-                info[label]["compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                info[label][f"compile_error{suffix}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             else:
-                info[label]["compile_s"] = time.perf_counter() - start
+                info[label][f"compile_s{suffix}"] = time.perf_counter() - start
                 for _ in range(args.warmup):
                     compiled()
-                steps[f"{label}+compiled"] = compiled
+                steps[f"{label}+{kind}"] = compiled
 
     n = args.matmul_n
     a, m = torch.randn(n, n), torch.randn(n, n)
@@ -257,12 +278,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label, times in samples.items():
         ratios = [x / y for x, y in zip(times, samples["bswa"])]
         med = statistics.median(times)
-        base = label.removesuffix("+compiled")
+        base = label.split("+")[0]
         flops = info[base]["model_flops_per_step"]
         extra: dict[str, Any] = {}
         if label != base:  # the compiled step against the same contender's eager step, per round
             extra = {"compiled": True, "eager_over_compiled_median": statistics.median(
                 [e / c for e, c in zip(samples[base], times)])}
+            unit = "bswa" + label[len(base):]  # and against bswa compiled the same way (both compiled)
+            if unit in samples:
+                extra["vs_bswa_compiled_median"] = statistics.median([x / y for x, y in zip(times, samples[unit])])
         rope = label.replace("xl", "xl(rope)", 1) if label.startswith("xl") and "(rope)" not in label else None
         if rope in samples:  # xl's relative positions against RoPE, per round (target <= 1.3 at the mid size)
             over = [x / y for x, y in zip(times, samples[rope])]
