@@ -164,9 +164,10 @@ class InfiniAttention(memzoo.Backbone):
     State = InfiniState
     #: why a compiled training step fails (memzoo's compile tests check it still does)
     compile_training_issue = (
-        "torch 2.13's AOT autograd traces a backward for the padded block retrieval whose gradient strides differ "
-        "from eager's, then views that gradient in split_heads' backward ('view size is not compatible'); the "
-        "forward traces with no graph break"
+        "torch 2.13's AOT autograd traces a backward in which the unrotated queries' gradient (the sum of the "
+        "RoPE path's and the memory retrieval's) has other strides at run time than traced, then views it in the "
+        "head split's backward ('view size is not compatible'); the forward traces with no graph break, and "
+        "inductor (bench_train --compile) runs it"
     )
 
     def build(self) -> None:
