@@ -47,6 +47,8 @@ Sizes (``--size``):
     python benchmarks/bench_train.py --size mid --rounds 3   # the mid size (slow)
     python benchmarks/bench_train.py --variants bswa fam xl  # a subset (bswa always runs: it is the unit)
     python benchmarks/bench_train.py --compile               # + each step with the loss torch.compile'd (inductor)
+    python benchmarks/bench_train.py --count-ops             # + each step's forward aten ops and backward nodes
+    python benchmarks/bench_train.py --clock thread          # CPU time of the thread (a shared machine)
 
 With ``--compile`` a contender ``name+compiled`` is timed in the same rounds (its
 ``eager_over_compiled_median`` is the speed-up over its own eager step, round by round,
@@ -74,7 +76,6 @@ import torch.nn.functional as F
 
 import memzoo
 from memzoo import ops
-from memzoo.compare.trainer import compile_options
 
 SIZES: dict[str, dict[str, Any]] = {
     "leaderboard": {
@@ -181,11 +182,41 @@ def make_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[..
     return step
 
 
-def timed(fn: Callable[[], None], n: int) -> float:
-    start = time.perf_counter()
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def timed(fn: Callable[[], None], n: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - start) / n
+    return (clock() - start) / n
+
+
+def count_ops(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, int]:
+    """One training step's operator count: the aten ops its forward (and loss) dispatch,
+    and the autograd nodes its backward runs (at small sizes a step's time is mostly a
+    few microseconds per op, so these counts are what a step costs, whatever the FLOPs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Counting.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        loss = training_loss(model, tokens)
+    nodes, seen, stack = 0, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes += 1
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    model.zero_grad(set_to_none=True)
+    return {"forward_aten_ops": Counting.n, "backward_nodes": nodes}
 
 
 def git_commit() -> str:
@@ -208,6 +239,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also time each contender's step with the loss compiled by torch.compile (inductor, "
                              "fullgraph, memzoo.compare.trainer.compile_options: what memzoo compare --compile uses); "
                              "compile time is reported apart")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: time.perf_counter; thread: time.thread_time, this thread's CPU time (on a "
+                             "shared machine it leaves out the time other jobs hold the core)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count each step's forward aten ops and backward autograd nodes (untimed)")
     parser.add_argument("--compile-defaults-too", action="store_true",
                         help="with --compile, also time each step compiled with inductor's default options "
                              "(contender name+compiled(defaults)), side by side")
@@ -238,9 +274,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps[label] = make_step(model, tokens)
         info[label] = {"variant": name, "options": options, "linear_parameters": n_linear,
                        "attention_pairs_times_heads": pairs, "model_flops_per_step": flops}
+        if args.count_ops:
+            info[label]["ops_per_step"] = count_ops(model, tokens)
         for _ in range(args.warmup):
             steps[label]()
-        kinds = [("compiled", training_loss, compile_options(tokens.device))] if args.compile else []
+        kinds = []
+        if args.compile:
+            from memzoo.compare.trainer import compile_options  # what memzoo compare --compile uses
+
+            kinds.append(("compiled", training_loss, compile_options(tokens.device)))
         if args.compile and args.compile_defaults_too:
             kinds.append(("compiled(defaults)", training_loss_inductor_defaults, {}))
         for kind, loss, options in kinds:
@@ -269,9 +311,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples: dict[str, list[float]] = {label: [] for label in steps}
     matmul_s: list[float] = []
     for _ in range(args.rounds):
-        matmul_s.append(timed(matmul, 1) / matmul_reps)
+        matmul_s.append(timed(matmul, 1, CLOCKS[args.clock]) / matmul_reps)
         for label, step in steps.items():
-            samples[label].append(timed(step, inner))
+            samples[label].append(timed(step, inner, CLOCKS[args.clock]))
     matmul_flops = 2 * n**3 / statistics.median(matmul_s)
 
     results: dict[str, Any] = {}
@@ -303,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "bench_train",
         "size": args.size, "setting": {**size["model"], "T": t, "B": b, "vocab_size": VOCAB},
         "mode": "forward + cross-entropy + backward, float32, cpu",
-        "threads": args.threads, "rounds": args.rounds, "inner_steps": inner,
+        "threads": args.threads, "rounds": args.rounds, "inner_steps": inner, "clock": args.clock,
         "matmul": {"n": n, "flops_per_s_median": matmul_flops, "seconds_min": min(matmul_s)},
         "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(),
