@@ -47,10 +47,17 @@ Sizes (``--size``):
     python benchmarks/bench_train.py --size mid --rounds 3   # the mid size (slow)
     python benchmarks/bench_train.py --variants bswa fam xl  # a subset (bswa always runs: it is the unit)
     python benchmarks/bench_train.py --compile               # + each step with the loss torch.compile'd (inductor)
+    python benchmarks/bench_train.py --count-ops             # + each step's forward aten ops and backward nodes
+    python benchmarks/bench_train.py --clock thread          # CPU time of the thread (a shared machine)
 
 With ``--compile`` a contender ``name+compiled`` is timed in the same rounds (its
-``eager_over_compiled_median`` is the speed-up over its own eager step, round by round);
-the compile time (first call, forward and backward) is ``compile_s``, apart.
+``eager_over_compiled_median`` is the speed-up over its own eager step, round by round,
+``vs_bswa_compiled_median`` its time over compiled ``bswa``'s); the compile time (first
+call, forward and backward) is ``compile_s``, apart. The loss is compiled with
+``fullgraph=True`` and the inductor options of
+:func:`memzoo.compare.trainer.compile_options` (what ``memzoo compare --compile`` uses);
+``--compile-defaults-too`` adds ``name+compiled(defaults)``, inductor's own defaults, in
+the same rounds.
 """
 
 from __future__ import annotations
@@ -160,6 +167,13 @@ def training_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
+def training_loss_inductor_defaults(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`training_loss` under another name: compiled with inductor's default options
+    beside the one compiled with :func:`compile_options` (Dynamo keeps its graphs per
+    function, so the two must not be the same function)."""
+    return training_loss(model, tokens)
+
+
 def make_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[..., torch.Tensor] = training_loss) -> Callable[[], None]:
     def step() -> None:
         loss_fn(model, tokens).backward()
@@ -168,11 +182,41 @@ def make_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[..
     return step
 
 
-def timed(fn: Callable[[], None], n: int) -> float:
-    start = time.perf_counter()
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def timed(fn: Callable[[], None], n: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - start) / n
+    return (clock() - start) / n
+
+
+def count_ops(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, int]:
+    """One training step's operator count: the aten ops its forward (and loss) dispatch,
+    and the autograd nodes its backward runs (at small sizes a step's time is mostly a
+    few microseconds per op, so these counts are what a step costs, whatever the FLOPs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Counting.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        loss = training_loss(model, tokens)
+    nodes, seen, stack = 0, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes += 1
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    model.zero_grad(set_to_none=True)
+    return {"forward_aten_ops": Counting.n, "backward_nodes": nodes}
 
 
 def git_commit() -> str:
@@ -193,7 +237,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--matmul-n", type=int, default=512, help="side of the fp32 square matmul timed alongside")
     parser.add_argument("--compile", action="store_true",
                         help="also time each contender's step with the loss compiled by torch.compile (inductor, "
-                             "fullgraph); compile time is reported apart")
+                             "fullgraph, memzoo.compare.trainer.compile_options: what memzoo compare --compile uses); "
+                             "compile time is reported apart")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: time.perf_counter; thread: time.thread_time, this thread's CPU time (on a "
+                             "shared machine it leaves out the time other jobs hold the core)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count each step's forward aten ops and backward autograd nodes (untimed)")
+    parser.add_argument("--compile-defaults-too", action="store_true",
+                        help="with --compile, also time each step compiled with inductor's default options "
+                             "(contender name+compiled(defaults)), side by side")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -221,20 +274,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps[label] = make_step(model, tokens)
         info[label] = {"variant": name, "options": options, "linear_parameters": n_linear,
                        "attention_pairs_times_heads": pairs, "model_flops_per_step": flops}
+        if args.count_ops:
+            info[label]["ops_per_step"] = count_ops(model, tokens)
         for _ in range(args.warmup):
             steps[label]()
+        kinds = []
         if args.compile:
-            compiled = make_step(model, tokens, torch.compile(training_loss, fullgraph=True, dynamic=False))
+            from memzoo.compare.trainer import compile_options  # what memzoo compare --compile uses
+
+            kinds.append(("compiled", training_loss, compile_options(tokens.device)))
+        if args.compile and args.compile_defaults_too:
+            kinds.append(("compiled(defaults)", training_loss_inductor_defaults, {}))
+        for kind, loss, options in kinds:
+            compiled = make_step(model, tokens, torch.compile(loss, fullgraph=True, dynamic=False, options=options))
+            suffix = kind.removeprefix("compiled")
             start = time.perf_counter()
             try:
                 compiled()  # the first call compiles forward and backward
             except Exception as err:  # a variant that does not compile: say why, time it eagerly only
-                info[label]["compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                info[label][f"compile_error{suffix}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             else:
-                info[label]["compile_s"] = time.perf_counter() - start
+                info[label][f"compile_s{suffix}"] = time.perf_counter() - start
                 for _ in range(args.warmup):
                     compiled()
-                steps[f"{label}+compiled"] = compiled
+                steps[f"{label}+{kind}"] = compiled
 
     n = args.matmul_n
     a, m = torch.randn(n, n), torch.randn(n, n)
@@ -248,21 +311,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples: dict[str, list[float]] = {label: [] for label in steps}
     matmul_s: list[float] = []
     for _ in range(args.rounds):
-        matmul_s.append(timed(matmul, 1) / matmul_reps)
+        matmul_s.append(timed(matmul, 1, CLOCKS[args.clock]) / matmul_reps)
         for label, step in steps.items():
-            samples[label].append(timed(step, inner))
+            samples[label].append(timed(step, inner, CLOCKS[args.clock]))
     matmul_flops = 2 * n**3 / statistics.median(matmul_s)
 
     results: dict[str, Any] = {}
     for label, times in samples.items():
         ratios = [x / y for x, y in zip(times, samples["bswa"])]
         med = statistics.median(times)
-        base = label.removesuffix("+compiled")
+        base = label.split("+")[0]
         flops = info[base]["model_flops_per_step"]
         extra: dict[str, Any] = {}
         if label != base:  # the compiled step against the same contender's eager step, per round
             extra = {"compiled": True, "eager_over_compiled_median": statistics.median(
                 [e / c for e, c in zip(samples[base], times)])}
+            unit = "bswa" + label[len(base):]  # and against bswa compiled the same way (both compiled)
+            if unit in samples:
+                extra["vs_bswa_compiled_median"] = statistics.median([x / y for x, y in zip(times, samples[unit])])
         rope = label.replace("xl", "xl(rope)", 1) if label.startswith("xl") and "(rope)" not in label else None
         if rope in samples:  # xl's relative positions against RoPE, per round (target <= 1.3 at the mid size)
             over = [x / y for x, y in zip(times, samples[rope])]
@@ -279,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "bench_train",
         "size": args.size, "setting": {**size["model"], "T": t, "B": b, "vocab_size": VOCAB},
         "mode": "forward + cross-entropy + backward, float32, cpu",
-        "threads": args.threads, "rounds": args.rounds, "inner_steps": inner,
+        "threads": args.threads, "rounds": args.rounds, "inner_steps": inner, "clock": args.clock,
         "matmul": {"n": n, "flops_per_s_median": matmul_flops, "seconds_min": min(matmul_s)},
         "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(),

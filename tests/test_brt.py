@@ -148,6 +148,25 @@ def test_gates_start_as_documented():
     kit.assert_close(lstm(c, a), c * g, "lstm gate with zero weights")
 
 
+@pytest.mark.parametrize("kind", ["fixed", "lstm"])
+def test_gate_scan_form_equals_the_gate(kind):
+    """Gate.apply (the scan's form: σ(b_g) computed once, a lerp) == Gate.forward (the
+    reference's), values and the gradients of the states, the input and every weight."""
+    gen = torch.Generator().manual_seed(4)
+    c = torch.randn(2, 3, 8, dtype=F64, generator=gen, requires_grad=True)
+    a = torch.randn(2, 3, 8, dtype=F64, generator=gen, requires_grad=True)
+    gate = Gate(kind, 8).to(F64)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.copy_(torch.randn(p.shape, dtype=F64, generator=gen))
+    inputs = [c, a, *gate.parameters()]
+    got, want = gate.apply(c, a, gate.weight()), gate(c, a)
+    kit.assert_close(got, want, f"{kind} gate: scan form")
+    w = torch.randn(want.shape, dtype=F64, generator=gen)
+    for x, y in zip(torch.autograd.grad((got * w).sum(), inputs), torch.autograd.grad((want * w).sum(), inputs)):
+        kit.assert_close(x, y, f"{kind} gate: scan form gradient")
+
+
 def test_streaming_state_is_bounded_and_static_once_full():
     model = kit.tiny_model("brt", {"num_states": 3})
     state, sizes = None, []

@@ -37,6 +37,52 @@ def test_rope_query_key_equals_rotating_each_alone() -> None:
             assert torch.equal(rq2, rq) and torch.equal(rk2, rk)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rope_rotation_equals_rotating_the_halves(dtype) -> None:
+    """RoPE's rotation (``x·[cos, cos] + roll(x)·[-sin, sin]``, the training path's 4 ops)
+    is Hugging Face's ``x·cos + rotate_half(x)·sin`` on the halves, bitwise: outputs and
+    input gradients, shared and per-row positions, with and without a scaling factor."""
+    gen = torch.Generator().manual_seed(1)
+    for scaling in (None, RopeScaling(type="yarn", factor=2.0, original_max_position_embeddings=64)):
+        rope = RoPE(16, 10000.0, scaling)
+        for pos in (torch.arange(100, 107), torch.randint(0, 60000, (3, 7), generator=gen)):
+            x = (torch.randn(3, 2, 7, 16, generator=gen) * 5).to(dtype).requires_grad_()
+            ang = pos.to(torch.float64)[..., None] * rope.inv_freq
+            ang = ang[:, None] if ang.dim() == 3 else ang
+            cos, sin = (t * rope.attention_factor for t in (ang.cos(), ang.sin()))
+            cos, sin = cos.to(dtype), sin.to(dtype)
+            x1, x2 = x.chunk(2, dim=-1)
+            want = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+            got = rope.key(x, pos)
+            g = torch.randn(x.shape, generator=gen).to(dtype)
+            assert torch.equal(got, want)
+            assert torch.equal(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_rope_computes_its_factors_in_one_op(dynamic) -> None:
+    """Traced, RoPE's factors come from the op ``memzoo::rope_factors`` (one node the graph
+    cannot inline into every rotated element) and rotate exactly as eager, shared and
+    per-row positions, with a scaling factor, static and dynamic shapes."""
+    rope = RoPE(16, 500.0, RopeScaling(type="yarn", factor=2.0, original_max_position_embeddings=64))
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(3, 4, 5, 16, generator=gen), torch.randn(3, 2, 5, 16, generator=gen)
+    for pos in (torch.arange(7, 12), torch.randint(0, 60000, (3, 5), generator=gen)):
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm
+
+        torch._dynamo.reset()
+        got = torch.compile(rope.query_key, backend=backend, fullgraph=True, dynamic=dynamic)(q, k, pos)
+        want = (_plain_rotate(rope, q, pos), _plain_rotate(rope, k, pos))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+        assert sum(t.startswith("memzoo.rope_factors") for t in targets) == 1, targets
+    torch._dynamo.reset()
+
+
 def test_rope_angle_memo_is_shared_by_equal_ropes_and_notices_changes() -> None:
     a, b, other = RoPE(8), RoPE(8), RoPE(8, base=20.0)
     x = torch.randn(1, 2, 1, 8)

@@ -126,9 +126,9 @@ def test_decoding_never_recomputes_the_segment_and_state_is_bounded(monkeypatch)
     rows: list[int] = []
     original = RecurrentMemoryTransformer._run
 
-    def counting(self, z, start, k_cache, v_cache, in_buffer=False):
+    def counting(self, z, start, k_cache, v_cache, pos=None, in_buffer=False):
         rows.append(z.shape[1])
-        return original(self, z, start, k_cache, v_cache, in_buffer)
+        return original(self, z, start, k_cache, v_cache, pos, in_buffer)
 
     monkeypatch.setattr(RecurrentMemoryTransformer, "_run", counting)
     state, cached = None, []

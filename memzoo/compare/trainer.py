@@ -230,6 +230,21 @@ class TrainReport:
 COMPILE_BACKEND = "inductor"
 
 
+def compile_options(device: torch.device) -> dict[str, object]:
+    """Inductor options of a compiled training step (``memzoo compare --compile`` and
+    ``benchmarks/bench_train.py --compile``). On the CPU, ``cpp_wrapper``: the graph's
+    kernels are called from generated C++ instead of a Python wrapper, which at small
+    sizes is per-kernel overhead (docs/benchmarks.md, "Compiled training step"); elsewhere
+    inductor's defaults (not measured here)."""
+    return {"cpp_wrapper": True} if device.type == "cpu" else {}
+
+
+def compile_module(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile(net)`` with :data:`COMPILE_BACKEND` (and :func:`compile_options` for inductor)."""
+    options = compile_options(device) if COMPILE_BACKEND == "inductor" else {}
+    return torch.compile(net, backend=COMPILE_BACKEND, **({"options": options} if options else {}))  # type: ignore[return-value]
+
+
 def train(
     model: MemzooLM,
     task: Task,
@@ -257,7 +272,7 @@ def train(
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if settings.compile:
         # the model's forward is compiled (a padded batch's host-side bookkeeping stays eager: graph breaks there)
-        net = torch.compile(net, backend=COMPILE_BACKEND)
+        net = compile_module(net, device)
     opt = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.decay), lr=settings.lr, betas=settings.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, settings))
     report = TrainReport()

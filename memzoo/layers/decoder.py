@@ -111,15 +111,27 @@ class DecoderLayer(nn.Module):
         h = self.input_layernorm(x)
         return self.project_normed(h)
 
+    def _row_heads(self, x: Tensor, b: int, t: int) -> Tensor:
+        """(B·T, n·Dh) rows -> (B, n, T, Dh)."""
+        return x.view(b, t, x.shape[-1] // self.head_dim, self.head_dim).transpose(1, 2)
+
     def project_normed(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Q/K/V of already normed inputs ``h`` (B, T, D), no positions."""
+        """Q/K/V of already normed inputs ``h`` (B, T, D), no positions.
+
+        The projections run on (B·T, D) rows: a 3-D input costs each ``nn.Linear`` a view
+        before and after its matmul, forward and backward (per-op overhead is what a small
+        model's step is made of); the matmuls are the same."""
         attn = self.self_attn
-        return self.split_heads(attn.q_proj(h)), self.split_heads(attn.k_proj(h)), self.split_heads(attn.v_proj(h))
+        b, t = h.shape[:2]
+        rows = h.reshape(b * t, h.shape[-1])
+        return self._row_heads(attn.q_proj(rows), b, t), self._row_heads(attn.k_proj(rows), b, t), self._row_heads(attn.v_proj(rows), b, t)
 
     def project_kv_normed(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """K/V only (B, Hkv, T, Dh) of normed inputs, no positions (memory re-projection)."""
         attn = self.self_attn
-        return self.split_heads(attn.k_proj(h)), self.split_heads(attn.v_proj(h))
+        b, t = h.shape[:2]
+        rows = h.reshape(b * t, h.shape[-1])
+        return self._row_heads(attn.k_proj(rows), b, t), self._row_heads(attn.v_proj(rows), b, t)
 
     def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, D) and positions -> q (B, H, T, Dh), k, v (B, Hkv, T, Dh), positions applied."""
@@ -128,8 +140,11 @@ class DecoderLayer(nn.Module):
         return q, k, v
 
     def attend_residual(self, x: Tensor, heads: Tensor) -> Tensor:
-        """x (B, T, D) + out-projection of per-head attention output (B, H, T, Dh)."""
-        return x + self.self_attn.o_proj(heads.transpose(1, 2).flatten(-2))
+        """x (B, T, D) + out-projection of per-head attention output (B, H, T, Dh) (on rows,
+        as in :meth:`project_normed`)."""
+        b, n, t, dh = heads.shape
+        return x + self.self_attn.o_proj(heads.transpose(1, 2).reshape(b * t, n * dh)).view(x.shape)
 
     def feed_forward(self, h: Tensor) -> Tensor:
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """h (B, T, D) + MLP(Norm(h)) (the MLP on rows, as in :meth:`project_normed`)."""
+        return h + self.mlp(self.post_attention_layernorm(h).flatten(0, -2)).view(h.shape)

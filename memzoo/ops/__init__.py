@@ -96,7 +96,7 @@ def _all_finite(*tensors: Tensor | None) -> bool:
             continue
         part = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
         total = part if total is None else total + part
-    return total is None or math.isfinite(total.item())
+    return total is None or math.isfinite(total.item())  # one sync; torch.isfinite would add 4 ops
 
 
 def _refuse_non_finite(**named: Tensor | None) -> None:

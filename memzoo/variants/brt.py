@@ -121,6 +121,22 @@ class Gate(nn.Module):
         f = torch.sigmoid(self.f_proj(a) + 1)
         return c * f + z * i
 
+    def weight(self) -> Tensor | None:
+        """The fixed gate's ``g = σ(b_g)`` (D,), to compute once for many :meth:`apply` calls
+        (a scan over blocks); None for the LSTM gate (its gates depend on ``a``)."""
+        return torch.sigmoid(self.bias) if self.kind == "fixed" else None
+
+    def apply(self, c: Tensor, a: Tensor, g: Tensor | None) -> Tensor:
+        """:meth:`forward` with the fixed gate's ``g`` given (:meth:`weight`): ``c⊙g + a⊙(1-g)``
+        as one ``lerp`` (``a + g⊙(c - a)``, equal up to rounding); the LSTM gate as in
+        :meth:`forward` with its last two products fused."""
+        if g is not None:
+            return torch.lerp(a, c, g)
+        z = torch.tanh(self.z_proj(a))
+        i = torch.sigmoid(self.i_proj(a) - 1)
+        f = torch.sigmoid(self.f_proj(a) + 1)
+        return torch.addcmul(c * f, z, i)
+
 
 class RecurrentCell(nn.Module):
     """The recurrent layer's extra weights (the token path's self-attention, norms and MLP
@@ -155,26 +171,61 @@ class RecurrentCell(nn.Module):
     def split_heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
-    def state_inputs(self, cells: Tensor) -> Tensor:
-        """The normed states with their IDs: (B, S, D)."""
-        return self.state_layernorm(cells + self.state_ids.to(cells.dtype))
+    def scan(
+        self, cells: Tensor, kept: tuple[Tensor, Tensor, Tensor] | None, tk: Tensor, tv: Tensor, n_done: int, n_kv: int,
+        backend: str,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], tuple[Tensor, Tensor, Tensor]]:
+        """The horizontal direction over ``n_done`` consecutive completed blocks, and the
+        states' keys and values (B, Hkv, S, Dh) before each of the first ``n_kv`` (``n_done``
+        or ``n_done + 1``) blocks: ``cells`` (B, S, D) the states before the first block;
+        ``kept``: their normed inputs, keys and values if already known; ``tk``, ``tv``
+        (B, Hkv, n_done·L, Dh) the completed blocks' unrotated token keys/values. Returns the
+        last states (B, S, D), the keys and values per block, and the last block's
+        ``(hs, sk, sv)``.
 
-    def state_kv(self, hs: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values (B, Hkv, S, Dh) of the normed states (no positions)."""
-        return self.split_heads(self.state_k_proj(hs)), self.split_heads(self.state_v_proj(hs))
+        Per block: the states' normed inputs with their IDs ``hs = Norm_s(c + ids)``, their
+        keys/values (no positions), two query sets reading ``[states]`` and ``[the block's
+        tokens]``, the output projection on ``[self ; cross]`` and the gate (then the MLP and
+        its gate with ``dual``), as :func:`memzoo.variants.naive.brt_reference` computes them
+        block by block. Written for few ops per block (at small sizes a block is a few dozen
+        tiny ops, each costing more than its arithmetic): the states are carried as
+        (B·S, D) rows (every projection a plain 2-D matmul; still called as modules), the
+        state IDs broadcast to the rows once, the blocks' token keys cut once, the fixed
+        gate's ``σ(b_g)`` computed once (:meth:`Gate.apply`)."""
+        if n_done == 0 and kept is not None:  # a call inside one block whose states are known (decode)
+            _, sk, sv = kept
+            return cells, [sk], [sv], kept
+        b, s, d = cells.shape
+        dh = self.head_dim
+        scale = dh**-0.5
+        ids = self.state_ids.to(cells.dtype).expand(b, s, d).reshape(b * s, d)
+        attn_g, mlp_g = self.attn_gate.weight(), (self.mlp_gate.weight() if self.dual else None)
+        block_k = tk.unflatten(2, (n_done, -1)).unbind(2) if n_done else ()  # (B, Hkv, L, Dh) each
+        block_v = tv.unflatten(2, (n_done, -1)).unbind(2) if n_done else ()
 
-    def update(self, cells: Tensor, hs: Tensor, sk: Tensor, sv: Tensor, tk: Tensor, tv: Tensor, backend: str) -> Tensor:
-        """The horizontal direction: states ``cells`` (B, S, D) with normed inputs ``hs`` and
-        keys/values ``sk``, ``sv`` read the block's unrotated token keys/values ``tk``,
-        ``tv`` (B, Hkv, L, Dh). Returns the next states (B, S, D)."""
-        scale = self.head_dim**-0.5
-        own = ops.dense(self.split_heads(self.state_q_proj(hs)), sk, sv, scale=scale, backend=backend)
-        cross = ops.dense(self.split_heads(self.state_cross_q_proj(hs)), tk, tv, scale=scale, backend=backend)
-        heads = torch.cat([own, cross], dim=1).transpose(1, 2).flatten(-2)  # (B, S, 2·H·Dh): [self ; cross] per state
-        new = self.attn_gate(cells, self.state_o_proj(heads))
-        if self.dual:
-            new = self.mlp_gate(new, self.state_mlp(self.state_post_layernorm(new)))
-        return new
+        def heads(x: Tensor) -> Tensor:  # (B·S, n·Dh) -> (B, n, S, Dh)
+            return x.view(b, s, -1, dh).transpose(1, 2)
+
+        rows = cells.reshape(b * s, d)
+        state_k, state_v = [], []
+        for j in range(n_kv):
+            if j == 0 and kept is not None:
+                hs, sk, sv = kept
+                hs = hs.reshape(b * s, d)
+            else:
+                hs = self.state_layernorm(rows + ids)
+                sk, sv = heads(self.state_k_proj(hs)), heads(self.state_v_proj(hs))
+            state_k.append(sk)
+            state_v.append(sv)
+            if j < n_done:
+                own = ops.dense(heads(self.state_q_proj(hs)), sk, sv, scale=scale, backend=backend)
+                cross = ops.dense(heads(self.state_cross_q_proj(hs)), block_k[j], block_v[j], scale=scale, backend=backend)
+                a = self.state_o_proj(torch.cat([own, cross], dim=1).transpose(1, 2).reshape(b * s, -1))
+                rows = self.attn_gate.apply(rows, a, attn_g)
+                if self.dual:
+                    rows = self.mlp_gate.apply(rows, self.state_mlp(self.state_post_layernorm(rows)), mlp_g)
+        # no block completed: the states are the very tensor given (a decode step's caches are keyed on it)
+        return (rows.view(b, s, d) if n_done else cells), state_k, state_v, (hs.view(b, s, d), sk, sv)
 
 
 @dataclass
@@ -348,25 +399,13 @@ class BlockRecurrentTransformer(Backbone):
         step's, if no block completed after it). The first block's are those the last step kept with ``state`` (they
         change only when a block completes), when it kept them."""
         cell, size, t = self.cell, self.block_size, h.shape[1]
-        cells = state.cells
-        sources = self._state_kv_sources(cells)
-        # the completed blocks' keys/values cut once: a slice per block would make backward
-        # build a zero gradient of the whole window per block (O(nb·T) time)
-        block_k = keys_raw[:, :, : n_done * size].unflatten(2, (n_done, size)).unbind(2)  # (B, Hkv, L, Dh) each
-        block_v = values[:, :, : n_done * size].unflatten(2, (n_done, size)).unbind(2)
-        state_k, state_v = [], []
-        for j in range(n_blocks):
-            kept = state.derived("state_kv", sources) if j == 0 else None
-            if kept is None:
-                hs = cell.state_inputs(cells)
-                sk, sv = cell.state_kv(hs)
-            else:
-                hs, sk, sv = kept
-            state_k.append(sk)
-            state_v.append(sv)
-            if j < n_done:
-                cells = cell.update(cells, hs, sk, sv, block_k[j], block_v[j], self.backend)
-        last = (sources if n_done == 0 else self._state_kv_sources(cells), (hs, sk, sv))
+        sources = self._state_kv_sources(state.cells)
+        kept = state.derived("state_kv", sources)
+        done = slice(0, n_done * size)  # the completed blocks' keys (keys_raw starts at the first touched block)
+        cells, state_k, state_v, last_kv = cell.scan(
+            state.cells, kept, keys_raw[:, :, done], values[:, :, done], n_done, n_blocks, self.backend
+        )
+        last = (sources if n_done == 0 else self._state_kv_sources(cells), last_kv)
         qc = cell.split_heads(cell.cross_q_proj(h))  # (B, H, T, Dh), no positions
         if n_blocks == 1:  # every token reads the same states (a decode step): no padding to a whole block
             return ops.dense(qc, state_k[0], state_v[0], scale=self.head_dim**-0.5, backend=self.backend), cells, last

@@ -90,7 +90,7 @@ def put(buf: Tensor, rows: Tensor, at: int, *, dim: int = 2) -> Tensor:
     nothing to move to the device, no branch on where the rows fall); or, inside
     :func:`written_in_place`, ``buf`` itself with the rows copied in."""
     n = rows.shape[dim]
-    if _IN_PLACE.get() and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and _IN_PLACE.get() and not torch.is_grad_enabled():  # compiling: first
         buf.narrow(dim, at, n).copy_(rows)
         return buf
     return torch.cat([buf.narrow(dim, 0, at), rows, buf.narrow(dim, at + n, buf.shape[dim] - at - n)], dim=dim)

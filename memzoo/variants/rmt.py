@@ -105,25 +105,29 @@ class RecurrentMemoryTransformer(Backbone):
         return mem
 
     def _run(
-        self, z: Tensor, start: int, k_cache: list[Tensor], v_cache: list[Tensor], in_buffer: bool = False
+        self, z: Tensor, start: int, k_cache: list[Tensor], v_cache: list[Tensor], pos: Tensor | None = None,
+        in_buffer: bool = False,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Rows ``z`` (B, n, D) at local positions ``[start, start+n)`` through the whole
-        stack, causally over the cached rows ``[0, start)`` and themselves. Returns the
-        last layer's outputs (B, n, D) and per-layer keys/values of rows ``[0, start+n)``.
-        With ``in_buffer`` the caches are the state's whole buffers (K + L rows, rows
-        ``[0, start)`` valid): the new rows are written into them and attention runs over
-        every row at its local position (``key_pos``: the rows after the queries hidden),
-        so the shapes are the same at every position (a decode step); the buffers with the
-        new rows are returned."""
-        pos = torch.arange(start, start + z.shape[1], device=z.device)
+        """Rows ``z`` (B, n, D) at local positions ``[start, start+n)`` (``pos``, made here
+        if not given) through the whole stack, causally over the cached rows ``[0, start)``
+        and themselves. Returns the last layer's outputs (B, n, D) and per-layer
+        keys/values of rows ``[0, start+n)``. With ``in_buffer`` the caches are the state's
+        whole buffers (K + L rows, rows ``[0, start)`` valid): the new rows are written into
+        them and attention runs over every row at its local position (``key_pos``: the rows
+        after the queries hidden), so the shapes are the same at every position (a decode
+        step); the buffers with the new rows are returned."""
+        if pos is None:
+            pos = torch.arange(start, start + z.shape[1], device=z.device)
         key_pos = torch.arange(k_cache[0].shape[2], device=z.device) if in_buffer else None
         new_k, new_v = [], []
         for layer, kc, vc in zip(self.layers, k_cache, v_cache):
             q, k, v = layer.project(z, pos)
             if in_buffer:  # the new rows into rows [start, start + n) of the buffers
                 keys, values = ring.put(kc, k, start), ring.put(vc, v, start)
-            else:
+            elif start:  # rows of this segment before these, cached
                 keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
+            else:  # a segment's first rows: nothing cached to put before them
+                keys, values = k, v
             heads = ops.attend(
                 q, keys, values, layout=BlockLayout(), q_start=start, scale=layer.positions.scale, backend=self.backend,
                 key_pos=key_pos,
@@ -163,6 +167,9 @@ class RecurrentMemoryTransformer(Backbone):
             z, k_cache, v_cache = self._run(x, n_mem + pos % size, k_cache, v_cache, in_buffer=True)
             return z, RMTState(pos=pos + 1, fingerprint=self.fingerprint, mem=mem, k=k_cache, v=v_cache)
         rows_kept = n_mem + size
+        # the positions 0 … 2K+L-1 of a whole segment, one tensor for every whole segment of
+        # the call (RoPE computes its angles for them once: its memo keys on the tensor)
+        whole = torch.arange(2 * n_mem + size, device=x.device) if x.shape[1] >= size else None
         # the call's tokens cut at the segment boundaries once: a slice per segment would make
         # backward build a zero gradient of the whole input per segment (O(segments·T) time)
         end = pos + x.shape[1]
@@ -179,7 +186,10 @@ class RecurrentMemoryTransformer(Backbone):
             if completes and n_mem:
                 rows.append(self._write_rows(x.shape[0], x))
             cached_k, cached_v = [kc[:, :, :start] for kc in k_cache], [vc[:, :, :start] for vc in v_cache]
-            z, k_cache, v_cache = self._run(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0], start, cached_k, cached_v)
+            z, k_cache, v_cache = self._run(
+                torch.cat(rows, dim=1) if len(rows) > 1 else rows[0], start, cached_k, cached_v,
+                whole if done == 0 and completes else None,
+            )
             outputs.append(z[:, first : first + take])
             if completes:  # new read memory; the next segment's rows are computed when it starts
                 if n_mem:

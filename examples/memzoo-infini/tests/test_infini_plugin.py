@@ -13,7 +13,7 @@ import torch
 import memzoo
 from memzoo import testing as kit
 from memzoo_infini import InfiniAttention, infini_reference
-from memzoo_infini.variant import retrieve, sigma, write
+from memzoo_infini.variant import retrieve, scan, sigma, write
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -51,6 +51,61 @@ def test_fast_path_equals_the_segment_loop(opts, preset, backend):
     y, state = model(x)
     ref, mems, norms = infini_reference(model, x)
     kit.assert_close(y, ref, f"infini {opts} vs segment loop")
+    for i in range(model.n_layers):
+        kit.assert_close(state.mem[i], mems[i], f"memory of layer {i}")
+        kit.assert_close(state.norm[i], norms[i], f"normaliser of layer {i}")
+    names, params = zip(*model.named_parameters())
+    for name, a, e in zip(("x", *names), _grads(y, [x, *params]), _grads(ref, [x, *params])):
+        kit.assert_close(a, e, f"grad of {name}")
+
+
+@pytest.mark.parametrize("rule", ["delta", "linear"])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_batched_scan_equals_block_by_block_writes(rule, fresh):
+    """:func:`scan` (the fast path's batched writes) == :func:`write` block after block:
+    every memory and normaliser, and the gradients into the keys, values and the memory it
+    starts from (GQA-sized heads, a non-empty starting memory unless ``fresh``)."""
+    gen = torch.Generator().manual_seed(7)
+    b, hkv, n, size, dh = 2, 2, 4, 3, 5
+    sk = sigma(torch.randn(b, hkv, n * size, dh, dtype=F64, generator=gen)).requires_grad_()
+    v = torch.randn(b, hkv, n * size, dh, dtype=F64, generator=gen, requires_grad=True)
+    if fresh:
+        mem, norm = torch.zeros(b, hkv, dh, dh, dtype=F64), torch.zeros(b, hkv, dh, dtype=F64)
+    else:
+        mem = torch.randn(b, hkv, dh, dh, dtype=F64, generator=gen, requires_grad=True)
+        norm = (torch.rand(b, hkv, dh, dtype=F64, generator=gen) + 0.5).requires_grad_()
+    reads, last, norms = scan(mem, norm, sk, v, size, rule, fresh=fresh, n_read=n + 1)
+    mems = reads
+    want_m, want_z = [mem], [norm]
+    for j in range(n):
+        block = slice(j * size, (j + 1) * size)
+        m, z = write(want_m[-1], want_z[-1], sk[:, :, block], v[:, :, block], rule)
+        want_m.append(m)
+        want_z.append(z)
+    want_mems, want_norms = torch.stack(want_m, 2).flatten(0, 1), torch.stack(want_z, 2).flatten(0, 1)
+    kit.assert_close(mems, want_mems, f"{rule} scan: memories")
+    kit.assert_close(last, want_mems[:, n], f"{rule} scan: last memory")
+    kit.assert_close(scan(mem, norm, sk, v, size, rule, fresh=fresh, n_read=n)[0], want_mems[:, :n], f"{rule} scan: {n} read")
+    kit.assert_close(norms, want_norms, f"{rule} scan: normalisers")
+    inputs = [sk, v] + ([] if fresh else [mem, norm])
+    got = _grads(torch.cat([mems.flatten(1), norms.flatten(1)], 1), inputs)
+    want = _grads(torch.cat([want_mems.flatten(1), want_norms.flatten(1)], 1), inputs)
+    for name, a, e in zip(("σ(K)", "V", "memory", "normaliser"), got, want):
+        kit.assert_close(a, e, f"{rule} scan: gradient of {name}")
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_continued_state_equals_the_segment_loop(opts):
+    """A call that continues a state in mid-block and completes blocks (the batched scan
+    from a written memory) == the segment loop over the whole input, outputs and the
+    gradients of every parameter and of both calls' inputs (through the state)."""
+    model = kit.tiny_model("infini", opts, **kit.LAYER_PRESETS["llama"]).backbone
+    x = _x(19, seed=2)
+    ref, mems, norms = infini_reference(model, x)
+    y1, state = model(x[:, :6])  # one block written, two tokens of the next held
+    y2, state = model(x[:, 6:], state)
+    y = torch.cat([y1, y2], 1)
+    kit.assert_close(y, ref, f"infini {opts}: continued state vs segment loop")
     for i in range(model.n_layers):
         kit.assert_close(state.mem[i], mems[i], f"memory of layer {i}")
         kit.assert_close(state.norm[i], norms[i], f"normaliser of layer {i}")

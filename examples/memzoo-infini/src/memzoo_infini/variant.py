@@ -104,6 +104,52 @@ def write(mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, rule: str) -> tuple[
     return mem + sk.transpose(-1, -2) @ v, norm + sk.sum(dim=2)
 
 
+def scan(
+    mem: Tensor, norm: Tensor, sk: Tensor, v: Tensor, size: int, rule: str, fresh: bool, n_read: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`write` for ``n`` consecutive complete blocks at once: ``sk`` = σ(K) and ``v``
+    (B, Hkv, n·L, Dh), ``mem`` (B, Hkv, Dh, Dh) and ``norm`` (B, Hkv, Dh) before the first.
+    Returns the memories before each of the first ``n_read`` blocks (``n_read`` ≤ n + 1;
+    the (n+1)-th is the last), (B·Hkv, n_read, Dh, Dh); the last memory (B·Hkv, Dh, Dh);
+    and every normaliser from before the first block to after the last, (B·Hkv, n+1, Dh).
+    ``fresh``: ``mem`` and ``norm`` are the empty ones (zeros: the sequence's first block).
+
+    The same function as ``n`` calls of :func:`write`, with the per-block work batched
+    (at small sizes a step is per-op overhead): the normalisers are a cumulative sum, so
+    every block's denominator ``den = σ(K) z_{s-1}`` (clamped) and ``W = σ(K) / den`` are
+    known before the loop, which then does the delta rule's write
+    ``M_s = M_{s-1} + σ(K)ᵀ (V - W M_{s-1})`` as two ``baddbmm`` per block (the linear
+    rule is a cumulative sum of the blocks' ``σ(K)ᵀ V``). With ``fresh`` the first block's
+    write is the linear one (its retrieval is exactly 0: ``M = 0``), so no ``W`` with the
+    clamped ``den`` of an empty normaliser is formed."""
+    b, hkv, length, dh = sk.shape
+    g, n = b * hkv, length // size
+    skb = sk.reshape(g, n, size, dh)  # one row of blocks per head
+    vb = v.reshape(g, n, size, dh)
+    # z before block j is norms[:, j]: the state's, then a running sum of the blocks' σ(K) sums
+    norms = torch.cat([norm.reshape(g, 1, dh), skb.sum(2)], dim=1).cumsum(1)  # (B·Hkv, n+1, Dh)
+    if rule == "linear":
+        written = torch.bmm(sk.reshape(g * n, size, dh).transpose(1, 2), v.reshape(g * n, size, dh)).view(g, n, dh, dh)  # σ(K)ᵀ V
+        mems = torch.cat([mem.reshape(g, 1, dh, dh), written], dim=1).cumsum(1)
+        return mems[:, :n_read], mems[:, n], norms
+    first = 1 if fresh else 0  # blocks [first, n) read the memory before writing
+    ws: tuple[Tensor, ...] = ()
+    if first < n:
+        sk_d = skb[:, first:].reshape(-1, size, dh)  # (B·Hkv·(n-first), L, Dh)
+        den = torch.bmm(sk_d, norms[:, first:n].reshape(-1, dh, 1)).clamp_min(DENOMINATOR_MIN)  # (·, L, 1)
+        ws = (sk_d / den).view(g, n - first, size, dh).unbind(1)
+    keys_t, values = skb.transpose(2, 3).unbind(1), vb.unbind(1)  # (B·Hkv, Dh, L), (B·Hkv, L, Dh) per block
+    m = mem.reshape(g, dh, dh)
+    mems = [m]
+    for j in range(n):
+        if j < first:
+            m = torch.bmm(keys_t[j], values[j])
+        else:  # M + σ(K)ᵀ (V - W M)
+            m = torch.baddbmm(m, keys_t[j], torch.baddbmm(values[j], ws[j - first], m, alpha=-1))
+        mems.append(m)
+    return torch.stack(mems[:n_read], dim=1), m, norms
+
+
 @dataclass
 class InfiniState(memzoo.State):
     """Per layer: ``k[l]``, ``v[l]`` (B, Hkv, t, Dh) the *unrotated* keys and the values of
@@ -125,9 +171,10 @@ class InfiniAttention(memzoo.Backbone):
     state_format = 2
     #: why a compiled training step fails (memzoo's compile tests check it still does)
     compile_training_issue = (
-        "torch 2.13's AOT autograd traces a backward for the padded block retrieval whose gradient strides differ "
-        "from eager's, then views that gradient in split_heads' backward ('view size is not compatible'); the "
-        "forward traces with no graph break"
+        "torch 2.13's AOT autograd traces a backward in which the unrotated queries' gradient (the sum of the "
+        "RoPE path's and the memory retrieval's) has other strides at run time than traced, then views it in the "
+        "head split's backward ('view size is not compatible'); the forward traces with no graph break, and "
+        "inductor (bench_train --compile) runs it"
     )
 
     def build(self) -> None:
@@ -172,8 +219,7 @@ class InfiniAttention(memzoo.Backbone):
         key_pos = memzoo.ring.positions(size, end, x.device) if in_ring else None
         layout = BlockLayout(block_size=size, window=0)  # causal within the block only
         rotated = self.memory_positions == "rotated"
-        gates = torch.sigmoid(self.gate).to(x.dtype)  # (n_layers, H)
-        rests = 1 - gates
+        gates = torch.sigmoid(self.gate).to(x.dtype)[:, None, :, None, None]  # (n_layers, 1, H, 1, 1): sigmoid(β)
         new_k, new_v, new_mem, new_norm, rotated_k = [], [], [], [], []
         for i, layer in enumerate(self.layers):
             q_raw, k_raw, v = layer.project_raw(x)  # (B, H, T, Dh), (B, Hkv, T, Dh)
@@ -206,31 +252,31 @@ class InfiniAttention(memzoo.Backbone):
                 local = ops.attend(q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
 
             sq = sigma(q if rotated else q_raw)
-            # the scan: the memory each query block reads, written once per completed block
-            mems, norms = [state.mem[i]], [state.norm[i]]
-            if n_done:
-                # the completed blocks cut once: a slice per block would make backward build
-                # a zero gradient of the whole call per block (O(nb·T) time)
-                sk = sigma((keys if rotated else keys_raw)[:, :, : n_done * size]).unflatten(2, (n_done, size))
-                block_v = values[:, :, : n_done * size].unflatten(2, (n_done, size))
-                for sk_j, v_j in zip(sk.unbind(2), block_v.unbind(2)):  # (B, Hkv, L, Dh) each
-                    m, z = write(mems[-1], norms[-1], sk_j, v_j, self.update)
-                    mems.append(m)
-                    norms.append(z)
+            b, dh = x.shape[0], self.head_dim
+            if n_done:  # the memory each query block of the call reads, and the last
+                sk = sigma((keys if rotated else keys_raw)[:, :, : n_done * size])  # the completed blocks' keys
+                reads, last, norms = scan(
+                    state.mem[i], state.norm[i], sk, values[:, :, : n_done * size], size, self.update,
+                    fresh=block_start == 0, n_read=n_blocks,
+                )
+                last_mem, last_norm = last.view(b, -1, dh, dh), norms[:, n_done].view(b, -1, dh)
+            else:
+                last_mem, last_norm = state.mem[i], state.norm[i]
             if n_blocks == 1:  # every query reads one memory (a decode step): no padding to a whole block
-                a_mem = retrieve(sq, ops.repeat_kv(mems[0], self.n_heads), ops.repeat_kv(norms[0], self.n_heads))
+                a_mem = retrieve(sq, ops.repeat_kv(state.mem[i], self.n_heads), ops.repeat_kv(state.norm[i], self.n_heads))
             else:  # every query block's retrieval in one batched product: queries padded to whole blocks
-                sq_blocks = F.pad(sq, (0, 0, pad, n_blocks * size - pad - t)).unflatten(2, (n_blocks, size))  # (B, H, nb, L, Dh)
-                mem = ops.repeat_kv(torch.stack(mems[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh, Dh)
-                norm = ops.repeat_kv(torch.stack(norms[:n_blocks], dim=2), self.n_heads)  # (B, H, nb, Dh)
-                a_mem = retrieve(sq_blocks, mem, norm).flatten(2, 3)[:, :, pad : pad + t]  # (B, H, T, Dh)
+                sq_blocks = F.pad(sq, (0, 0, pad, n_blocks * size - pad - t)).reshape(-1, size, dh)  # (B·H·nb, L, Dh)
+                mem = ops.repeat_kv(reads.unflatten(0, (b, -1)), self.n_heads)  # (B, H, nb, Dh, Dh)
+                norm = ops.repeat_kv(norms[:, :n_blocks].unflatten(0, (b, -1)), self.n_heads)  # (B, H, nb, Dh)
+                den = torch.bmm(sq_blocks, norm.reshape(-1, dh, 1)).clamp_min(DENOMINATOR_MIN)  # (B·H·nb, L, 1)
+                a_mem = (torch.bmm(sq_blocks, mem.reshape(-1, dh, dh)) / den).view(b, self.n_heads, -1, dh)[:, :, pad : pad + t]
 
-            g, rest = gates[i][None, :, None, None], rests[i][None, :, None, None]  # (1, H, 1, 1): sigmoid(β), 1 - sigmoid(β)
-            x = layer.feed_forward(layer.attend_residual(x, g * a_mem + rest * local))
+            # sigmoid(β) ⊙ A_mem + (1 - sigmoid(β)) ⊙ A_local, as local + sigmoid(β) ⊙ (A_mem - local)
+            x = layer.feed_forward(layer.attend_residual(x, torch.lerp(local, a_mem, gates[i])))
             new_k.append(ring_k)
             new_v.append(ring_v)
-            new_mem.append(mems[n_done])
-            new_norm.append(norms[n_done])
+            new_mem.append(last_mem)
+            new_norm.append(last_norm)
             rotated_k.append(keys_ring)
         new = InfiniState(pos=end, fingerprint=self.fingerprint, k=new_k, v=new_v, mem=new_mem, norm=new_norm)
         for i, (k, r) in enumerate(zip(new_k, rotated_k)):  # for the next step (eager no-grad calls only)
