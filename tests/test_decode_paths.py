@@ -9,6 +9,8 @@ tolerance where it computes the same thing another way.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -117,29 +119,33 @@ CASES = [pytest.param(name, opts, id=case_id) for name, opts, case_id in kit.reg
 
 @pytest.mark.parametrize("name,opts", CASES)
 def test_decode_in_ring_order_equals_the_general_path(name, opts, monkeypatch) -> None:
-    """One token at a time from a fresh state, twice: as it runs (a full ring buffer is
-    read in slot order, e.g. with keys at explicit positions) and through the general path
-    (the cache read in position order, as on a backend without keys at explicit
-    positions): the same outputs, states and gradients."""
+    """One token at a time from a fresh state, three times: through the decode step on a
+    full ring (its new row written, the rows the token sees read in order), the same with
+    one shape at every step (``ring.static_shapes``: every row at its position, keys at
+    explicit positions) and through the general path (the cache read in position order):
+    the same outputs, states and gradients."""
     model = kit.tiny_model(name, opts).backbone
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 30, model.d_model, generator=gen, dtype=torch.float64, requires_grad=True)
     if not any(model.decodes_in_ring_order(p, 1) for p in range(x.shape[1])):
         pytest.skip(f"{name} {opts}: no decode step reads a ring buffer in slot order (its state grows)")
-    runs = []
-    for ring_order in (True, False):
-        if not ring_order:  # as on a backend without keys at explicit positions: never in slot order
+    runs = {}
+    for path in ("static", "ring", "general"):
+        if path == "general":  # never the decode step's own path: the cache read in position order
             monkeypatch.setattr(model, "decodes_in_ring_order", lambda start, n_tokens: False)
-        y, state = _stream(model, x)
-        runs.append((y, state, torch.autograd.grad((y * y.detach().cos()).sum(), [x, *model.parameters()], allow_unused=True)))
-    (y1, s1, g1), (y2, s2, g2) = runs
-    kit.assert_close(y1, y2, f"{name}: outputs")
-    kit.assert_states_equal(s1, s2, f"{name}: final state")
-    for a, b, what in zip(g1, g2, ["x", *(n for n, _ in model.named_parameters())]):
-        if a is None or b is None:
-            assert a is None and b is None, what
-            continue
-        kit.assert_close(a, b, f"{name}: grad of {what}")
+        with memzoo.ring.static_shapes() if path == "static" else contextlib.nullcontext():
+            y, state = _stream(model, x)
+        runs[path] = (y, state, torch.autograd.grad((y * y.detach().cos()).sum(), [x, *model.parameters()], allow_unused=True))
+    y2, s2, g2 = runs["general"]
+    for path in ("static", "ring"):
+        y1, s1, g1 = runs[path]
+        kit.assert_close(y1, y2, f"{name}: outputs, {path} decode steps")
+        kit.assert_states_equal(s1, s2, f"{name}: final state, {path} decode steps")
+        for a, b, what in zip(g1, g2, ["x", *(n for n, _ in model.named_parameters())]):
+            if a is None or b is None:
+                assert a is None and b is None, what
+                continue
+            kit.assert_close(a, b, f"{name}: grad of {what}, {path} decode steps")
 
 
 # ------------------------------------------------------------ derived tensors

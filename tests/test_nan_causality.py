@@ -4,6 +4,8 @@ when streaming; ``memzoo.ops.check_finite()`` refuses such input when asked."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -122,17 +124,21 @@ def test_finite_values_whose_sum_overflows_give_the_backend_result() -> None:
     ("sinks", {"num_sinks": 2, "window": 3}, 15),  # 10 + n_layers·(W - 1) + 1
 ])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_non_finite_token_is_forgotten_once_out_of_reach_when_decoding(variant: str, options: dict, reach: int, bad: float) -> None:
+@pytest.mark.parametrize("static", [False, True])
+def test_a_non_finite_token_is_forgotten_once_out_of_reach_when_decoding(
+    variant: str, options: dict, reach: int, bad: float, static: bool
+) -> None:
     """Decoding token by token, a non-finite input stays in the ring buffer's stale rows
-    after no query can see it any more: it must reach no later output. Past its reach the
-    outputs are finite and equal those of the same stream with that token clean."""
+    after no query can see it any more: it must reach no later output (with
+    ``ring.static_shapes`` every row is handed to the attention, stale ones included). Past
+    its reach the outputs are finite and equal those of the same stream with that token clean."""
     torch.manual_seed(0)
     bb = memzoo.build_backbone(variant, d_model=16, n_layers=2, n_heads=2, block_size=4, **options)
     x = torch.randn(1, 36, 16)
     clean = x.clone()
     x[0, 10, 2] = bad
     outs = {}
-    with torch.no_grad():
+    with torch.no_grad(), memzoo.ring.static_shapes() if static else contextlib.nullcontext():
         for name, xs in (("bad", x), ("clean", clean)):
             state, ys = None, []
             for i in range(xs.shape[1]):

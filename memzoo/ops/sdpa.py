@@ -113,9 +113,9 @@ def decode_mask(layout: BlockLayout, q: int, key_pos: Tensor, n_extra: int, dtyp
         if hit is not None and hit[0] is key_pos and hit[1] == key_pos._version:
             return hit[2]
     hidden = ~layout.visible_to(q, key_pos)
-    if n_extra:
-        hidden = torch.cat([hidden.new_zeros(n_extra), hidden])
-    mask = torch.zeros(hidden.shape, dtype=dtype, device=key_pos.device).masked_fill_(hidden, float("-inf"))[None, :]
+    mask = torch.zeros(n_extra + hidden.shape[0], dtype=dtype, device=key_pos.device)
+    mask[n_extra:].masked_fill_(hidden, float("-inf"))
+    mask = mask[None, :]
     if key is not None:
         _DECODE_MASKS.pop(key, None)
         _DECODE_MASKS[key] = (key_pos, key_pos._version, mask)

@@ -301,7 +301,7 @@ class BlockRecurrentTransformer(Backbone):
         return {"k": kv, "v": kv, "cells": (batch_size, self.num_states, self.d_model)}
 
     def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
-        return n_tokens == 1 and start >= self.capacity() and ops.takes_key_positions(self.backend)
+        return n_tokens == 1 and start >= self.capacity()
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> BRTState:
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
@@ -316,13 +316,16 @@ class BlockRecurrentTransformer(Backbone):
         first = start // size
         n_done = end // size - first  # blocks completed in this call
         n_blocks = (end - 1) // size - first + 1  # query blocks touched: nb
-        in_ring = self.decodes_in_ring_order(start, t)  # a decode step: the ring in slot order
+        in_ring = self.decodes_in_ring_order(start, t)  # a decode step on the full ring
         # the caches read in position order, all of them (the previous block on, and what the
         # ring still holds before it): [k_start, start)
         k_start = start if in_ring else start - ring.size(cap, start)
         pos = torch.arange(k_start, end, device=x.device)
         q_pos = pos[start - k_start :]  # made once for every layer (RoPE then computes its angles once)
-        key_pos = ring.positions(cap, end, x.device) if in_ring else None
+        # one shape at every step (compiled code, ring.static_shapes): every row at its position
+        static = in_ring and ring.decodes_statically() and ops.takes_key_positions(self.backend)
+        key_pos = ring.positions(cap, end, x.device) if static else None
+        seen = max((first - 1) * size, end - cap)  # the oldest row a decode step's token sees
         # the new caches are the rows read plus the new ones while the ring holds [0, end) in order
         wraps = end > cap or k_start > 0
         layout = self.layout()
@@ -335,13 +338,18 @@ class BlockRecurrentTransformer(Backbone):
             if in_ring:
                 ring_k = ring.write(state.k[i], k_raw, start, capacity=cap)  # (B, Hkv, 2L, Dh), slot order
                 values = ring.write(state.v[i], v, start, capacity=cap)
-                if cached is None:
-                    q, keys = layer.positions.query(q_raw, q_pos), layer.positions.key(ring_k, key_pos)
+                if cached is None:  # the whole ring rotated (a state without its rotated keys kept)
+                    q, keys = layer.positions.query(q_raw, q_pos), layer.positions.key(ring_k, ring.positions(cap, end, x.device))
                 else:  # rotate only this call's key
                     q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
                     keys = ring.write(cached, k, start, capacity=cap)
-                block_k = ring.read(ring_k, first * size, end, end, capacity=cap)  # the block so far, in order
-                block_v = ring.read(values, first * size, end, end, capacity=cap)
+                block_k, block_v = ring_k, values  # the block, in order, only where the state scan reads it
+                if n_done and i == self.recurrent_index:
+                    block_k = ring.read(ring_k, first * size, end, end, capacity=cap)
+                    block_v = ring.read(values, first * size, end, end, capacity=cap)
+                ring_keys, ring_v = keys, values
+                if not static:  # the rows the token sees, in order (views of the ring)
+                    keys, values = (ring.read(r, seen, end, end, capacity=cap) for r in (keys, values))
             else:
                 keys_raw = torch.cat([ring.read(state.k[i], k_start, start, start, capacity=cap), k_raw], dim=2)  # [k_start, end)
                 values = torch.cat([ring.read(state.v[i], k_start, start, start, capacity=cap), v], dim=2)
@@ -362,8 +370,8 @@ class BlockRecurrentTransformer(Backbone):
             x = layer.feed_forward(out)
             if in_ring:
                 new_k.append(ring_k)
-                new_v.append(values)
-                rotated.append(keys)
+                new_v.append(ring_v)
+                rotated.append(ring_keys)
             elif wraps:
                 new_k.append(ring.write(state.k[i], k_raw, start, capacity=cap))
                 new_v.append(ring.write(state.v[i], v, start, capacity=cap))

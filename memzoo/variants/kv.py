@@ -14,9 +14,10 @@ feed-forward and writes the new K/V into the ring::
 
     cache (sinks | ring) -> in order + new K/V -> [extra rows hook] -> attend -> residual, FF -> write
 
-A one-token call on a full ring (a decode step) reads nothing back in order: it writes
-its K/V into the ring and attends over every row at its position (``key_pos``), the
-stale rows hidden by the layout; nothing in it changes shape from one token to the next.
+A one-token call on a full ring (a decode step) writes its K/V into the ring and attends
+over the rows it sees, views of the ring in position order; compiled (or inside
+:func:`memzoo.ring.static_shapes`) over every row at its position (``key_pos``), the stale
+rows hidden by the layout, so nothing in it changes shape from one token to the next.
 
 Shapes: B batch, T tokens in the call, Hkv key/value heads, t cached rows, Dh head
 width, nb query blocks touched by the call, F extra rows per block, S sinks, C capacity.
@@ -76,11 +77,20 @@ class KVCacheBackbone(Backbone):
         assert layout.window is not None and layout.block_size is not None
         return layout.window + layout.block_size
 
+    @property
+    def geometry(self) -> tuple[BlockLayout, int | None]:
+        """``(layout(), capacity())``, worked out once (they follow from the config, which
+        does not change after construction): the decode step asks for them per token."""
+        kept = self.__dict__.get("_memzoo_geometry")
+        if kept is None:
+            kept = self.__dict__["_memzoo_geometry"] = (self.layout(), self.capacity())
+        return kept
+
     # ------------------------------------------------------------------ the cache
     def cache_rows(self, pos: int) -> tuple[int, int]:
         """``(s, n)``: a state at ``pos`` holds ``s`` sink rows and ``n`` ring rows."""
-        sinks = self.layout().sinks
-        return min(sinks, pos), ring.size(self.capacity(), pos, sinks)
+        layout, cap = self.geometry
+        return min(layout.sinks, pos), ring.size(cap, pos, layout.sinks)
 
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
         kv = [(batch_size, self.n_kv_heads, sum(self.cache_rows(pos)), self.head_dim)] * self.n_layers
@@ -94,7 +104,8 @@ class KVCacheBackbone(Backbone):
         """The rows of a cache at ``pos`` a call from ``pos`` reads, at
         :meth:`BlockLayout.key_positions`: the sinks, then the run in position order from
         ``first`` on (or from its first row held, whichever is later)."""
-        sinks, cap = self.layout().sinks, self.capacity()
+        layout, cap = self.geometry
+        sinks = layout.sinks
         s, n = min(sinks, pos), ring.size(cap, pos, sinks)
         run = ring.read(cache, max(first, pos - n), pos, pos, capacity=cap, origin=sinks, offset=s)
         return torch.cat([cache[:, :, :s], run], dim=2) if s else run
@@ -103,7 +114,8 @@ class KVCacheBackbone(Backbone):
         """The cache after a call from ``start``: ``cache`` with ``rows`` (B, Hkv, T, Dh), the
         K/V of positions ``[start, start + T)`` as the state keeps them, written in (the
         sinks among them after the sinks held, the others into the ring)."""
-        sinks, cap = self.layout().sinks, self.capacity()
+        layout, cap = self.geometry
+        sinks = layout.sinks
         held = min(sinks, start)
         new_sinks = min(sinks, start + rows.shape[2]) - held
         if new_sinks:  # only while the ring is still empty: the sinks come first
@@ -113,11 +125,9 @@ class KVCacheBackbone(Backbone):
 
     def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
         """Whether the call ``[start, start + n_tokens)`` is a decode step on a full ring (one
-        token after the sinks) that a backend taking keys at explicit positions runs."""
-        cap, sinks = self.capacity(), self.layout().sinks
-        return (
-            n_tokens == 1 and cap is not None and start - sinks >= cap and ops.takes_key_positions(self.backend)
-        )
+        token after the sinks): :meth:`decode_step`."""
+        layout, cap = self.geometry
+        return n_tokens == 1 and cap is not None and start - layout.sinks >= cap
 
     # ---------------------------------------------------------------------- hooks
     def extra_rows(
@@ -166,13 +176,12 @@ class KVCacheBackbone(Backbone):
         if self.decodes_in_ring_order(start, t):
             return self.decode_step(x, state)
         pos = self.token_positions(state, t, x.device)
-        layout = self.layout()
+        layout, cap = self.geometry
         raw_sinks = layout.n_sink_rows(end) if self.sinks_before_positions else 0
         new_sinks = raw_sinks - layout.n_sink_rows(start)  # this call's tokens that are sinks
         sink_pos = torch.arange(raw_sinks, device=x.device) if raw_sinks else None
         # the run the call's queries may see starts at the first query block's window
         first = 0 if not layout.bounded else (start // layout.block_size) * layout.block_size - layout.window  # type: ignore[operator]
-        cap = self.capacity()
         # rows of the cache after the call when its ring does not wrap (else -1): sinks + run from the sinks on
         kept_rows = sum(self.cache_rows(end)) if cap is None or end - layout.sinks <= cap else -1
         new_k, new_v, kept = [], [], []
@@ -204,36 +213,50 @@ class KVCacheBackbone(Backbone):
 
     def decode_step(self, x: Tensor, state: KVState) -> tuple[Tensor, KVState]:
         """One token ``x`` (B, 1, D) on a full ring (:meth:`decodes_in_ring_order`): its K/V
-        written into the ring, then attention over every row at its position, sinks
-        included (a stale row is out of the layout's window: never seen). Equals
-        :meth:`step`'s general path (tests/test_decode_paths.py)."""
+        written into the ring (in place inside ``generate``), then attention over the rows
+        it sees, read in position order (views of the ring; a copy where they wrap), or, for
+        one shape at every step (compiled code, :func:`memzoo.ring.static_shapes`), over every
+        row at its position (``key_pos``; a stale row is out of the layout's window: never
+        seen). Equals :meth:`step`'s general path (tests/test_decode_paths.py)."""
         start, end = state.pos, state.pos + 1
-        layout, cap = self.layout(), self.capacity()
+        layout, cap = self.geometry
+        assert cap is not None and layout.window is not None and layout.block_size is not None
         sinks = layout.sinks
+        own = dict(capacity=cap, origin=sinks, offset=sinks)
         pos = self.token_positions(state, 1, x.device)
-        run_pos = ring.positions(cap, end, x.device, origin=sinks)  # (C,)
-        key_pos = torch.cat([torch.arange(sinks, device=x.device), run_pos]) if sinks else run_pos
+        block = (start // layout.block_size) * layout.block_size
+        first = max(block - layout.window, end - cap)  # the oldest row the token sees
+        key_pos = None
+        if ring.decodes_statically() and ops.takes_key_positions(self.backend):
+            run_pos = ring.positions(cap, end, x.device, origin=sinks)  # (C,)
+            key_pos = torch.cat([torch.arange(sinks, device=x.device), run_pos]) if sinks else run_pos
         rotate_sinks = self.sinks_before_positions and sinks and self.attends_sinks_at_own_positions(start, end)
-        block = start if layout.block_size is None else (start // layout.block_size) * layout.block_size
+        sink_pos = torch.arange(sinks, device=x.device) if rotate_sinks else None
         has_extra_rows = type(self).extra_rows is not KVCacheBackbone.extra_rows
         new_k, new_v, kept = [], [], []
         for i, layer in enumerate(self.layers):
             q, k, v = layer.project(x, pos)  # past the sinks: the token's key has its position
-            raw_keys = ring.write(state.k[i], k, start, capacity=cap, origin=sinks, offset=sinks)  # (B, Hkv, S + C, Dh)
-            values = ring.write(state.v[i], v, start, capacity=cap, origin=sinks, offset=sinks)
+            new_k.append(ring.write(state.k[i], k, start, **own))  # (B, Hkv, S + C, Dh)
+            new_v.append(ring.write(state.v[i], v, start, **own))
+            if key_pos is not None:  # every row at its position
+                raw_keys, values = new_k[-1], new_v[-1]
+            else:  # [sinks, the rows the token sees in order]
+                raw_keys = ring.read(new_k[-1], first, end, end, **own)
+                values = ring.read(new_v[-1], first, end, end, **own)
+                if sinks:
+                    raw_keys = torch.cat([new_k[-1][:, :, :sinks], raw_keys], dim=2)
+                    values = torch.cat([new_v[-1][:, :, :sinks], values], dim=2)
             keys = raw_keys
             if rotate_sinks:
-                keys = torch.cat([layer.positions.key(raw_keys[:, :, :sinks], key_pos[:sinks]), raw_keys[:, :, sinks:]], dim=2)
+                keys = torch.cat([layer.positions.key(raw_keys[:, :, :sinks], sink_pos), raw_keys[:, :, sinks:]], dim=2)
             rows, layer_kept = {}, None
             if has_extra_rows:  # the call's block so far, in order
-                own = dict(capacity=cap, origin=sinks, offset=sinks)
                 rows, layer_kept = self.extra_rows(
-                    i, layer, state, ring.read(keys, block, end, end, **own), ring.read(values, block, end, end, **own), start, end
+                    i, layer, state, ring.read(new_k[-1], block, end, end, **own), ring.read(new_v[-1], block, end, end, **own),
+                    start, end,
                 )
             heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows, key_pos=key_pos)
             x = layer.feed_forward(layer.attend_residual(x, heads))
-            new_k.append(raw_keys)
-            new_v.append(values)
             kept.append(layer_kept)
         return x, self.next_state(state, end, new_k, new_v, kept)
 

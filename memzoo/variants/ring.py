@@ -11,9 +11,12 @@ positions ``[origin, end)`` it holds the last ``min(C, end - origin)`` of them
                                    pos:  4 5 2 3     (2, 3 stale once no query sees them)
 
 What a query may see is the variant's layout: the stale rows are never read. A decode
-step hands every row to the attention with its position (:func:`positions`, for
-:func:`memzoo.ops.attend`'s ``key_pos``); a longer call reads the rows it needs in
-position order (:func:`read`). The rows run along ``dim`` and start ``offset`` rows into
+step writes its row, then reads the rows its query sees in position order (:func:`read`:
+views of the ring, a copy only where they wrap around) and attends over them plainly; in
+compiled code, or inside :func:`static_shapes`, it hands every row to the attention with
+its position instead (:func:`positions`, for :func:`memzoo.ops.attend`'s ``key_pos``),
+so nothing in the step changes shape from one token to the next. A longer call reads the
+rows it needs in position order. The rows run along ``dim`` and start ``offset`` rows into
 the buffer (rows before it are the variant's own, e.g. the sinks). An unbounded cache is a
 ring that never fills (``capacity=None``): it grows in position order.
 
@@ -43,18 +46,20 @@ def read(
     buf: Tensor, lo: int, hi: int, end: int, *, capacity: int | None, origin: int = 0, offset: int = 0, dim: int = 2
 ) -> Tensor:
     """The rows of positions ``[lo, hi)`` in position order, from a ring written up to
-    ``end`` (they must still be held): a view when they do not wrap around, else a copy."""
+    ``end`` (they must still be held: ``end - size(...) <= lo <= hi <= end``): a view when
+    they do not wrap around, else a copy."""
     n = hi - lo
     if n == 0:
         return buf.narrow(dim, offset, 0)
-    first_held = end - size(capacity, end, origin)
-    assert first_held <= lo <= hi <= end, (lo, hi, end, capacity, origin)
     if capacity is None or end - origin <= capacity:  # not full yet: in position order
+        if offset == 0 and n == buf.shape[dim]:  # all of it
+            return buf
         return buf.narrow(dim, offset + lo - origin, n)
     first = (lo - origin) % capacity
     if first + n <= capacity:
         return buf.narrow(dim, offset + first, n)
-    return buf.index_select(dim, offset + (torch.arange(lo, hi, device=buf.device) - origin) % capacity)
+    head = capacity - first  # [the last slots | the first slots]: one copy, no index tensor
+    return torch.cat([buf.narrow(dim, offset + first, head), buf.narrow(dim, offset, n - head)], dim=dim)
 
 
 def write(
@@ -64,8 +69,7 @@ def write(
     the positions ``[start, start + n)``, written in: appended while the ring fills, then in
     their slots (only the last ``capacity`` of them when there are more)."""
     n = rows.shape[dim]
-    held = buf.shape[dim] - offset
-    assert held == size(capacity, start, origin), (held, start, capacity, origin)
+    held = buf.shape[dim] - offset  # size(capacity, start, origin)
     if capacity is not None and n >= capacity:  # every slot gets a new row: the last C rows, rolled
         rolled = from_ordered(rows, start + n, capacity=capacity, origin=origin, dim=dim)
         return torch.cat([buf.narrow(dim, 0, offset), rolled], dim=dim) if offset else rolled
@@ -85,18 +89,41 @@ def write(
 
 
 def put(buf: Tensor, rows: Tensor, at: int, *, dim: int = 2) -> Tensor:
-    """``buf`` with ``rows`` (n along ``dim``) in its rows ``[at, at + n)``: a new buffer,
-    one concatenation of the old rows around them and the new rows (no index tensor:
-    nothing to move to the device, no branch on where the rows fall); or, inside
-    :func:`written_in_place`, ``buf`` itself with the rows copied in."""
+    """``buf`` with ``rows`` (n along ``dim``) in its rows ``[at, at + n)``: a new buffer (a
+    copy with the rows copied in; no index tensor: nothing to move to the device), or,
+    inside :func:`written_in_place`, ``buf`` itself with the rows copied in."""
     n = rows.shape[dim]
-    if not torch.compiler.is_compiling() and _IN_PLACE.get() and not torch.is_grad_enabled():  # compiling: first
-        buf.narrow(dim, at, n).copy_(rows)
-        return buf
-    return torch.cat([buf.narrow(dim, 0, at), rows, buf.narrow(dim, at + n, buf.shape[dim] - at - n)], dim=dim)
+    if torch.compiler.is_compiling():
+        # one concatenation: a graph with dynamic shapes then knows the new rows' widths are the buffer's
+        return torch.cat([buf.narrow(dim, 0, at), rows, buf.narrow(dim, at + n, buf.shape[dim] - at - n)], dim=dim)
+    out = buf if _IN_PLACE.get() and not torch.is_grad_enabled() else buf.clone()
+    out.narrow(dim, at, n).copy_(rows)
+    return out
 
 
 _IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("memzoo_ring_in_place", default=False)
+_STATIC: contextvars.ContextVar[bool] = contextvars.ContextVar("memzoo_ring_static", default=False)
+
+
+@contextlib.contextmanager
+def static_shapes() -> Iterator[None]:
+    """Within the block, decode steps on full rings attend over every row at its position
+    (``key_pos``) rather than over the rows their query sees, in order: the same result,
+    and the same shapes at every step, as a captured graph needs (``torch.cuda.graph`` by
+    hand; ``torch.compile`` does this by itself). Eagerly the ordered rows cost less."""
+    token = _STATIC.set(True)
+    try:
+        yield
+    finally:
+        _STATIC.reset(token)
+
+
+def decodes_statically() -> bool:
+    """Whether a decode step on a full ring should keep one shape (:func:`static_shapes`):
+    in compiled code, or inside :func:`static_shapes`."""
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the context variable
+        return True
+    return _STATIC.get()
 
 
 @contextlib.contextmanager
@@ -118,11 +145,10 @@ def positions(capacity: int | None, end: int, device: torch.device | str | None 
     """(rows,) int64: the position of each row of a ring written up to ``end``, in the
     buffer's order (for :func:`memzoo.ops.attend`'s ``key_pos``)."""
     n = size(capacity, end, origin)
-    slots = torch.arange(n, device=device)
     if capacity is None or end - origin <= capacity:
-        return slots + origin
-    last = end - 1
-    return last - (last - origin - slots) % capacity
+        return torch.arange(origin, origin + n, device=device)
+    # the positions [end - C, end) in order, rolled into their slots (as from_ordered rolls rows)
+    return torch.arange(end - capacity, end, device=device).roll((end - origin) % capacity)
 
 
 def from_ordered(rows: Tensor, end: int, *, capacity: int | None, origin: int = 0, dim: int = 2) -> Tensor:

@@ -113,17 +113,25 @@ class RecurrentMemoryTransformer(Backbone):
         and themselves. Returns the last layer's outputs (B, n, D) and per-layer
         keys/values of rows ``[0, start+n)``. With ``in_buffer`` the caches are the state's
         whole buffers (K + L rows, rows ``[0, start)`` valid): the new rows are written into
-        them and attention runs over every row at its local position (``key_pos``: the rows
-        after the queries hidden), so the shapes are the same at every position (a decode
-        step); the buffers with the new rows are returned."""
+        them (in place inside ``generate``) and attention runs over the rows the queries see
+        (a view), or, for one shape at every step (compiled code, ``ring.static_shapes``),
+        over every row at its local position (``key_pos``: the rows after the queries
+        hidden); the buffers with the new rows are returned."""
         if pos is None:
             pos = torch.arange(start, start + z.shape[1], device=z.device)
-        key_pos = torch.arange(k_cache[0].shape[2], device=z.device) if in_buffer else None
+        # one shape at every step (compiled code, ring.static_shapes): every buffer row at its position
+        static = in_buffer and ring.decodes_statically() and ops.takes_key_positions(self.backend)
+        key_pos = torch.arange(k_cache[0].shape[2], device=z.device) if static else None
+        seen = start + z.shape[1]  # the rows the queries see: [0, seen)
         new_k, new_v = [], []
         for layer, kc, vc in zip(self.layers, k_cache, v_cache):
             q, k, v = layer.project(z, pos)
             if in_buffer:  # the new rows into rows [start, start + n) of the buffers
                 keys, values = ring.put(kc, k, start), ring.put(vc, v, start)
+                new_k.append(keys)
+                new_v.append(values)
+                if not static:  # the rows the queries see, a view
+                    keys, values = keys[:, :, :seen], values[:, :, :seen]
             elif start:  # rows of this segment before these, cached
                 keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
             else:  # a segment's first rows: nothing cached to put before them
@@ -133,8 +141,9 @@ class RecurrentMemoryTransformer(Backbone):
                 key_pos=key_pos,
             )
             z = layer.feed_forward(layer.attend_residual(z, heads))
-            new_k.append(keys)
-            new_v.append(values)
+            if not in_buffer:
+                new_k.append(keys)
+                new_v.append(values)
         return z, new_k, new_v
 
     # ------------------------------------------------------------------ the contract
@@ -158,7 +167,7 @@ class RecurrentMemoryTransformer(Backbone):
     def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
         # one token inside a segment (its first and last tokens run more rows: the memory)
         done = start % self.block_size
-        return n_tokens == 1 and 0 < done < self.block_size - 1 and ops.takes_key_positions(self.backend)
+        return n_tokens == 1 and 0 < done < self.block_size - 1
 
     def step(self, x: Tensor, state: RMTState) -> tuple[Tensor, RMTState]:
         size, n_mem = self.block_size, self.num_memory_tokens

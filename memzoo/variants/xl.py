@@ -183,15 +183,18 @@ class TransformerXL(Backbone):
         return XLState(pos=0, fingerprint=self.fingerprint, h=[empty] * self.n_layers)
 
     def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
-        return n_tokens == 1 and start >= self.capacity() and ops.takes_key_positions(self.backend)
+        return n_tokens == 1 and start >= self.capacity()
 
     def step(self, x: Tensor, state: XLState) -> tuple[Tensor, XLState]:
         size, cap = self.block_size, self.capacity()
         start, end = state.pos, state.pos + x.shape[1]
         next_segment = end // size * size
         keep = end - ring.size(cap, end)  # the ring after the call holds [keep, end)
-        in_ring = self.decodes_in_ring_order(start, x.shape[1])  # one token over the full ring, in slot order
-        key_pos = ring.positions(cap, end, x.device) if in_ring else None
+        in_ring = self.decodes_in_ring_order(start, x.shape[1])  # one token over the full ring
+        key_pos = ring.positions(cap, end, x.device) if in_ring else None  # the ring's rows' positions
+        q_pos = torch.arange(start, end, device=x.device) if in_ring else None  # one tensor for every layer (RoPE's memo)
+        # one shape at every step (compiled code, ring.static_shapes): attention over every row at its position
+        static = in_ring and ring.decodes_statically() and ops.takes_key_positions(self.backend)
         new_h = []
         relative = self._relative_keys()  # the formulation of every layer in this call
         for i, (layer, cache) in enumerate(zip(self.layers, state.h)):
@@ -206,7 +209,7 @@ class TransformerXL(Backbone):
                 memo = self._memo_for(i, cache, start, weights, relative) if _memo_allowed(cache) else None
             if in_ring:
                 kept = ring.write(cache, x, start, capacity=cap, dim=1)  # layer inputs, slot order: (B, M + L, D)
-                heads, kv = self._attend_ring(layer, kept, x, start, key_pos, memo, relative)
+                heads, kv = self._attend_ring(layer, kept, x, start, q_pos, key_pos, memo, relative, static)
                 if end == next_segment:  # the segment is complete: every row is memory from now on
                     kept = kept.detach()
             else:
@@ -230,23 +233,34 @@ class TransformerXL(Backbone):
         return x, XLState(pos=end, fingerprint=self.fingerprint, h=new_h)
 
     def _attend_ring(
-        self, layer: DecoderLayer, h: Tensor, x: Tensor, start: int, key_pos: Tensor, memo: _ProjectionMemo | None,
-        relative: bool,
+        self, layer: DecoderLayer, h: Tensor, x: Tensor, start: int, pos: Tensor, key_pos: Tensor,
+        memo: _ProjectionMemo | None, relative: bool, static: bool,
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """One token ``x`` (B, 1, D) at ``start`` over the ring ``h`` (B, M + L, D) of layer
-        inputs in slot order, ``x`` written in, every row at its position ``key_pos``: the
+        """One token ``x`` (B, 1, D) at ``start`` (``pos``: (1,)) over the ring ``h`` (B, M + L, D) of layer
+        inputs in slot order, ``x`` written in, its rows at positions ``key_pos``: the
         per-head outputs and, without gradients, the keys/values of every row (in slot order).
-        Without gradients the token's row alone is projected when the memo holds the rest;
-        with them, the memory rows' keys/values come from the detached inputs (``k_mem``)."""
+        Attention runs over the rows the token sees, in order (views of the ring), or with
+        ``static`` over every row at its position. Without gradients the token's row alone
+        is projected when the memo holds the rest; with them, the memory rows' keys/values
+        come from the detached inputs (``k_mem``)."""
         cap = h.shape[1]
-        pos = key_pos.new_full((1,), start)
-        common = dict(layout=self.layout(), q_start=start, scale=layer.positions.scale, backend=self.backend, key_pos=key_pos)
+        end = start + 1
+        layout = self.layout()
+        common = dict(layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
+        seen = max(end - cap, start // self.block_size * self.block_size - self.memory_len)  # the oldest row the token sees
+
+        def attend(q: Tensor, rel: dict[str, Tensor], *kv: Tensor) -> Tensor:
+            if static:
+                return ops.attend(q, *kv[:2], **dict(zip(("k_mem", "v_mem"), kv[2:])), key_pos=key_pos, **common, **rel)
+            rows = [ring.read(t, seen, end, end, capacity=cap) for t in kv]  # the rows the token sees, in order
+            return ops.attend(q, *rows[:2], **dict(zip(("k_mem", "v_mem"), rows[2:])), **common, **rel)
+
         normed_x = layer.input_layernorm(x)
         if torch.is_grad_enabled():
             q, rel = self._q(layer, normed_x, pos, cap, relative)
             k, v = self._kv(layer, layer.input_layernorm(h), key_pos, relative)
             k_mem, v_mem = self._kv(layer, layer.input_layernorm(h.detach()), key_pos, relative)
-            return ops.attend(q, k, v, k_mem=k_mem, v_mem=v_mem, **common, **rel), None
+            return attend(q, rel, k, v, k_mem, v_mem), None
         if memo is None:
             q, rel = self._q(layer, normed_x, pos, cap, relative)
             k, v = self._kv(layer, layer.input_layernorm(h), key_pos, relative)
@@ -258,7 +272,7 @@ class TransformerXL(Backbone):
                 q, k_new, v_new = layer.project_normed(normed_x)
                 (q, k_new), rel = layer.positions.query_key(q, k_new, pos), {}
             k, v = ring.write(memo.k, k_new, start, capacity=cap), ring.write(memo.v, v_new, start, capacity=cap)
-        return ops.attend(q, k, v, **common, **rel), (k, v)
+        return attend(q, rel, k, v), (k, v)
 
     # ------------------------------------------------------------ inference cache
     def clear_inference_cache(self) -> None:

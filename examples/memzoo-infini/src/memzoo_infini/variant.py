@@ -34,8 +34,9 @@ Streaming: the memory changes only when a block completes (on the absolute grid 
 ``block_size`` positions), and the partial block's unrotated keys and values are held in
 the state until then (a ring buffer of L rows, :mod:`memzoo.ring`: one shape once the
 first block is complete), so any chunking gives the same outputs, state and gradients. A
-decode step attends over the whole ring at its positions (``key_pos``; the previous
-block's rows lie outside the layout). In eager no-grad calls a state also carries its
+decode step attends over the block so far (views of the ring), or, for one shape at every
+step (compiled code, ``memzoo.ring.static_shapes``), over the whole ring at its positions
+(``key_pos``; the previous block's rows lie outside the layout). In eager no-grad calls a state also carries its
 ring's keys rotated, beside its fields (``memzoo.State.derived``), so a decode step
 rotates only its own key.
 
@@ -203,7 +204,7 @@ class InfiniAttention(memzoo.Backbone):
         return InfiniState(pos=0, fingerprint=self.fingerprint, k=[empty] * n, v=[empty] * n, mem=[mem] * n, norm=[norm] * n)
 
     def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
-        return n_tokens == 1 and start >= self.block_size and ops.takes_key_positions(self.backend)
+        return n_tokens == 1 and start >= self.block_size
 
     def step(self, x: Tensor, state: InfiniState) -> tuple[Tensor, InfiniState]:
         size, t = self.block_size, x.shape[1]
@@ -212,7 +213,9 @@ class InfiniAttention(memzoo.Backbone):
         n_done = end // size - start // size  # blocks completed in this call
         n_blocks = (end - 1) // size - start // size + 1  # query blocks touched: nb
         pad = start - block_start
-        in_ring = self.decodes_in_ring_order(start, t)  # a decode step: attention over the ring in slot order
+        # a decode step keeping one shape (compiled code, memzoo.ring.static_shapes): attention over
+        # the whole ring in slot order, every row at its position
+        in_ring = self.decodes_in_ring_order(start, t) and memzoo.ring.decodes_statically() and ops.takes_key_positions(self.backend)
         ring = dict(capacity=size)  # for memzoo.ring
         pos = torch.arange(block_start, end, device=x.device)
         q_pos = pos[pad:]  # made once for every layer (RoPE then computes its angles once)
@@ -233,7 +236,9 @@ class InfiniAttention(memzoo.Backbone):
                 else:  # rotate only this call's keys (a decode step would rotate the whole block again)
                     q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
                     keys_ring = memzoo.ring.write(cached, k, start, **ring)
-                keys_raw, values, keys = (memzoo.ring.read(r, block_start, end, end, **ring) for r in (ring_k, ring_v, keys_ring))
+                values = memzoo.ring.read(ring_v, block_start, end, end, **ring)
+                keys = memzoo.ring.read(keys_ring, block_start, end, end, **ring)
+                keys_raw = memzoo.ring.read(ring_k, block_start, end, end, **ring) if n_done and not rotated else keys
             else:  # positions [block_start, end) in order; the new ring is their last L rows
                 keys_raw = torch.cat([memzoo.ring.read(state.k[i], block_start, start, start, **ring), k_raw], dim=2)
                 values = torch.cat([memzoo.ring.read(state.v[i], block_start, start, start, **ring), v], dim=2)
