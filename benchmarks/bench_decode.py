@@ -174,6 +174,9 @@ def bench_variant(name: str, opts: dict[str, Any], pos: int, repeats: int, compi
     n = 32
     fns = {"forward_ms": fwd, "decode_step_ms": fast, "bare_ms": lambda: bare.step(token, pos)}
     if compile_:
+        # decode_step's code is every variant's: without a reset, later variants hit the
+        # recompile limit and run the earlier ones' guards, then eagerly
+        torch._dynamo.reset()
         step = torch.compile(model.decode_step, dynamic=True)
         t0 = time.perf_counter()
         try:

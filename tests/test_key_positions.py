@@ -179,3 +179,29 @@ def test_keys_at_explicit_positions_on_cuda(dtype):
     want = ops.attend(q.double(), k.double(), v.double(), layout=layout, q_start=start, scale=0.125, backend="reference", key_pos=key_pos)
     tol = ops.get_backend("sdpa").tolerance(dtype)
     torch.testing.assert_close(got.double(), want, atol=tol.atol, rtol=tol.rtol)
+
+
+@pytest.mark.parametrize("always_masked", [False, True])
+def test_one_query_over_a_ring_sees_a_non_finite_row_it_sees_as_plain_attention(always_masked, monkeypatch):
+    """A decode step over a ring in slot order: a NaN value the query sees reaches exactly
+    its column, a NaN key it sees its whole output, as in plain attention; the same NaN in
+    a row it may not see reaches nothing (the dispatcher zeroes such rows)."""
+    if always_masked:  # compiled code and accelerators: always the zeroing path
+        monkeypatch.setattr(ops, "_all_finite", lambda *tensors: False)
+    layout = BlockLayout(4, 4)
+    key_pos = torch.tensor([16, 9, 10, 11, 12, 13, 14, 15])  # query 16 sees 12 … 16; 9, 10, 11 are stale
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 4, generator=gen, dtype=F64) for n in (1, 8, 8))
+    for row, stale in ((5, False), (2, True)):  # position 13 (seen), position 10 (stale)
+        for field, col in (("v", 1), ("k", None)):
+            kk, vv = k.clone(), v.clone()
+            (vv if field == "v" else kk)[0, 0, row, 1] = float("nan")
+            for name in position_backends():
+                out = ops.attend(q, kk, vv, layout=layout, q_start=16, scale=0.5, backend=name, key_pos=key_pos)
+                nan = torch.isnan(out)
+                if stale:
+                    assert not nan.any(), f"{name}: a stale {field} reached the query"
+                elif field == "v":
+                    assert nan[0, 0, 0, col] and nan.sum() == 1, f"{name}: a seen NaN value reaches its column only"
+                else:
+                    assert nan[0, 0].all() and not nan[0, 1].any(), f"{name}: a seen NaN key reaches the head's whole output"

@@ -143,6 +143,11 @@ def attend(
         _refuse_non_finite(**inputs.tensors())
     elif impl.name == "reference" or (key_pos is None and layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2])):
         pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
+    elif key_pos is not None and q.shape[2] == 1:
+        # one query (a decode step over a ring): the rows it may not see zeroed (two selects,
+        # branch-free, no sync), then what a non-finite row it sees reaches, plain attention reaches too
+        if compiling or q.device.type != "cpu" or not _all_finite(*tensors):
+            return impl.attend(_hide_rows(inputs))
     elif compiling or q.device.type != "cpu":
         # a compiled graph cannot branch on data, and on an accelerator the branch would
         # cost a host sync per call: run the non-finite handling unconditionally
@@ -224,6 +229,18 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
             ev = (~torch.isfinite(extra_v)).any(-2)  # (B, H, nb, Dv)
             col = col | ev.index_select(-2, q_block)
     return out.masked_fill(row | col, float("nan"))
+
+
+def _hide_rows(inputs: AttentionInputs) -> AttentionInputs:
+    """One query's call with the key rows it may not see set to 0 (keys, values and memory
+    tensors): they cannot reach it whatever they held. (Its extra rows are all its own.)"""
+    assert inputs.key_pos is not None and inputs.q.shape[2] == 1
+    seen = inputs.layout.visible_to(inputs.q_start, inputs.key_pos)[:, None]  # (Tk, 1)
+    zero = torch.zeros((), dtype=inputs.k.dtype, device=inputs.k.device)
+    hidden = {
+        name: torch.where(seen, t, zero) for name in ("k", "v", "k_mem", "v_mem") if (t := getattr(inputs, name)) is not None
+    }
+    return inputs.replace(**hidden)
 
 
 def _reached_by_non_finite(inputs: AttentionInputs) -> Tensor:
