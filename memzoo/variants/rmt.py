@@ -181,10 +181,14 @@ class RecurrentMemoryTransformer(Backbone):
         whole = torch.arange(2 * n_mem + size, device=x.device) if x.shape[1] >= size else None
         # the call's tokens cut at the segment boundaries once: a slice per segment would make
         # backward build a zero gradient of the whole input per segment (O(segments·T) time)
-        end = pos + x.shape[1]
-        bounds = [pos, *range(pos // size * size + size, end, size), end]  # the segment boundaries inside the call
+        # (lengths by arithmetic, not range() over the position: compiled code would guard on
+        # the position's value and recompile at every segment)
+        t = x.shape[1]
+        first_len = min(size - pos % size, t)  # the rest of the segment the call starts in
+        rest = t - first_len
+        lengths = [first_len] + [size] * (rest // size) + ([rest % size] if rest % size else [])
         outputs = []
-        for piece in x.split([b - a for a, b in zip(bounds, bounds[1:])], dim=1):  # one piece per segment touched
+        for piece in x.split(lengths, dim=1):  # one piece per segment touched
             done, take = pos % size, piece.shape[1]  # done: tokens of this segment already in the cache
             completes = done + take == size
             rows, first = [piece], 0  # first: index of the first token row
