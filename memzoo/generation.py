@@ -254,6 +254,12 @@ class GenerationMixin:
         return self._prefill(_Prompt(tokens, attention_mask), state, chunk)
 
     def _prefill(self: "MemzooLM", prompt: _Prompt, state: AnyState | None, chunk: int | None) -> tuple[Tensor, AnyState]:
+        # the state passed in is the caller's: never written in place, even inside a
+        # caller's ring.written_in_place() block
+        with ring.written_in_place(False):
+            return self._prefill_copied(prompt, state, chunk)
+
+    def _prefill_copied(self: "MemzooLM", prompt: _Prompt, state: AnyState | None, chunk: int | None) -> tuple[Tensor, AnyState]:
         tokens = prompt.ids
         self.check_tokens(tokens)
         state = self.checked_state(state, tokens.shape[0])

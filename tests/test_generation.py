@@ -280,3 +280,9 @@ def test_generate_writes_its_own_state_in_place_and_never_a_callers():
     assert all(torch.equal(a, b) for a, b in zip(given.tensors(), before)), "the caller's state was written"
     again = model.generate(prompt[:, -1:], 10, state=given)
     assert torch.equal(first, again)
+    # not even inside a caller's in-place block (the prompt pass reads the caller's state)
+    with memzoo.ring.written_in_place():
+        inside = model.generate(prompt[:, -1:], 10, state=given)
+        streamed = torch.stack(list(model.stream(prompt[:, -1:], 10, state=given)), dim=1)
+    assert all(torch.equal(a, b) for a, b in zip(given.tensors(), before)), "the caller's state was written in place"
+    assert torch.equal(inside, first) and torch.equal(streamed, first[:, 1:])

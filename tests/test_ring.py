@@ -5,6 +5,7 @@ that; gradients reach exactly the rows a read returns."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -77,3 +78,8 @@ def test_writes_in_place_only_inside_the_context_and_without_gradients():
         assert kept is not buf and kept.requires_grad
         filling = ring.write(torch.zeros(1, 2, 2, 3), rows, 2, capacity=4)  # not full yet: it grows
         assert filling.shape[2] == 3
+        with torch.no_grad(), ring.written_in_place(False):  # out of place again inside the block
+            assert ring.write(buf, rows, 14, capacity=4) is not buf
+    with pytest.raises(TypeError, match="takes a bool"):
+        with ring.written_in_place(1):  # type: ignore[arg-type]
+            pass

@@ -127,14 +127,18 @@ def decodes_statically() -> bool:
 
 
 @contextlib.contextmanager
-def written_in_place() -> Iterator[None]:
+def written_in_place(enabled: bool = True) -> Iterator[None]:
     """Within the block, writes into full buffers (:func:`write`, :func:`put`) copy the new
     rows into the buffer they are given and return it, instead of a new buffer: a decode
     step then copies one row per cache, not the whole cache. Only where nobody else holds
     those buffers: ``generate`` and ``stream`` use it for the states they made themselves
     (after the prompt), never for a state a caller passed in. Eager no-grad code only
-    (elsewhere writes stay out of place: autograd and compiled graphs need them)."""
-    token = _IN_PLACE.set(True)
+    (elsewhere writes stay out of place: autograd and compiled graphs need them).
+    ``enabled=False``: writes out of place within the block, even inside an enclosing
+    ``written_in_place()`` (a prompt pass over a caller's state uses it)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"written_in_place(enabled=...) takes a bool, got {enabled!r}")
+    token = _IN_PLACE.set(enabled)
     try:
         yield
     finally:
