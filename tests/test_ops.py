@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from memzoo import ops
@@ -62,6 +62,50 @@ def test_sdpa_equals_reference(call, seed):
     assert_close(results["sdpa"][0], results["reference"][0], "output")
     for key, ga, gr in zip(ins, results["sdpa"][1], results["reference"][1]):
         assert_close(ga, gr, f"grad of {key}")
+
+
+def _runnable(names):
+    out = []
+    for name in names:
+        try:
+            ops.resolve_backend_name(name, device="cpu", dtype=torch.float64, training=False)
+        except ops.BackendUnavailable:
+            continue
+        out.append(name)
+    return out
+
+
+@given(call=calls(), seed=st.integers(0, 1000), where=st.integers(0, 10**6),
+       bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]), always_masked=st.booleans())
+@example(call=(4, 4, 2, 3, 13, 20, 0, False), seed=0, where=0, bad=float("nan"), always_masked=False)  # a NaN sink key
+@example(call=(4, 4, 2, 3, 13, 20, 1, False), seed=1, where=1, bad=float("inf"), always_masked=True)  # an inf sink value
+def test_a_non_finite_key_or_value_reaches_exactly_the_outputs_it_reaches_on_the_reference(
+    call, seed, where, bad, always_masked
+):
+    """One NaN anywhere among the keys, values, memory tensors or extra rows (a sink row
+    included), or an inf among the values: every backend's output is non-finite exactly
+    where the reference's is, and equal to it elsewhere, on the eager CPU path and on the
+    always-masked one that compiled code and accelerators take. (An infinite *key* makes a
+    ±inf score, which math softmax and a fused kernel resolve differently: not compared.)"""
+    size, window, sinks, tq, tk, q_start, extra, memory = call
+    layout = BlockLayout(size, window, sinks)
+    ins = {k: t.detach() for k, t in _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed).items()}
+    names = [k for k in ins if k != "q"]
+    name = names[where % len(names)]
+    target = ins[name]
+    target.view(-1)[where // len(names) % target.numel()] = bad if name in ("v", "v_mem", "extra_v") else float("nan")
+    want = ops.attend(**ins, layout=layout, q_start=q_start, scale=0.7, backend="reference")
+    finite = torch.isfinite(want)
+    original = ops._all_finite
+    try:
+        if always_masked:
+            ops._all_finite = lambda *tensors: False
+        for name in _runnable(["sdpa", "flex"]):
+            got = ops.attend(**ins, layout=layout, q_start=q_start, scale=0.7, backend=name)
+            assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite outputs differ from the reference's"
+            assert_close(got[finite], want[finite], f"{name}: finite outputs")
+    finally:
+        ops._all_finite = original
 
 
 def test_reference_mask_by_hand():

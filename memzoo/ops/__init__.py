@@ -198,14 +198,17 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
     out = impl.attend(inputs.replace(
         k=_zeroed(k), v=_zeroed(v), k_mem=_zeroed(k_mem), v_mem=_zeroed(v_mem), extra_k=_zeroed(extra_k), extra_v=_zeroed(extra_v),
     ))
-    if inputs.key_pos is not None:
-        return out.masked_fill(_reached_by_non_finite(inputs), float("nan"))
     tq, tk = q.shape[2], k.shape[2]
     end = q_start + tq
+    n_sinks = layout.n_sink_rows(end) if layout.sinks else 0  # the first key rows: positions 0 … n_sinks-1
+    if inputs.key_pos is not None or (n_sinks and (k_mem is not None or v_mem is not None)):
+        return out.masked_fill(_reached_by_non_finite(inputs), float("nan"))
     q_pos = torch.arange(q_start, end, device=q.device)
-    first = end - tk  # position of key index 0
+    first = end - tk  # position of key index 0 (with sinks: of the run's rows, index n_sinks on)
     start = layout.block_start(q_pos)
     lo = (start - layout.window if layout.window is not None else torch.full_like(q_pos, first)) - first
+    if n_sinks:
+        lo = lo.clamp_min(n_sinks)  # the sink rows are not at the run's positions: counted below
     hi = q_pos - first
     split = start - first  # keys before it are the query's memory
     bad_k = (~torch.isfinite(k)).any(-1, keepdim=True)  # (B, H, Tk, 1)
@@ -220,6 +223,10 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
         mem_hi = torch.minimum(hi, split - 1)
         row = _in_range(bad_k, tok_lo, hi) | _in_range(mem_k, lo, mem_hi)
         col = _in_range(bad_v, tok_lo, hi) | _in_range(mem_v, lo, mem_hi)
+    if n_sinks:  # sink row j (position j) is seen by every query at a position >= j
+        zero = torch.zeros_like(q_pos)
+        row = row | _in_range(bad_k[:, :, :n_sinks], zero, q_pos)
+        col = col | _in_range(bad_v[:, :, :n_sinks], zero, q_pos)
     if extra_k is not None:
         q_block = layout.block_start(q_pos) // (layout.block_size or 1)
         q_block = q_block - q_block[0]
