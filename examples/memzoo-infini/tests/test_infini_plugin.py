@@ -220,3 +220,27 @@ def test_config_errors_say_what_is_valid():
         memzoo.build_model("infini", update="hebbian")
     with pytest.raises(ValueError, match="unrotated.*rotated"):
         memzoo.build_model("infini", memory_positions="both")
+
+
+def test_a_loaded_state_with_a_memory_it_could_not_have_is_refused(tmp_path):
+    """A state before its first complete block has written nothing: a memory there (a
+    hand-edited or damaged file) would be dropped by the next call, so loading refuses it,
+    as it refuses a negative normaliser; the states the model makes load."""
+    model = kit.tiny_model("infini", {"update": "delta"})
+    tokens = kit.random_tokens(model, 1, 11)
+    with torch.no_grad():
+        _, early = model(tokens[:, :3])  # block_size 4: no block complete
+        _, later = model(tokens)  # two blocks written
+    for name, state in (("early", early), ("later", later)):
+        memzoo.save_state(state, str(tmp_path / f"{name}.safetensors"))
+        memzoo.load_state(str(tmp_path / f"{name}.safetensors"), model=model)
+    primed = early.map(lambda t: t.clone())
+    primed.mem[1].add_(0.5)
+    memzoo.save_state(primed, str(tmp_path / "primed.safetensors"))
+    with pytest.raises(memzoo.StateError, match=r"'mem\[1\]' must be zero at position 3"):
+        memzoo.load_state(str(tmp_path / "primed.safetensors"), model=model)
+    negative = later.map(lambda t: t.clone())
+    negative.norm[0][0, 0, 0] = -1.0
+    memzoo.save_state(negative, str(tmp_path / "negative.safetensors"))
+    with pytest.raises(memzoo.StateError, match=r"'norm\[0\]' must be >= 0"):
+        memzoo.load_state(str(tmp_path / "negative.safetensors"), model=model)

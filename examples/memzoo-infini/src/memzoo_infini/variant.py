@@ -206,6 +206,25 @@ class InfiniAttention(memzoo.Backbone):
     def decodes_in_ring_order(self, start: int, n_tokens: int) -> bool:
         return n_tokens == 1 and start >= self.block_size
 
+    def check_state_values(self, state: memzoo.State) -> None:
+        """Every normaliser is >= 0 (a sum of σ(K) > 0); before the first block completes
+        (``pos < L``) no block has been written, so the memory and the normaliser are zero
+        (a call from there writes its first block as the first: a memory in such a state
+        would be dropped, not read)."""
+        assert isinstance(state, InfiniState)
+        where = f"{self.variant}: state field"
+        for i, norm in enumerate(state.norm):
+            if not bool((norm >= 0).all()):
+                raise memzoo.StateError(f"{where} 'norm[{i}]' must be >= 0 (a sum of σ(K) > 0), got a minimum of {float(norm.min()):.4g}")
+        if state.pos < self.block_size:
+            for name in ("mem", "norm"):
+                for i, t in enumerate(getattr(state, name)):
+                    if bool(t.any()):
+                        raise memzoo.StateError(
+                            f"{where} '{name}[{i}]' must be zero at position {state.pos}: no block of {self.block_size} "
+                            "tokens is complete yet, so nothing was written to the memory (edited or damaged state?)"
+                        )
+
     def step(self, x: Tensor, state: InfiniState) -> tuple[Tensor, InfiniState]:
         size, t = self.block_size, x.shape[1]
         start, end = state.pos, state.pos + t
