@@ -192,9 +192,12 @@ class State:
 
         Never part of the state's meaning: not a field, not saved, not compared, dropped
         by :meth:`map` (``to``, ``detach``, ...). Only eager no-grad code keeps any
-        (:func:`derived_allowed`)."""
+        (:func:`derived_allowed`), and a call that records gradients for a source (a
+        weight) never reads one."""
         if torch.compiler.is_compiling():  # traced code recomputes (the checks are Python, outside the graph)
             return None
+        if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
+            return None  # kept without a graph: reused here, the sources (weights) would get no gradient
         kept = self.__dict__.get(_DERIVED)
         hit = kept.get(name) if kept else None
         if hit is None or len(hit[0]) != len(sources):

@@ -174,6 +174,29 @@ def test_state_derived_tensors_are_reused_only_for_unchanged_sources() -> None:
         assert fresh.derived("x", (src,)) is None and fresh.derived("y", (inf,)) is None
 
 
+@pytest.mark.parametrize("variant,options", CASES)
+def test_a_call_with_gradients_after_a_no_grad_step_trains_every_weight(variant, options) -> None:
+    """A state made by no-grad decode steps may keep tensors computed from the weights
+    (brt's state keys/values, memos of a contributor's variant); a next call that records
+    gradients must not reuse them, or the weights they come from get none: its gradients
+    equal those from a copy of the state (which keeps nothing)."""
+    model = kit.tiny_model(variant, options)
+    tokens = kit.random_tokens(model, 1, 14, seed=4)
+    with torch.no_grad():
+        _, state = model(tokens[:, :9])
+        _, state = model.decode_step(tokens[:, 9:10], state)  # keeps its derived tensors
+    grads = []
+    for given in (state, state.map(lambda t: t.clone())):  # the copy keeps none
+        model.zero_grad(set_to_none=True)
+        model(tokens[:, 10:], given).logits.sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, expected in grads[1].items():
+        got = grads[0][name]
+        assert (got is None) == (expected is None), f"{variant}: grad of {name} is {got}, from a fresh copy {expected}"
+        if expected is not None:
+            kit.assert_close(got, expected, f"{variant} {options}: grad of {name}")
+
+
 VARIANTS_WITH_ROTATED_CACHE = [
     ("brt", {"num_states": 3}),
     ("brt", {"num_states": 2, "recurrent_layer": 0, "gate": "lstm:dual"}),
