@@ -321,7 +321,7 @@ class BlockRecurrentTransformer(Backbone):
         # ring still holds before it): [k_start, start)
         k_start = start if in_ring else start - ring.size(cap, start)
         pos = torch.arange(k_start, end, device=x.device)
-        q_pos = pos[start - k_start :]  # made once for every layer (RoPE then computes its angles once)
+        q_pos = pos[start - k_start :] if k_start < start else pos  # made once for every layer (RoPE then computes its angles once)
         # one shape at every step (compiled code, ring.static_shapes): every row at its position
         static = in_ring and ring.decodes_statically() and ops.takes_key_positions(self.backend)
         key_pos = ring.positions(cap, end, x.device) if static else None
@@ -366,7 +366,8 @@ class BlockRecurrentTransformer(Backbone):
             out = layer.attend_residual(x, heads)
             if i == self.recurrent_index:
                 cross, cells, last_kv = self._recurrent(h, state, block_k, block_v, n_done, n_blocks, start - first * size)
-                out = out + self.cell.cross_o_proj(cross.transpose(1, 2).flatten(-2))
+                b, n, _, dh = cross.shape  # the projection on (B·T, H·Dh) rows, as DecoderLayer.attend_residual
+                out = out + self.cell.cross_o_proj(cross.transpose(1, 2).reshape(b * t, n * dh)).view(out.shape)
             x = layer.feed_forward(out)
             if in_ring:
                 new_k.append(ring_k)
@@ -391,7 +392,8 @@ class BlockRecurrentTransformer(Backbone):
         """What the states' normed inputs, keys and values depend on: ``cells`` and the
         weights (every parameter of the modules, wrapped ones such as LoRA's included)."""
         cell = self.cell
-        weights = [p for m in (cell.state_layernorm, cell.state_k_proj, cell.state_v_proj) for p in module_tensors(m)]
+        mods = cell._modules  # (not nn.Module.__getattr__: this runs once per decode step)
+        weights = [p for name in ("state_layernorm", "state_k_proj", "state_v_proj") for p in module_tensors(mods[name])]
         return (cells, cell.state_ids, *weights)
 
     def _recurrent(
@@ -406,15 +408,15 @@ class BlockRecurrentTransformer(Backbone):
         last block's state inputs, keys and values with what they depend on (the next
         step's, if no block completed after it). The first block's are those the last step kept with ``state`` (they
         change only when a block completes), when it kept them."""
-        cell, size, t = self.cell, self.block_size, h.shape[1]
+        cell, size, (b, t, d) = self.cell, self.block_size, h.shape
         sources = self._state_kv_sources(state.cells)
         kept = state.derived("state_kv", sources)
-        done = slice(0, n_done * size)  # the completed blocks' keys (keys_raw starts at the first touched block)
-        cells, state_k, state_v, last_kv = cell.scan(
-            state.cells, kept, keys_raw[:, :, done], values[:, :, done], n_done, n_blocks, self.backend
-        )
+        if n_done:  # the completed blocks' keys (keys_raw starts at the first touched block)
+            keys_raw, values = keys_raw[:, :, : n_done * size], values[:, :, : n_done * size]
+        cells, state_k, state_v, last_kv = cell.scan(state.cells, kept, keys_raw, values, n_done, n_blocks, self.backend)
         last = (sources if n_done == 0 else self._state_kv_sources(cells), last_kv)
-        qc = cell.split_heads(cell.cross_q_proj(h))  # (B, H, T, Dh), no positions
+        # (B, H, T, Dh), no positions; the projection on (B·T, D) rows, as DecoderLayer.project_normed
+        qc = cell.cross_q_proj(h.reshape(b * t, d)).view(b, t, -1, self.head_dim).transpose(1, 2)
         if n_blocks == 1:  # every token reads the same states (a decode step): no padding to a whole block
             return ops.dense(qc, state_k[0], state_v[0], scale=self.head_dim**-0.5, backend=self.backend), cells, last
         qc = F.pad(qc, (0, 0, pad, n_blocks * size - pad - t)).unflatten(2, (n_blocks, size))  # (B, H, nb, L, Dh)
