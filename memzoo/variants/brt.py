@@ -179,7 +179,8 @@ class RecurrentCell(nn.Module):
         states' keys and values (B, Hkv, S, Dh) before each of the first ``n_kv`` (``n_done``
         or ``n_done + 1``) blocks: ``cells`` (B, S, D) the states before the first block;
         ``kept``: their normed inputs, keys and values if already known; ``tk``, ``tv``
-        (B, Hkv, n_done·L, Dh) the completed blocks' unrotated token keys/values. Returns the
+        (B, Hkv, n_done·L, Dh) the completed blocks' unrotated token keys/values (not read
+        when ``n_done`` is 0). Returns the
         last states (B, S, D), the keys and values per block, and the last block's
         ``(hs, sk, sv)``.
 
