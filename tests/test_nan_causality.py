@@ -20,11 +20,12 @@ torch.set_num_threads(1)
 OPTIONS = {name: dict(memzoo.get_variant(name).config.conformance_options[0]) for name in memzoo.list_variants()}
 
 
-def runnable_backends() -> list[str]:
+def runnable_backends(names: list[str] | None = None, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Of ``names`` (default: every registered backend), those that run inference on this CPU in ``dtype``."""
     out = []
-    for name in memzoo.list_backends():
+    for name in memzoo.list_backends() if names is None else names:
         try:
-            ops.resolve_backend_name(name, device="cpu", dtype=torch.float32, training=False)
+            ops.resolve_backend_name(name, device="cpu", dtype=dtype, training=False)
         except ops.BackendUnavailable:
             continue
         out.append(name)

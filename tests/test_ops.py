@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from memzoo import ops
 from memzoo.ops import BlockLayout
 from memzoo.testing import assert_close
+from test_nan_causality import runnable_backends
 
 
 @st.composite
@@ -64,17 +65,6 @@ def test_sdpa_equals_reference(call, seed):
         assert_close(ga, gr, f"grad of {key}")
 
 
-def _runnable(names):
-    out = []
-    for name in names:
-        try:
-            ops.resolve_backend_name(name, device="cpu", dtype=torch.float64, training=False)
-        except ops.BackendUnavailable:
-            continue
-        out.append(name)
-    return out
-
-
 @given(call=calls(), seed=st.integers(0, 1000), where=st.integers(0, 10**6),
        bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]), always_masked=st.booleans())
 @example(call=(4, 4, 2, 3, 13, 20, 0, False), seed=0, where=0, bad=float("nan"), always_masked=False)  # a NaN sink key
@@ -100,7 +90,7 @@ def test_a_non_finite_key_or_value_reaches_exactly_the_outputs_it_reaches_on_the
     try:
         if always_masked:
             ops._all_finite = lambda *tensors: False
-        for name in _runnable(["sdpa", "flex"]):
+        for name in runnable_backends(["sdpa", "flex"], torch.float64):
             got = ops.attend(**ins, layout=layout, q_start=q_start, scale=0.7, backend=name)
             assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite outputs differ from the reference's"
             assert_close(got[finite], want[finite], f"{name}: finite outputs")
