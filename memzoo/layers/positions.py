@@ -17,6 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from memzoo._memo import TensorMemo
+
 
 class RopeScaling(BaseModel):
     """RoPE frequency scaling of a pretrained checkpoint (Hugging Face's ``rope_parameters``
@@ -119,9 +121,9 @@ class RoPE(PositionScheme):
         if not torch.compiler.is_compiling() and pos.numel() <= _ANGLES_MAX and not pos.is_inference():  # compiling: first
             # id(pos) is not reused while the entry holds pos itself
             key = (self.head_dim, self.base, self.scaling, like.dtype, like.device, id(pos))
-            hit = _ANGLES.get(key)
-            if hit is not None and hit[0] is pos and hit[1] == pos._version:
-                return hit[2], hit[3]
+            hit = _ANGLES.lookup(key, pos)
+            if hit is not None:
+                return hit[0], hit[1]
         if torch.compiler.is_compiling() and pos.shape[-1] > 1:
             # an opaque op, so the graph computes the (T, Dh) factors once: inductor would
             # inline the float64 cos/sin into every rotated element (its CPU heuristic
@@ -131,10 +133,7 @@ class RoPE(PositionScheme):
             return torch.ops.memzoo.rope_factors(pos, self._freqs(like.device), self.attention_factor, like.dtype)
         cos, sin = self._angles(pos, like)
         if key is not None:
-            _ANGLES.pop(key, None)
-            _ANGLES[key] = (pos, pos._version, cos, sin)
-            while len(_ANGLES) > _ANGLES_ENTRIES:
-                _ANGLES.pop(next(iter(_ANGLES)), None)  # the oldest
+            _ANGLES.keep(key, pos, cos, sin)
         return cos, sin
 
     def _angles(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,8 +250,8 @@ def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = N
 #: (the positions tensor, its version, cos, sin), for the last ``_ANGLES_ENTRIES`` calls
 #: with at most ``_ANGLES_MAX`` positions, oldest first. The frequencies are a function
 #: of the first three (set in ``__init__``).
-_ANGLES: dict[tuple, tuple[Tensor, int, Tensor, Tensor]] = {}
 _ANGLES_ENTRIES = 8
+_ANGLES = TensorMemo(_ANGLES_ENTRIES)
 _ANGLES_MAX = 1024
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from memzoo._memo import TensorMemo
 from memzoo.ops.base import FLOATS, AttentionInputs, Backend, Support, register_backend
 from memzoo.ops.layout import BlockLayout
 
@@ -98,8 +99,7 @@ def sink_blocks(sinks: tuple[Tensor, ...], starts: Tensor) -> tuple[Tensor, Tens
 
 #: the last few decode masks (:func:`decode_mask`): the layers of a decode step attend with
 #: one ``key_pos`` tensor, so the mask is made once per step, not once per layer
-_DECODE_MASKS: dict[tuple, tuple[Tensor, int, Tensor]] = {}
-_DECODE_MASKS_ENTRIES = 8
+_DECODE_MASKS = TensorMemo(8)
 
 
 def decode_mask(layout: BlockLayout, q: int, key_pos: Tensor, n_extra: int, dtype: torch.dtype) -> Tensor:
@@ -109,18 +109,15 @@ def decode_mask(layout: BlockLayout, q: int, key_pos: Tensor, n_extra: int, dtyp
     key = None
     if not torch.compiler.is_compiling() and not key_pos.is_inference():
         key = (id(key_pos), layout, q, n_extra, dtype)  # id(key_pos) is not reused while the entry holds it
-        hit = _DECODE_MASKS.get(key)
-        if hit is not None and hit[0] is key_pos and hit[1] == key_pos._version:
-            return hit[2]
+        hit = _DECODE_MASKS.lookup(key, key_pos)
+        if hit is not None:
+            return hit[0]
     hidden = ~layout.visible_to(q, key_pos)
     mask = torch.zeros(n_extra + hidden.shape[0], dtype=dtype, device=key_pos.device)
     mask[n_extra:].masked_fill_(hidden, float("-inf"))
     mask = mask[None, :]
     if key is not None:
-        _DECODE_MASKS.pop(key, None)
-        _DECODE_MASKS[key] = (key_pos, key_pos._version, mask)
-        while len(_DECODE_MASKS) > _DECODE_MASKS_ENTRIES:
-            _DECODE_MASKS.pop(next(iter(_DECODE_MASKS)))  # the oldest
+        _DECODE_MASKS.keep(key, key_pos, mask)
     return mask
 
 

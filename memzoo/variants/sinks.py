@@ -16,6 +16,17 @@ text positions, rotated once, when they are made: with RoPE a window key's dista
 the query is the same in both numberings (below), so a decode step rotates only its new
 key and the S sinks, never the whole window.
 
+Positions (``positions``):
+
+* ``"cache"`` (the paper's): a query's keys are numbered by their place in *its* cache,
+  not in the text: sinks ``0 … S-1``, then the window, the query last at cache position
+  ``c(t) = min(t, S+W-1)``. With RoPE a window key's distance to the query is the same in
+  both numberings (the window is contiguous and ends at the query); only the sinks'
+  distances differ: ``c(t) - j`` instead of ``t - j``. Until the window leaves the sinks
+  (``t <= S+W-1``) the cache is ``[0, t]`` and both numberings agree.
+* ``"absolute"``: every key at its position in the text (what window attention with
+  extra always-visible keys computes; it is not what the paper evaluates).
+
 Two implementations of the same function live here:
 
 * :meth:`Sinks.step` (fast): the K/V engine of :mod:`memzoo.variants.kv` with the layout
