@@ -147,12 +147,9 @@ class RecurrentMemoryTransformer(Backbone):
         return z, new_k, new_v
 
     # ------------------------------------------------------------------ the contract
-    def rows(self, pos: int) -> int:
-        """Rows of a state's K/V buffers at ``pos``: K + L from the first token on."""
-        return self.num_memory_tokens + self.block_size if pos else 0
-
     def expected_state_shapes(self, pos: int, batch_size: int) -> dict[str, Any]:
-        kv = [(batch_size, self.n_kv_heads, self.rows(pos), self.head_dim)] * self.n_layers
+        rows = self.num_memory_tokens + self.block_size if pos else 0  # K + L from the first token on
+        kv = [(batch_size, self.n_kv_heads, rows, self.head_dim)] * self.n_layers
         return {"mem": (batch_size, self.num_memory_tokens, self.d_model), "k": kv, "v": kv}
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> RMTState:

@@ -195,6 +195,7 @@ class TransformerXL(Backbone):
         q_pos = torch.arange(start, end, device=x.device) if in_ring else None  # one tensor for every layer (RoPE's memo)
         # one shape at every step (compiled code, ring.static_shapes): attention over every row at its position
         static = in_ring and ring.decodes_statically() and ops.takes_key_positions(self.backend)
+        layout = self.layout()  # once per call, not per layer
         new_h = []
         relative = self._relative_keys()  # the formulation of every layer in this call
         for i, (layer, cache) in enumerate(zip(self.layers, state.h)):
@@ -209,7 +210,7 @@ class TransformerXL(Backbone):
                 memo = self._memo_for(i, cache, start, weights, relative) if _memo_allowed(cache) else None
             if in_ring:
                 kept = ring.write(cache, x, start, capacity=cap, dim=1)  # layer inputs, slot order: (B, M + L, D)
-                heads, kv = self._attend_ring(layer, kept, x, start, q_pos, key_pos, memo, relative, static)
+                heads, kv = self._attend_ring(layer, kept, x, start, q_pos, key_pos, memo, relative, static, layout)
                 if end == next_segment:  # the segment is complete: every row is memory from now on
                     kept = kept.detach()
             else:
@@ -234,7 +235,7 @@ class TransformerXL(Backbone):
 
     def _attend_ring(
         self, layer: DecoderLayer, h: Tensor, x: Tensor, start: int, pos: Tensor, key_pos: Tensor,
-        memo: _ProjectionMemo | None, relative: bool, static: bool,
+        memo: _ProjectionMemo | None, relative: bool, static: bool, layout: BlockLayout,
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """One token ``x`` (B, 1, D) at ``start`` (``pos``: (1,)) over the ring ``h`` (B, M + L, D) of layer
         inputs in slot order, ``x`` written in, its rows at positions ``key_pos``: the
@@ -245,7 +246,6 @@ class TransformerXL(Backbone):
         come from the detached inputs (``k_mem``)."""
         cap = h.shape[1]
         end = start + 1
-        layout = self.layout()
         common = dict(layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend)
         seen = max(end - cap, start // self.block_size * self.block_size - self.memory_len)  # the oldest row the token sees
 

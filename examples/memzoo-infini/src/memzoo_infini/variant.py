@@ -234,11 +234,11 @@ class InfiniAttention(memzoo.Backbone):
         pad = start - block_start
         # a decode step keeping one shape (compiled code, memzoo.ring.static_shapes): attention over
         # the whole ring in slot order, every row at its position
-        in_ring = self.decodes_in_ring_order(start, t) and memzoo.ring.decodes_statically() and ops.takes_key_positions(self.backend)
+        static = self.decodes_in_ring_order(start, t) and memzoo.ring.decodes_statically() and ops.takes_key_positions(self.backend)
         ring = dict(capacity=size)  # for memzoo.ring
         pos = torch.arange(block_start, end, device=x.device)
         q_pos = pos[pad:]  # made once for every layer (RoPE then computes its angles once)
-        key_pos = memzoo.ring.positions(size, end, x.device) if in_ring else None
+        key_pos = memzoo.ring.positions(size, end, x.device) if static else None
         layout = BlockLayout(block_size=size, window=0)  # causal within the block only
         rotated = self.memory_positions == "rotated"
         gates = torch.sigmoid(self.gate).to(x.dtype)[:, None, :, None, None]  # (n_layers, 1, H, 1, 1): sigmoid(β)
@@ -267,7 +267,7 @@ class InfiniAttention(memzoo.Backbone):
                     q, k = layer.positions.query_key(q_raw, k_raw, q_pos)
                     keys = torch.cat([memzoo.ring.read(cached, block_start, start, start, **ring), k], dim=2)
                 ring_k, ring_v, keys_ring = (memzoo.ring.from_ordered(r, end, **ring) for r in (keys_raw, values, keys))
-            if in_ring:  # every slot at its position: the previous block's rows are out of the layout's reach
+            if static:  # every slot at its position: the previous block's rows are out of the layout's reach
                 local = ops.attend(
                     q, keys_ring, ring_v, layout=layout, q_start=start, scale=layer.positions.scale, backend=self.backend,
                     key_pos=key_pos,
