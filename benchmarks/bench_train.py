@@ -2,7 +2,8 @@
 
 For every variant in the registry (plus ``xl`` with ``positions="rope"``), one training
 step = forward + cross-entropy loss + backward (no optimizer), one torch thread,
-float32, on CPU. The contenders are interleaved: each round times every contender once
+float32, on CPU (or, with ``--device cuda``, on one GPU: float32 without TF32, each
+timing closed by ``torch.cuda.synchronize``). The contenders are interleaved: each round times every contender once
 (``--inner`` steps each, after warm-up), and a square fp32 matmul is timed in the same
 rounds, so every ratio and fraction compares numbers measured under the same load.
 
@@ -49,6 +50,7 @@ Sizes (``--size``):
     python benchmarks/bench_train.py --compile               # + each step with the loss torch.compile'd (inductor)
     python benchmarks/bench_train.py --count-ops             # + each step's forward aten ops and backward nodes
     python benchmarks/bench_train.py --clock thread          # CPU time of the thread (a shared machine)
+    python benchmarks/bench_train.py --device cuda --size mid --matmul-n 4096   # on a GPU
 
 With ``--compile`` a contender ``name+compiled`` is timed in the same rounds (its
 ``eager_over_compiled_median`` is the speed-up over its own eager step, round by round,
@@ -185,10 +187,13 @@ def make_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[..
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
-def timed(fn: Callable[[], None], n: int, clock: Callable[[], float] = time.perf_counter) -> float:
+def timed(fn: Callable[[], None], n: int, clock: Callable[[], float] = time.perf_counter,
+          sync: Callable[[], None] = lambda: None) -> float:
+    sync()
     start = clock()
     for _ in range(n):
         fn()
+    sync()  # a GPU's queued kernels belong to the timing
     return (clock() - start) / n
 
 
@@ -247,7 +252,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile-defaults-too", action="store_true",
                         help="with --compile, also time each step compiled with inductor's default options "
                              "(contender name+compiled(defaults)), side by side")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the models and the matmul run (cuda: float32 without TF32, synchronized timings)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
+        if args.clock == "thread":
+            parser.error("--clock thread measures this thread's CPU time, not a GPU's: use --clock wall with --device cuda")
+        # float32 means float32 for the models and the matmul alike (TF32 would change both the
+        # arithmetic and the unit the FLOP/s fraction is measured against)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(args.device)
+    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     torch.set_num_threads(args.threads)
     commit = git_commit()  # the code being measured (read now: the tree may move during a long run)
@@ -265,8 +283,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info: dict[str, dict[str, Any]] = {}
     for label, (name, options) in chosen.items():
         torch.manual_seed(0)
-        model = memzoo.build_model(name, vocab_size=VOCAB, **size["model"], **options)
-        tokens = torch.randint(0, VOCAB, (b, t + 1))
+        model = memzoo.build_model(name, vocab_size=VOCAB, **size["model"], **options).to(device)
+        tokens = torch.randint(0, VOCAB, (b, t + 1)).to(device)
         n_linear = linear_parameters(model)
         pairs = count_attention_pairs(model, tokens[:, :-1])
         head_dim = size["model"]["d_model"] // size["model"]["n_heads"]
@@ -300,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 steps[f"{label}+{kind}"] = compiled
 
     n = args.matmul_n
-    a, m = torch.randn(n, n), torch.randn(n, n)
+    a, m = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     matmul_reps = 20
 
     def matmul() -> None:
@@ -311,9 +329,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples: dict[str, list[float]] = {label: [] for label in steps}
     matmul_s: list[float] = []
     for _ in range(args.rounds):
-        matmul_s.append(timed(matmul, 1, CLOCKS[args.clock]) / matmul_reps)
+        matmul_s.append(timed(matmul, 1, CLOCKS[args.clock], sync) / matmul_reps)
         for label, step in steps.items():
-            samples[label].append(timed(step, inner, CLOCKS[args.clock]))
+            samples[label].append(timed(step, inner, CLOCKS[args.clock], sync))
     matmul_flops = 2 * n**3 / statistics.median(matmul_s)
 
     results: dict[str, Any] = {}
@@ -344,11 +362,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "bench_train",
         "size": args.size, "setting": {**size["model"], "T": t, "B": b, "vocab_size": VOCAB},
-        "mode": "forward + cross-entropy + backward, float32, cpu",
+        "mode": f"forward + cross-entropy + backward, float32, {device.type}",
         "threads": args.threads, "rounds": args.rounds, "inner_steps": inner, "clock": args.clock,
         "matmul": {"n": n, "flops_per_s_median": matmul_flops, "seconds_min": min(matmul_s)},
         "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(),
+        **({"gpu": torch.cuda.get_device_name()} if device.type == "cuda" else {}),
         "results": results,
     }
     json.dump(report, sys.stdout, indent=2)
