@@ -469,6 +469,33 @@ def test_flex_mask_mod_equals_reference_layout(name, i):
         assert torch.equal(got, expected), f"{name}: flex mask differs for {call.shape_key}"
 
 
+def test_compiled_flex_block_mask_equals_eager_for_every_mask_feature():
+    """On a GPU the block masks are built by ``torch.compile(create_block_mask)``; the
+    same compiled builder runs here on the CPU, once per combination of mask features
+    (no blocks, a window, sinks, extra rows, a k_mem copy) that the registered variants'
+    calls and the synthetic calls make, and must give the eager builder's block mask.
+    (It caught ``(kp < start) == mem_copy``, an == between booleans that inductor's
+    bounds analysis refuses: the compiled builder raised on every k_mem-copy call.)"""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    by_feature: dict[tuple, Call] = {}
+    for param in CALL_SETS:
+        for call in calls_for(*param.values):
+            layout, q_start, tq, tk, f, memory = shape_args(call)
+            feature = (layout.block_size is None, layout.window is None, layout.n_sink_rows(q_start + tq) > 0, f > 0, memory)
+            by_feature.setdefault(feature, call)
+    assert any(feature[-1] for feature in by_feature), "no call has a k_mem copy: the test lost its main case"
+    build = flex_mod.compiled_block_mask_builder()
+    for feature, call in by_feature.items():
+        layout, q_start, tq, tk, f, memory = shape_args(call)
+        mask_mod, _ = flex_mod.layout_mask_mod(layout, q_start, tq, tk, f, layout.n_query_blocks(q_start, tq), memory)
+        n_kv = source_mask(call).shape[1]
+        eager = create_block_mask(mask_mod, None, None, tq, n_kv, device="cpu")
+        compiled = build(mask_mod, None, None, tq, n_kv, device="cpu")
+        assert torch.equal(compiled.to_dense(), eager.to_dense()), f"compiled block mask differs for {call.shape_key}"
+        assert torch.equal(compiled.full_kv_num_blocks, eager.full_kv_num_blocks), f"full blocks differ for {call.shape_key}"
+
+
 def test_flex_block_masks_are_cached_per_shape_and_phase():
     layout = BlockLayout(4, 4)
     masks = []

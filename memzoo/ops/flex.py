@@ -101,7 +101,11 @@ def layout_mask_mod(
                     near = near | (i < n_sink)
                 tok = tok & near
             if memory_copy:
-                tok = tok & ((kp < start) == mem_copy)
+                # a k_mem copy row only for keys before the block, a k row only for the rest;
+                # spelled as a select, not as (kp < start) == mem_copy: inductor's bounds
+                # analysis fails on == between two booleans ("A Boolean argument can only be
+                # used in Eq and Ne", torch 2.11-2.13), which broke the compiled mask builder
+                tok = tok & torch.where(mem_copy, kp < start, kp >= start)
         if not n_extra:
             return tok
         if size is None:
@@ -144,15 +148,26 @@ _MASKS: dict[tuple, object] = {}
 _MASK_CACHE_SIZE = 256
 
 
-def cached_block_mask(mask_mod: MaskMod, key: tuple, n_queries: int, n_kv: int, device: torch.device):
-    """``create_block_mask`` once per ``(key, n_kv, device)``; a bounded FIFO cache."""
+@functools.lru_cache(maxsize=None)
+def compiled_block_mask_builder():
+    """``torch.compile(create_block_mask)``: the builder used on GPU, where it avoids
+    materialising the (Tq, n_kv) grid (what the deprecated ``_compile=True`` did)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+def cached_block_mask(mask_mod: MaskMod, key: tuple, n_queries: int, n_kv: int, device: torch.device, compiled: bool | None = None):
+    """``create_block_mask`` once per ``(key, n_kv, device)``; a bounded FIFO cache.
+    ``compiled``: build with :func:`compiled_block_mask_builder` (default: on CUDA)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     full_key = (key, n_kv, str(device))
     mask = _MASKS.get(full_key)
     if mask is None:
-        # on GPU the compiled builder avoids materialising the (Tq, n_kv) grid
-        mask = create_block_mask(mask_mod, None, None, n_queries, n_kv, device=device, _compile=device.type == "cuda")
+        compiled = device.type == "cuda" if compiled is None else compiled
+        build = compiled_block_mask_builder() if compiled else create_block_mask
+        mask = build(mask_mod, None, None, n_queries, n_kv, device=device)
         if len(_MASKS) >= _MASK_CACHE_SIZE:
             _MASKS.pop(next(iter(_MASKS)))
         _MASKS[full_key] = mask
