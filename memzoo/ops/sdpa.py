@@ -177,6 +177,13 @@ class SDPABackend(Backend):
     #: (the flash kernel exists there); tests add "cpu" to check the split on CPU
     lower_right_devices: frozenset[str] = frozenset({"cuda"})
 
+    def _lower_right(self, q: Tensor) -> bool:
+        """Use ``causal_lower_right`` for ``q``'s device. Not while torch.compile traces:
+        Dynamo cannot construct that bias (a tensor subclass; "Calling subclass default
+        constructor with more than tensor argument", torch 2.11-2.13), so a compiled step
+        takes the explicit mask, and inductor picks the kernel."""
+        return q.device.type in self.lower_right_devices and not torch.compiler.is_compiling()
+
     def attend(self, inputs: AttentionInputs) -> Tensor:
         if inputs.rel_q is not None:
             return self._relative(inputs)
@@ -204,7 +211,7 @@ class SDPABackend(Backend):
             k_start = end - tk
             if tq == tk:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-            if q.device.type in self.lower_right_devices:
+            if self._lower_right(q):
                 from torch.nn.attention.bias import causal_lower_right
 
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale)
@@ -257,7 +264,7 @@ class SDPABackend(Backend):
         kb = torch.cat(keys, dim=3) if len(keys) > 1 else keys[0]
         vb = torch.cat(values, dim=3) if len(values) > 1 else values[0]
         mask = block_mask(layout, q_start, tq, k_start, n_extra, q.device, n_sinks)
-        split = full_history_from(layout, q_start, k_start) if q.device.type in self.lower_right_devices else nb
+        split = full_history_from(layout, q_start, k_start) if self._lower_right(q) else nb
         if split >= nb:
             out = masked_block_sdpa(qb, kb, vb, mask, scale)  # (B,H,nb,L,Dv)
         else:
