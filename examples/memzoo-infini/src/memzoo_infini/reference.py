@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memzoo_infini.variant import DENOMINATOR_MIN, InfiniAttention
+from memzoo_infini.variant import InfiniAttention, denominator
 
 
 def infini_reference(model: InfiniAttention, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -41,14 +41,14 @@ def infini_reference(model: InfiniAttention, x: Tensor) -> tuple[Tensor, list[Te
             sq, sk = F.elu(mq) + 1, F.elu(mk) + 1
             mem_h = mems[i].repeat_interleave(group, dim=1)  # (B, H, Dh, Dh)
             norm_h = norms[i].repeat_interleave(group, dim=1)  # (B, H, Dh)
-            den = torch.einsum("bhnd,bhd->bhn", sq, norm_h).clamp_min(DENOMINATOR_MIN)
+            den = denominator(torch.einsum("bhnd,bhd->bhn", sq, norm_h))
             a_mem = torch.einsum("bhnd,bhde->bhne", sq, mem_h) / den[..., None]
 
             beta = torch.sigmoid(model.gate[i]).to(x.dtype)[None, :, None, None]
             heads = beta * a_mem + (1 - beta) * local
             if n == size:  # a complete segment writes the memory
                 if model.update == "delta":
-                    den_k = torch.einsum("bhnd,bhd->bhn", sk, norms[i]).clamp_min(DENOMINATOR_MIN)
+                    den_k = denominator(torch.einsum("bhnd,bhd->bhn", sk, norms[i]))
                     new = v - torch.einsum("bhnd,bhde->bhne", sk, mems[i]) / den_k[..., None]
                 else:
                     new = v

@@ -24,7 +24,7 @@ Choices the paper leaves open (see docs/variants/infini.md):
   reproduction did): the memory is a sum over positions, and RoPE angles of different
   absolute positions would mix in it. ``memory_positions="rotated"`` uses the rotated ones.
 * β starts at ``gate_init`` = 0 (sigmoid 0.5: memory and local attention mixed equally).
-* The denominator is clamped at :data:`DENOMINATOR_MIN`. Before the first block completes
+* The denominator is clamped at :data:`DENOMINATOR_MIN` (:func:`denominator`). Before the first block completes
   ``M = 0`` and ``z = 0``, so the retrieval is exactly 0 and the first block's output is
   ``(1 - sigmoid(β)) ⊙ A_local``; the delta rule's first write equals the linear one.
 * GQA: the memory is per key/value head; query head ``h`` reads the memory of key/value
@@ -66,6 +66,15 @@ from memzoo.ops import BlockLayout
 DENOMINATOR_MIN = 1e-6
 
 
+def denominator(den: Tensor) -> Tensor:
+    """The retrieval denominator σ(q)·z as used: clamped at :data:`DENOMINATOR_MIN`, and 1
+    where it is 0 (an empty memory: ``z = 0`` and ``M = 0``, so the retrieval is 0 either
+    way). The forward is the clamp's; the backward at an empty memory has no
+    ``1 / DENOMINATOR_MIN`` factor, which in float16 overflowed to inf and, times the zero
+    memory, made every gradient NaN."""
+    return torch.where(den > 0, den.clamp_min(DENOMINATOR_MIN), torch.ones_like(den))
+
+
 class InfiniConfig(memzoo.VariantConfig):
     update: Literal["linear", "delta"] = Field(
         "delta", description="memory update rule: linear, or delta (writes only what the memory does not already retrieve)"
@@ -93,7 +102,7 @@ def sigma(t: Tensor) -> Tensor:
 def retrieve(sq: Tensor, mem: Tensor, norm: Tensor) -> Tensor:
     """σ(Q) M / clamp(σ(Q) z): ``sq`` (..., n, Dh), ``mem`` (..., Dh, Dh), ``norm`` (..., Dh)
     -> (..., n, Dh)."""
-    den = (sq @ norm.unsqueeze(-1)).clamp_min(DENOMINATOR_MIN)  # (..., n, 1)
+    den = denominator(sq @ norm.unsqueeze(-1))  # (..., n, 1)
     return (sq @ mem) / den
 
 
@@ -137,7 +146,7 @@ def scan(
     ws: tuple[Tensor, ...] = ()
     if first < n:
         sk_d = skb[:, first:].reshape(-1, size, dh)  # (B·Hkv·(n-first), L, Dh)
-        den = torch.bmm(sk_d, norms[:, first:n].reshape(-1, dh, 1)).clamp_min(DENOMINATOR_MIN)  # (·, L, 1)
+        den = denominator(torch.bmm(sk_d, norms[:, first:n].reshape(-1, dh, 1)))  # (·, L, 1)
         ws = (sk_d / den).view(g, n - first, size, dh).unbind(1)
     keys_t, values = skb.transpose(2, 3).unbind(1), vb.unbind(1)  # (B·Hkv, Dh, L), (B·Hkv, L, Dh) per block
     m = mem.reshape(g, dh, dh)
