@@ -301,15 +301,16 @@ class SDPABackend(Backend):
         tq = q.shape[2]
         end = q_start + tq
         dev = q.device
-        if extra_k is not None and sinks is None and key_pos is None:
+        if key_pos is None and layout.block_size == 1:
             window = layout.window
             assert window is not None
-            f = extra_k.shape[3]
-            c = max(1, (window + 1) // f)
+            f = 0 if extra_k is None else extra_k.shape[3]
+            n_sinks = 0 if sinks is None else sinks[0].shape[2]
+            c = max(1, (window + 1) // max(f, 2))
             # chunks only where they save well over their gathering: one call's key columns
-            # against 4x a chunk's (short calls with few extra rows stay one call)
-            if tq > c and tq * f + k.shape[2] > 4 * (c * f + window + c):
-                return SDPABackend._token_chunks(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, c)
+            # against 4x a chunk's (short calls stay one call)
+            if tq > c and tq * f + n_sinks + k.shape[2] > 4 * (c * f + n_sinks + window + c):
+                return SDPABackend._token_chunks(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, sinks, c)
         if sinks is not None:
             k, v = torch.cat([sinks[0], k], dim=2), torch.cat([sinks[1], v], dim=2)
             if k_mem is not None:
@@ -356,19 +357,23 @@ class SDPABackend(Backend):
         scale: float,
         k_mem: Tensor | None,
         v_mem: Tensor | None,
-        extra_k: Tensor,
-        extra_v: Tensor,
+        extra_k: Tensor | None,
+        extra_v: Tensor | None,
+        sinks: tuple[Tensor, ...] | None,
         c: int,
     ) -> Tensor:
-        """``block_size=1`` with ``F`` extra rows per query, no sinks: one call with all
-        ``Tq·F`` extra rows as columns would cost ``Tq·(Tq·F + Tk)``. Instead the queries
-        are cut into chunks of ``c`` (about ``(W+1)/F``), each over its own ``c·F`` extra
-        rows and the ``W + c`` run positions its queries can see (gathered like blocks, one
-        batched SDPA call; two when the first chunks' windows start before the first key):
-        about ``Tq·(2W + c)`` score entries whatever ``Tq``."""
+        """``block_size=1`` (token windows): one call over all the keys would cost
+        ``Tq·(Tq·F + s + Tk)`` score entries for ``F`` extra rows per query and ``s``
+        sinks, quadratic in ``Tq`` even with neither. Instead the queries are cut into
+        chunks of ``c`` (about ``(W+1)/F``; ``(W+1)/2`` for ``F <= 1``), each over its
+        own ``c·F`` extra rows, the sinks and the ``W + c`` run positions its queries can
+        see (gathered like blocks, one batched SDPA call; two when the first chunks'
+        windows start before the first key): about ``Tq·(W + c·(F+1) + s)`` score entries
+        whatever ``Tq``."""
         window = layout.window
         assert window is not None
-        tq, f = q.shape[2], extra_k.shape[3]
+        tq = q.shape[2]
+        f = 0 if extra_k is None else extra_k.shape[3]
         end = q_start + tq
         k_start = end - k.shape[2]
         dev = q.device
@@ -376,6 +381,7 @@ class SDPABackend(Backend):
         span_len = window + c
         lo, hi = q_start, q_start + nc * c
         qb = span(q, q_start, lo, hi).unflatten(2, (nc, c))  # (B,H,nc,c,D)
+        b, h = q.shape[:2]
 
         def rows(x: Tensor) -> Tensor:  # (B,H,Tq,F,X) -> (B,H,nc,c·F,X)
             x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nc * c - tq))
@@ -385,29 +391,47 @@ class SDPABackend(Backend):
             padded = span(x, k_start, lo - window, hi)
             return padded.unfold(2, span_len, c).transpose(-1, -2)
 
+        def every_chunk(x: Tensor) -> Tensor:  # sink rows (B,H,s,X), seen from every chunk: (B,H,nc,s,X)
+            return x[:, :, None].expand(b, h, nc, *x.shape[2:])
+
+        sink_pos = torch.arange(0 if sinks is None else sinks[0].shape[2], device=dev)
         extra = (torch.arange(c * f, device=dev) // f)[None, :] == torch.arange(c, device=dev)[:, None]  # (c, c·F)
 
-        def chunk_masks(firsts: Tensor) -> Tensor:  # chunks starting at `firsts` (n,): (n, c, c·F + W + c [+ W + c])
+        def chunk_masks(firsts: Tensor) -> Tensor:  # chunks starting at `firsts` (n,): (n, c, columns)
             q_pos = firsts[:, None] + torch.arange(c, device=dev)  # (n, c)
             k_pos = firsts[:, None] - window + torch.arange(span_len, device=dev)  # (n, W+c)
             visible = layout.visible(q_pos[:, :, None], k_pos[:, None, :]) & (k_pos >= k_start)[:, None, :]
-            masks = [extra.expand(len(firsts), c, c * f), visible]
-            if k_mem is not None:
+            sees_sink = layout.visible(q_pos[:, :, None], sink_pos)  # (n, c, s)
+            masks = [sees_sink, visible]
+            if k_mem is not None:  # each position from k or from k_mem, never both
                 memory = layout.is_memory(q_pos[:, :, None], k_pos[:, None, :])
-                masks[1:] = [visible & ~memory, visible & memory]  # each position from k or from k_mem, never both
+                sink_memory = layout.is_memory(q_pos[:, :, None], sink_pos)
+                masks = [sees_sink & ~sink_memory, visible & ~memory, sees_sink & sink_memory, visible & memory]
+            if f:
+                masks.insert(0, extra.expand(len(firsts), c, c * f))
             return torch.cat(masks, dim=-1) | (q_pos >= end)[:, :, None]  # padding queries see everything (dropped)
 
-        keys, values = [rows(extra_k), gathered(k)], [rows(extra_v), gathered(v)]
+        keys, values = [gathered(k)], [gathered(v)]
+        if sinks is not None:
+            keys.insert(0, every_chunk(sinks[0]))
+            values.insert(0, every_chunk(sinks[1]))
         if k_mem is not None:
             assert v_mem is not None
+            if sinks is not None:
+                keys.append(every_chunk(sinks[2]))
+                values.append(every_chunk(sinks[3]))
             keys.append(gathered(k_mem))
             values.append(gathered(v_mem))
-        # With one query per block what a query sees depends only on its distance to the key, so
-        # every chunk has the same (c, ·) mask but the first `head` (their windows start before
-        # the first key) and the padding queries of the last (dropped; they still see their own
-        # extra rows, so no row is empty): the chunks after the head share one mask, broadcast.
-        # A mask per chunk, (nc, c, 2W + c), was 36 MB of bools at T=16k in the sinks variant
-        # (and SDPA makes a float copy of it).
+        if extra_k is not None:
+            assert extra_v is not None
+            keys.insert(0, rows(extra_k))
+            values.insert(0, rows(extra_v))
+        # With one query per block what a query sees depends only on its distance to the key
+        # (and a sink only on being one), so every chunk has the same (c, ·) mask but the
+        # first `head` (their windows start before the first key) and the padding queries of
+        # the last (dropped; padding sees every column, so no row is empty): the chunks after
+        # the head share one mask, broadcast. A mask per chunk, (nc, c, 2W + c), was 36 MB of
+        # bools at T=16k in the sinks variant (and SDPA makes a float copy of it).
         firsts = q_start + c * torch.arange(nc, device=dev)  # (nc,)
         head = min(nc, max(0, -(-(k_start + window - q_start) // c)))
         sizes, masks = [], []
