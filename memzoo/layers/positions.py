@@ -71,6 +71,10 @@ class PositionScheme(nn.Module):
     def key(self, k: Tensor, pos: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def unrotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        """The inverse of :meth:`key` (and :meth:`query`): ``unrotate(key(k, p), p) == k``."""
+        raise NotImplementedError(f"{type(self).__name__} has no inverse of its query/key map")
+
     def query_key(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """``(query(q, pos), key(k, pos))``; a scheme may share work between the two."""
         return self.query(q, pos), self.key(k, pos)
@@ -84,6 +88,9 @@ class NoPositions(PositionScheme):
 
     def key(self, k: Tensor, pos: Tensor) -> Tensor:
         return k
+
+    def unrotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        return x
 
 
 class RoPE(PositionScheme):

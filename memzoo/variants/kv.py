@@ -58,7 +58,7 @@ class KVCacheBackbone(Backbone):
     #: cache the layout's sink rows *before* positions are applied and rotate them at their
     #: own positions for each call (the run is cached with positions applied, at its text
     #: positions, and never rotated again): a variant that re-numbers its sinks per query
-    #: (``sinks`` with cache positions) rotates the pre-RoPE sink keys itself
+    #: (``sinks`` with cache positions) also has the pre-RoPE sink keys
     sinks_before_positions: ClassVar[bool] = False
     #: 2: the run is a ring buffer of ``capacity()`` rows (1 kept exactly the positions the
     #: next query could see, in order; an unbounded cache, ``full``'s, is the same in both)
@@ -145,12 +145,12 @@ class KVCacheBackbone(Backbone):
 
     def attend(
         self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, layout: BlockLayout, start: int,
-        raw_keys: Tensor, rows: dict[str, Tensor], key_pos: Tensor | None = None,
+        rows: dict[str, Tensor], key_pos: Tensor | None = None,
     ) -> Tensor:
         """Layer attention of queries ``q`` (B, H, T, Dh) at ``[start, start + T)`` under
-        ``layout`` (this call's :meth:`layout`): (B, H, T, Dh). ``raw_keys``: the keys before
-        positions for the sink rows of a variant with ``sinks_before_positions`` (the same as
-        ``keys`` otherwise). ``key_pos``: the rows' positions when they are a ring in slot
+        ``layout`` (this call's :meth:`layout`): (B, H, T, Dh); ``keys`` with positions applied
+        (the sink rows of a variant with ``sinks_before_positions`` at their own positions
+        too). ``key_pos``: the rows' positions when they are a ring in slot
         order (a decode step), else None (the layout's order). Override only where one
         layout cannot say it."""
         memory = dict(k_mem=keys.detach(), v_mem=values.detach()) if self.stop_gradient_memory else {}
@@ -158,12 +158,6 @@ class KVCacheBackbone(Backbone):
             q, keys, values, layout=layout, q_start=start, scale=layer.positions.scale,
             backend=self.backend, key_pos=key_pos, **memory, **rows,
         )
-
-    def attends_sinks_at_own_positions(self, start: int, end: int) -> bool:
-        """Whether the call ``[start, end)`` attends (or hands :meth:`extra_rows`) the sink
-        rows rotated at their own positions (``keys``); with False the engine skips
-        rotating them and ``keys`` is ``raw_keys``. Only read with ``sinks_before_positions``."""
-        return True
 
     def next_state(self, state: State, end: int, k: list[Tensor], v: list[Tensor], kept: list[Any]) -> State:
         """The state after a call ending at ``end`` (``kept``: what :meth:`extra_rows` kept)."""
@@ -197,10 +191,10 @@ class KVCacheBackbone(Backbone):
             raw_keys = torch.cat([self.cached(state.k[i], start, first), k], dim=2)
             values = torch.cat([self.cached(state.v[i], start, first), v], dim=2)
             keys = raw_keys
-            if raw_sinks and self.attends_sinks_at_own_positions(start, end):  # the sinks at their positions 0 … s-1
+            if raw_sinks:  # the sinks at their positions 0 … s-1
                 keys = torch.cat([layer.positions.key(raw_keys[:, :, :raw_sinks], sink_pos), raw_keys[:, :, raw_sinks:]], dim=2)
             rows, layer_kept = self.extra_rows(i, layer, state, keys, values, start, end)
-            heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows)
+            heads = self.attend(layer, q, keys, values, layout=layout, start=start, rows=rows)
             x = layer.feed_forward(layer.attend_residual(x, heads))
             if raw_keys.shape[2] == kept_rows:  # every row in order and no wrap: that is the new cache
                 new_k.append(raw_keys)
@@ -230,7 +224,7 @@ class KVCacheBackbone(Backbone):
         if ring.decodes_statically() and ops.takes_key_positions(self.backend):
             run_pos = ring.positions(cap, end, x.device, origin=sinks)  # (C,)
             key_pos = torch.cat([torch.arange(sinks, device=x.device), run_pos]) if sinks else run_pos
-        rotate_sinks = self.sinks_before_positions and sinks and self.attends_sinks_at_own_positions(start, end)
+        rotate_sinks = self.sinks_before_positions and sinks
         sink_pos = torch.arange(sinks, device=x.device) if rotate_sinks else None
         has_extra_rows = type(self).extra_rows is not KVCacheBackbone.extra_rows
         new_k, new_v, kept = [], [], []
@@ -255,7 +249,7 @@ class KVCacheBackbone(Backbone):
                     i, layer, state, ring.read(new_k[-1], block, end, end, **own), ring.read(new_v[-1], block, end, end, **own),
                     start, end,
                 )
-            heads = self.attend(layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows, key_pos=key_pos)
+            heads = self.attend(layer, q, keys, values, layout=layout, start=start, rows=rows, key_pos=key_pos)
             x = layer.feed_forward(layer.attend_residual(x, heads))
             kept.append(layer_kept)
         return x, self.next_state(state, end, new_k, new_v, kept)

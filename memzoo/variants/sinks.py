@@ -31,11 +31,13 @@ Two implementations of the same function live here:
 
 * :meth:`Sinks.step` (fast): the K/V engine of :mod:`memzoo.variants.kv` with the layout
   ``BlockLayout(1, W-1, sinks=S)`` (the sinks as always-visible keys). With cache
-  positions the queries past ``S+W-1`` are a second call without layout sinks, whose
-  per-query extra rows are the sink keys rotated at ``j + t - (S+W-1)``: with the query
-  rotated at ``t`` that is the distance ``c(t) - j`` of the paper. One token on a full
-  ring (every decode step past ``S+W``) takes :meth:`Sinks.decode_step`: the ring then
-  holds exactly the token's window, so plain attention over it in slot order.
+  positions the queries past ``S+W-1`` are a second call under the same layout with
+  queries and keys twice as wide: the query rotated at ``t`` and at ``c0 = S+W-1``, a
+  window key at its position and zeros, a sink zeros and at its position ``j``. RoPE
+  makes ``q(c0)·k_j(j)`` the score at distance ``c0 - j = c(t) - j``, the paper's, and
+  ``q(t)·k(p)`` the window's; no per-query copy of the sinks is made. One token on a
+  full ring (every decode step past ``S+W``) takes :meth:`Sinks.decode_step`: the ring
+  then holds exactly the token's window, so plain attention over it in slot order.
 * :meth:`Sinks.step_reference`: the paper's rule written per query: the visible
   positions, each numbered by its cache position (or its text position), RoPE applied
   to the pre-RoPE query and keys at those numbers, a plain softmax.
@@ -127,24 +129,21 @@ class Sinks(KVCacheBackbone):
             new_v.append(values)
         return x, SinksState(pos=t + 1, fingerprint=self.fingerprint, k=new_k, v=new_v)
 
-    def attends_sinks_at_own_positions(self, start: int, end: int) -> bool:
-        # cache positions: only the queries before S+W (nothing evicted yet) see the sinks at 0 … S-1
-        return self.positions == "absolute" or start < self.num_sinks + self.window
-
     def attend(
         self, layer: DecoderLayer, q: Tensor, keys: Tensor, values: Tensor, *, layout: BlockLayout, start: int,
-        raw_keys: Tensor, rows: dict[str, Tensor], key_pos: Tensor | None = None,
+        rows: dict[str, Tensor], key_pos: Tensor | None = None,
     ) -> Tensor:
         """Cache positions: queries up to ``S+W-1`` are one call under the sink layout
-        (nothing evicted, cache positions = text positions); later queries one call over
-        the run with the sinks as per-query extra rows, rotated to the distance the
-        paper's numbering gives them (a decode step: its one query, the run in ring order)."""
+        (nothing evicted, cache positions = text positions); later queries one call under
+        the same layout with queries and keys twice as wide, so that the sinks score at the
+        distance the paper's numbering gives them (below; a decode step: its one query,
+        the rows in ring order)."""
         s, w = self.num_sinks, self.window
         end = start + q.shape[2]
         split = min(max(s + w, start), end)  # first query whose window has left the sinks
         if self.positions == "absolute" or not s or split == end:
             return super().attend(
-                layer, q, keys, values, layout=layout, start=start, raw_keys=raw_keys, rows=rows, key_pos=key_pos
+                layer, q, keys, values, layout=layout, start=start, rows=rows, key_pos=key_pos
             )
         scale, parts = layer.positions.scale, []
         if split > start:  # the key rows before `split`: every row but the run's last end - split
@@ -153,16 +152,24 @@ class Sinks(KVCacheBackbone):
                 q[:, :, : split - start], keys[:, :, :n_keys], values[:, :, :n_keys], layout=layout,
                 q_start=start, scale=scale, backend=self.backend,
             ))
-        n_late = end - split
-        sink_k, sink_v = raw_keys[:, :, :s], values[:, :, :s]  # (B, Hkv, S, Dh), pre-RoPE keys
-        b, h_kv, _, dh = sink_k.shape
-        shift = torch.arange(split, end, device=q.device) - (s + w - 1)  # t - c(t), (n_late,)
-        at = (shift[:, None] + torch.arange(s, device=q.device)).flatten()  # (n_late * S,)
-        rotated = layer.positions.key(sink_k[:, :, None].expand(b, h_kv, n_late, s, dh).flatten(2, 3), at)
+        # Later queries: sink j must score as if rotated at j + t - (S+W-1), its distance
+        # c(t) - j to the query at t. With RoPE that score, q_t(at t)·k_j(at j + t - c0), is
+        # q(at c0)·k_j(at j) for c0 = S+W-1: the same query rotated at the constant c0 against
+        # the sink at its own position. So one call over [sinks | run] with each query and
+        # key twice as wide: the query [at t | at c0], a run key [at its position | 0], a sink
+        # [0 | at j]; the dot products are exactly the two numberings' scores, with no
+        # per-query copy of the sinks (T·S rotated rows were most of a T=4096 step's time).
+        pos, c0 = layer.positions, s + w - 1
+        late_pos = torch.arange(split, end, device=q.device)
+        q_late = q[:, :, split - start :]
+        q_cache = pos.query(pos.unrotate(q_late, late_pos), torch.full_like(late_pos, c0))
+        sinks_at_own = keys[:, :, :s]
+        run = keys[:, :, s:]
+        text_part = torch.cat([torch.zeros_like(sinks_at_own), run], dim=2)
+        cache_part = torch.cat([sinks_at_own, torch.zeros_like(run)], dim=2)
         parts.append(ops.attend(
-            q[:, :, split - start :], raw_keys[:, :, s:], values[:, :, s:], layout=BlockLayout(1, w - 1), q_start=split,
-            scale=scale, backend=self.backend, key_pos=None if key_pos is None else key_pos[s:],
-            extra_k=rotated.unflatten(2, (n_late, s)), extra_v=sink_v[:, :, None].expand(b, h_kv, n_late, s, dh),
+            torch.cat([q_late, q_cache], dim=-1), torch.cat([text_part, cache_part], dim=-1), values,
+            layout=layout, q_start=split, scale=scale, backend=self.backend, key_pos=key_pos,
         ))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
