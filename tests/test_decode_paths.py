@@ -39,6 +39,22 @@ def test_rope_query_key_equals_rotating_each_alone() -> None:
             assert torch.equal(rq2, rq) and torch.equal(rk2, rk)
 
 
+def test_moved_and_unrotated_queries_equal_rotating_the_raw_query_there() -> None:
+    """``moved(query(q, p), d) == query(q, p + d)`` and ``unrotate(key(k, p), p) == k``
+    (float64), with and without an attention factor (yarn), for RoPE and NoPE: what the
+    sinks variant's late queries use for the cache position ``S+W-1``."""
+    from memzoo.layers.positions import NoPositions
+
+    gen = torch.Generator().manual_seed(3)
+    yarn = RoPE(16, 500.0, RopeScaling(type="yarn", factor=2.0, original_max_position_embeddings=64))
+    assert yarn.attention_factor != 1.0, "the yarn case has no attention factor: the test lost a case"
+    for scheme in (RoPE(16, 500.0), yarn, NoPositions(16)):
+        x = torch.randn(2, 3, 5, 16, generator=gen, dtype=torch.float64)
+        pos, by = torch.arange(40, 45), torch.tensor([-40, -3, 0, 7, -44])
+        torch.testing.assert_close(scheme.moved(scheme.query(x, pos), by), scheme.query(x, pos + by), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(scheme.unrotate(scheme.key(x, pos), pos), x, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_rope_rotation_equals_rotating_the_halves(dtype) -> None:
     """RoPE's rotation (``x·[cos, cos] + roll(x)·[-sin, sin]``, the training path's 4 ops)

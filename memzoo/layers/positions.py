@@ -75,6 +75,11 @@ class PositionScheme(nn.Module):
         """The inverse of :meth:`key` (and :meth:`query`): ``unrotate(key(k, p), p) == k``."""
         raise NotImplementedError(f"{type(self).__name__} has no inverse of its query/key map")
 
+    def moved(self, x: Tensor, by: Tensor) -> Tensor:
+        """A query (or key) made at ``p`` as if made at ``p + by``: ``moved(query(q, p), d)
+        == query(q, p + d)``, in one step (``by`` (T,) broadcasts like a position)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot move its queries and keys")
+
     def query_key(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """``(query(q, pos), key(k, pos))``; a scheme may share work between the two."""
         return self.query(q, pos), self.key(k, pos)
@@ -90,6 +95,9 @@ class NoPositions(PositionScheme):
         return k
 
     def unrotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        return x
+
+    def moved(self, x: Tensor, by: Tensor) -> Tensor:
         return x
 
 
@@ -182,6 +190,12 @@ class RoPE(PositionScheme):
         up to rounding (the rotation back, divided by the attention factor twice)."""
         back = self._rotate(x, -pos)
         return back if self.attention_factor == 1.0 else back / (self.attention_factor**2)
+
+    def moved(self, x: Tensor, by: Tensor) -> Tensor:
+        """Rotations compose, ``R(d) R(p) = R(p + d)``; the attention factor, applied once
+        by :meth:`query` already, is divided out of the second rotation."""
+        turned = self._rotate(x, by)
+        return turned if self.attention_factor == 1.0 else turned / self.attention_factor
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

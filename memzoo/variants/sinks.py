@@ -159,16 +159,14 @@ class Sinks(KVCacheBackbone):
         # key twice as wide: the query [at t | at c0], a run key [at its position | 0], a sink
         # [0 | at j]; the dot products are exactly the two numberings' scores, with no
         # per-query copy of the sinks (T·S rotated rows were most of a T=4096 step's time).
-        pos, c0 = layer.positions, s + w - 1
-        late_pos = torch.arange(split, end, device=q.device)
         q_late = q[:, :, split - start :]
-        q_cache = pos.query(pos.unrotate(q_late, late_pos), torch.full_like(late_pos, c0))
-        sinks_at_own = keys[:, :, :s]
-        run = keys[:, :, s:]
-        text_part = torch.cat([torch.zeros_like(sinks_at_own), run], dim=2)
-        cache_part = torch.cat([sinks_at_own, torch.zeros_like(run)], dim=2)
+        q_cache = layer.positions.moved(q_late, torch.arange(s + w - 1 - split, s + w - 1 - end, -1, device=q.device))  # at c0
+        dh = q.shape[-1]
+        wide_keys = torch.cat([  # the sinks [0 | at j], the run [at its position | 0]
+            torch.nn.functional.pad(keys[:, :, :s], (dh, 0)), torch.nn.functional.pad(keys[:, :, s:], (0, dh))
+        ], dim=2)
         parts.append(ops.attend(
-            torch.cat([q_late, q_cache], dim=-1), torch.cat([text_part, cache_part], dim=-1), values,
+            torch.cat([q_late, q_cache], dim=-1), wide_keys, values,
             layout=layout, q_start=split, scale=scale, backend=self.backend, key_pos=key_pos,
         ))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
