@@ -98,6 +98,60 @@ def test_a_non_finite_key_or_value_reaches_exactly_the_outputs_it_reaches_on_the
         ops._all_finite = original
 
 
+@given(call=calls(), seed=st.integers(0, 1000), where=st.integers(0, 10**6),
+       bad=st.sampled_from([None, float("nan"), float("inf")]))
+@example(call=(4, 4, 2, 3, 13, 20, 1, True), seed=3, where=2, bad=float("nan"))  # sinks, extra rows, memory copies
+@example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=1, bad=float("nan"))  # a NaN value hidden from the last block
+@example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=0, bad=float("nan"))  # a NaN key hidden from the last block
+def test_small_compiled_sdpa_calls_equal_reference(call, seed, where, bad):
+    """Traced by torch.compile, sdpa runs a small call as one masked call in plain tensor
+    ops (``math_sdpa``, which inductor fuses) with its own non-finite handling: outputs and
+    every input gradient equal the reference; with a NaN key, or a NaN or inf value,
+    anywhere (hidden or not), the output is non-finite exactly where the reference's is and
+    equal to it elsewhere."""
+    from memzoo.ops import sdpa as sdpa_mod
+
+    size, window, sinks, tq, tk, q_start, extra, memory = call
+    layout = BlockLayout(size, window, sinks)
+    ins = _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed)
+    names = list(ins)
+
+    def run(*tensors, backend):
+        return ops.attend(**dict(zip(names, tensors)), layout=layout, q_start=q_start, scale=0.7, backend=backend)
+
+    routed = []
+    real = sdpa_mod.math_sdpa
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        routed.append(True)
+        return real(*args, **kwargs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *t: run(*t, backend="sdpa"), backend="eager", fullgraph=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdpa_mod, "math_sdpa", recording)
+        if bad is None:
+            got = compiled(*ins.values())
+            want = run(*ins.values(), backend="reference")
+            assert routed, "the small compiled call did not take math_sdpa"
+            assert_close(got, want, "output")
+            weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            for key, ga, gr in zip(names, torch.autograd.grad((got * weights).sum(), list(ins.values()), allow_unused=True),
+                                   torch.autograd.grad((want * weights).sum(), list(ins.values()), allow_unused=True)):
+                assert_close(torch.zeros(()) if ga is None else ga, torch.zeros(()) if gr is None else gr, f"grad of {key}")
+        else:
+            plain = {k: t.detach().clone() for k, t in ins.items()}
+            poisonable = [k for k in names if k != "q"]
+            name = poisonable[where % len(poisonable)]
+            plain[name].view(-1)[where // len(poisonable) % plain[name].numel()] = bad if name in ("v", "v_mem", "extra_v") else float("nan")
+            got = compiled(*plain.values())
+            want = run(*plain.values(), backend="reference")
+            finite = torch.isfinite(want)
+            assert torch.equal(torch.isfinite(got), finite), f"non-finite outputs differ from the reference's ({name})"
+            assert_close(got[finite], want[finite], "finite outputs")
+    torch._dynamo.reset()
+
+
 def test_reference_mask_by_hand():
     """L=2, W=2, 6 queries from position 0: the visible pattern drawn by hand."""
     layout = BlockLayout(2, 2)

@@ -143,6 +143,8 @@ def attend(
         _refuse_non_finite(**inputs.tensors())
     elif impl.name == "reference" or (key_pos is None and layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2])):
         pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
+    elif impl.handles_non_finite(inputs):
+        pass  # the backend's own masking keeps hidden values out (sdpa's small compiled calls)
     elif key_pos is not None and q.shape[2] == 1:
         # one query (a decode step over a ring): the rows it may not see zeroed (two selects,
         # branch-free, no sync), then what a non-finite row it sees reaches, plain attention reaches too

@@ -293,6 +293,12 @@ class Backend:
         """The call's output (B,H,Tq,Dv); see :class:`AttentionInputs` for what each input is."""
         raise NotImplementedError
 
+    def handles_non_finite(self, inputs: AttentionInputs) -> bool:
+        """True where :meth:`attend` itself keeps a non-finite key or value out of the
+        queries that may not see it (and lets it reach those that do, as plain attention);
+        the dispatcher then skips its own handling of non-finite values for the call."""
+        return False
+
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
         """Unmasked attention over the last two dims; any leading batch dims."""
         raise NotImplementedError
