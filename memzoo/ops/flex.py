@@ -157,16 +157,15 @@ def compiled_block_mask_builder():
     return torch.compile(create_block_mask)
 
 
-def cached_block_mask(mask_mod: MaskMod, key: tuple, n_queries: int, n_kv: int, device: torch.device, compiled: bool | None = None):
-    """``create_block_mask`` once per ``(key, n_kv, device)``; a bounded FIFO cache.
-    ``compiled``: build with :func:`compiled_block_mask_builder` (default: on CUDA)."""
+def cached_block_mask(mask_mod: MaskMod, key: tuple, n_queries: int, n_kv: int, device: torch.device):
+    """``create_block_mask`` once per ``(key, n_kv, device)``; a bounded FIFO cache. On CUDA
+    built by :func:`compiled_block_mask_builder`."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     full_key = (key, n_kv, str(device))
     mask = _MASKS.get(full_key)
     if mask is None:
-        compiled = device.type == "cuda" if compiled is None else compiled
-        build = compiled_block_mask_builder() if compiled else create_block_mask
+        build = compiled_block_mask_builder() if device.type == "cuda" else create_block_mask
         mask = build(mask_mod, None, None, n_queries, n_kv, device=device)
         if len(_MASKS) >= _MASK_CACHE_SIZE:
             _MASKS.pop(next(iter(_MASKS)))
