@@ -197,7 +197,7 @@ def test_delta_rule_writes_only_what_the_memory_does_not_retrieve():
 
 
 def test_first_segment_retrieves_nothing():
-    """M = 0, z = 0: the clamped denominator makes the retrieval exactly 0."""
+    """M = 0, z = 0: the retrieval is exactly 0 (the denominator is 1 there)."""
     sq = sigma(torch.randn(1, 2, 3, 4, dtype=F64))
     out = retrieve(sq, torch.zeros(1, 2, 4, 4, dtype=F64), torch.zeros(1, 2, 4, dtype=F64))
     assert torch.equal(out, torch.zeros_like(out))
