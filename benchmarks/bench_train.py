@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             start = time.perf_counter()
             try:
                 compiled()  # the first call compiles forward and backward
+                sync()
             except Exception as err:  # a variant that does not compile: say why, time it eagerly only
                 info[label][f"compile_error{suffix}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             else:
