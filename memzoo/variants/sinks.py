@@ -165,15 +165,18 @@ class Sinks(KVCacheBackbone):
         wide_keys = torch.cat([  # the sinks [0 | at j], the run [at its position | 0]
             torch.nn.functional.pad(keys[:, :, :s], (dh, 0)), torch.nn.functional.pad(keys[:, :, s:], (0, dh))
         ], dim=2)
-        # values zero-padded to the same width (the output's extra half is dropped): fused
-        # SDPA kernels take one head width for q, k and v (on the CPU a narrower v fell back
-        # to the unfused math kernel: 0.39 s against 0.27 s padded, T=2048, forward+backward)
+        # eager: values zero-padded to the same width (the output's extra half is dropped):
+        # fused SDPA kernels take one head width for q, k and v (on the CPU a narrower v fell
+        # back to the unfused math kernel: 0.39 s against 0.27 s padded, T=2048, forward+
+        # backward). Not in compiled code, where inductor writes the small calls itself
+        # (a compiled leaderboard-size step: 1.21-1.29x faster than eager padded, 1.40-1.45x not)
         dv = values.shape[-1]
+        pad = 0 if torch.compiler.is_compiling() else 2 * dh - dv
         wide_out = ops.attend(
-            torch.cat([q_late, q_cache], dim=-1), wide_keys, torch.nn.functional.pad(values, (0, 2 * dh - dv)),
+            torch.cat([q_late, q_cache], dim=-1), wide_keys, torch.nn.functional.pad(values, (0, pad)) if pad else values,
             layout=layout, q_start=split, scale=scale, backend=self.backend, key_pos=key_pos,
         )
-        parts.append(wide_out[..., :dv])
+        parts.append(wide_out[..., :dv] if pad else wide_out)
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     # ------------------------------------------------------------ the reference
