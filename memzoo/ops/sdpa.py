@@ -174,7 +174,7 @@ def masked_block_sdpa(qb: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, scale: f
 #: column, runs as one masked call in plain tensor ops (:func:`math_sdpa`): at the
 #: leaderboard's sizes inductor fuses those into a few kernels, where the SDPA kernel and
 #: the block gathering stay separate calls (a compiled bswa training step at d64, T=64:
-#: 1.29x -> 1.74x faster than eager; docs/benchmarks.md)
+#: 1.29x -> 1.46x faster than eager; docs/benchmarks.md)
 COMPILED_MATH_MAX_SCORES = 128 * 128
 
 
@@ -195,10 +195,9 @@ def math_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, 
     probs = torch.softmax(scores, dim=-1, dtype=torch.float64 if scores.dtype == torch.float64 else torch.float32).to(v.dtype)
     bad = ~torch.isfinite(v)
     out = probs @ v.masked_fill(bad, 0)
-    reached = (probs.new_ones(()) if seen is None else seen.to(v.dtype)) @ bad.to(v.dtype)  # (…, Tq, Dv): > 0 where a seen row is bad
-    if seen is None:
-        reached = bad.any(-2, keepdim=True)
-    return out.masked_fill(reached > 0, float("nan"))
+    # (…, Tq, Dv): True where a row the query sees is bad in that column (no mask: every row)
+    reached = bad.any(-2, keepdim=True) if seen is None else (seen.to(v.dtype) @ bad.to(v.dtype)) > 0
+    return out.masked_fill(reached, float("nan"))
 
 
 def _small_compiled(inputs: AttentionInputs) -> bool:
