@@ -23,7 +23,13 @@ For every registered variant, every backend that can run on the device, and ever
   can do;
 * ``cost_growth``: time(T_hi)/time(T_lo) per variant and backend (linear = T_hi/T_lo,
   i.e. 8 for 16k/2k), of the wall time (``time_ratio``) and, on CPU, of the CPU time
-  (``cpu_time_ratio``).
+  (``cpu_time_ratio``); and the same ratio of a *position-wise* model timed in the same
+  run (:data:`POSITION_WISE`: the same embedding, norms, value/output projections, MLPs
+  and head, each token attending only to itself, so its cost is linear in T by
+  construction), and ``over_position_wise``, a variant's ratio over that one. On a CPU
+  whose caches hold T_lo's activations but not T_hi's, every op slows per element as T
+  grows (the position-wise model itself grows 10-11x for 16k/2k on the project's CPU), so
+  ``over_position_wise`` is what says whether a variant's cost per token is bounded.
 
 Every cell runs in its own subprocess (clean memory peak, no cross-talk); a cell that
 cannot run says why in the JSON (``skipped``): the dense reference and uncompiled CPU
@@ -49,14 +55,38 @@ import sys
 import time
 from typing import Any
 
-#: per-variant settings at benchmark scale (block_size comes from --block-size); a variant
-#: not listed runs with its own defaults, so new variants are benchmarked too
-BENCH_OPTIONS: dict[str, dict[str, Any]] = {
-    "bswa": {"memory_blocks": 1},
-    "fam": {"memory_blocks": 1, "fam_len": 16},
-    "xl": {"memory_len": 128},
-    "rmt": {"num_memory_tokens": 16},
-}
+#: overrides of :func:`memzoo.compare.settings.variant_options` at benchmark scale (every
+#: other field of a variant that it sets follows the block size, e.g. ``sinks``' window of
+#: 2 blocks, the most keys ``bswa`` with one memory block sees; a variant's remaining fields
+#: keep its own defaults, so new variants are benchmarked too)
+BENCH_OVERRIDES: dict[str, Any] = {"memory_blocks": 1, "fam_len": 16, "memory_len": 128, "num_memory_tokens": 16}
+
+
+def bench_options(name: str, args) -> dict[str, Any]:
+    """Variant ``name``'s own fields for this run (the ones the benchmark sets)."""
+    from memzoo.compare.settings import ModelSettings, variant_options
+    from memzoo.registry import get_variant
+
+    model = ModelSettings(d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers, block_size=args.block_size)
+    fields = get_variant(name).config.model_fields
+    return variant_options(name, model, {k: v for k, v in BENCH_OVERRIDES.items() if k in fields})
+
+
+#: the cell name of the position-wise baseline (see ``cost_growth`` above)
+POSITION_WISE = "(position-wise)"
+
+
+def position_wise_step(model, tokens):
+    """The loss of ``model`` (a memzoo LM) with each token attending only to itself: per
+    layer ``h + O(V(Norm1(h)))`` then the layer's feed-forward; the same head and loss as
+    the variants' steps. Linear in T by construction."""
+    h = model.embed(tokens)
+    for layer in model.backbone.layers:
+        attn = layer.self_attn
+        rows = layer.input_layernorm(h).flatten(0, -2)
+        h = h + attn.o_proj(attn.v_proj(rows)).view(h.shape)  # the benchmark's models have n_kv_heads = n_heads
+        h = layer.feed_forward(h)
+    return model.head(model.norm(h)).float().square().mean()
 
 
 # ------------------------------------------------------------------------ one cell
@@ -73,10 +103,11 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(cell["device"])
     dtype = getattr(torch, cell["dtype"])
     name, backend, t = cell["variant"], cell["backend"], cell["T"]
+    baseline = name == POSITION_WISE
     fields = dict(vocab_size=256, d_model=cell["d_model"], n_heads=cell["n_heads"], n_layers=cell["n_layers"],
-                  block_size=cell["block_size"], backend=backend, **cell["options"])
-    model = memzoo.build_model(name, **fields).to(device=device, dtype=dtype)
-    trains = not ops.get_backend(backend).not_supported_reasons(
+                  block_size=cell["block_size"], backend="sdpa" if baseline else backend, **cell["options"])
+    model = memzoo.build_model("bswa" if baseline else name, **fields).to(device=device, dtype=dtype)
+    trains = baseline or not ops.get_backend(backend).not_supported_reasons(
         ops.AttentionCall(device.type, dtype, ops.BlockLayout(cell["block_size"], cell["block_size"]), True, False, False,
                           cell["d_model"] // cell["n_heads"], cell["d_model"] // cell["n_heads"])
     )
@@ -88,7 +119,9 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
 
     def step() -> None:
-        if trains:
+        if baseline:
+            position_wise_step(model, tokens).backward()
+        elif trains:
             logits, _ = model(tokens)
             logits.float().square().mean().backward()
         else:
@@ -150,6 +183,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         out["step_cpu_s"] = statistics.median(cpu_times)
     out["train_tokens_per_s" if trains else "forward_tokens_per_s"] = t / out["step_s"]
     out["backends_used"] = rec.names
+    if baseline:
+        return out
 
     # streaming: prefill in chunks, then one token per call
     chunk = cell["prefill_chunk"]
@@ -288,10 +323,11 @@ def plan_cells(args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[s
             unavailable[backend] = reasons
             continue
         for name in variants:
+            options = bench_options(name, args)
             for t in args.lengths:
                 cell = dict(variant=name, backend=backend, T=t, device=args.device, dtype=args.dtype,
                             d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
-                            block_size=args.block_size, options=BENCH_OPTIONS.get(name, {}),
+                            block_size=args.block_size, options=options,
                             repeats=args.repeats if t <= 4096 else args.long_repeats, decode_tokens=args.decode_tokens,
                             prefill_chunk=args.prefill_chunk, threads=args.threads)
                 dense = backend == "reference" or (backend == "flex" and args.device == "cpu")
@@ -302,6 +338,11 @@ def plan_cells(args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[s
                     skipped.append({**{k: cell[k] for k in ("variant", "backend", "T")}, "skipped": why})
                     continue
                 cells.append(cell)
+    base = dict(variant=POSITION_WISE, backend="none", device=args.device, dtype=args.dtype, d_model=args.d_model,
+                n_heads=args.n_heads, n_layers=args.n_layers, block_size=args.block_size, options={}, decode_tokens=0,
+                prefill_chunk=args.prefill_chunk, threads=args.threads)
+    # first, so that a slow drift of the machine over the run does not favour the variants
+    cells[:0] = [{**base, "T": t, "repeats": args.repeats if t <= 4096 else args.long_repeats} for t in args.growth]
     return cells, skipped, unavailable
 
 
@@ -318,6 +359,10 @@ def growth(results: list[dict[str, Any]], lo: int, hi: int) -> list[dict[str, An
             "linear_would_be": hi / lo,
             "mode": r["mode"],
         })
+    base = next((row["time_ratio"] for row in rows if row["variant"] == POSITION_WISE), None)
+    for row in rows:
+        if base is not None and row["variant"] != POSITION_WISE:
+            row["over_position_wise"] = row["time_ratio"] / base
     return rows
 
 
@@ -376,7 +421,7 @@ def main() -> None:
         "command": "python benchmarks/bench_backends.py " + " ".join(sys.argv[1:]),
         "environment": environment(args),
         "settings": {"batch": 1, "d_model": args.d_model, "n_heads": args.n_heads, "n_layers": args.n_layers,
-                     "block_size": args.block_size, "variant_options": BENCH_OPTIONS, "decode_tokens": args.decode_tokens,
+                     "block_size": args.block_size, "variant_options": {c["variant"]: c["options"] for c in cells if c["variant"] != POSITION_WISE}, "decode_tokens": args.decode_tokens,
                      "repeats": args.repeats, "long_repeats": args.long_repeats,
                      "prefill_chunk": args.prefill_chunk, "lengths": args.lengths},
         "unavailable_backends": unavailable,
