@@ -82,3 +82,34 @@ def test_gpu_check_benchmark_code_runs_small_on_cpu(tmp_path: pathlib.Path) -> N
         assert "skipped" in cases[f"{variant}/flex"] or "seconds" in cases[f"{variant}/flex"]
         assert "skipped" in cases[f"{variant}/xformers"] or "seconds" in cases[f"{variant}/xformers"]
     assert report["bench"]["dense_causal_sdpa"]["flops_per_s"] > 0
+
+
+def test_bench_backends_position_wise_baseline_sees_no_other_token_and_divides_the_growth() -> None:
+    """The cost-growth baseline is position-wise (a token's loss terms do not depend on any
+    other token), has the variants' linear layers, and each variant's growth is reported
+    over it."""
+    import memzoo
+
+    bench = load("bench_backends")
+    torch.manual_seed(0)
+    model = memzoo.build_model("bswa", vocab_size=256, d_model=32, n_heads=2, n_layers=2, block_size=8)
+    tokens = torch.randint(0, 256, (1, 12))
+    emb = model.embed.weight
+    grads = []
+    for t in (tokens, torch.cat([tokens[:, :5], (tokens[:, 5:6] + 1) % 256, tokens[:, 6:]], dim=1)):
+        emb.grad = None
+        bench.position_wise_step(model, t).backward()
+        grads.append(emb.grad.clone())
+    # only the rows of the changed token (old and new) can move
+    moved = ((grads[0] - grads[1]).abs().sum(1) > 0).nonzero().flatten().tolist()
+    assert set(moved) <= {int(tokens[0, 5]), (int(tokens[0, 5]) + 1) % 256} and moved
+    for layer in model.backbone.layers:  # it uses each layer's V, O and MLP weights
+        assert layer.self_attn.v_proj.weight.grad is not None and layer.self_attn.o_proj.weight.grad is not None
+    rows = bench.growth([
+        {"variant": v, "backend": b, "T": t, "step_s": s, "mode": "forward+backward"}
+        for v, b, t, s in ((bench.POSITION_WISE, "none", 2, 1.0), (bench.POSITION_WISE, "none", 16, 10.0),
+                           ("bswa", "sdpa", 2, 2.0), ("bswa", "sdpa", 16, 18.0))
+    ], 2, 16)
+    by = {r["variant"]: r for r in rows}
+    assert by[bench.POSITION_WISE]["time_ratio"] == 10.0 and "over_position_wise" not in by[bench.POSITION_WISE]
+    assert by["bswa"]["time_ratio"] == 9.0 and by["bswa"]["over_position_wise"] == pytest.approx(0.9)
