@@ -179,6 +179,26 @@ def test_training_step_compiles_without_graph_breaks_and_equals_eager(name, opts
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("name,opts", CASES)
+def test_a_fresh_model_compiles_its_training_step_once(name, opts):
+    """A model compiled before it ever ran eagerly (what ``memzoo compare --compile``
+    does) traces its training step once: a cache filled on the first traced call (RoPE's
+    per-device frequencies were) made Dynamo guard on its contents, and the second step
+    recompiled the whole graph (7 s at the leaderboard size, 94 s for ``fam`` at the mid
+    size, and cpp_wrapper's g++ again on top). New tokens each call."""
+    model = kit.tiny_model(name, opts)
+    compiled = torch.compile(training_loss, backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed in range(3):
+                compiled(model, kit.random_tokens(model, 2, 11, seed=seed)).backward()
+    except torch._dynamo.exc.RecompileError as err:
+        pytest.fail(f"{name}: a second training step recompiled: {err}")
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiled_model_refuses_out_of_range_tokens():
     model = kit.tiny_model("bswa", dict(memzoo.get_variant("bswa").config.conformance_options[0]))
     torch._dynamo.reset()

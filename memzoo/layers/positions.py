@@ -120,6 +120,10 @@ class RoPE(PositionScheme):
         self._on_device: dict[torch.device, Tensor] = {}
 
     def _freqs(self, device: torch.device) -> Tensor:
+        if torch.compiler.is_compiling():
+            # no cache inside a traced graph: Dynamo would guard on the cache's contents,
+            # and the first traced call, which fills it, would be followed by a recompile
+            return self.inv_freq.to(device)
         cached = self._on_device.get(device)
         if cached is None:
             cached = self._on_device[device] = self.inv_freq.to(device)
