@@ -8,6 +8,7 @@ equals eager. Traced with the ``eager`` backend: Dynamo's graph capture, no code
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -197,6 +198,34 @@ def test_a_fresh_model_compiles_its_training_step_once(name, opts):
         pytest.fail(f"{name}: a second training step recompiled: {err}")
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_graphs_take_rope_frequencies_already_on_the_device():
+    """RoPE's frequencies are float64 on the host; a module's copy per device is made where
+    the module is (built, or moved with ``.to()``), so a compiled graph reads that copy and
+    never copies the frequencies itself (on CUDA a host-to-device copy in every call, and
+    no CUDA-graph replay). Checked on the traced graph: no ``to`` of ``inv_freq``."""
+    model = kit.tiny_model("bswa", dict(memzoo.get_variant("bswa").config.conformance_options[0]))
+    model = model.to(torch.device("cpu"))
+    copies = []
+
+    def backend(gm, example_inputs):
+        copies.extend(n.format_node() for n in gm.graph.nodes
+                      if n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target) == "to"
+                      and "inv_freq" in str(n.args[0]))
+        return gm
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(training_loss, backend=backend, fullgraph=True)(model, kit.random_tokens(model, 2, 11, seed=0))
+    finally:
+        torch._dynamo.reset()
+    assert not copies, f"the compiled graph copies RoPE's frequencies: {copies}"
+    rope = next(m for m in model.modules() if hasattr(m, "_on_device"))
+    assert set(rope._on_device) == {torch.device("cpu")}
+    moved = copy.deepcopy(model).to("meta")  # a move fills the new device's copy, float64
+    rope = next(m for m in moved.modules() if hasattr(m, "_on_device"))
+    assert rope._on_device[torch.device("meta")].dtype == torch.float64
 
 
 def test_compiled_model_refuses_out_of_range_tokens():

@@ -117,15 +117,30 @@ class RoPE(PositionScheme):
         super().__init__(head_dim)
         self.base, self.scaling = base, scaling
         self.inv_freq, self.attention_factor = rope_frequencies(head_dim, base, scaling)  # (Dh/2,) float64
-        self._on_device: dict[torch.device, Tensor] = {}
+        #: the frequencies per device, filled where the module is (here, and by ``.to()``
+        #: through :meth:`_apply`), so a compiled graph finds its device's copy already made
+        self._on_device: dict[torch.device, Tensor] = {self.inv_freq.device: self.inv_freq}
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """``.to(device)`` / ``.cuda()``: also make the frequencies' copy on the new device
+        (float64 whatever the module's dtype: only the device is taken from ``fn``)."""
+        out = super()._apply(fn, recurse)
+        try:
+            device = fn(torch.zeros(0, dtype=torch.float64, device=self.inv_freq.device)).device
+        except (RuntimeError, TypeError, ValueError):  # an ``fn`` that is not a move: filled on first use
+            return out
+        if device not in self._on_device:
+            self._on_device[device] = self.inv_freq.to(device)
+        return out
 
     def _freqs(self, device: torch.device) -> Tensor:
-        if torch.compiler.is_compiling():
-            # no cache inside a traced graph: Dynamo would guard on the cache's contents,
-            # and the first traced call, which fills it, would be followed by a recompile
-            return self.inv_freq.to(device)
         cached = self._on_device.get(device)
         if cached is None:
+            if torch.compiler.is_compiling():
+                # not written inside a traced graph: Dynamo would guard on the cache's
+                # contents, and the first traced call, which filled it, would be followed by
+                # a recompile (a module moved with ``.to()`` has its copy already)
+                return self.inv_freq.to(device)
             cached = self._on_device[device] = self.inv_freq.to(device)
         return cached
 
@@ -203,7 +218,7 @@ class RoPE(PositionScheme):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_on_device"] = {}
+        state["_on_device"] = {self.inv_freq.device: self.inv_freq}
         return state
 
 
