@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.compile:
             from memzoo.compare.trainer import compile_options  # what memzoo compare --compile uses
 
-            kinds.append(("compiled", training_loss, compile_options(tokens.device, b * t * size["model"]["d_model"])))
+            kinds.append(("compiled", training_loss, compile_options(tokens.device, rows=b, tokens=t, **{k: size["model"][k] for k in ("d_model", "n_layers", "block_size")})))
         if args.compile and args.compile_defaults_too:
             kinds.append(("compiled(defaults)", training_loss_inductor_defaults, {}))
         for kind, loss, options in kinds:

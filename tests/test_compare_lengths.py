@@ -440,27 +440,35 @@ def test_compile_is_out_of_the_hash_when_off_and_in_it_when_on() -> None:
 
 
 def test_compile_options_use_the_cpp_wrapper_only_for_small_cpu_steps(tmp_path, monkeypatch) -> None:
-    """cpp_wrapper pays off only where a step is per-kernel overhead; at bench_train's mid
-    size g++ on FAM's generated wrapper ran for over 15 minutes. The trainer passes its
-    step's size (rows x longest length x d_model)."""
+    """cpp_wrapper pays off only where a step is per-kernel overhead and its generated code
+    is small; at bench_train's mid size g++ on FAM's generated wrapper ran for over 15
+    minutes. The trainer passes the shape of one compiled call (a chunk when
+    ``train.chunk_len`` is set, the longest length of a range)."""
     import memzoo.compare.trainer as trainer_mod
-    from memzoo.compare.trainer import CPP_WRAPPER_MAX_ELEMENTS, compile_options
+    from memzoo.compare.trainer import CPP_WRAPPER_MAX_BLOCKS, CPP_WRAPPER_MAX_ELEMENTS, compile_options
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert compile_options(cpu, 16 * 64 * 64) == {"cpp_wrapper": True}  # the leaderboard size
-    assert compile_options(cpu, CPP_WRAPPER_MAX_ELEMENTS) == {"cpp_wrapper": True}
-    assert compile_options(cpu, CPP_WRAPPER_MAX_ELEMENTS + 1) == {}
-    assert compile_options(cpu, 2 * 4096 * 256) == {}  # bench_train's mid size
-    assert compile_options(cuda, 16) == {}
-    with pytest.raises(ValueError, match="elements must be >= 1"):
-        compile_options(cpu, 0)
+    leaderboard = {"rows": 16, "tokens": 64, "d_model": 64, "n_layers": 2, "block_size": 8}
+    assert compile_options(cpu, **leaderboard) == {"cpp_wrapper": True}
+    assert compile_options(cuda, **leaderboard) == {}
+    assert compile_options(cpu, **{**leaderboard, "tokens": 4096, "rows": 2, "d_model": 256, "n_layers": 4, "block_size": 256}) == {}  # mid
+    assert compile_options(cpu, **{**leaderboard, "tokens": 512}) == {}  # few elements, but 2 x 64 unrolled blocks
+    assert compile_options(cpu, **{**leaderboard, "tokens": 8 * CPP_WRAPPER_MAX_BLOCKS // 2 + 1}) == {}  # one block more
+    assert compile_options(cpu, **{**leaderboard, "rows": CPP_WRAPPER_MAX_ELEMENTS // (64 * 64) + 1}) == {}
+    assert compile_options(cpu, **{**leaderboard, "rows": CPP_WRAPPER_MAX_ELEMENTS // (64 * 64)}) == {"cpp_wrapper": True}
+    for bad in ({"rows": 0}, {"tokens": -1}, {"block_size": 8.0}, {"d_model": True}):
+        with pytest.raises(ValueError, match="every size must be an int >= 1"):
+            compile_options(cpu, **{**leaderboard, **bad})
     seen = []
-    monkeypatch.setattr(trainer_mod, "compile_module", lambda net, device, elements: seen.append(elements) or net)
-    assert main(["compare", "--variants", "bswa", "--steps", "1", "--jobs", "1", "--compile", "--set", "train.length=[8,12]",
-          "--set", 'task_options={"n_digits": 2, "n_filler": 3}', "--set", "eval.lengths=[16]", "--set", "eval.examples=4",
-          "--set", "train.batch_size=4", "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
-          "--set", "model.block_size=4", "--results-dir", str(tmp_path)]) == 0
-    assert seen == [4 * 12 * 16]
+    monkeypatch.setattr(trainer_mod, "compile_module", lambda net, device, **step: seen.append(step) or net)
+    base = ["compare", "--variants", "bswa", "--steps", "1", "--jobs", "1", "--compile", "--set", "train.length=[8,12]",
+            "--set", 'task_options={"n_digits": 2, "n_filler": 3}', "--set", "eval.lengths=[16]", "--set", "eval.examples=4",
+            "--set", "train.batch_size=4", "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+            "--set", "model.block_size=4"]
+    assert main([*base, "--results-dir", str(tmp_path / "a")]) == 0
+    assert main([*base, "--set", "train.chunk_len=5", "--results-dir", str(tmp_path / "b")]) == 0
+    shape = {"rows": 4, "d_model": 16, "n_layers": 1, "block_size": 4}
+    assert seen == [{**shape, "tokens": 12}, {**shape, "tokens": 5}]
 
 
 def test_compare_compile_trains_through_torch_compile_and_times_the_first_step_apart(tmp_path, monkeypatch) -> None:

@@ -230,33 +230,40 @@ class TrainReport:
 COMPILE_BACKEND = "inductor"
 
 
-#: the most activation elements per layer (batch rows x tokens x d_model) of a step that
-#: :func:`compile_options` compiles with ``cpp_wrapper`` on the CPU. At the leaderboard size
-#: (16 x 64 x 64 = 65k) the C++ wrapper was 1.02-1.09x faster than inductor's Python one; at
-#: bench_train's mid size (2 x 4096 x 256 = 2.1M) a step takes seconds, so the wrapper's
-#: per-kernel overhead is noise, and g++ on ``fam``'s one generated wrapper file (1.7 MB,
-#: the forward's 64 unrolled FAM updates) ran for more than 15 CPU minutes and was stopped,
-#: where the Python wrapper compiled forward and backward in 216 s.
+#: ``cpp_wrapper`` on the CPU (:func:`compile_options`) only for a step this small: at most
+#: this many activation elements per layer (rows x tokens x d_model) ...
 CPP_WRAPPER_MAX_ELEMENTS = 1 << 20
+#: ... and at most this many unrolled blocks (layers x blocks per call), the size of the
+#: generated code. At the leaderboard size (16 x 64 x 64 = 65k elements, 2 layers x 8
+#: blocks = 16) the C++ wrapper was 1.02-1.09x faster than inductor's Python one. At
+#: bench_train's mid size (2.1M elements, 4 x 16 = 64 blocks) a step takes seconds, so the
+#: wrapper's per-kernel overhead is noise, and g++ on ``fam``'s one generated wrapper file
+#: (1.7 MB, the forward's 64 unrolled FAM updates) ran for more than 15 CPU minutes and was
+#: stopped, where the Python wrapper compiled forward and backward in 216 s. A tiny model
+#: on long sequences makes a larger graph still (2 layers x 64 blocks), hence both bounds.
+CPP_WRAPPER_MAX_BLOCKS = 16
 
 
-def compile_options(device: torch.device, elements: int) -> dict[str, object]:
+def compile_options(device: torch.device, *, rows: int, tokens: int, d_model: int, n_layers: int, block_size: int) -> dict[str, object]:
     """Inductor options of a compiled training step (``memzoo compare --compile`` and
-    ``benchmarks/bench_train.py --compile``) whose layers see ``elements`` activation
-    elements (batch rows x tokens x d_model). On the CPU, for a small step (at most
-    :data:`CPP_WRAPPER_MAX_ELEMENTS`), ``cpp_wrapper``: the graph's kernels are called
-    from generated C++ instead of a Python wrapper, which at small sizes is per-kernel
-    overhead (docs/benchmarks.md, "Compiled training step"); otherwise, and on other
-    devices, inductor's defaults."""
-    if elements < 1:
-        raise ValueError(f"compile_options: elements must be >= 1 (batch rows x tokens x d_model), got {elements}")
-    return {"cpp_wrapper": True} if device.type == "cpu" and elements <= CPP_WRAPPER_MAX_ELEMENTS else {}
+    ``benchmarks/bench_train.py --compile``) whose compiled calls take ``rows`` x
+    ``tokens`` tokens. On the CPU, for a small step (:data:`CPP_WRAPPER_MAX_ELEMENTS`,
+    :data:`CPP_WRAPPER_MAX_BLOCKS`), ``cpp_wrapper``: the graph's kernels are called from
+    generated C++ instead of a Python wrapper, which at small sizes is per-kernel overhead
+    (docs/benchmarks.md, "Compiled training step"); otherwise, and on other devices,
+    inductor's defaults."""
+    sizes = {"rows": rows, "tokens": tokens, "d_model": d_model, "n_layers": n_layers, "block_size": block_size}
+    bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+    if bad:
+        raise ValueError(f"compile_options: every size must be an int >= 1, got {bad}")
+    small = rows * tokens * d_model <= CPP_WRAPPER_MAX_ELEMENTS and n_layers * -(-tokens // block_size) <= CPP_WRAPPER_MAX_BLOCKS
+    return {"cpp_wrapper": True} if device.type == "cpu" and small else {}
 
 
-def compile_module(net: torch.nn.Module, device: torch.device, elements: int) -> torch.nn.Module:
-    """``torch.compile(net)`` with :data:`COMPILE_BACKEND` (and :func:`compile_options` for
-    inductor, for steps of ``elements`` activation elements per layer)."""
-    options = compile_options(device, elements) if COMPILE_BACKEND == "inductor" else {}
+def compile_module(net: torch.nn.Module, device: torch.device, **step: int) -> torch.nn.Module:
+    """``torch.compile(net)`` with :data:`COMPILE_BACKEND` (and, for inductor,
+    :func:`compile_options` for a step of the sizes ``step``)."""
+    options = compile_options(device, **step) if COMPILE_BACKEND == "inductor" else {}
     return torch.compile(net, backend=COMPILE_BACKEND, **({"options": options} if options else {}))  # type: ignore[return-value]
 
 
@@ -287,7 +294,11 @@ def train(
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if settings.compile:
         # the model's forward is compiled (a padded batch's host-side bookkeeping stays eager: graph breaks there)
-        net = compile_module(net, device, (rows.stop - rows.start) * settings.max_length * model.backbone.d_model)
+        backbone = model.backbone
+        net = compile_module(
+            net, device, rows=rows.stop - rows.start, tokens=min(settings.chunk_len or settings.max_length, settings.max_length),
+            d_model=backbone.d_model, n_layers=backbone.n_layers, block_size=backbone.block_size,
+        )
     opt = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.decay), lr=settings.lr, betas=settings.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, settings))
     report = TrainReport()
