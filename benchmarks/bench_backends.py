@@ -26,9 +26,10 @@ For every registered variant, every backend that can run on the device, and ever
   (``cpu_time_ratio``); and the same ratio of a *position-wise* model timed in the same
   run (:data:`POSITION_WISE`: the same embedding, norms, value/output projections, MLPs
   and head, each token attending only to itself, so its cost is linear in T by
-  construction), and ``over_position_wise``, a variant's ratio over that one. On a CPU
-  whose caches hold T_lo's activations but not T_hi's, every op slows per element as T
-  grows (the position-wise model itself grows 10-11x for 16k/2k on the project's CPU), so
+  construction), and ``over_position_wise``, a variant's ratio over that one (for
+  training steps; an inference-only cell has none). On a CPU whose caches hold T_lo's
+  activations but not T_hi's, every op slows per element as T grows (the position-wise
+  model grew 9.98x for 16k/2k in its first run on the project's CPU), so
   ``over_position_wise`` is what says whether a variant's cost per token is bounded.
 
 Every cell runs in its own subprocess (clean memory peak, no cross-talk); a cell that
@@ -84,7 +85,8 @@ def position_wise_step(model, tokens):
     for layer in model.backbone.layers:
         attn = layer.self_attn
         rows = layer.input_layernorm(h).flatten(0, -2)
-        h = h + attn.o_proj(attn.v_proj(rows)).view(h.shape)  # the benchmark's models have n_kv_heads = n_heads
+        assert layer.n_kv_heads == layer.n_heads, "the position-wise step takes one value head per query head"
+        h = h + attn.o_proj(attn.v_proj(rows)).view(h.shape)
         h = layer.feed_forward(h)
     return model.head(model.norm(h)).float().square().mean()
 
@@ -359,10 +361,11 @@ def growth(results: list[dict[str, Any]], lo: int, hi: int) -> list[dict[str, An
             "linear_would_be": hi / lo,
             "mode": r["mode"],
         })
-    base = next((row["time_ratio"] for row in rows if row["variant"] == POSITION_WISE), None)
+    base = next((row for row in rows if row["variant"] == POSITION_WISE), None)
     for row in rows:
-        if base is not None and row["variant"] != POSITION_WISE:
-            row["over_position_wise"] = row["time_ratio"] / base
+        # the baseline trains: only a growth of training steps is divided by it
+        if base is not None and row["variant"] != POSITION_WISE and row["mode"] == base["mode"]:
+            row["over_position_wise"] = row["time_ratio"] / base["time_ratio"]
     return rows
 
 
@@ -398,10 +401,17 @@ def main() -> None:
         args.repeats = min(args.repeats, 2)
     args.lengths = args.lengths or [1024, 2048, 4096, 16384]
     args.growth = args.growth or [2048, 16384]
+    missing = sorted(set(args.growth) - set(args.lengths))
+    if missing:
+        p.error(f"--growth {args.growth[0]} {args.growth[1]}: length(s) {missing} are not in --lengths {args.lengths}; "
+                "the growth compares cells at both lengths (add them to --lengths)")
     if args.max_dense_t is None:
         args.max_dense_t = 4096 if args.device == "cpu" else 1 << 30
 
     cells, skipped, unavailable = plan_cells(args)
+    import memzoo
+
+    variants = args.variants or memzoo.list_variants()
     results = []
     for cell in cells:
         key = {k: cell[k] for k in ("variant", "backend", "T")}
@@ -421,7 +431,7 @@ def main() -> None:
         "command": "python benchmarks/bench_backends.py " + " ".join(sys.argv[1:]),
         "environment": environment(args),
         "settings": {"batch": 1, "d_model": args.d_model, "n_heads": args.n_heads, "n_layers": args.n_layers,
-                     "block_size": args.block_size, "variant_options": {c["variant"]: c["options"] for c in cells if c["variant"] != POSITION_WISE}, "decode_tokens": args.decode_tokens,
+                     "block_size": args.block_size, "variant_options": {name: bench_options(name, args) for name in variants}, "decode_tokens": args.decode_tokens,
                      "repeats": args.repeats, "long_repeats": args.long_repeats,
                      "prefill_chunk": args.prefill_chunk, "lengths": args.lengths},
         "unavailable_backends": unavailable,
