@@ -185,7 +185,10 @@ def _zeroed(t: Tensor | None) -> Tensor | None:
 
 def _in_range(bad: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Per query, whether any of ``bad`` (..., Tk, X) in key range ``[lo, hi]`` (Tq,) is set: (..., Tq, X)."""
-    counts = torch.nn.functional.pad(bad.to(torch.int64).cumsum(dim=-2), (0, 0, 1, 0))  # (..., Tk+1, X)
+    # int32 counts (at most Tk): a third of int64's time for the cumsum on the CPU, the
+    # part of the non-finite handling that compiled graphs always run (docs/benchmarks.md)
+    kind = torch.int32 if bad.shape[-2] < 2**31 else torch.int64
+    counts = torch.nn.functional.pad(bad.to(kind).cumsum(dim=-2, dtype=kind), (0, 0, 1, 0))  # (..., Tk+1, X)
     lo_c, hi_c = lo.clamp(0, bad.shape[-2]), (hi + 1).clamp(0, bad.shape[-2])
     upper, lower = counts.index_select(-2, hi_c), counts.index_select(-2, lo_c)
     return (upper - lower > 0) & (hi_c > lo_c)[:, None]
