@@ -306,14 +306,16 @@ def environment(args) -> dict[str, Any]:
     return env
 
 
-def plan_cells(args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, list[str]]]]:
+def plan_cells(
+    args, variant_options: dict[str, dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, list[str]]]]:
+    """The cells of the run: every variant of ``variant_options`` (name -> its fields) on
+    every backend that can run here, at every length; then the position-wise baseline."""
     import torch
 
-    import memzoo
     from memzoo import ops
 
     dtype = getattr(torch, args.dtype)
-    variants = args.variants or memzoo.list_variants()
     backends = args.backends or ops.list_backends()
     head_dim = args.d_model // args.n_heads
     cells, skipped, unavailable = [], [], {}
@@ -324,8 +326,7 @@ def plan_cells(args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[s
         if reasons:
             unavailable[backend] = reasons
             continue
-        for name in variants:
-            options = bench_options(name, args)
+        for name, options in variant_options.items():
             for t in args.lengths:
                 cell = dict(variant=name, backend=backend, T=t, device=args.device, dtype=args.dtype,
                             d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
@@ -408,10 +409,10 @@ def main() -> None:
     if args.max_dense_t is None:
         args.max_dense_t = 4096 if args.device == "cpu" else 1 << 30
 
-    cells, skipped, unavailable = plan_cells(args)
     import memzoo
 
-    variants = args.variants or memzoo.list_variants()
+    variant_options = {name: bench_options(name, args) for name in args.variants or memzoo.list_variants()}
+    cells, skipped, unavailable = plan_cells(args, variant_options)
     results = []
     for cell in cells:
         key = {k: cell[k] for k in ("variant", "backend", "T")}
@@ -431,7 +432,7 @@ def main() -> None:
         "command": "python benchmarks/bench_backends.py " + " ".join(sys.argv[1:]),
         "environment": environment(args),
         "settings": {"batch": 1, "d_model": args.d_model, "n_heads": args.n_heads, "n_layers": args.n_layers,
-                     "block_size": args.block_size, "variant_options": {name: bench_options(name, args) for name in variants}, "decode_tokens": args.decode_tokens,
+                     "block_size": args.block_size, "variant_options": variant_options, "decode_tokens": args.decode_tokens,
                      "repeats": args.repeats, "long_repeats": args.long_repeats,
                      "prefill_chunk": args.prefill_chunk, "lengths": args.lengths},
         "unavailable_backends": unavailable,
