@@ -49,6 +49,7 @@ Sizes (``--size``):
     python benchmarks/bench_train.py --variants bswa fam xl  # a subset (bswa always runs: it is the unit)
     python benchmarks/bench_train.py --compile               # + each step with the loss torch.compile'd (inductor)
     python benchmarks/bench_train.py --count-ops             # + each step's forward aten ops and backward nodes
+    python benchmarks/bench_train.py --compile --non-finite propagate   # every step without the NaN/inf isolation
     python benchmarks/bench_train.py --clock thread          # CPU time of the thread (a shared machine)
     python benchmarks/bench_train.py --device cuda --size mid --matmul-n 4096   # on a GPU
 
@@ -254,6 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "(contender name+compiled(defaults)), side by side")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the models and the matmul run (cuda: float32 without TF32, synchronized timings)")
+    parser.add_argument("--non-finite", choices=("isolate", "propagate"), default="isolate",
+                        help="every contender's attention calls, eager and compiled: isolate hidden NaN/inf keys and "
+                             "values (memzoo's default) or not (memzoo.ops.propagate_non_finite; the same outputs when "
+                             "all is finite, and what memzoo compare's train.non_finite='propagate' trains with)")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -264,6 +269,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # arithmetic and the unit the FLOP/s fraction is measured against)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    with ops.propagate_non_finite(args.non_finite == "propagate"):
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Build, time and report every contender (:func:`main`'s arguments)."""
     device = torch.device(args.device)
     sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -365,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "size": args.size, "setting": {**size["model"], "T": t, "B": b, "vocab_size": VOCAB},
         "mode": f"forward + cross-entropy + backward, float32, {device.type}",
         "threads": args.threads, "rounds": args.rounds, "inner_steps": inner, "clock": args.clock,
+        "non_finite": args.non_finite,
         "matmul": {"n": n, "flops_per_s_median": matmul_flops, "seconds_min": min(matmul_s)},
         "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(),

@@ -156,6 +156,21 @@ def test_training_step_compiles_without_graph_breaks_and_equals_eager(name, opts
     every parameter gradient equal eager's. Token ids are checked on the device inside
     the graph (no host sync). With the CUDA routing too: its ``causal_lower_right`` bias
     broke every compiled training step on a GPU (seen on an H200, torch 2.11)."""
+    check_compiled_training_step(name, opts)
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_training_step_compiles_and_equals_eager_when_propagating_non_finite(name, opts):
+    """The same under :func:`memzoo.ops.propagate_non_finite` (``train.non_finite =
+    "propagate"``), where the graph has no isolation of non-finite values: one graph, and
+    the compiled loss and gradients equal eager's."""
+    from memzoo import ops
+
+    with ops.propagate_non_finite():
+        check_compiled_training_step(name, opts)
+
+
+def check_compiled_training_step(name, opts):
     model = kit.tiny_model(name, opts)
     model.eval()  # no random draws (FAM's position offsets), so both runs see the same inputs
     tokens = kit.random_tokens(model, 2, 11, seed=5)

@@ -150,3 +150,134 @@ def test_a_non_finite_token_is_forgotten_once_out_of_reach_when_decoding(
     assert torch.isfinite(outs["bad"][0, reach:]).all(), f"{variant}: the token at 10 still reaches outputs past {reach}"
     torch.testing.assert_close(outs["bad"][0, reach:], outs["clean"][0, reach:], atol=1e-5, rtol=1e-5)
     assert bb.decodes_in_ring_order(reach, 1)  # these steps read the ring in slot order
+
+
+# ------------------------------------------------ memzoo.ops.propagate_non_finite()
+def _trainable(name: str) -> bool:
+    try:
+        ops.resolve_backend_name(name, device="cpu", dtype=torch.float32, training=True)
+    except ops.BackendUnavailable:
+        return False
+    return True
+
+
+TRAINING_BACKENDS = [name for name in BACKENDS if _trainable(name)]
+
+
+def _loss_and_grads(bb, x):
+    y, _ = bb(x)
+    loss = y.square().sum()
+    return y.detach(), torch.autograd.grad(loss, list(bb.parameters()), allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+@pytest.mark.parametrize("variant", sorted(OPTIONS))
+def test_propagating_gives_the_same_outputs_and_gradients_on_finite_input(variant: str, backend: str) -> None:
+    """Without the isolation a call runs the same backend on the same finite inputs: the
+    outputs and gradients are the same, bit for bit, for every registered variant."""
+    bb = backbone(variant, backend)
+    bb.eval()  # no random draws (FAM's position offsets): both runs see the same inputs
+    x = torch.randn(2, 19, 16, generator=torch.Generator().manual_seed(4))
+    y, grads = _loss_and_grads(bb, x)
+    with ops.propagate_non_finite():
+        assert not ops.NON_FINITE.isolate
+        y_p, grads_p = _loss_and_grads(bb, x)
+    assert ops.NON_FINITE.isolate
+    assert torch.equal(y, y_p), f"{variant}/{backend}: outputs differ without the isolation"
+    for (name, _), g, g_p in zip(bb.named_parameters(), grads, grads_p):
+        assert (g is None) == (g_p is None) and (g is None or torch.equal(g, g_p)), f"{variant}/{backend}: gradient of {name}"
+
+
+def _recorded_values(monkeypatch, backend: str) -> list[torch.Tensor]:
+    """The ``v`` every call of ``backend`` receives from the dispatcher."""
+    impl = ops.get_backend(backend)
+    seen: list[torch.Tensor] = []
+    real = type(impl).attend
+    monkeypatch.setattr(impl, "attend", lambda inputs: seen.append(inputs.v) or real(impl, inputs))
+    return seen
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "traced"])
+def test_propagating_hands_the_backend_the_inputs_as_they_are(monkeypatch, compiled: bool) -> None:
+    """By default a NaN value the first queries may not see is zeroed before the backend
+    runs and reaches no earlier query; under ``propagate_non_finite()`` the backend gets
+    it as it is (eagerly and while torch.compile traces). A call long enough for sdpa's
+    block-gathered kernels: its small compiled calls isolate inside the backend (below)."""
+    q, k, v = (torch.randn(1, 2, 200, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    v[0, 1, 150, 2] = float("nan")
+    layout = ops.BlockLayout(block_size=4, window=4)
+    seen = _recorded_values(monkeypatch, "sdpa")
+
+    def attend(q, k, v):
+        return ops.attend(q, k, v, layout=layout, q_start=0, scale=8**-0.5, backend="sdpa")
+
+    run = torch.compile(attend, backend="eager", fullgraph=True) if compiled else attend
+    torch._dynamo.reset()
+    try:
+        isolated = run(q, k, v)
+        assert torch.isfinite(seen[-1]).all() and torch.isfinite(isolated[0, 1, :148]).all()
+        with ops.propagate_non_finite():
+            run(q, k, v)
+        assert torch.isnan(seen[-1][0, 1, 150, 2]), "the backend did not get the NaN value under propagate_non_finite()"
+        again = run(q, k, v)  # the graph traced under propagate is not reused outside it
+        assert torch.isfinite(seen[-1]).all()
+        assert torch.equal(again.isnan(), isolated.isnan())
+    finally:
+        torch._dynamo.reset()
+
+
+def _graph_ops(fn, *args) -> set[str]:
+    """The call targets of the graphs torch.compile traces for ``fn(*args)``."""
+    names: set[str] = set()
+
+    def collect(gm, example_inputs):
+        names.update(str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(fn, backend=collect, fullgraph=True)(*args)
+    finally:
+        torch._dynamo.reset()
+    return names
+
+
+@pytest.mark.parametrize("layout,length", [
+    (ops.BlockLayout(block_size=4, window=4), 12),  # a small call: sdpa's one masked call in plain ops (math_sdpa)
+    (ops.BlockLayout(block_size=4, window=4), 200),  # block-gathered SDPA kernel calls, the dispatcher's handling
+])
+def test_propagating_takes_the_finiteness_tests_out_of_compiled_graphs(layout, length: int) -> None:
+    """What propagating saves in a compiled graph: every ``isfinite`` of the isolation
+    (the dispatcher's, and sdpa's own in its small masked calls)."""
+    q, k, v = (torch.randn(1, 2, length, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+
+    def attend(q, k, v):
+        return ops.attend(q, k, v, layout=layout, q_start=0, scale=8**-0.5, backend="sdpa")
+
+    isolating = _graph_ops(attend, q, k, v)
+    assert any("isfinite" in name for name in isolating), sorted(isolating)
+    with ops.propagate_non_finite():
+        propagating = _graph_ops(attend, q, k, v)
+    assert not any("isfinite" in name for name in propagating), sorted(propagating)
+
+
+def test_propagate_non_finite_restores_the_setting_and_takes_a_bool() -> None:
+    with pytest.raises(RuntimeError, match="inside"):
+        with ops.propagate_non_finite():
+            with ops.propagate_non_finite(False):
+                assert ops.NON_FINITE.isolate
+            assert not ops.NON_FINITE.isolate
+            raise RuntimeError("inside")
+    assert ops.NON_FINITE.isolate
+    with pytest.raises(TypeError, match="takes a bool"):
+        with ops.propagate_non_finite(1):  # type: ignore[arg-type]
+            pass
+    assert ops.NON_FINITE.isolate
+
+
+def test_check_finite_still_refuses_when_propagating() -> None:
+    bb = backbone("bswa", "sdpa")
+    x = torch.randn(1, 8, 16)
+    x[0, 5] = float("nan")
+    with torch.no_grad(), ops.propagate_non_finite(), ops.check_finite(), pytest.raises(InputError, match="NaN/inf"):
+        bb(x)

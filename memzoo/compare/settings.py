@@ -109,12 +109,22 @@ class TrainSettings(_Strict):
         "(compile_s) and left out of tokens_per_s. Left out of the settings dump (and the run hash) when False, so "
         "eager runs keep the hashes they had before the field existed",
     )
+    non_finite: Literal["isolate", "propagate"] = Field(
+        "isolate",
+        description="the training steps' attention calls: 'isolate' keeps a NaN/inf key or value away from the queries "
+        "that may not see it (memzoo.ops' default); 'propagate' does not (memzoo.ops.propagate_non_finite): the same "
+        "losses while everything is finite, and a NaN anywhere in the batch then makes the loss NaN (reported as "
+        "divergence). Faster where the isolation runs on every call: compiled steps, GPUs. Evaluation always isolates. "
+        "Left out of the settings dump (and the run hash) when 'isolate'",
+    )
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> Any:
         out = handler(self)
         if isinstance(out, dict) and not self.compile:
             out.pop("compile", None)
+        if isinstance(out, dict) and self.non_finite == "isolate":
+            out.pop("non_finite", None)
         return out
 
     @field_validator("length", mode="before")

@@ -60,6 +60,7 @@ import torch
 import torch.distributed
 from torch import Tensor
 
+from memzoo import ops
 from memzoo.compare.distributed import DistContext, split_rows
 from memzoo.compare.progress import Progress
 from memzoo.compare.settings import EvalSettings, TrainSettings
@@ -322,10 +323,11 @@ def train(
         report.carried_steps += state is not None
         # normalised by the global batch's scored positions; x world size because DDP averages gradients
         scored = batch.mask.sum().clamp(min=1) / (dist.world_size if dist is not None else 1)
-        total_t, state = forward_backward(
-            net, tokens, targets, mask, real, state, chunk_len=settings.chunk_len, detach_every=settings.detach_every,
-            denominator=scored, touch_all=touch_all, keep_state=settings.rsp_prob > 0,
-        )
+        with ops.propagate_non_finite(settings.non_finite == "propagate"):
+            total_t, state = forward_backward(
+                net, tokens, targets, mask, real, state, chunk_len=settings.chunk_len, detach_every=settings.detach_every,
+                denominator=scored, touch_all=touch_all, keep_state=settings.rsp_prob > 0,
+            )
         if dist is not None:  # the global batch's loss: the ranks' shares, averaged
             total_t /= dist.world_size
             torch.distributed.all_reduce(total_t)

@@ -17,6 +17,10 @@ otherwise accepted; ``with memzoo.ops.check_finite():`` refuses them with an
 (opt-in: the check synchronises with the device at every call). Without it nothing
 synchronises on an accelerator or in compiled code: there the masked path always
 runs (branch-free); on the CPU, eagerly, one sum per tensor decides whether it must.
+``with memzoo.ops.propagate_non_finite():`` skips that isolation where its cost is paid
+on every call (compiled training steps, accelerators): the same outputs when every key
+and value is finite; otherwise NaN may reach more outputs, as in plain masked attention,
+never a different finite value. The ``reference`` backend always isolates.
 """
 
 import contextlib
@@ -35,6 +39,7 @@ from memzoo.ops.base import (
     Backend,
     BackendRecord,
     BackendUnavailable,
+    NON_FINITE,
     TOLERANCES,
     Support,
     Tolerance,
@@ -83,6 +88,37 @@ def check_finite(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _CHECK_FINITE.reset(token)
+
+
+@contextlib.contextmanager
+def propagate_non_finite(enabled: bool = True) -> Iterator[None]:
+    """Within the block, attention calls run their backend on the keys and values as they
+    are: a NaN or inf key or value is not kept away from the queries that may not see it
+    (the isolation in this module's doc; ``enabled=False`` restores it inside the block).
+
+    * Every key and value finite: the same outputs (the isolation only replaces non-finite
+      entries and marks outputs, so it changes nothing then).
+    * A non-finite one: NaN may reach outputs that the isolation keeps finite, as in plain
+      masked attention (a hidden value still meets a zero weight, and ``0 * nan`` is NaN).
+      Never a different finite value.
+
+    The isolation costs most where it runs on every call, branch-free: in compiled graphs
+    and on accelerators (docs/benchmarks.md measures it). A training step can go without it:
+    a NaN that a scored position sees makes the loss NaN either way, and one it would not
+    see now makes the loss NaN too, which the trainer reports as divergence instead of
+    training on. (``memzoo compare``: ``train.non_finite = "propagate"``.)
+
+    Process-wide, not per thread: compiled code reads it while tracing, and a graph traced
+    under one setting is retraced, not reused, under the other. The ``reference`` backend
+    (the oracle) always isolates; :func:`check_finite` still refuses non-finite inputs."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"propagate_non_finite(enabled) takes a bool, got {type(enabled).__name__} {enabled!r}")
+    previous = NON_FINITE.isolate
+    NON_FINITE.isolate = not enabled
+    try:
+        yield
+    finally:
+        NON_FINITE.isolate = previous
 
 
 def _all_finite(*tensors: Tensor | None) -> bool:
@@ -143,6 +179,8 @@ def attend(
         _refuse_non_finite(**inputs.tensors())
     elif impl.name == "reference" or (key_pos is None and layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2])):
         pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
+    elif not NON_FINITE.isolate:
+        pass  # propagate_non_finite(): the backend on the inputs as they are
     elif impl.handles_non_finite(inputs):
         pass  # the backend's own masking keeps hidden values out (sdpa's small compiled calls)
     elif key_pos is not None and q.shape[2] == 1:
@@ -299,7 +337,8 @@ def dense(q, k, v, *, scale, backend="auto"):
 
 __all__ = [
     "AttentionCall", "AttentionInputs", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "TOLERANCES", "Tolerance",
-    "attend", "check_backend_name", "check_finite", "dense", "explain", "forget_resolutions", "get_backend", "list_backends", "record_backends",
+    "attend", "check_backend_name", "check_finite", "dense", "explain", "forget_resolutions", "get_backend", "list_backends",
+    "propagate_non_finite", "record_backends",
     "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "takes_key_positions", "takes_relative_keys",
     "use_backend",
 ]

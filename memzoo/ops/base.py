@@ -357,6 +357,22 @@ def use_backend(name: str) -> Iterator[None]:
         _OVERRIDE.reset(token)
 
 
+class NonFinitePolicy:
+    """Whether attention calls keep a non-finite key or value away from the queries that
+    may not see it (``isolate``, the default; see :mod:`memzoo.ops`), set through
+    :func:`memzoo.ops.propagate_non_finite`. One process-wide object rather than a
+    context variable: compiled graphs read it while tracing, and Dynamo guards on the
+    attribute, so a graph traced under one setting is not reused under the other (it
+    cannot trace a context variable, and a constant read would be reused silently)."""
+
+    def __init__(self) -> None:
+        self.isolate = True
+
+
+#: the process-wide :class:`NonFinitePolicy`
+NON_FINITE = NonFinitePolicy()
+
+
 class BackendUnavailable(RuntimeError):
     """No backend (or not the asked-for one) can run this call; the message says why."""
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memzoo._memo import TensorMemo
-from memzoo.ops.base import FLOATS, AttentionInputs, Backend, Support, register_backend
+from memzoo.ops.base import FLOATS, NON_FINITE, AttentionInputs, Backend, Support, register_backend
 from memzoo.ops.layout import BlockLayout
 
 
@@ -186,13 +186,16 @@ def math_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, 
     replaced by -inf, and the values are multiplied in with their non-finite entries zeroed;
     then every output column ``d`` of a query that sees a value row with a non-finite entry
     in column ``d`` is set to NaN (what plain attention would make non-finite). A visible
-    non-finite key makes its query's scores, and so its row, NaN, as in plain attention."""
+    non-finite key makes its query's scores, and so its row, NaN, as in plain attention.
+    Under :func:`memzoo.ops.propagate_non_finite` the values go in as they are."""
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     seen = None
     if attn_mask is not None:
         seen = attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0
         scores = scores.masked_fill(~seen, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float64 if scores.dtype == torch.float64 else torch.float32).to(v.dtype)
+    if not NON_FINITE.isolate:
+        return probs @ v
     bad = ~torch.isfinite(v)
     out = probs @ v.masked_fill(bad, 0)
     # (…, Tq, Dv): True where a row the query sees is bad in that column (no mask: every row)
