@@ -5,7 +5,8 @@
 #      GPU_CHECK_WORKERS (default 4) pytest-xdist processes; the failing tests are listed in the JSON;
 #   2. a short attention benchmark, at most 180 s: bswa's and fam's attention layouts
 #      (block 1024, one memory block; fam with 16 extra rows per block), forward+backward,
-#      T=32768, bf16, head dim 128, 16 heads, through `sdpa`, `flex` and `xformers`, and
+#      T=32768, bf16, head dim 128, 16 heads, through `sdpa` (also without the NaN/inf
+#      isolation: `sdpa+propagate`), `flex` and `xformers`, and
 #      dense causal SDPA at the same T for the same run's reference FLOP/s.
 # Writes one JSON file (first argument, default gpu_check.json). On a machine without CUDA
 # it says so, writes {"cuda": false, ...} and exits 0.
@@ -111,8 +112,10 @@ extra_k, extra_v = rnd(B, H, nb, FAM_ROWS, D), rnd(B, H, nb, FAM_ROWS, D)
 for variant, extra in (("bswa", 0), ("fam", FAM_ROWS)):
     layout = BlockLayout(L, L)
     useful = 4 * D * B * H * pairs_of(layout, extra) * 3.5
-    for backend in ("sdpa", "xformers", "flex"):  # flex last: it compiles per shape
-        label = f"{variant}/{backend}"
+    # sdpa also without the NaN/inf isolation (memzoo.ops.propagate_non_finite): on a GPU the
+    # dispatcher runs it on every call (no host sync to skip it), eagerly too
+    for backend, propagate in (("sdpa", False), ("sdpa", True), ("xformers", False), ("flex", False)):  # flex last: it compiles per shape
+        label = f"{variant}/{backend}" + ("+propagate" if propagate else "")
         call = ops.AttentionCall(torch.device(device).type, dtype, layout, True, False, bool(extra), D, D)
         reasons = ops.get_backend(backend).not_supported_reasons(call)
         if reasons:
@@ -125,7 +128,8 @@ for variant, extra in (("bswa", 0), ("fam", FAM_ROWS)):
             out.sum().backward()
 
         try:
-            s = timed(step)
+            with ops.propagate_non_finite(propagate):
+                s = timed(step)
         except Exception as exc:  # a kernel that fails here is a finding, not a crash of the check
             results["cases"][label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             continue

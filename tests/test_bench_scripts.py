@@ -79,6 +79,7 @@ def test_gpu_check_benchmark_code_runs_small_on_cpu(tmp_path: pathlib.Path) -> N
     cases = report["bench"]["cases"]
     for variant in ("bswa", "fam"):
         assert cases[f"{variant}/sdpa"]["useful_flops_per_s"] > 0
+        assert cases[f"{variant}/sdpa+propagate"]["useful_flops_per_s"] > 0
         assert "skipped" in cases[f"{variant}/flex"] or "seconds" in cases[f"{variant}/flex"]
         assert "skipped" in cases[f"{variant}/xformers"] or "seconds" in cases[f"{variant}/xformers"]
     assert report["bench"]["dense_causal_sdpa"]["flops_per_s"] > 0
