@@ -19,8 +19,9 @@ synchronises on an accelerator or in compiled code: there the masked path always
 runs (branch-free); on the CPU, eagerly, one sum per tensor decides whether it must.
 ``with memzoo.ops.propagate_non_finite():`` skips that isolation where its cost is paid
 on every call (compiled training steps, accelerators): the same outputs when every key
-and value is finite; otherwise NaN may reach more outputs, as in plain masked attention,
-never a different finite value. The ``reference`` backend always isolates.
+and value is finite; otherwise what plain masked attention gives, which keeps every output
+the isolation leaves finite either the same or non-finite. The ``reference`` backend
+always isolates.
 """
 
 import contextlib
@@ -98,15 +99,18 @@ def propagate_non_finite(enabled: bool = True) -> Iterator[None]:
 
     * Every key and value finite: the same outputs (the isolation only replaces non-finite
       entries and marks outputs, so it changes nothing then).
-    * A non-finite one: NaN may reach outputs that the isolation keeps finite, as in plain
-      masked attention (a hidden value still meets a zero weight, and ``0 * nan`` is NaN).
-      Never a different finite value.
+    * A non-finite one: what plain masked attention gives. An output the isolation leaves
+      finite is the same or becomes NaN/inf (a hidden value still meets a zero weight, and
+      ``0 * nan`` is NaN; a hidden key's score is masked). An output the isolation marks
+      NaN (it sees a non-finite key or value) is whatever the kernel makes of it: NaN, inf,
+      or finite (a key whose score is ``-inf`` gets weight 0).
 
     The isolation costs most where it runs on every call, branch-free: in compiled graphs
     and on accelerators (docs/benchmarks.md measures it). A training step can go without it:
-    a NaN that a scored position sees makes the loss NaN either way, and one it would not
-    see now makes the loss NaN too, which the trainer reports as divergence instead of
-    training on. (``memzoo compare``: ``train.non_finite = "propagate"``.)
+    its activations are finite unless something has already gone wrong, and a non-finite
+    one then spreads to the loss (or the gradients) instead of staying at the positions
+    that see it, which the trainer reports as divergence. (``memzoo compare``:
+    ``train.non_finite = "propagate"``.)
 
     Process-wide, not per thread: compiled code reads it while tracing, and a graph traced
     under one setting is retraced, not reused, under the other. The ``reference`` backend
