@@ -499,17 +499,19 @@ def test_compare_compile_trains_through_torch_compile_and_times_the_first_step_a
 # ------------------------------------------------------------- train.non_finite
 def test_train_non_finite_propagate_trains_the_same_steps_without_the_isolation(tmp_path, monkeypatch) -> None:
     """``train.non_finite = "propagate"``: every training step runs under
-    :func:`memzoo.ops.propagate_non_finite` (and evaluation does not); on finite data the
-    losses are those of the default run, bit for bit. The setting is in the run hash only
-    when it is not the default, and a value other than the two is refused, naming them."""
+    :func:`memzoo.ops.propagate_non_finite` and evaluation does not (the flag as each one
+    sees it); the run trains and scores like the default one (finite data; what the switch
+    does to attention calls is tests/test_propagate_non_finite.py's). The setting is in the
+    run hash only when it is not the default, and a value other than the two is refused,
+    naming them."""
     import memzoo.compare.runner as runner_mod
     import memzoo.compare.trainer as trainer_mod
     from memzoo import ops
 
     seen: list[tuple[str, bool]] = []
     real_fb, real_eval = trainer_mod.forward_backward, runner_mod.evaluate
-    monkeypatch.setattr(trainer_mod, "forward_backward", lambda *a, **k: seen.append(("train", ops.NON_FINITE.isolate)) or real_fb(*a, **k))
-    monkeypatch.setattr(runner_mod, "evaluate", lambda *a, **k: seen.append(("eval", ops.NON_FINITE.isolate)) or real_eval(*a, **k))
+    monkeypatch.setattr(trainer_mod, "forward_backward", lambda *a, **k: seen.append(("train", ops.isolating_non_finite())) or real_fb(*a, **k))
+    monkeypatch.setattr(runner_mod, "evaluate", lambda *a, **k: seen.append(("eval", ops.isolating_non_finite())) or real_eval(*a, **k))
     base = ["compare", "--variants", "fam", "--steps", "3", "--jobs", "1", "--set", "train.length=[8,16]",
             "--set", 'task_options={"n_digits": 2, "n_filler": 3}', "--set", "eval.lengths=[16]",
             "--set", "eval.examples=4", "--set", "train.batch_size=4", "--set", "model.d_model=16",
@@ -520,7 +522,7 @@ def test_train_non_finite_propagate_trains_the_same_steps_without_the_isolation(
     seen.clear()
     assert main([*base, "--results-dir", str(tmp_path / "i")]) == 0
     assert seen and all(isolate for _, isolate in seen)
-    assert ops.NON_FINITE.isolate
+    assert ops.isolating_non_finite()
     (propagated,), (isolated,) = (list((tmp_path / d).rglob("fam-*.json")) for d in ("p", "i"))
     rp, ri = json.loads(propagated.read_text()), json.loads(isolated.read_text())
     assert rp["losses"] == ri["losses"] and len(rp["losses"]) == 3

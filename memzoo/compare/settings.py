@@ -114,8 +114,9 @@ class TrainSettings(_Strict):
         description="the training steps' attention calls: 'isolate' keeps a NaN/inf key or value away from the queries "
         "that may not see it (memzoo.ops' default); 'propagate' does not (memzoo.ops.propagate_non_finite): the same "
         "losses while everything is finite; a NaN/inf key or value may then reach positions that may not see it, so "
-        "one anywhere in a batch can make the loss NaN (reported as divergence). Faster where the isolation runs on every call: compiled steps, GPUs. Evaluation always isolates. "
-        "Left out of the settings dump (and the run hash) when 'isolate'",
+        "one anywhere in a batch can make the loss NaN (reported as divergence). Faster where the isolation runs on "
+        "every call: compiled steps, GPUs. Evaluation always isolates. Left out of the settings dump (and the run "
+        "hash) when 'isolate'",
     )
 
     @model_serializer(mode="wrap")

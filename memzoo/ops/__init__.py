@@ -21,7 +21,9 @@ runs (branch-free); on the CPU, eagerly, one sum per tensor decides whether it m
 on every call (compiled training steps, accelerators): the same outputs when every key
 and value is finite; otherwise what plain masked attention gives, which keeps every output
 the isolation leaves finite either the same or non-finite. The ``reference`` backend
-always isolates.
+always isolates. (``check_finite`` is per context, since it only acts eagerly;
+``propagate_non_finite`` is process-wide, since compiled graphs read it and Dynamo cannot
+trace a context variable.)
 """
 
 import contextlib
@@ -40,7 +42,7 @@ from memzoo.ops.base import (
     Backend,
     BackendRecord,
     BackendUnavailable,
-    NON_FINITE,
+    NON_FINITE as _NON_FINITE,
     TOLERANCES,
     Support,
     Tolerance,
@@ -112,17 +114,30 @@ def propagate_non_finite(enabled: bool = True) -> Iterator[None]:
     that see it, which the trainer reports as divergence. (``memzoo compare``:
     ``train.non_finite = "propagate"``.)
 
-    Process-wide, not per thread: compiled code reads it while tracing, and a graph traced
-    under one setting is retraced, not reused, under the other. The ``reference`` backend
-    (the oracle) always isolates; :func:`check_finite` still refuses non-finite inputs."""
+    Not for decoding: a decode step over a ring buffer (keys at explicit positions) then
+    hands the attention its stale rows as they are, so a non-finite token left in one
+    reaches every later step, where the default hides the rows a query may not see.
+
+    Process-wide: compiled code reads it while tracing (a graph traced under one setting
+    is retraced, not reused, under the other), so it is one flag, not a context variable.
+    Enter it from one thread at a time: blocks open in two threads at once restore each
+    other's setting in the wrong order. The ``reference`` backend (the oracle) always
+    isolates; :func:`check_finite` still refuses non-finite inputs. Read the setting with
+    :func:`isolating_non_finite`."""
     if not isinstance(enabled, bool):
         raise TypeError(f"propagate_non_finite(enabled) takes a bool, got {type(enabled).__name__} {enabled!r}")
-    previous = NON_FINITE.isolate
-    NON_FINITE.isolate = not enabled
+    previous = _NON_FINITE.isolate
+    _NON_FINITE.isolate = not enabled
     try:
         yield
     finally:
-        NON_FINITE.isolate = previous
+        _NON_FINITE.isolate = previous
+
+
+def isolating_non_finite() -> bool:
+    """Whether attention calls isolate non-finite keys and values now (True unless inside
+    :func:`propagate_non_finite`)."""
+    return _NON_FINITE.isolate
 
 
 def _all_finite(*tensors: Tensor | None) -> bool:
@@ -183,7 +198,7 @@ def attend(
         _refuse_non_finite(**inputs.tensors())
     elif impl.name == "reference" or (key_pos is None and layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2])):
         pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
-    elif not NON_FINITE.isolate:
+    elif not _NON_FINITE.isolate:
         pass  # propagate_non_finite(): the backend on the inputs as they are
     elif impl.handles_non_finite(inputs):
         pass  # the backend's own masking keeps hidden values out (sdpa's small compiled calls)
@@ -341,8 +356,8 @@ def dense(q, k, v, *, scale, backend="auto"):
 
 __all__ = [
     "AttentionCall", "AttentionInputs", "Backend", "BackendRecord", "BackendUnavailable", "BlockLayout", "Support", "TOLERANCES", "Tolerance",
-    "attend", "check_backend_name", "check_finite", "dense", "explain", "forget_resolutions", "get_backend", "list_backends",
-    "propagate_non_finite", "record_backends",
+    "attend", "check_backend_name", "check_finite", "dense", "explain", "forget_resolutions", "get_backend", "isolating_non_finite",
+    "list_backends", "propagate_non_finite", "record_backends",
     "register_backend", "repeat_kv", "resolve_backend", "resolve_backend_name", "takes_key_positions", "takes_relative_keys",
     "use_backend",
 ]

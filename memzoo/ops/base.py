@@ -296,7 +296,10 @@ class Backend:
     def handles_non_finite(self, inputs: AttentionInputs) -> bool:
         """True where :meth:`attend` itself keeps a non-finite key or value out of the
         queries that may not see it (and lets it reach those that do, as plain attention);
-        the dispatcher then skips its own handling of non-finite values for the call."""
+        the dispatcher then skips its own handling of non-finite values for the call.
+        Under :func:`memzoo.ops.propagate_non_finite` the dispatcher skips it without
+        asking, so a backend that isolates inside :meth:`attend` reads
+        :data:`NON_FINITE` itself and does not isolate then (as sdpa's ``math_sdpa`` does)."""
         return False
 
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
