@@ -20,12 +20,13 @@ torch.set_num_threads(1)
 OPTIONS = {name: dict(memzoo.get_variant(name).config.conformance_options[0]) for name in memzoo.list_variants()}
 
 
-def runnable_backends(names: list[str] | None = None, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Of ``names`` (default: every registered backend), those that run inference on this CPU in ``dtype``."""
+def runnable_backends(names: list[str] | None = None, dtype: torch.dtype = torch.float32, training: bool = False) -> list[str]:
+    """Of ``names`` (default: every registered backend), those that run inference (or
+    ``training``) on this CPU in ``dtype``."""
     out = []
     for name in memzoo.list_backends() if names is None else names:
         try:
-            ops.resolve_backend_name(name, device="cpu", dtype=dtype, training=False)
+            ops.resolve_backend_name(name, device="cpu", dtype=dtype, training=training)
         except ops.BackendUnavailable:
             continue
         out.append(name)

@@ -20,22 +20,14 @@ from memzoo import ops
 from memzoo.errors import InputError
 from memzoo.ops import AttentionInputs, BlockLayout
 from test_key_positions import scrambled
-from test_nan_causality import BACKENDS, OPTIONS, backbone
+from test_nan_causality import BACKENDS, OPTIONS, backbone, runnable_backends
 from test_ops import _inputs, calls
 from test_relative_keys import with_relative
 
 torch.set_num_threads(1)
 
 
-def _trainable(name: str) -> bool:
-    try:
-        ops.resolve_backend_name(name, device="cpu", dtype=torch.float32, training=True)
-    except ops.BackendUnavailable:
-        return False
-    return True
-
-
-TRAINING_BACKENDS = [name for name in BACKENDS if _trainable(name)]
+TRAINING_BACKENDS = runnable_backends(training=True)
 #: where the isolation runs: only when a tensor is not finite (the CPU, eagerly), or always
 #: (compiled graphs and accelerators: ``_all_finite`` forced False stands in for them)
 ROUTES = [pytest.param(False, id="cpu-eager-route"), pytest.param(True, id="always-masked-route")]
