@@ -143,6 +143,57 @@ def test_compiled_attention_keeps_non_finite_keys_out_of_sight():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("length", [
+    12,  # a small call: sdpa's one masked call in plain ops (math_sdpa), which isolates itself
+    200,  # block-gathered SDPA kernel calls: the dispatcher's isolation
+])
+def test_inductor_isolation_branches_on_finiteness_and_equals_eager(length):
+    """Compiled with inductor for the CPU, the isolation of non-finite keys and values is
+    a ``torch.cond`` on "every value is finite": the finite branch copies and makes no
+    mask (what kept it at about 30% of a compiled xl step), the other isolates. Outputs
+    and gradients equal eager's for finite inputs, a NaN key and a NaN value, from one
+    compiled graph (no recompile between them)."""
+    from memzoo import ops
+
+    layout = ops.BlockLayout(block_size=4, window=4)
+
+    def attend(q, k, v):
+        return ops.attend(q, k, v, layout=layout, q_start=0, scale=8**-0.5, backend="sdpa")
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def inductor(gm, example_inputs):
+        graphs.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend=inductor, fullgraph=True)
+    cases = {"finite": None, "NaN key": ("k", 5), "NaN value": ("v", 7)}
+    for case, bad in cases.items():
+        q, k, v = (torch.randn(1, 2, length, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        if bad is not None:
+            (k if bad[0] == "k" else v)[0, 1, bad[1], 3] = float("nan")
+        runs = []
+        for fn in (attend, compiled):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = fn(*leaves)
+            grads = torch.autograd.grad(out.nan_to_num().square().sum(), leaves)
+            runs.append((out.detach(), *grads))
+        for name, want, got in zip(("output", "dq", "dk", "dv"), *runs):
+            assert torch.equal(got.isnan(), want.isnan()), f"{case}, length {length}: compiled {name} is NaN elsewhere than eager's"
+            kit.assert_close(got.nan_to_num(), want.nan_to_num(), f"{case}, length {length}: compiled {name} vs eager")
+        if bad is not None:  # the NaN reaches the queries that see it, and only those
+            assert runs[1][0][0, 1, : bad[1]].isfinite().all() and runs[1][0][0, 1, bad[1]].isnan().any(), case
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the non-finite inputs recompiled"
+    top = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert any("cond" in t for t in top), top  # the branch is in the graph ...
+    # ... and outside it only the flag tests finiteness: the copies and the mask are inside
+    assert sum("isfinite" in t for t in top) == 1 and not any("cumsum" in t for t in top), top
+    torch._dynamo.reset()
+
+
 def training_loss(model, tokens):
     logits, _ = model(tokens[:, :-1])
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())

@@ -43,6 +43,9 @@ from memzoo.ops.base import (
     BackendRecord,
     BackendUnavailable,
     NON_FINITE as _NON_FINITE,
+    finite_flag as _finite_flag,
+    reached_unless_finite as _reached_unless_finite,
+    zeroed as _zeroed,
     TOLERANCES,
     Support,
     Tolerance,
@@ -236,10 +239,6 @@ def _check_relative(inputs: AttentionInputs) -> None:
         )
 
 
-def _zeroed(t: Tensor | None) -> Tensor | None:
-    return None if t is None else torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
 def _in_range(bad: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Per query, whether any of ``bad`` (..., Tk, X) in key range ``[lo, hi]`` (Tq,) is set: (..., Tq, X)."""
     # int32 counts (at most Tk): a third of int64's time for the cumsum on the CPU, the
@@ -254,17 +253,37 @@ def _in_range(bad: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
     """``impl.attend`` when a key or value is NaN/inf: run it on zeroed copies, then set
     to NaN exactly the outputs that a visible non-finite key (row) or value (column) reaches.
-    (Relative-position keys are derived from queries and weights, like ``q``: not zeroed.)"""
+    (Relative-position keys are derived from queries and weights, like ``q``: not zeroed.)
+    In a compiled CPU graph both parts branch on whether every value is finite
+    (:func:`~memzoo.ops.base.finite_flag`): then the copies are plain and no mask is made."""
+    names = tuple(n for n in ("k", "v", "k_mem", "v_mem", "extra_k", "extra_v") if getattr(inputs, n) is not None)
+    given = tuple(getattr(inputs, n) for n in names)
+    finite = _finite_flag(*given)
+    out = impl.attend(inputs.replace(**{n: _zeroed(t, finite) for n, t in zip(names, given)}))
+
+    def reach(*tensors: Tensor) -> Tensor:
+        seen = inputs.replace(**dict(zip(names, tensors)))
+        return _reached_by_non_finite(seen) if _reach_is_a_mask(seen) else _reached_in_ranges(seen)
+
+    return out.masked_fill(_reached_unless_finite(reach, given, tuple(out.shape), finite), float("nan"))
+
+
+def _reach_is_a_mask(inputs: AttentionInputs) -> bool:
+    """Keys at explicit positions, or sinks with memory tensors: what a key reaches is a
+    (Tq, Tk) mask (:func:`_reached_by_non_finite`), not ranges of rows."""
+    layout = inputs.layout
+    n_sinks = layout.n_sink_rows(inputs.end) if layout.sinks else 0
+    return inputs.key_pos is not None or bool(n_sinks and (inputs.k_mem is not None or inputs.v_mem is not None))
+
+
+def _reached_in_ranges(inputs: AttentionInputs) -> Tensor:
+    """(B, H, Tq, 1 or Dv): the outputs a visible non-finite key (the whole row) or value
+    (its column) reaches, for keys in the layout's order: per query, ranges of key rows."""
     q, k, v, layout, q_start = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start
     k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
-    out = impl.attend(inputs.replace(
-        k=_zeroed(k), v=_zeroed(v), k_mem=_zeroed(k_mem), v_mem=_zeroed(v_mem), extra_k=_zeroed(extra_k), extra_v=_zeroed(extra_v),
-    ))
     tq, tk = q.shape[2], k.shape[2]
     end = q_start + tq
     n_sinks = layout.n_sink_rows(end) if layout.sinks else 0  # the first key rows: positions 0 … n_sinks-1
-    if inputs.key_pos is not None or (n_sinks and (k_mem is not None or v_mem is not None)):
-        return out.masked_fill(_reached_by_non_finite(inputs), float("nan"))
     q_pos = torch.arange(q_start, end, device=q.device)
     first = end - tk  # position of key index 0 (with sinks: of the run's rows, index n_sinks on)
     start = layout.block_start(q_pos)
@@ -297,7 +316,7 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
         if extra_v is not None:
             ev = (~torch.isfinite(extra_v)).any(-2)  # (B, H, nb, Dv)
             col = col | ev.index_select(-2, q_block)
-    return out.masked_fill(row | col, float("nan"))
+    return row | col
 
 
 def _hide_rows(inputs: AttentionInputs) -> AttentionInputs:
