@@ -15,13 +15,15 @@ infinite value may then give ``inf`` where the others give NaN). NaN and inf are
 otherwise accepted; ``with memzoo.ops.check_finite():`` refuses them with an
 :class:`~memzoo.errors.InputError` at the first attention call that sees one
 (opt-in: the check synchronises with the device at every call). Without it nothing
-synchronises on an accelerator or in compiled code: there the masked path always
-runs (branch-free); on the CPU, eagerly, one sum per tensor decides whether it must.
-``with memzoo.ops.propagate_non_finite():`` skips that isolation where its cost is paid
-on every call (compiled training steps, accelerators): the same outputs when every key
-and value is finite; otherwise what plain masked attention gives, which keeps every output
-the isolation leaves finite either the same or non-finite. The ``reference`` backend
-always isolates. (``check_finite`` is per context, since it only acts eagerly;
+synchronises on an accelerator: there the masked path always runs (branch-free). On the
+CPU, eagerly, one sum per tensor decides whether it must; compiled for the CPU, the graph
+branches on such a flag (``torch.cond``, :func:`memzoo.ops.base.finite_flag`), so while
+everything is finite it makes plain copies of the keys and values and no mask.
+``with memzoo.ops.propagate_non_finite():`` skips the isolation, flag and copies too
+(what it still costs: on accelerators the whole of it on every call, compiled on the CPU
+the flag and the copies): the same outputs when every key and value is finite;
+otherwise what plain masked attention gives, which keeps every output the isolation
+leaves finite either the same or non-finite. The ``reference`` backend always isolates. (``check_finite`` is per context, since it only acts eagerly;
 ``propagate_non_finite`` is process-wide, since compiled graphs read it and Dynamo cannot
 trace a context variable.)
 """
@@ -110,8 +112,10 @@ def propagate_non_finite(enabled: bool = True) -> Iterator[None]:
       NaN (it sees a non-finite key or value) is whatever the kernel makes of it: NaN, inf,
       or finite (a key whose score is ``-inf`` gets weight 0).
 
-    The isolation costs most where it runs on every call, branch-free: in compiled graphs
-    and on accelerators (docs/benchmarks.md measures it). A training step can go without it:
+    The isolation costs most where it runs on every call, branch-free: on accelerators. A
+    graph compiled for the CPU branches on one finiteness flag per call and pays only for
+    the flag and plain copies of the keys and values (docs/benchmarks.md measures both).
+    A training step can go without it:
     its activations are finite unless something has already gone wrong, and a non-finite
     one then spreads to the loss (or the gradients) instead of staying at the positions
     that see it, which the trainer reports as divergence. (``memzoo compare``:
@@ -211,9 +215,9 @@ def attend(
         if compiling or q.device.type != "cpu" or not _all_finite(*tensors):
             return impl.attend(_hide_rows(inputs))
     elif compiling or q.device.type != "cpu":
-        # a compiled graph cannot branch on data, and on an accelerator the branch would
-        # cost a host sync per call: run the non-finite handling unconditionally
-        # (branch-free, equal to impl.attend when all is finite)
+        # on an accelerator a Python branch would cost a host sync per call, and a compiled
+        # graph cannot branch in Python: the handling runs on every call, equal to
+        # impl.attend when all is finite (compiled for the CPU, as a torch.cond on finiteness)
         return _attend_non_finite(impl, inputs)
     elif impl.name != "reference" and not _all_finite(*tensors):
         # on the CPU the check is one sum per tensor, cheaper than the masked path
