@@ -143,22 +143,43 @@ def test_compiled_attention_keeps_non_finite_keys_out_of_sight():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("length", [
-    12,  # a small call: sdpa's one masked call in plain ops (math_sdpa), which isolates itself
-    200,  # block-gathered SDPA kernel calls: the dispatcher's isolation
+def _isolation_call(kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the layout arguments, the tensors) of one attention call of ``kind``."""
+    from memzoo import ops
+
+    g = torch.Generator().manual_seed(0)
+    if kind in ("small", "blocks"):
+        length = 12 if kind == "small" else 200
+        return dict(layout=ops.BlockLayout(block_size=4, window=4), q_start=0), {
+            n: torch.randn(1, 2, length, 8, generator=g) for n in ("q", "k", "v")
+        }
+    layout, q_start, tq, heads = ops.BlockLayout(4, 8, 2), 20, 13, (2, 3)  # sinks, after the first blocks
+    nb = layout.n_query_blocks(q_start, tq)
+    shapes = dict(q=(tq, 4), k=(q_start + tq, 4), v=(q_start + tq, 5), k_mem=(q_start + tq, 4), v_mem=(q_start + tq, 5))
+    tensors = {n: torch.randn(*heads, *shape, generator=g) for n, shape in shapes.items()}
+    tensors.update(extra_k=torch.randn(*heads, nb, 1, 4, generator=g), extra_v=torch.randn(*heads, nb, 1, 5, generator=g))
+    return dict(layout=layout, q_start=q_start), tensors
+
+
+@pytest.mark.parametrize("kind", [
+    "small",  # sdpa's one masked call in plain ops (math_sdpa), which isolates itself
+    "blocks",  # block-gathered SDPA kernel calls: the dispatcher's isolation
+    "memory",  # memory tensors, extra rows and sinks, queries after the first blocks (a dk
+    # arrived transposed there, which a branch compiled for a contiguous one refused)
 ])
-def test_inductor_isolation_branches_on_finiteness_and_equals_eager(length):
+def test_inductor_isolation_branches_on_finiteness_and_equals_eager(kind):
     """Compiled with inductor for the CPU, the isolation of non-finite keys and values is
     a ``torch.cond`` on "every value is finite": the finite branch copies and makes no
     mask (what kept it at about 30% of a compiled xl step), the other isolates. Outputs
-    and gradients equal eager's for finite inputs, a NaN key and a NaN value, from one
-    compiled graph (no recompile between them)."""
+    and gradients equal eager's for finite inputs and a NaN in each key/value tensor,
+    from one compiled graph (no recompile between them)."""
     from memzoo import ops
 
-    layout = ops.BlockLayout(block_size=4, window=4)
+    where, tensors = _isolation_call(kind)
+    names, q_start = list(tensors), where["q_start"]
 
-    def attend(q, k, v):
-        return ops.attend(q, k, v, layout=layout, q_start=0, scale=8**-0.5, backend="sdpa")
+    def attend(*ts):
+        return ops.attend(**dict(zip(names, ts)), **where, scale=0.5, backend="sdpa")
 
     graphs: list[torch.fx.GraphModule] = []
 
@@ -170,22 +191,22 @@ def test_inductor_isolation_branches_on_finiteness_and_equals_eager(length):
 
     torch._dynamo.reset()
     compiled = torch.compile(attend, backend=inductor, fullgraph=True)
-    cases = {"finite": None, "NaN key": ("k", 5), "NaN value": ("v", 7)}
-    for case, bad in cases.items():
-        q, k, v = (torch.randn(1, 2, length, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-        if bad is not None:
-            (k if bad[0] == "k" else v)[0, 1, bad[1], 3] = float("nan")
+    for case in [None, *names[1:]]:  # finite, then a NaN in k, v, ... in turn
+        given = {n: t.clone() for n, t in tensors.items()}
+        if case is not None:  # a row some query sees: the last key (its own), a memory row, a block's extra row
+            row = {"k_mem": q_start - 2, "v_mem": q_start - 2, "extra_k": 1, "extra_v": 1}.get(case, -1)
+            given[case][0, 1, row, ..., 0] = float("nan")
         runs = []
         for fn in (attend, compiled):
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            leaves = [t.clone().requires_grad_() for t in given.values()]
             out = fn(*leaves)
             grads = torch.autograd.grad(out.nan_to_num().square().sum(), leaves)
             runs.append((out.detach(), *grads))
-        for name, want, got in zip(("output", "dq", "dk", "dv"), *runs):
-            assert torch.equal(got.isnan(), want.isnan()), f"{case}, length {length}: compiled {name} is NaN elsewhere than eager's"
-            kit.assert_close(got.nan_to_num(), want.nan_to_num(), f"{case}, length {length}: compiled {name} vs eager")
-        if bad is not None:  # the NaN reaches the queries that see it, and only those
-            assert runs[1][0][0, 1, : bad[1]].isfinite().all() and runs[1][0][0, 1, bad[1]].isnan().any(), case
+        assert case is None or runs[0][0].isnan().any(), f"{kind}: the NaN in {case} reaches no output (a vacuous case)"
+        for name, want, got in zip(("output", *(f"d{n}" for n in names)), *runs):
+            where_ = f"{kind}, NaN in {case}" if case else f"{kind}, finite"
+            assert torch.equal(got.isnan(), want.isnan()), f"{where_}: compiled {name} is NaN elsewhere than eager's"
+            kit.assert_close(got.nan_to_num(), want.nan_to_num(), f"{where_}: compiled {name} vs eager")
     assert len(graphs) == 1, f"{len(graphs)} graphs: the non-finite inputs recompiled"
     top = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert any("cond" in t for t in top), top  # the branch is in the graph ...

@@ -400,11 +400,19 @@ def finite_flag(*tensors: Tensor | None) -> Tensor | None:
 
 
 def _flat_cond(finite: Tensor, when_finite: Callable[..., Tensor], otherwise: Callable[..., Tensor], operands: tuple[Tensor, ...], shape: torch.Size) -> Tensor:
-    """``torch.cond`` on ``finite`` with both branches' results flattened (cond compares the
-    branches' strides, which it cannot for some symbolic shapes), viewed as ``shape``."""
+    """``torch.cond(finite, when_finite, otherwise, operands)`` viewed as ``shape``, with
+    every operand and both results passed flat (1-D, contiguous) and viewed back inside.
+    Inductor compiles each branch for the operand strides it traced and asserts them, and
+    a gradient can arrive in another layout (seen: a transposed dk with memory tensors,
+    where a ``.contiguous()`` was dropped as a no-op); and cond cannot compare the
+    branches' strides for some symbolic shapes. A 1-D contiguous tensor has one layout."""
+    shapes = [t.shape for t in operands]
     numel = math.prod(shape)
-    flat = torch.cond(finite, lambda *ts: when_finite(*ts).reshape(numel), lambda *ts: otherwise(*ts).reshape(numel), operands)
-    return flat.view(shape)
+
+    def flat(branch: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        return lambda *ts: branch(*(t.view(s) for t, s in zip(ts, shapes))).reshape(numel)
+
+    return torch.cond(finite, flat(when_finite), flat(otherwise), tuple(t.reshape(-1) for t in operands)).view(shape)
 
 
 def _zero_non_finite(t: Tensor) -> Tensor:
@@ -420,7 +428,7 @@ class _ZeroedUnlessFinite(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: Tensor, finite: Tensor) -> Tensor:
         ctx.save_for_backward(t, finite)
-        return _flat_cond(finite, lambda x: x.contiguous(memory_format=torch.contiguous_format).clone(), _zero_non_finite, (t,), t.shape)
+        return _flat_cond(finite, torch.clone, _zero_non_finite, (t,), t.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -429,7 +437,7 @@ class _ZeroedUnlessFinite(torch.autograd.Function):
         def kept(g: Tensor, x: Tensor) -> Tensor:
             return torch.where(torch.isfinite(x), g, torch.zeros((), dtype=g.dtype, device=g.device))
 
-        return _flat_cond(finite, lambda g, x: g.contiguous().clone(), kept, (grad, t), grad.shape), None
+        return _flat_cond(finite, lambda g, x: g.clone(), kept, (grad, t), grad.shape), None
 
 
 def zeroed(t: Tensor | None, finite: Tensor | None) -> Tensor | None:
