@@ -115,7 +115,7 @@ class TrainSettings(_Strict):
         "that may not see it (memzoo.ops' default); 'propagate' does not (memzoo.ops.propagate_non_finite): the same "
         "losses while everything is finite; a NaN/inf key or value may then reach positions that may not see it, so "
         "one anywhere in a batch can make the loss NaN (reported as divergence). Faster where the isolation runs on "
-        "every call (GPUs) and, less, in steps compiled for the CPU (their finiteness flag and copies). Evaluation always isolates. Left out of the settings dump (and the run "
+        "every call: compiled steps, GPUs. Evaluation always isolates. Left out of the settings dump (and the run "
         "hash) when 'isolate'",
     )
 

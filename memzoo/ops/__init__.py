@@ -15,15 +15,13 @@ infinite value may then give ``inf`` where the others give NaN). NaN and inf are
 otherwise accepted; ``with memzoo.ops.check_finite():`` refuses them with an
 :class:`~memzoo.errors.InputError` at the first attention call that sees one
 (opt-in: the check synchronises with the device at every call). Without it nothing
-synchronises on an accelerator: there the masked path always runs (branch-free). On the
-CPU, eagerly, one sum per tensor decides whether it must; compiled for the CPU, the graph
-branches on such a flag (``torch.cond``, :func:`memzoo.ops.base.finite_flag`), so while
-everything is finite it makes plain copies of the keys and values and no mask.
-``with memzoo.ops.propagate_non_finite():`` skips the isolation, flag and copies too
-(what it still costs: on accelerators the whole of it on every call, compiled on the CPU
-the flag and the copies): the same outputs when every key and value is finite;
-otherwise what plain masked attention gives, which keeps every output the isolation
-leaves finite either the same or non-finite. The ``reference`` backend always isolates. (``check_finite`` is per context, since it only acts eagerly;
+synchronises on an accelerator or in compiled code: there the masked path always
+runs (branch-free); on the CPU, eagerly, one sum per tensor decides whether it must.
+``with memzoo.ops.propagate_non_finite():`` skips that isolation where its cost is paid
+on every call (compiled training steps, accelerators): the same outputs when every key
+and value is finite; otherwise what plain masked attention gives, which keeps every output
+the isolation leaves finite either the same or non-finite. The ``reference`` backend
+always isolates. (``check_finite`` is per context, since it only acts eagerly;
 ``propagate_non_finite`` is process-wide, since compiled graphs read it and Dynamo cannot
 trace a context variable.)
 """
@@ -45,9 +43,6 @@ from memzoo.ops.base import (
     BackendRecord,
     BackendUnavailable,
     NON_FINITE as _NON_FINITE,
-    finite_flag as _finite_flag,
-    reached_unless_finite as _reached_unless_finite,
-    zeroed as _zeroed,
     TOLERANCES,
     Support,
     Tolerance,
@@ -112,10 +107,8 @@ def propagate_non_finite(enabled: bool = True) -> Iterator[None]:
       NaN (it sees a non-finite key or value) is whatever the kernel makes of it: NaN, inf,
       or finite (a key whose score is ``-inf`` gets weight 0).
 
-    The isolation costs most where it runs on every call, branch-free: on accelerators. A
-    graph compiled for the CPU branches on one finiteness flag per call and pays only for
-    the flag and plain copies of the keys and values (docs/benchmarks.md measures both).
-    A training step can go without it:
+    The isolation costs most where it runs on every call, branch-free: in compiled graphs
+    and on accelerators (docs/benchmarks.md measures it). A training step can go without it:
     its activations are finite unless something has already gone wrong, and a non-finite
     one then spreads to the loss (or the gradients) instead of staying at the positions
     that see it, which the trainer reports as divergence. (``memzoo compare``:
@@ -215,9 +208,9 @@ def attend(
         if compiling or q.device.type != "cpu" or not _all_finite(*tensors):
             return impl.attend(_hide_rows(inputs))
     elif compiling or q.device.type != "cpu":
-        # on an accelerator a Python branch would cost a host sync per call, and a compiled
-        # graph cannot branch in Python: the handling runs on every call, equal to
-        # impl.attend when all is finite (compiled for the CPU, as a torch.cond on finiteness)
+        # a compiled graph cannot branch on data, and on an accelerator the branch would
+        # cost a host sync per call: run the non-finite handling unconditionally
+        # (branch-free, equal to impl.attend when all is finite)
         return _attend_non_finite(impl, inputs)
     elif impl.name != "reference" and not _all_finite(*tensors):
         # on the CPU the check is one sum per tensor, cheaper than the masked path
@@ -243,6 +236,10 @@ def _check_relative(inputs: AttentionInputs) -> None:
         )
 
 
+def _zeroed(t: Tensor | None) -> Tensor | None:
+    return None if t is None else torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def _in_range(bad: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Per query, whether any of ``bad`` (..., Tk, X) in key range ``[lo, hi]`` (Tq,) is set: (..., Tq, X)."""
     # int32 counts (at most Tk): a third of int64's time for the cumsum on the CPU, the
@@ -257,37 +254,17 @@ def _in_range(bad: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
     """``impl.attend`` when a key or value is NaN/inf: run it on zeroed copies, then set
     to NaN exactly the outputs that a visible non-finite key (row) or value (column) reaches.
-    (Relative-position keys are derived from queries and weights, like ``q``: not zeroed.)
-    In a compiled CPU graph both parts branch on whether every value is finite
-    (:func:`~memzoo.ops.base.finite_flag`): then the copies are plain and no mask is made."""
-    names = tuple(n for n in ("k", "v", "k_mem", "v_mem", "extra_k", "extra_v") if getattr(inputs, n) is not None)
-    given = tuple(getattr(inputs, n) for n in names)
-    finite = _finite_flag(*given)
-    out = impl.attend(inputs.replace(**{n: _zeroed(t, finite) for n, t in zip(names, given)}))
-
-    def reach(*tensors: Tensor) -> Tensor:
-        seen = inputs.replace(**dict(zip(names, tensors)))
-        return _reached_by_non_finite(seen) if _reach_is_a_mask(seen) else _reached_in_ranges(seen)
-
-    return out.masked_fill(_reached_unless_finite(reach, given, tuple(out.shape), finite), float("nan"))
-
-
-def _reach_is_a_mask(inputs: AttentionInputs) -> bool:
-    """Keys at explicit positions, or sinks with memory tensors: what a key reaches is a
-    (Tq, Tk) mask (:func:`_reached_by_non_finite`), not ranges of rows."""
-    layout = inputs.layout
-    n_sinks = layout.n_sink_rows(inputs.end) if layout.sinks else 0
-    return inputs.key_pos is not None or bool(n_sinks and (inputs.k_mem is not None or inputs.v_mem is not None))
-
-
-def _reached_in_ranges(inputs: AttentionInputs) -> Tensor:
-    """(B, H, Tq, 1 or Dv): the outputs a visible non-finite key (the whole row) or value
-    (its column) reaches, for keys in the layout's order: per query, ranges of key rows."""
+    (Relative-position keys are derived from queries and weights, like ``q``: not zeroed.)"""
     q, k, v, layout, q_start = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start
     k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
+    out = impl.attend(inputs.replace(
+        k=_zeroed(k), v=_zeroed(v), k_mem=_zeroed(k_mem), v_mem=_zeroed(v_mem), extra_k=_zeroed(extra_k), extra_v=_zeroed(extra_v),
+    ))
     tq, tk = q.shape[2], k.shape[2]
     end = q_start + tq
     n_sinks = layout.n_sink_rows(end) if layout.sinks else 0  # the first key rows: positions 0 … n_sinks-1
+    if inputs.key_pos is not None or (n_sinks and (k_mem is not None or v_mem is not None)):
+        return out.masked_fill(_reached_by_non_finite(inputs), float("nan"))
     q_pos = torch.arange(q_start, end, device=q.device)
     first = end - tk  # position of key index 0 (with sinks: of the run's rows, index n_sinks on)
     start = layout.block_start(q_pos)
@@ -320,7 +297,7 @@ def _reached_in_ranges(inputs: AttentionInputs) -> Tensor:
         if extra_v is not None:
             ev = (~torch.isfinite(extra_v)).any(-2)  # (B, H, nb, Dv)
             col = col | ev.index_select(-2, q_block)
-    return row | col
+    return out.masked_fill(row | col, float("nan"))
 
 
 def _hide_rows(inputs: AttentionInputs) -> AttentionInputs:

@@ -26,10 +26,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -375,95 +374,6 @@ class NonFinitePolicy:
 
 #: the process-wide :class:`NonFinitePolicy`
 NON_FINITE = NonFinitePolicy()
-
-
-# ------------------------------------------------- isolation that branches when compiled
-# The isolation of non-finite keys and values (memzoo.ops) has two parts: zeroed copies of
-# the tensors and the mask of the outputs a non-finite value reaches. Eagerly on the CPU
-# the dispatcher runs them only after one sum per tensor found a NaN/inf. A compiled graph
-# cannot branch in Python, so it used to run both on every call (about 30% of a compiled
-# xl training step at the leaderboard size); on the CPU it now branches with torch.cond on
-# one flag, "every value of this call is finite" (a branch costs no device sync there).
-
-
-def finite_flag(*tensors: Tensor | None) -> Tensor | None:
-    """While torch.compile traces for the CPU: a 0-dim bool tensor, True when every value
-    of ``tensors`` is finite (a sum is finite unless a value is not, or it overflows, which
-    only takes the exact branch); summed in at least float32, without gradient. Else None:
-    eager code branches in Python, and on an accelerator the flag would cost a host sync."""
-    given = [t for t in tensors if t is not None]
-    if not (given and torch.compiler.is_compiling() and given[0].device.type == "cpu"):
-        return None
-    total = sum(t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in given)
-    assert isinstance(total, Tensor)
-    return torch.isfinite(total)
-
-
-def _flat_cond(finite: Tensor, when_finite: Callable[..., Tensor], otherwise: Callable[..., Tensor], operands: tuple[Tensor, ...], shape: torch.Size) -> Tensor:
-    """``torch.cond(finite, when_finite, otherwise, operands)`` viewed as ``shape``, with
-    every operand and both results passed flat (1-D, contiguous) and viewed back inside.
-    Inductor compiles each branch for the operand strides it traced and asserts them, and
-    a gradient can arrive in another layout (seen: a transposed dk with memory tensors,
-    where a ``.contiguous()`` was dropped as a no-op); and cond cannot compare the
-    branches' strides for some symbolic shapes. A 1-D contiguous tensor has one layout."""
-    shapes = [t.shape for t in operands]
-    numel = math.prod(shape)
-
-    def flat(branch: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        return lambda *ts: branch(*(t.view(s) for t, s in zip(ts, shapes))).reshape(numel)
-
-    return torch.cond(finite, flat(when_finite), flat(otherwise), tuple(t.reshape(-1) for t in operands)).view(shape)
-
-
-def _zero_non_finite(t: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-class _ZeroedUnlessFinite(torch.autograd.Function):
-    """``t`` with its NaN/inf entries set to 0, and the gradient through the kept entries;
-    each direction a ``torch.cond`` on ``finite`` whose finite branch is a plain copy. (An
-    autograd function: cond's own autograd compares the gradients' strides across branches,
-    which differ between the copy and the select.)"""
-
-    @staticmethod
-    def forward(ctx: Any, t: Tensor, finite: Tensor) -> Tensor:
-        ctx.save_for_backward(t, finite)
-        return _flat_cond(finite, torch.clone, _zero_non_finite, (t,), t.shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        t, finite = ctx.saved_tensors
-
-        def kept(g: Tensor, x: Tensor) -> Tensor:
-            return torch.where(torch.isfinite(x), g, torch.zeros((), dtype=g.dtype, device=g.device))
-
-        return _flat_cond(finite, lambda g, x: g.clone(), kept, (grad, t), grad.shape), None
-
-
-def zeroed(t: Tensor | None, finite: Tensor | None) -> Tensor | None:
-    """``t`` with its NaN/inf entries set to 0 (``None`` stays ``None``); with a
-    :func:`finite_flag`, as a branch on it (a plain copy when it is True)."""
-    if t is None:
-        return None
-    return _zero_non_finite(t) if finite is None else _ZeroedUnlessFinite.apply(t, finite)
-
-
-def reached_unless_finite(
-    reach: Callable[..., Tensor], sources: tuple[Tensor, ...], shape: tuple[int, ...], finite: Tensor | None
-) -> Tensor:
-    """``reach(*sources)`` (a boolean mask of the outputs a non-finite value in ``sources``
-    reaches) broadcast to ``shape``; with a :func:`finite_flag`, computed only when the
-    flag is False (all False otherwise). No gradient flows through a mask: ``sources``
-    are detached."""
-    if finite is None:
-        return reach(*sources).expand(shape)
-    return _flat_cond(
-        finite,
-        lambda *ts: torch.zeros(shape, dtype=torch.bool, device=finite.device),
-        lambda *ts: reach(*ts).expand(shape),
-        tuple(t.detach() for t in sources),
-        torch.Size(shape),
-    )
 
 
 class BackendUnavailable(RuntimeError):

@@ -47,9 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memzoo._memo import TensorMemo
-from memzoo.ops.base import (
-    FLOATS, NON_FINITE, AttentionInputs, Backend, Support, finite_flag, reached_unless_finite, register_backend, zeroed,
-)
+from memzoo.ops.base import FLOATS, NON_FINITE, AttentionInputs, Backend, Support, register_backend
 from memzoo.ops.layout import BlockLayout
 
 
@@ -184,31 +182,25 @@ def math_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, 
     """``softmax(q·kᵀ·scale + mask)·v`` in plain tensor ops, as ``F.scaled_dot_product_attention``
     defines it (a boolean mask: True = may attend; a float mask, 0 or -inf, is added), the
     softmax in at least float32. Every row must see a key (the callers' masks let a query see
-    itself). Non-finite keys and values isolated as the dispatcher does (:mod:`memzoo.ops`):
-    the call runs on keys and values with their non-finite entries zeroed, then every output
-    of a query that sees a non-finite key (its whole row), and every column ``d`` of a query
-    that sees a value row non-finite in column ``d``, is set to NaN; so a hidden one reaches
-    no output and no gradient. Compiled for the CPU, that is a branch on whether every key
-    and value is finite (:func:`~memzoo.ops.base.finite_flag`). Under
-    :func:`memzoo.ops.propagate_non_finite` the keys and values go in as they are."""
-    isolate = NON_FINITE.isolate
-    finite = finite_flag(k, v) if isolate else None
-    keys, values = (zeroed(k, finite), zeroed(v, finite)) if isolate else (k, v)
-    scores = (q @ keys.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    itself). Non-finite keys and values the mask hides reach nothing: a hidden score is
+    replaced by -inf, and the values are multiplied in with their non-finite entries zeroed;
+    then every output column ``d`` of a query that sees a value row with a non-finite entry
+    in column ``d`` is set to NaN (what plain attention would make non-finite). A visible
+    non-finite key makes its query's scores, and so its row, NaN, as in plain attention.
+    Under :func:`memzoo.ops.propagate_non_finite` the values go in as they are."""
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     seen = None
     if attn_mask is not None:
         seen = attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0
         scores = scores.masked_fill(~seen, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float64 if scores.dtype == torch.float64 else torch.float32).to(v.dtype)
-    out = probs @ values
-    if not isolate:
-        return out
-
-    def reach(k: Tensor, v: Tensor) -> Tensor:  # (…, Tq, Dv): a row the query sees is bad (key) or bad in that column (value)
-        bad = (~torch.isfinite(v)) | (~torch.isfinite(k)).any(-1, keepdim=True)
-        return bad.any(-2, keepdim=True) if seen is None else (seen.to(v.dtype) @ bad.to(v.dtype)) > 0
-
-    return out.masked_fill(reached_unless_finite(reach, (k, v), tuple(out.shape), finite), float("nan"))
+    if not NON_FINITE.isolate:
+        return probs @ v
+    bad = ~torch.isfinite(v)
+    out = probs @ v.masked_fill(bad, 0)
+    # (…, Tq, Dv): True where a row the query sees is bad in that column (no mask: every row)
+    reached = bad.any(-2, keepdim=True) if seen is None else (seen.to(v.dtype) @ bad.to(v.dtype)) > 0
+    return out.masked_fill(reached, float("nan"))
 
 
 def _small_compiled(inputs: AttentionInputs) -> bool:
