@@ -263,6 +263,27 @@ def check_compiled_training_step(name, opts):
     torch._dynamo.reset()
 
 
+def test_inductor_cpp_wrapper_training_step_equals_eager():
+    """A tiny ``xl`` training step (memory tensors) compiled by inductor with
+    ``cpp_wrapper``, as ``memzoo compare --compile`` compiles small steps: the loss and
+    every gradient equal eager's. (The ``torch.cond`` isolation tried in ``8ecc781`` got
+    these gradients wrong by up to 1.76x, silently; docs/benchmarks.md.)"""
+    model = kit.tiny_model("xl", dict(memzoo.get_variant("xl").config.conformance_options[0]))
+    model.eval()
+    tokens = kit.random_tokens(model, 2, 11, seed=5)
+    eager = training_loss(model, tokens)
+    want = torch.autograd.grad(eager, list(model.parameters()), allow_unused=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(training_loss, fullgraph=True, options={"cpp_wrapper": True})(model, tokens)
+    got = torch.autograd.grad(compiled, list(model.parameters()), allow_unused=True)
+    kit.assert_close(compiled, eager, "xl: cpp_wrapper-compiled training loss vs eager")
+    for (pname, _), g, w in zip(model.named_parameters(), got, want):
+        assert (g is None) == (w is None), f"xl: {pname} has a gradient in one run only"
+        if g is not None:
+            kit.assert_close(g, w, f"xl: cpp_wrapper-compiled gradient of {pname}")
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name,opts", CASES)
 def test_a_fresh_model_compiles_its_training_step_once(name, opts):
     """A model compiled before it ever ran eagerly (what ``memzoo compare --compile``
