@@ -204,9 +204,9 @@ def test_inductor_isolation_equals_eager(kind):
             runs.append((out.detach(), *grads))
         assert case is None or runs[0][0].isnan().any(), f"{kind}: the NaN in {case} reaches no output (a vacuous case)"
         for name, want, got in zip(("output", *(f"d{n}" for n in names)), *runs):
-            where_ = f"{kind}, NaN in {case}" if case else f"{kind}, finite"
-            assert torch.equal(got.isnan(), want.isnan()), f"{where_}: compiled {name} is NaN elsewhere than eager's"
-            kit.assert_close(got.nan_to_num(), want.nan_to_num(), f"{where_}: compiled {name} vs eager")
+            label = f"{kind}, NaN in {case}" if case else f"{kind}, finite"
+            assert torch.equal(got.isnan(), want.isnan()), f"{label}: compiled {name} is NaN elsewhere than eager's"
+            kit.assert_close(got.nan_to_num(), want.nan_to_num(), f"{label}: compiled {name} vs eager")
     assert len(graphs) == 1, f"{len(graphs)} graphs: the non-finite inputs recompiled"
     torch._dynamo.reset()
 
@@ -238,7 +238,7 @@ def test_training_step_compiles_and_equals_eager_when_propagating_non_finite(nam
         check_compiled_training_step(name, opts)
 
 
-def check_compiled_training_step(name, opts):
+def check_compiled_training_step(name, opts, *, backend="aot_eager", options=None):
     model = kit.tiny_model(name, opts)
     model.eval()  # no random draws (FAM's position offsets), so both runs see the same inputs
     tokens = kit.random_tokens(model, 2, 11, seed=5)
@@ -247,7 +247,7 @@ def check_compiled_training_step(name, opts):
     torch._dynamo.reset()
     issue = getattr(memzoo.get_variant(name).cls, "compile_training_issue", None)
     try:
-        compiled = torch.compile(training_loss, backend="aot_eager", fullgraph=True)(model, tokens)
+        compiled = torch.compile(training_loss, backend=backend, fullgraph=True, options=options)(model, tokens)
         got = torch.autograd.grad(compiled, list(model.parameters()), allow_unused=True)
     except RuntimeError as err:
         if issue is None or isinstance(err, torch._dynamo.exc.Unsupported):
@@ -268,20 +268,8 @@ def test_inductor_cpp_wrapper_training_step_equals_eager():
     ``cpp_wrapper``, as ``memzoo compare --compile`` compiles small steps: the loss and
     every gradient equal eager's. (The ``torch.cond`` isolation tried in ``8ecc781`` got
     these gradients wrong by up to 1.76x, silently; docs/benchmarks.md.)"""
-    model = kit.tiny_model("xl", dict(memzoo.get_variant("xl").config.conformance_options[0]))
-    model.eval()
-    tokens = kit.random_tokens(model, 2, 11, seed=5)
-    eager = training_loss(model, tokens)
-    want = torch.autograd.grad(eager, list(model.parameters()), allow_unused=True)
-    torch._dynamo.reset()
-    compiled = torch.compile(training_loss, fullgraph=True, options={"cpp_wrapper": True})(model, tokens)
-    got = torch.autograd.grad(compiled, list(model.parameters()), allow_unused=True)
-    kit.assert_close(compiled, eager, "xl: cpp_wrapper-compiled training loss vs eager")
-    for (pname, _), g, w in zip(model.named_parameters(), got, want):
-        assert (g is None) == (w is None), f"xl: {pname} has a gradient in one run only"
-        if g is not None:
-            kit.assert_close(g, w, f"xl: cpp_wrapper-compiled gradient of {pname}")
-    torch._dynamo.reset()
+    check_compiled_training_step("xl", dict(memzoo.get_variant("xl").config.conformance_options[0]),
+                                 backend="inductor", options={"cpp_wrapper": True})
 
 
 @pytest.mark.parametrize("name,opts", CASES)
