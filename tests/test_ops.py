@@ -158,6 +158,73 @@ def test_small_compiled_sdpa_calls_equal_reference(call, seed, where, bad):
     torch._dynamo.reset()
 
 
+def _where_zeroed(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype))
+
+
+@given(call=calls(), seed=st.integers(0, 1000), where=st.integers(0, 10**6),
+       bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]), compiled=st.booleans())
+@example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=0, bad=float("nan"), compiled=True)  # a key hidden from the last block, math_sdpa
+@example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=1, bad=float("inf"), compiled=False)  # a value, the eager isolation
+@example(call=(4, 4, 2, 3, 13, 20, 1, True), seed=3, where=2, bad=float("nan"), compiled=True)  # sinks, memory, extra rows
+def test_the_isolations_pass_through_gradient_equals_where(call, seed, where, bad, compiled):
+    """The isolation replaces non-finite keys and values by 0 with ``zero_non_finite``,
+    whose backward passes the gradient through unchanged (no masked copy). With one NaN or
+    ±inf anywhere among the keys, values, memory tensors and extra rows, the output and every
+    input gradient of a loss over the finite outputs equal, exactly, what
+    ``torch.where(isfinite(t), t, 0)`` gives, 0 at the replaced entry: eagerly (the isolation
+    every backend shares) and traced (sdpa's ``math_sdpa``, or the shared isolation with
+    memory tensors)."""
+    from memzoo.ops import sdpa as sdpa_mod
+
+    size, window, sinks, tq, tk, q_start, extra, memory = call
+    layout = BlockLayout(size, window, sinks)
+    ins = {k: t.detach() for k, t in _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed).items()}
+    names = list(ins)
+    poisonable = [k for k in names if k != "q"]
+    name = poisonable[where % len(poisonable)]
+    index = where // len(poisonable) % ins[name].numel()
+    ins[name].view(-1)[index] = bad
+    leaves = [t.requires_grad_(True) for t in ins.values()]
+
+    def run(*tensors):
+        return ops.attend(**dict(zip(names, tensors)), layout=layout, q_start=q_start, scale=0.7, backend="sdpa")
+
+    def output_and_grads():
+        torch._dynamo.reset()
+        out = (torch.compile(run, backend="eager", fullgraph=True) if compiled else run)(*leaves)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+        loss = (torch.where(torch.isfinite(out), out, 0.0) * weights).sum()
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return out.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+
+    isolated = []
+
+    def spy(t):
+        isolated.append(True)
+        return real(t)
+
+    real = ops.zero_non_finite
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "zero_non_finite", spy)
+        mp.setattr(sdpa_mod, "zero_non_finite", spy)
+        got, got_grads = output_and_grads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "zero_non_finite", _where_zeroed)
+        mp.setattr(sdpa_mod, "zero_non_finite", _where_zeroed)
+        want, want_grads = output_and_grads()
+    torch._dynamo.reset()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), "outputs differ"
+    for key, g, w in zip(names, got_grads, want_grads):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(), w.nan_to_num()), (
+            f"grad of {key} (the {bad} in {name}[{index}]): max difference {(g - w).nan_to_num().abs().max().item()}"
+        )
+    if isolated and not compiled:  # the shared isolation ran: it zeroes keys too, so every gradient is finite
+        # (math_sdpa lets a visible NaN key make its queries' rows NaN, as plain attention does: docs/backends.md)
+        assert all(torch.isfinite(g).all() for g in got_grads), "a gradient is not finite"
+        assert got_grads[names.index(name)].reshape(-1)[index] == 0
+
+
 def test_reference_mask_by_hand():
     """L=2, W=2, 6 queries from position 0: the visible pattern drawn by hand."""
     layout = BlockLayout(2, 2)

@@ -60,6 +60,7 @@ from memzoo.ops.base import (
     takes_key_positions,
     takes_relative_keys,
     use_backend,
+    zero_non_finite,
 )
 from memzoo.ops.layout import BlockLayout
 from memzoo.ops import reference as _reference  # noqa: F401  (registers "reference")
@@ -237,7 +238,7 @@ def _check_relative(inputs: AttentionInputs) -> None:
 
 
 def _zeroed(t: Tensor | None) -> Tensor | None:
-    return None if t is None else torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    return None if t is None else zero_non_finite(t)
 
 
 def _in_range(bad: Tensor, lo: Tensor, hi: Tensor) -> Tensor:

@@ -376,6 +376,38 @@ class NonFinitePolicy:
 NON_FINITE = NonFinitePolicy()
 
 
+class _ZeroNonFinite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
+
+
+def zero_non_finite(t: Tensor) -> Tensor:
+    """``t`` with its NaN/inf entries set to 0, its gradient passed through unchanged.
+
+    For the non-finite isolation only (``memzoo.ops._attend_non_finite`` and sdpa's
+    ``math_sdpa``), where the pass-through equals the gradient of
+    ``torch.where(torch.isfinite(t), t, 0)``, 0 at the replaced entries, without a masked
+    copy of every key and value gradient: that backward ``where`` cost a compiled training
+    step about as much as the rest of the isolation (docs/benchmarks.md).
+
+    Why it is 0 there anyway: the attention output is then NaN-marked (``masked_fill``,
+    whose backward zeroes the gradient) at every query that sees a replaced key, in every
+    column, and at every query that sees a replaced value ``(j, c)``, in column ``c``. The
+    gradient of key ``j`` is ``Σ_i P[i,j]·(dP[i,j] - D_i)·scale·q_i`` with
+    ``dP[i,j] = dO[i]·v_j`` and ``D_i = dO[i]·O[i]``, and that of value ``(j, c)`` is
+    ``Σ_i P[i,j]·dO[i,c]``. A query that cannot see row ``j`` has ``P[i,j] = 0``; one that
+    can has ``dO[i] = 0`` (a replaced key, so ``dP[i,j] = D_i = 0``) or ``dO[i,c] = 0`` (a
+    replaced value). Every term is 0 when the incoming gradient is finite. (A NaN incoming
+    gradient at an unmarked output already makes the key and value gradients NaN; it may
+    then reach a replaced entry too, where ``where`` would give 0.)"""
+    return _ZeroNonFinite.apply(t)
+
+
 class BackendUnavailable(RuntimeError):
     """No backend (or not the asked-for one) can run this call; the message says why."""
 
