@@ -50,6 +50,7 @@ Sizes (``--size``):
     python benchmarks/bench_train.py --compile               # + each step with the loss torch.compile'd (inductor)
     python benchmarks/bench_train.py --count-ops             # + each step's forward aten ops and backward nodes
     python benchmarks/bench_train.py --compile --non-finite propagate   # every step without the NaN/inf isolation
+    python benchmarks/bench_train.py --compile --non-finite both        # + each compiled step without it, same rounds
     python benchmarks/bench_train.py --clock thread          # CPU time of the thread (a shared machine)
     python benchmarks/bench_train.py --device cuda --size mid --matmul-n 4096   # on a GPU
 
@@ -60,7 +61,10 @@ call, forward and backward) is ``compile_s``, apart. The loss is compiled with
 ``fullgraph=True`` and the inductor options of
 :func:`memzoo.compare.trainer.compile_options` (what ``memzoo compare --compile`` uses);
 ``--compile-defaults-too`` adds ``name+compiled(defaults)``, inductor's own defaults, in
-the same rounds.
+the same rounds. ``--non-finite both`` (with ``--compile``) adds ``name+compiled(propagate)``,
+the compiled step under :func:`memzoo.ops.propagate_non_finite`, in the same rounds: its
+``isolating_over_propagating_median`` is the compiled step's time over it, round by round
+(what the isolation costs a compiled step, measured side by side).
 """
 
 from __future__ import annotations
@@ -177,6 +181,16 @@ def training_loss_inductor_defaults(model: torch.nn.Module, tokens: torch.Tensor
     return training_loss(model, tokens)
 
 
+def propagating(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` run under :func:`memzoo.ops.propagate_non_finite` (Dynamo guards on the
+    setting, so a compiled step traces its own graph for it)."""
+    def run() -> None:
+        with ops.propagate_non_finite():
+            step()
+
+    return run
+
+
 def make_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[..., torch.Tensor] = training_loss) -> Callable[[], None]:
     def step() -> None:
         loss_fn(model, tokens).backward()
@@ -255,11 +269,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "(contender name+compiled(defaults)), side by side")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the models and the matmul run (cuda: float32 without TF32, synchronized timings)")
-    parser.add_argument("--non-finite", choices=("isolate", "propagate"), default="isolate",
+    parser.add_argument("--non-finite", choices=("isolate", "propagate", "both"), default="isolate",
                         help="every contender's attention calls, eager and compiled: isolate hidden NaN/inf keys and "
                              "values (memzoo's default) or not (memzoo.ops.propagate_non_finite; the same outputs when "
-                             "all is finite, and what memzoo compare's train.non_finite='propagate' trains with)")
+                             "all is finite, and what memzoo compare's train.non_finite='propagate' trains with); "
+                             "both (with --compile): isolate, and time each compiled step propagating too "
+                             "(contender name+compiled(propagate)) in the same rounds")
     args = parser.parse_args(argv)
+    if args.non_finite == "both" and not args.compile:
+        parser.error("--non-finite both compares compiled steps with and without the isolation: add --compile")
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
@@ -314,8 +332,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             kinds.append(("compiled", training_loss, compile_options(tokens.device, rows=b, tokens=t, **{k: size["model"][k] for k in ("d_model", "n_layers", "block_size")})))
         if args.compile and args.compile_defaults_too:
             kinds.append(("compiled(defaults)", training_loss_inductor_defaults, {}))
+        if args.non_finite == "both":  # the first kind's graph, traced again without the isolation
+            kinds.append(("compiled(propagate)", kinds[0][1], kinds[0][2]))
         for kind, loss, options in kinds:
             compiled = make_step(model, tokens, torch.compile(loss, fullgraph=True, dynamic=False, options=options))
+            if kind == "compiled(propagate)":
+                compiled = propagating(compiled)
             suffix = kind.removeprefix("compiled")
             start = time.perf_counter()
             try:
@@ -359,6 +381,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             unit = "bswa" + label[len(base):]  # and against bswa compiled the same way (both compiled)
             if unit in samples:
                 extra["vs_bswa_compiled_median"] = statistics.median([x / y for x, y in zip(times, samples[unit])])
+            if label.endswith("+compiled(propagate)"):  # the isolating compiled step over this one, per round
+                isolating = samples[f"{base}+compiled"]
+                extra["isolating_over_propagating_median"] = statistics.median([x / y for x, y in zip(isolating, times)])
         rope = label.replace("xl", "xl(rope)", 1) if label.startswith("xl") and "(rope)" not in label else None
         if rope in samples:  # xl's relative positions against RoPE, per round (target <= 1.3 at the mid size)
             over = [x / y for x, y in zip(times, samples[rope])]

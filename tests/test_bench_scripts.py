@@ -38,6 +38,40 @@ def test_bench_train_counts_full_attention_pairs_in_closed_form(capsys: pytest.C
         assert row["tokens_per_s"] > 0 and 0 < row["fraction_of_matmul"]
 
 
+def test_bench_train_times_compiled_steps_with_and_without_the_isolation(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--non-finite both``: each compiled step also runs under propagate_non_finite, in
+    the same rounds, with the ratio between the two. (torch.compile replaced by the
+    function itself here: what is checked is which steps run under which setting.)"""
+    from memzoo import ops
+
+    bench = load("bench_train")
+    isolating: list[bool] = []
+    real_loss = bench.training_loss
+
+    def recording_loss(model, tokens):  # type: ignore[no-untyped-def]
+        isolating.append(ops.isolating_non_finite())
+        return real_loss(model, tokens)
+
+    monkeypatch.setattr(bench, "training_loss", recording_loss)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    report = bench.main(["--variants", "full", "--compile", "--non-finite", "both", "--rounds", "2", "--inner", "1", "--warmup", "0"])
+    capsys.readouterr()
+    rows = report["results"]
+    assert set(rows) == {f"{v}{k}" for v in ("bswa", "full") for k in ("", "+compiled", "+compiled(propagate)")}
+    for v in ("bswa", "full"):
+        assert rows[f"{v}+compiled(propagate)"]["isolating_over_propagating_median"] > 0
+        assert "isolating_over_propagating_median" not in rows[f"{v}+compiled"]
+    assert report["non_finite"] == "both"
+    # each compiled step, 2 contenders x (the compiling first call + 2 rounds): one set isolating, one not
+    assert isolating.count(False) == 6 and isolating.count(True) == 6
+    assert ops.isolating_non_finite()
+    with pytest.raises(SystemExit):
+        bench.main(["--non-finite", "both"])  # without --compile: refused
+    assert "add --compile" in capsys.readouterr().err
+
+
 def test_bench_train_covers_the_registry_and_xl_with_rope() -> None:
     import memzoo
 
