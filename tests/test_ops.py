@@ -162,19 +162,23 @@ def _where_zeroed(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype))
 
 
+def _masked_nan(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return t.masked_fill(mask, float("nan"))
+
+
 @given(call=calls(), seed=st.integers(0, 1000), where=st.integers(0, 10**6),
        bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]), compiled=st.booleans())
 @example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=0, bad=float("nan"), compiled=True)  # a key hidden from the last block, math_sdpa
 @example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=1, bad=float("inf"), compiled=False)  # a value, the eager isolation
 @example(call=(4, 4, 2, 3, 13, 20, 1, True), seed=3, where=2, bad=float("nan"), compiled=True)  # sinks, memory, extra rows
 def test_the_isolations_pass_through_gradient_equals_where(call, seed, where, bad, compiled):
-    """The isolation replaces non-finite keys and values by 0 with ``zero_non_finite``,
-    whose backward passes the gradient through unchanged (no masked copy). With one NaN or
-    ±inf anywhere among the keys, values, memory tensors and extra rows, the output and every
-    input gradient of a loss over the finite outputs equal, exactly, what
-    ``torch.where(isfinite(t), t, 0)`` gives, 0 at the replaced entry: eagerly (the isolation
-    every backend shares) and traced (sdpa's ``math_sdpa``, or the shared isolation with
-    memory tensors)."""
+    """The isolation replaces non-finite keys and values by 0 (``zero_non_finite``) and
+    marks the outputs they reach NaN (``mark_non_finite``), both passing the gradient
+    through unchanged (no masked copies, no saved mask). With one NaN or ±inf anywhere among
+    the keys, values, memory tensors and extra rows, the output and every input gradient of
+    a loss over the finite outputs equal, exactly, what ``torch.where(isfinite(t), t, 0)``
+    and ``masked_fill`` give, 0 at the replaced entry: eagerly (the isolation every backend
+    shares) and traced (sdpa's ``math_sdpa``, or the shared isolation with memory tensors)."""
     from memzoo.ops import sdpa as sdpa_mod
 
     size, window, sinks, tq, tk, q_start, extra, memory = call
@@ -210,8 +214,9 @@ def test_the_isolations_pass_through_gradient_equals_where(call, seed, where, ba
         mp.setattr(sdpa_mod, "zero_non_finite", spy)
         got, got_grads = output_and_grads()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "zero_non_finite", _where_zeroed)
-        mp.setattr(sdpa_mod, "zero_non_finite", _where_zeroed)
+        for module in (ops, sdpa_mod):
+            mp.setattr(module, "zero_non_finite", _where_zeroed)
+            mp.setattr(module, "mark_non_finite", _masked_nan)
         want, want_grads = output_and_grads()
     torch._dynamo.reset()
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), "outputs differ"
@@ -223,6 +228,50 @@ def test_the_isolations_pass_through_gradient_equals_where(call, seed, where, ba
         # (math_sdpa lets a visible NaN key make its queries' rows NaN, as plain attention does: docs/backends.md)
         assert all(torch.isfinite(g).all() for g in got_grads), "a gradient is not finite"
         assert got_grads[names.index(name)].reshape(-1)[index] == 0
+
+
+@given(call=calls(), seed=st.integers(0, 1000), where=st.integers(0, 10**6),
+       bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+@example(call=(4, 4, 2, 3, 13, 20, 1, True), seed=3, where=2, bad=float("nan"))  # sinks, memory, extra rows
+@example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=0, bad=float("inf"))  # a key hidden from the last block
+def test_the_isolation_is_transparent_to_the_backward(call, seed, where, bad):
+    """For any gradient of the output (not only a loss's, which is 0 at NaN outputs), the
+    isolated call's input gradients are exactly those of the same call on zeroed copies of
+    the keys and values (where the isolation ran), and its outputs equal that call's
+    wherever it did not mark them NaN."""
+    size, window, sinks, tq, tk, q_start, extra, memory = call
+    layout = BlockLayout(size, window, sinks)
+    ins = {k: t.detach() for k, t in _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed).items()}
+    names = list(ins)
+    name = [k for k in names if k != "q"][where % (len(names) - 1)]
+    ins[name].view(-1)[where // (len(names) - 1) % ins[name].numel()] = bad
+    zeroed = {k: _where_zeroed(t) for k, t in ins.items()}
+
+    isolated = []
+    real = ops.zero_non_finite
+
+    def spy(t):
+        isolated.append(True)
+        return real(t)
+
+    def output_and_grads(tensors):
+        leaves = [t.clone().requires_grad_(True) for t in tensors.values()]
+        out = ops.attend(**dict(zip(names, leaves)), layout=layout, q_start=q_start, scale=0.7, backend="sdpa")
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+        grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+        return out.detach(), [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads)]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "zero_non_finite", spy)
+        got, got_grads = output_and_grads(ins)
+    if not isolated:  # nothing hidden from a query (one query seeing every key): plain attention, no isolation
+        return
+    want, want_grads = output_and_grads(zeroed)
+    assert torch.isfinite(want).all()
+    kept = ~got.isnan()
+    assert torch.equal(got[kept], want[kept]), "outputs the isolation leaves unmarked differ from the zeroed call's"
+    for key, g, w in zip(names, got_grads, want_grads):
+        assert torch.equal(g, w), f"grad of {key} (the {bad} in {name}): max difference {(g - w).abs().max().item()}"
 
 
 def test_reference_mask_by_hand():

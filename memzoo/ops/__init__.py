@@ -10,7 +10,9 @@ when a key or value of a layout call is NaN or infinite, the dispatcher runs the
 backend on keys and values with those entries set to 0 and then marks non-finite
 (NaN) exactly the outputs whose visible keys held them (the whole row for a key, the
 column for a value), so a NaN at position 5 never reaches positions 0-4, as when
-streaming. The reference backend computes the same thing directly (a visible
+streaming. Its backward is that of the backend on the zeroed copies, for any gradient of
+the output (:func:`~memzoo.ops.base.zero_non_finite`): a marked output passes on the gradient
+it receives, which a finite loss makes 0 there, and then the replaced entries' gradients are 0. The reference backend computes the same thing directly (a visible
 infinite value may then give ``inf`` where the others give NaN). NaN and inf are
 otherwise accepted; ``with memzoo.ops.check_finite():`` refuses them with an
 :class:`~memzoo.errors.InputError` at the first attention call that sees one
@@ -59,6 +61,7 @@ from memzoo.ops.base import (
     resolve_backend_once,
     takes_key_positions,
     takes_relative_keys,
+    mark_non_finite,
     use_backend,
     zero_non_finite,
 )
@@ -265,7 +268,7 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
     end = q_start + tq
     n_sinks = layout.n_sink_rows(end) if layout.sinks else 0  # the first key rows: positions 0 … n_sinks-1
     if inputs.key_pos is not None or (n_sinks and (k_mem is not None or v_mem is not None)):
-        return out.masked_fill(_reached_by_non_finite(inputs), float("nan"))
+        return mark_non_finite(out, _reached_by_non_finite(inputs))
     q_pos = torch.arange(q_start, end, device=q.device)
     first = end - tk  # position of key index 0 (with sinks: of the run's rows, index n_sinks on)
     start = layout.block_start(q_pos)
@@ -298,7 +301,7 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
         if extra_v is not None:
             ev = (~torch.isfinite(extra_v)).any(-2)  # (B, H, nb, Dv)
             col = col | ev.index_select(-2, q_block)
-    return out.masked_fill(row | col, float("nan"))
+    return mark_non_finite(out, row | col)
 
 
 def _hide_rows(inputs: AttentionInputs) -> AttentionInputs:

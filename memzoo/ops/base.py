@@ -386,26 +386,47 @@ class _ZeroNonFinite(torch.autograd.Function):
         return grad
 
 
+class _MarkNonFinite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        return t.masked_fill(mask, float("nan"))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
 def zero_non_finite(t: Tensor) -> Tensor:
-    """``t`` with its NaN/inf entries set to 0, its gradient passed through unchanged.
+    """``t`` with its NaN/inf entries set to 0; its gradient passed through unchanged.
 
-    For the non-finite isolation only (``memzoo.ops._attend_non_finite`` and sdpa's
-    ``math_sdpa``), where the pass-through equals the gradient of
-    ``torch.where(torch.isfinite(t), t, 0)``, 0 at the replaced entries, without a masked
-    copy of every key and value gradient: that backward ``where`` cost a compiled training
-    step about as much as the rest of the isolation (docs/benchmarks.md).
+    With :func:`mark_non_finite`, the two halves of the non-finite isolation
+    (``memzoo.ops._attend_non_finite`` and sdpa's ``math_sdpa``): the backend runs on
+    zeroed copies of the keys and values, and the outputs a non-finite one reaches are then
+    set to NaN. Both pass the gradient through, so the isolation is transparent to the
+    backward: the gradients are exactly those of the attention on the zeroed copies, for
+    any gradient of the output. (That is what ``tests/test_ops.py`` checks.)
 
-    Why it is 0 there anyway: the attention output is then NaN-marked (``masked_fill``,
-    whose backward zeroes the gradient) at every query that sees a replaced key, in every
-    column, and at every query that sees a replaced value ``(j, c)``, in column ``c``. The
-    gradient of key ``j`` is ``Σ_i P[i,j]·(dP[i,j] - D_i)·scale·q_i`` with
-    ``dP[i,j] = dO[i]·v_j`` and ``D_i = dO[i]·O[i]``, and that of value ``(j, c)`` is
-    ``Σ_i P[i,j]·dO[i,c]``. A query that cannot see row ``j`` has ``P[i,j] = 0``; one that
-    can has ``dO[i] = 0`` (a replaced key, so ``dP[i,j] = D_i = 0``) or ``dO[i,c] = 0`` (a
-    replaced value). Every term is 0 when the incoming gradient is finite. (A NaN incoming
-    gradient at an unmarked output already makes the key and value gradients NaN; it may
-    then reach a replaced entry too, where ``where`` would give 0.)"""
+    This equals the gradients of ``torch.where(isfinite(t), t, 0)`` and ``masked_fill``
+    (0 at the replaced entries and the marked outputs) whenever the gradient reaching the
+    marked outputs is 0, which is what any finite loss gives them: the op that keeps a NaN
+    out of a finite loss (``where``, ``masked_fill``, ``nan_to_num``, ``nansum``, an index
+    that leaves it out) has derivative 0 there. Then the gradient of a replaced key ``j``,
+    ``Σ_i P[i,j]·(dP[i,j] - D_i)·scale·q_i``, and of a replaced value ``(j, c)``,
+    ``Σ_i P[i,j]·dO[i,c]``, are 0: a query that cannot see row ``j`` has ``P[i,j] = 0``,
+    and one that can has its output marked (the whole row for a key, column ``c`` for a
+    value), so ``dO[i] = 0`` (and ``dP[i,j] = D_i = 0``) or ``dO[i,c] = 0``. The masked
+    versions were measured to cost a compiled training step about as much as the rest of
+    the isolation: a masked copy of every key and value gradient, and a boolean mask saved
+    for the backward, which inductor's CPU kernels store and load element by element
+    (docs/benchmarks.md)."""
     return _ZeroNonFinite.apply(t)
+
+
+def mark_non_finite(t: Tensor, mask: Tensor) -> Tensor:
+    """``t.masked_fill(mask, nan)`` whose gradient is passed through unchanged, where
+    ``masked_fill``'s would be 0 under ``mask``: the other half of the isolation's
+    pass-through backward (see :func:`zero_non_finite`, which says when the two agree)."""
+    return _MarkNonFinite.apply(t, mask)
 
 
 class BackendUnavailable(RuntimeError):

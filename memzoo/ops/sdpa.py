@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memzoo._memo import TensorMemo
-from memzoo.ops.base import FLOATS, NON_FINITE, AttentionInputs, Backend, Support, register_backend, zero_non_finite
+from memzoo.ops.base import FLOATS, NON_FINITE, AttentionInputs, Backend, Support, mark_non_finite, register_backend, zero_non_finite
 from memzoo.ops.layout import BlockLayout
 
 
@@ -197,10 +197,10 @@ def math_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, 
     if not NON_FINITE.isolate:
         return probs @ v
     bad = ~torch.isfinite(v)
-    out = probs @ zero_non_finite(v)  # its gradient passed through: 0 at the bad entries anyway (see there)
+    out = probs @ zero_non_finite(v)  # gradient passed through (see there)
     # (…, Tq, Dv): True where a row the query sees is bad in that column (no mask: every row)
     reached = bad.any(-2, keepdim=True) if seen is None else (seen.to(v.dtype) @ bad.to(v.dtype)) > 0
-    return out.masked_fill(reached, float("nan"))
+    return mark_non_finite(out, reached)  # gradient passed through, as zero_non_finite's
 
 
 def _small_compiled(inputs: AttentionInputs) -> bool:
