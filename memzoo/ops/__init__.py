@@ -11,8 +11,9 @@ backend on keys and values with those entries set to 0 and then marks non-finite
 (NaN) exactly the outputs whose visible keys held them (the whole row for a key, the
 column for a value), so a NaN at position 5 never reaches positions 0-4, as when
 streaming. Its backward is that of the backend on the zeroed copies, for any gradient of
-the output (:func:`~memzoo.ops.base.zero_non_finite`): a marked output passes on the gradient
-it receives, which a finite loss makes 0 there, and then the replaced entries' gradients are 0. The reference backend computes the same thing directly (a visible
+the output (:func:`~memzoo.ops.base.zero_non_finite`): a marked output passes on the
+gradient it receives, which a finite loss makes 0 there, and then the replaced entries'
+gradients are 0. The reference backend computes the same thing directly (a visible
 infinite value may then give ``inf`` where the others give NaN). NaN and inf are
 otherwise accepted; ``with memzoo.ops.check_finite():`` refuses them with an
 :class:`~memzoo.errors.InputError` at the first attention call that sees one
@@ -53,6 +54,7 @@ from memzoo.ops.base import (
     forget_resolutions,
     get_backend,
     list_backends,
+    mark_non_finite,
     note_resolved,
     record_backends,
     register_backend,
@@ -61,7 +63,6 @@ from memzoo.ops.base import (
     resolve_backend_once,
     takes_key_positions,
     takes_relative_keys,
-    mark_non_finite,
     use_backend,
     zero_non_finite,
 )
