@@ -4,6 +4,8 @@ for any layout, call offset, partial blocks, memory tensors and extra rows
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -166,6 +168,36 @@ def _masked_nan(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return t.masked_fill(mask, float("nan"))
 
 
+def _poisoned(call, seed, where, bad):
+    """One call's layout, ``q_start`` and inputs (detached) with ``bad`` put into one entry
+    of one key/value tensor (chosen by ``where``); also that tensor's name and the index."""
+    size, window, sinks, tq, tk, q_start, extra, memory = call
+    layout = BlockLayout(size, window, sinks)
+    ins = {k: t.detach() for k, t in _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed).items()}
+    poisonable = [k for k in ins if k != "q"]
+    name = poisonable[where % len(poisonable)]
+    index = where // len(poisonable) % ins[name].numel()
+    ins[name].view(-1)[index] = bad
+    return layout, q_start, ins, name, index
+
+
+@contextlib.contextmanager
+def _spying_on_zeroing(*modules):
+    """Within the block, the list it yields gets an entry for every ``zero_non_finite`` call
+    made through ``modules`` (the isolation ran)."""
+    calls_made: list[bool] = []
+    real = ops.zero_non_finite
+
+    def spy(t):
+        calls_made.append(True)
+        return real(t)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in modules:
+            mp.setattr(module, "zero_non_finite", spy)
+        yield calls_made
+
+
 @given(call=calls(), seed=st.integers(0, 1000), where=st.integers(0, 10**6),
        bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]), compiled=st.booleans())
 @example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=0, bad=float("nan"), compiled=True)  # a key hidden from the last block, math_sdpa
@@ -181,14 +213,8 @@ def test_the_isolations_pass_through_gradient_equals_where(call, seed, where, ba
     shares) and traced (sdpa's ``math_sdpa``, or the shared isolation with memory tensors)."""
     from memzoo.ops import sdpa as sdpa_mod
 
-    size, window, sinks, tq, tk, q_start, extra, memory = call
-    layout = BlockLayout(size, window, sinks)
-    ins = {k: t.detach() for k, t in _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed).items()}
+    layout, q_start, ins, name, index = _poisoned(call, seed, where, bad)
     names = list(ins)
-    poisonable = [k for k in names if k != "q"]
-    name = poisonable[where % len(poisonable)]
-    index = where // len(poisonable) % ins[name].numel()
-    ins[name].view(-1)[index] = bad
     leaves = [t.requires_grad_(True) for t in ins.values()]
 
     def run(*tensors):
@@ -202,16 +228,7 @@ def test_the_isolations_pass_through_gradient_equals_where(call, seed, where, ba
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         return out.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
 
-    isolated = []
-
-    def spy(t):
-        isolated.append(True)
-        return real(t)
-
-    real = ops.zero_non_finite
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "zero_non_finite", spy)
-        mp.setattr(sdpa_mod, "zero_non_finite", spy)
+    with _spying_on_zeroing(ops, sdpa_mod) as isolated:
         got, got_grads = output_and_grads()
     with pytest.MonkeyPatch.context() as mp:
         for module in (ops, sdpa_mod):
@@ -239,20 +256,9 @@ def test_the_isolation_is_transparent_to_the_backward(call, seed, where, bad):
     isolated call's input gradients are exactly those of the same call on zeroed copies of
     the keys and values (where the isolation ran), and its outputs equal that call's
     wherever it did not mark them NaN."""
-    size, window, sinks, tq, tk, q_start, extra, memory = call
-    layout = BlockLayout(size, window, sinks)
-    ins = {k: t.detach() for k, t in _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed).items()}
+    layout, q_start, ins, name, _ = _poisoned(call, seed, where, bad)
     names = list(ins)
-    name = [k for k in names if k != "q"][where % (len(names) - 1)]
-    ins[name].view(-1)[where // (len(names) - 1) % ins[name].numel()] = bad
     zeroed = {k: _where_zeroed(t) for k, t in ins.items()}
-
-    isolated = []
-    real = ops.zero_non_finite
-
-    def spy(t):
-        isolated.append(True)
-        return real(t)
 
     def output_and_grads(tensors):
         leaves = [t.clone().requires_grad_(True) for t in tensors.values()]
@@ -261,8 +267,7 @@ def test_the_isolation_is_transparent_to_the_backward(call, seed, where, bad):
         grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
         return out.detach(), [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads)]
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "zero_non_finite", spy)
+    with _spying_on_zeroing(ops) as isolated:
         got, got_grads = output_and_grads(ins)
     if not isolated:  # nothing hidden from a query (one query seeing every key): plain attention, no isolation
         return
