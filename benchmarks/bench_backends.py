@@ -32,6 +32,14 @@ For every registered variant, every backend that can run on the device, and ever
   model grew 9.98x for 16k/2k in its first run on the project's CPU), so
   ``over_position_wise`` is what says whether a variant's cost per token is bounded.
 
+Each CPU cell reports ``minor_faults_per_step`` (``ru_minflt`` over the timed steps): the
+pages the kernel faulted in, and zeroed, for fresh allocations. ``--huge-pages on`` runs
+every cell with torch's ``THP_MEM_ALLOC_ENABLE=1`` (its CPU allocator then asks the kernel
+for transparent huge pages for buffers of 2 MB and more); ``both`` runs every cell without
+it and then with it, side by side, and reports the growth of each setting apart (on the
+project's CPU it did not make the T=16k steps faster by more than a few percent: see
+docs/benchmarks.md).
+
 Every cell runs in its own subprocess (clean memory peak, no cross-talk); a cell that
 cannot run says why in the JSON (``skipped``): the dense reference and uncompiled CPU
 flex materialise (T, T) scores, so they stop at ``--max-dense-t`` on CPU.
@@ -114,7 +122,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
                           cell["d_model"] // cell["n_heads"], cell["d_model"] // cell["n_heads"])
     )
     tokens = torch.randint(0, 256, (1, t), device=device)
-    out: dict[str, Any] = {"mode": "forward+backward" if trains else "forward (inference-only backend here)"}
+    out: dict[str, Any] = {"mode": "forward+backward" if trains else "forward (inference-only backend here)",
+                           "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -171,6 +180,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     step()
     model.zero_grad(set_to_none=True)
     times, cpu_times = [], []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(cell["repeats"]):
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -179,6 +189,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
         model.zero_grad(set_to_none=True)
+    out["minor_faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / cell["repeats"]
     out["step_s"] = statistics.median(times)
     out["step_s_each"] = times
     if device.type == "cpu":
@@ -301,6 +312,9 @@ def environment(args) -> dict[str, Any]:
     except OSError:
         env["cpu"] = platform.processor()
     env["cpu_count"] = os.cpu_count()
+    env["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE")  # what --huge-pages inherit passes on
+    env["huge_pages"] = args.huge_pages
+    env["kernel_transparent_hugepage"] = kernel_transparent_hugepage()
     if args.device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -350,24 +364,55 @@ def plan_cells(
 
 
 def growth(results: list[dict[str, Any]], lo: int, hi: int) -> list[dict[str, Any]]:
+    """time(T_hi) / time(T_lo) per (variant, backend) and huge-pages setting (a result's
+    ``huge_pages``: absent or None = the environment's, False = off, True = on); each
+    setting's variants are divided by that setting's position-wise baseline."""
     rows = []
-    by_key = {(r["variant"], r["backend"], r["T"]): r for r in results if "step_s" in r}
-    for (name, backend, t), r in sorted(by_key.items()):
-        if t != hi or (name, backend, lo) not in by_key:
+    by_key = {(r["variant"], r["backend"], r.get("huge_pages"), r["T"]): r for r in results if "step_s" in r}
+    for (name, backend, pages, t), r in sorted(by_key.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        low = by_key.get((name, backend, pages, lo))
+        if t != hi or low is None:
             continue
         rows.append({
-            "variant": name, "backend": backend, "T_lo": lo, "T_hi": hi,
-            "time_ratio": r["step_s"] / by_key[(name, backend, lo)]["step_s"],
-            **({"cpu_time_ratio": r["step_cpu_s"] / by_key[(name, backend, lo)]["step_cpu_s"]} if "step_cpu_s" in r else {}),
+            "variant": name, "backend": backend, **({} if pages is None else {"huge_pages": pages}),
+            "T_lo": lo, "T_hi": hi,
+            "time_ratio": r["step_s"] / low["step_s"],
+            **({"cpu_time_ratio": r["step_cpu_s"] / low["step_cpu_s"]} if "step_cpu_s" in r else {}),
             "linear_would_be": hi / lo,
             "mode": r["mode"],
         })
-    base = next((row for row in rows if row["variant"] == POSITION_WISE), None)
+    bases = {row.get("huge_pages"): row for row in rows if row["variant"] == POSITION_WISE}
     for row in rows:
+        base = bases.get(row.get("huge_pages"))
         # the baseline trains: only a growth of training steps is divided by it
         if base is not None and row["variant"] != POSITION_WISE and row["mode"] == base["mode"]:
             row["over_position_wise"] = row["time_ratio"] / base["time_ratio"]
     return rows
+
+
+#: ``--huge-pages``: the settings every cell runs under (None: the environment's as it is)
+HUGE_PAGES: dict[str, tuple[bool | None, ...]] = {"inherit": (None,), "on": (True,), "both": (False, True)}
+
+
+def cell_environment(huge_pages: bool | None) -> dict[str, str]:
+    """The environment of a cell's subprocess: this one's, with torch's CPU allocator told
+    to use transparent huge pages (``THP_MEM_ALLOC_ENABLE``) or not when ``huge_pages`` is set."""
+    env = dict(os.environ)
+    if huge_pages is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = "1" if huge_pages else "0"
+    return env
+
+
+def kernel_transparent_hugepage() -> str | None:
+    """The kernel's transparent huge page mode (the bracketed word of
+    ``/sys/kernel/mm/transparent_hugepage/enabled``): torch's ``THP_MEM_ALLOC_ENABLE`` asks
+    for huge pages with ``madvise``, which works under ``always`` and ``madvise``, not ``never``."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else text.strip()
 
 
 def main() -> None:
@@ -390,6 +435,9 @@ def main() -> None:
     p.add_argument("--prefill-chunk", type=int, default=1024)
     p.add_argument("--max-dense-t", type=int, default=None, help="largest T for the dense reference and CPU flex (default: 4096 on CPU, no limit on CUDA)")
     p.add_argument("--cell-timeout", type=int, default=900, help="seconds per (variant, backend, T) subprocess")
+    p.add_argument("--huge-pages", choices=sorted(HUGE_PAGES), default="inherit",
+                   help="torch's CPU allocator with transparent huge pages (THP_MEM_ALLOC_ENABLE) in every cell: as the "
+                        "environment says (inherit), on, or both (each cell off then on, side by side)")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell:
@@ -413,13 +461,17 @@ def main() -> None:
 
     variant_options = {name: bench_options(name, args) for name in args.variants or memzoo.list_variants()}
     cells, skipped, unavailable = plan_cells(args, variant_options)
+    settings = HUGE_PAGES[args.huge_pages]
+    if settings != (None,) and args.device == "cpu" and kernel_transparent_hugepage() == "never":
+        print("[bench_backends] the kernel's transparent huge pages are off ('never'): --huge-pages on changes nothing here",
+              file=sys.stderr)
     results = []
-    for cell in cells:
-        key = {k: cell[k] for k in ("variant", "backend", "T")}
+    for cell, pages in ((cell, pages) for cell in cells for pages in settings):
+        key = {k: cell[k] for k in ("variant", "backend", "T")} | ({} if pages is None else {"huge_pages": pages})
         print(f"[bench_backends] {key}", file=sys.stderr, flush=True)
         try:
             proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True,
-                                  timeout=args.cell_timeout)
+                                  timeout=args.cell_timeout, env=cell_environment(pages))
         except subprocess.TimeoutExpired:
             results.append({**key, "skipped": f"timed out after {args.cell_timeout} s (--cell-timeout)"})
             continue

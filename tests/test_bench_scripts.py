@@ -152,3 +152,43 @@ def test_bench_backends_position_wise_baseline_sees_no_other_token_and_divides_t
     assert by[("bswa", "sdpa")]["time_ratio"] == 9.0 and by[("bswa", "sdpa")]["over_position_wise"] == pytest.approx(0.9)
     # the baseline trains: a forward-only growth is not divided by it
     assert by[("bswa", "flex")]["time_ratio"] == 9.0 and "over_position_wise" not in by[("bswa", "flex")]
+
+
+def test_bench_backends_huge_pages_both_runs_every_cell_off_then_on_and_grows_each_apart() -> None:
+    """``--huge-pages both``: every cell twice, its subprocess told THP_MEM_ALLOC_ENABLE=0
+    then 1 (the cell reports what it saw), and a growth per setting, each over that
+    setting's own position-wise baseline."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_backends.py"), "--variants", "bswa", "--backends", "sdpa",
+         "--lengths", "16", "32", "--growth", "16", "32", "--d-model", "16", "--n-heads", "2", "--block-size", "8",
+         "--repeats", "1", "--long-repeats", "1", "--decode-tokens", "1", "--threads", "1", "--huge-pages", "both"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = __import__("json").loads(proc.stdout)
+    assert report["environment"]["huge_pages"] == "both" and report["environment"]["THP_MEM_ALLOC_ENABLE"] is None
+    cells = [(r["variant"], r["T"], r["huge_pages"], r["THP_MEM_ALLOC_ENABLE"]) for r in report["results"] if "step_s" in r]
+    bench = load("bench_backends")
+    expected = [(v, t, pages, "1" if pages else "0") for v in (bench.POSITION_WISE, "bswa") for t in (16, 32) for pages in (False, True)]
+    assert sorted(cells, key=str) == sorted(expected, key=str)
+    assert all(r["minor_faults_per_step"] >= 0 for r in report["results"] if "step_s" in r)
+    rows = {(r["variant"], r["huge_pages"]): r for r in report["cost_growth"]}
+    assert set(rows) == {(v, pages) for v in (bench.POSITION_WISE, "bswa") for pages in (False, True)}
+    steps = {(r["variant"], r["T"], r["huge_pages"]): r["step_s"] for r in report["results"] if "step_s" in r}
+    for pages in (False, True):
+        bswa, base = rows[("bswa", pages)], rows[(bench.POSITION_WISE, pages)]
+        assert bswa["time_ratio"] == pytest.approx(steps[("bswa", 32, pages)] / steps[("bswa", 16, pages)])
+        assert bswa["over_position_wise"] == pytest.approx(bswa["time_ratio"] / base["time_ratio"])
+
+
+def test_bench_backends_cell_environment_sets_only_what_it_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load("bench_backends")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert bench.cell_environment(None)["THP_MEM_ALLOC_ENABLE"] == "1"  # inherit: as it is
+    assert bench.cell_environment(False)["THP_MEM_ALLOC_ENABLE"] == "0"
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert "THP_MEM_ALLOC_ENABLE" not in bench.cell_environment(None)
+    assert bench.cell_environment(True)["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert bench.HUGE_PAGES == {"inherit": (None,), "on": (True,), "both": (False, True)}
