@@ -32,7 +32,7 @@ For every registered variant, every backend that can run on the device, and ever
   model grew 9.98x for 16k/2k in its first run on the project's CPU), so
   ``over_position_wise`` is what says whether a variant's cost per token is bounded.
 
-Each CPU cell reports ``minor_faults_per_step`` (``ru_minflt`` over the timed steps): the
+Each cell reports ``minor_faults_per_step`` (``ru_minflt`` over the timed steps): the
 pages the kernel faulted in, and zeroed, for fresh allocations. ``--huge-pages on`` runs
 every cell with torch's ``THP_MEM_ALLOC_ENABLE=1`` (its CPU allocator then asks the kernel
 for transparent huge pages for buffers of 2 MB and more); ``both`` runs every cell without
