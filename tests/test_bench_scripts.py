@@ -158,7 +158,9 @@ def test_bench_backends_huge_pages_both_runs_every_cell_off_then_on_and_grows_ea
     """``--huge-pages both``: every cell twice, its subprocess told THP_MEM_ALLOC_ENABLE=0
     then 1 (the cell reports what it saw), and a growth per setting, each over that
     setting's own position-wise baseline."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    import json
+
+    env = dict(os.environ)
     env.pop("THP_MEM_ALLOC_ENABLE", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_backends.py"), "--variants", "bswa", "--backends", "sdpa",
@@ -167,7 +169,7 @@ def test_bench_backends_huge_pages_both_runs_every_cell_off_then_on_and_grows_ea
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = __import__("json").loads(proc.stdout)
+    report = json.loads(proc.stdout)
     assert report["environment"]["huge_pages"] == "both" and report["environment"]["THP_MEM_ALLOC_ENABLE"] is None
     cells = [(r["variant"], r["T"], r["huge_pages"], r["THP_MEM_ALLOC_ENABLE"]) for r in report["results"] if "step_s" in r]
     bench = load("bench_backends")
