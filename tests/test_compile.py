@@ -148,6 +148,13 @@ def _isolation_call(kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     from memzoo import ops
 
     g = torch.Generator().manual_seed(0)
+    if kind == "small":  # sinks and extra rows, after the first blocks: sdpa's math_sdpa
+        layout, q_start, tq = ops.BlockLayout(4, 4, 2), 8, 10
+        nb = layout.n_query_blocks(q_start, tq)
+        tensors = {n: torch.randn(2, 3, q_start + tq, 4, generator=g) for n in ("q", "k", "v")}
+        tensors["q"] = tensors["q"][:, :, q_start:].contiguous()
+        tensors.update(extra_k=torch.randn(2, 3, nb, 1, 4, generator=g), extra_v=torch.randn(2, 3, nb, 1, 4, generator=g))
+        return dict(layout=layout, q_start=q_start), tensors
     if kind == "blocks":
         length = 200
         return dict(layout=ops.BlockLayout(block_size=4, window=4), q_start=0), {
@@ -162,6 +169,7 @@ def _isolation_call(kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("kind", [
+    "small",  # sdpa's small compiled call in plain tensor ops (math_sdpa), isolating by itself
     "blocks",  # block-gathered SDPA kernel calls
     "memory",  # memory tensors, extra rows and sinks, queries after the first blocks
 ])
@@ -171,8 +179,7 @@ def test_inductor_isolation_equals_eager(kind):
     gradients, NaN patterns exactly, for finite inputs and a NaN in each key/value
     tensor, from one compiled graph (no recompile between them). (A ``torch.cond`` on
     finiteness made inductor 2.13 miscompile exactly these calls: docs/benchmarks.md.)
-    sdpa's small compiled calls (``math_sdpa``) are left out: there a visible NaN key
-    gives NaN query gradients where eager gives 0 (docs/backends.md)."""
+    sdpa's small compiled calls (``math_sdpa``) isolate by themselves, the same way."""
     from memzoo import ops
 
     where, tensors = _isolation_call(kind)
@@ -208,6 +215,8 @@ def test_inductor_isolation_equals_eager(kind):
             assert torch.equal(got.isnan(), want.isnan()), f"{label}: compiled {name} is NaN elsewhere than eager's"
             kit.assert_close(got.nan_to_num(), want.nan_to_num(), f"{label}: compiled {name} vs eager")
     assert len(graphs) == 1, f"{len(graphs)} graphs: the non-finite inputs recompiled"
+    kernel = "scaled_dot_product_attention" in graphs[0].code
+    assert kernel == (kind != "small"), f"{kind}: the graph {'calls' if kernel else 'does not call'} the SDPA kernel"
     torch._dynamo.reset()
 
 

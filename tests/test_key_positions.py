@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from memzoo import ops
@@ -205,3 +205,73 @@ def test_one_query_over_a_ring_sees_a_non_finite_row_it_sees_as_plain_attention(
                     assert nan[0, 0, 0, col] and nan.sum() == 1, f"{name}: a seen NaN value reaches its column only"
                 else:
                     assert nan[0, 0].all() and not nan[0, 1].any(), f"{name}: a seen NaN key reaches the head's whole output"
+
+
+@given(
+    call=calls(), seed=st.integers(0, 1000), where=st.integers(0, 10**6),
+    bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]), ring=st.booleans(), n_unseen=st.integers(0, 3),
+)
+@example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=0, bad=float("nan"), ring=False, n_unseen=0)  # a key hidden from the last block
+@example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=2, bad=float("nan"), ring=False, n_unseen=0)  # a key every block sees
+@example(call=(4, 4, 0, 1, 5, 8, 0, False), seed=0, where=16, bad=float("nan"), ring=True, n_unseen=3)  # a ring's stale key (position 1)
+def test_small_compiled_calls_isolate_non_finite_as_eager(call, seed, where, bad, ring, n_unseen):
+    """sdpa's small compiled calls (``math_sdpa``, fused by inductor) run the non-finite
+    isolation themselves. With one NaN or ±inf anywhere among the keys, values and extra
+    rows (and, over a ring, the rows no query sees), the traced call's outputs and every
+    input gradient of a loss over the finite outputs equal the eager call's: NaN exactly
+    where eager's are, equal elsewhere. (Before, a NaN key, even one no query sees, made
+    every query gradient NaN through ``0 · NaN`` in the traced backward.) A call nobody
+    isolates (one query over a ring, or seeing every key) must keep the rows it may not see
+    from reaching it, traced as eagerly."""
+    from memzoo.ops import sdpa as sdpa_mod
+
+    size, window, sinks, tq, tk, q_start, extra, _ = call
+    layout = BlockLayout(size, window, sinks)
+    ins = _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, False, seed)
+    key_pos, unseen = None, torch.zeros(0, dtype=torch.int64)
+    if ring:  # the rows in any order, with rows nobody sees (a ring buffer in slot order)
+        ins, key_pos, _, unseen = scrambled(ins, layout, q_start, n_unseen, seed)
+    plain = {k: t.detach().clone() for k, t in ins.items()}
+    poisonable = [k for k in plain if k != "q"]
+    name = poisonable[where % len(poisonable)]
+    index = where // len(poisonable) % plain[name].numel()
+    plain[name].view(-1)[index] = bad
+    names = list(plain)
+
+    def run(*tensors):
+        return ops.attend(**dict(zip(names, tensors)), layout=layout, q_start=q_start, scale=0.7, backend="sdpa", key_pos=key_pos)
+
+    routed = []
+    real = sdpa_mod.math_sdpa
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        routed.append(True)
+        return real(*args, **kwargs)
+
+    def output_and_grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in plain.values()]
+        out = fn(*leaves)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+        grads = torch.autograd.grad((torch.where(torch.isfinite(out), out, 0.0) * weights).sum(), leaves, allow_unused=True)
+        return [out.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))]
+
+    want = output_and_grads(run)
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdpa_mod, "math_sdpa", recording)
+        got = output_and_grads(torch.compile(run, backend="eager", fullgraph=True))
+    torch._dynamo.reset()
+    assert routed, "the traced call did not take math_sdpa"
+    what = f"{layout} q_start={q_start} tq={tq} tk={tk} extra={extra} ring={ring}: the {bad} in {name}[{index}]"
+    # Calls the dispatcher does not isolate (a decode step over a ring; one query that sees
+    # every key) are plain attention, and what a non-finite row the query sees makes of its
+    # output and gradients is the kernel's own (flash gives 0 where every score is -inf, a
+    # plain softmax NaN): there the rows the query may not see are what is checked.
+    if tq == 1 and (ring or layout.one_query_sees_every_key(q_start, tq, tk)):
+        hidden = ring and name in ROWS and index // plain[name].shape[3] % plain[name].shape[2] in unseen.tolist()
+        if not hidden:
+            return
+        assert all(torch.isfinite(t).all() for t in got), f"{what}: a row the query may not see reached it"
+    for label, g, w in zip(("output", *(f"grad of {n}" for n in names)), got, want):
+        assert torch.equal(g.isnan(), w.isnan()), f"{what}: traced {label} is NaN elsewhere than eager's"
+        assert_close(g.nan_to_num(), w.nan_to_num(), f"{what}: traced {label}")

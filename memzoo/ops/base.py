@@ -299,7 +299,7 @@ class Backend:
         the dispatcher then skips its own handling of non-finite values for the call.
         Under :func:`memzoo.ops.propagate_non_finite` the dispatcher skips it without
         asking, so a backend that isolates inside :meth:`attend` reads
-        :data:`NON_FINITE` itself and does not isolate then (as sdpa's ``math_sdpa`` does)."""
+        :data:`NON_FINITE` itself and does not isolate then (as sdpa does for its ``math_sdpa`` calls)."""
         return False
 
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:

@@ -40,6 +40,7 @@ is an additive row made once per step and shared by the layers (:func:`decode_ma
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -178,29 +179,54 @@ def masked_block_sdpa(qb: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, scale: f
 COMPILED_MATH_MAX_SCORES = 128 * 128
 
 
-def math_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+def math_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None, *, isolate: bool = True
+) -> Tensor:
     """``softmax(q·kᵀ·scale + mask)·v`` in plain tensor ops, as ``F.scaled_dot_product_attention``
     defines it (a boolean mask: True = may attend; a float mask, 0 or -inf, is added), the
     softmax in at least float32. Every row must see a key (the callers' masks let a query see
-    itself). Non-finite keys and values the mask hides reach nothing: a hidden score is
-    replaced by -inf, and the values are multiplied in with their non-finite entries zeroed;
-    then every output column ``d`` of a query that sees a value row with a non-finite entry
-    in column ``d`` is set to NaN (what plain attention would make non-finite). A visible
-    non-finite key makes its query's scores, and so its row, NaN, as in plain attention.
-    Under :func:`memzoo.ops.propagate_non_finite` the values go in as they are."""
+    itself).
+
+    ``isolate``: the dispatcher's non-finite isolation (``memzoo.ops._attend_non_finite``),
+    done here so that inductor fuses it with the call: the keys and values go in with their
+    non-finite entries zeroed (a hidden score is also masked), then every output column
+    ``d`` of a query that sees a non-finite key (every column) or a value with a non-finite
+    entry in column ``d`` is set to NaN (what plain attention would make non-finite). Both
+    steps pass the gradient through (:func:`memzoo.ops.base.zero_non_finite`), so the
+    gradients are those of the zeroed call, as eagerly: a non-finite key, seen or hidden,
+    cannot turn a gradient NaN through ``0 · NaN`` in the backward. Without it the tensors go
+    in as they are (plain attention: :func:`memzoo.ops.propagate_non_finite`, and the calls
+    the dispatcher does not isolate)."""
+    if isolate:
+        bad = ~torch.isfinite(v) | ~torch.isfinite(k).all(-1, keepdim=True)  # (…, Tk, Dv): a bad key row, every column
+        k, v = zero_non_finite(k), zero_non_finite(v)  # gradient passed through (see there)
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     seen = None
     if attn_mask is not None:
         seen = attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0
         scores = scores.masked_fill(~seen, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float64 if scores.dtype == torch.float64 else torch.float32).to(v.dtype)
-    if not NON_FINITE.isolate:
-        return probs @ v
-    bad = ~torch.isfinite(v)
-    out = probs @ zero_non_finite(v)  # gradient passed through (see there)
+    out = probs @ v
+    if not isolate:
+        return out
     # (…, Tq, Dv): True where a row the query sees is bad in that column (no mask: every row)
     reached = bad.any(-2, keepdim=True) if seen is None else (seen.to(v.dtype) @ bad.to(v.dtype)) > 0
     return mark_non_finite(out, reached)  # gradient passed through, as zero_non_finite's
+
+
+def _isolates_itself(inputs: AttentionInputs) -> bool:
+    """Whether :func:`math_sdpa` runs the non-finite isolation for the dispatcher: a small
+    compiled call (:func:`_small_compiled`) that the dispatcher would isolate. Not a
+    one-query call over keys at explicit positions (a decode step over a ring): for it the
+    dispatcher zeroes the rows the query may not see, and the rows it sees go in as plain
+    attention's, as eagerly. Not a query that sees every key either (nothing hidden: plain
+    attention, as eagerly)."""
+    if not _small_compiled(inputs):
+        return False
+    q, key_pos = inputs.q, inputs.key_pos
+    if key_pos is not None:
+        return q.shape[2] != 1
+    return not inputs.layout.one_query_sees_every_key(inputs.q_start, q.shape[2], inputs.k.shape[2])
 
 
 def _small_compiled(inputs: AttentionInputs) -> bool:
@@ -232,7 +258,7 @@ class SDPABackend(Backend):
     lower_right_devices: frozenset[str] = frozenset({"cuda"})
 
     def handles_non_finite(self, inputs: AttentionInputs) -> bool:
-        return _small_compiled(inputs)  # math_sdpa's masking keeps hidden values out
+        return _isolates_itself(inputs)  # math_sdpa isolates as the dispatcher would
 
     def _lower_right(self, q: Tensor) -> bool:
         """Use ``causal_lower_right`` for ``q``'s device. Not while torch.compile traces:
@@ -247,7 +273,11 @@ class SDPABackend(Backend):
         q, k, v, layout, q_start, scale = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.q_start, inputs.scale
         k_mem, v_mem, extra_k, extra_v = inputs.k_mem, inputs.v_mem, inputs.extra_k, inputs.extra_v
         if _small_compiled(inputs):  # one masked call in plain ops, which inductor fuses
-            return self._masked_call(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, None, inputs.key_pos, attention=math_sdpa)
+            isolate = NON_FINITE.isolate and _isolates_itself(inputs)
+            return self._masked_call(
+                q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, None, inputs.key_pos,
+                attention=functools.partial(math_sdpa, isolate=isolate),
+            )
         if inputs.key_pos is not None:  # keys in any order (a ring buffer): one masked call by position
             return self._masked_call(q, k, v, layout, q_start, scale, k_mem, v_mem, extra_k, extra_v, None, inputs.key_pos)
         tq, tk = q.shape[2], k.shape[2]
