@@ -214,6 +214,7 @@ def test_one_query_over_a_ring_sees_a_non_finite_row_it_sees_as_plain_attention(
 @example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=0, bad=float("nan"), ring=False, n_unseen=0)  # a key hidden from the last block
 @example(call=(4, 4, 0, 12, 12, 0, 0, False), seed=0, where=2, bad=float("nan"), ring=False, n_unseen=0)  # a key every block sees
 @example(call=(4, 4, 0, 1, 5, 8, 0, False), seed=0, where=16, bad=float("nan"), ring=True, n_unseen=3)  # a ring's stale key (position 1)
+@example(call=(1, 0, 0, 1, 2, 1, 1, False), seed=0, where=2, bad=float("nan"), ring=False, n_unseen=0)  # one query, a NaN extra row
 def test_small_compiled_calls_isolate_non_finite_as_eager(call, seed, where, bad, ring, n_unseen):
     """sdpa's small compiled calls (``math_sdpa``, fused by inductor) run the non-finite
     isolation themselves. With one NaN or ±inf anywhere among the keys, values and extra
@@ -275,3 +276,34 @@ def test_small_compiled_calls_isolate_non_finite_as_eager(call, seed, where, bad
     for label, g, w in zip(("output", *(f"grad of {n}" for n in names)), got, want):
         assert torch.equal(g.isnan(), w.isnan()), f"{what}: traced {label} is NaN elsewhere than eager's"
         assert_close(g.nan_to_num(), w.nan_to_num(), f"{what}: traced {label}")
+
+
+@pytest.mark.parametrize("ring", [False, True], ids=["in order", "over a ring"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_query_with_memory_tensors_keeps_the_copy_it_does_not_read_out(ring, bad):
+    """With memory tensors a query reads each position it sees from one copy (``k_mem`` /
+    ``v_mem`` for its memory, ``k``/``v`` for its own block): a non-finite row in the other
+    copy must not reach it, for one query (a decode step) in order and over a ring, on every
+    backend that runs the call, with the eager CPU shortcuts and with the always-masked path
+    of compiled code and accelerators. (The dispatcher used to pass a query that sees every
+    position as "nothing masked", and the ring step zeroed only the positions it does not see.)"""
+    from test_nan_causality import runnable_backends
+
+    layout, q_start = BlockLayout(4, 4), 9  # the query at 9 sees 4 … 7 (memory) and 8, 9 (its block)
+    tk = 6
+    key_pos = layout.key_positions(q_start + 1, tk) if ring else None
+    clean = {k: t.detach() for k, t in _inputs(1, tk, 1, 0, True, seed=5).items()}
+    want = ops.attend(**clean, layout=layout, q_start=q_start, scale=0.5, backend="reference")
+    names = position_backends() if ring else runnable_backends(dtype=F64)
+    for name, row in (("k", 0), ("v", 1), ("k_mem", 4), ("v_mem", 5)):  # rows 0-3: positions 4-7, memory; 4, 5: 8, 9
+        poisoned = {k: t.clone() for k, t in clean.items()}
+        poisoned[name][0, 1, row, 2] = bad
+        for always_masked in (False, True):
+            with pytest.MonkeyPatch.context() as mp:
+                if always_masked:
+                    mp.setattr(ops, "_all_finite", lambda *tensors: False)
+                for backend in names:
+                    got = ops.attend(**poisoned, layout=layout, q_start=q_start, scale=0.5, backend=backend, key_pos=key_pos)
+                    what = f"{backend}, {'ring' if ring else 'in order'}, always masked={always_masked}: the {bad} in {name}[{row}]"
+                    assert torch.isfinite(got).all(), f"{what} reached the query"
+                    assert_close(got, want, what)

@@ -197,17 +197,23 @@ def attend(
     impl = resolve_backend_once(backend, inputs.describe())
     note_resolved(impl.name)
     compiling = torch.compiler.is_compiling()
-    # one query sees all the extra rows it is given (its block's): only key rows can be hidden from it
-    tensors = (k, v, k_mem, v_mem) if q.shape[2] == 1 else (k, v, k_mem, v_mem, extra_k, extra_v)
+    ring_step = key_pos is not None and q.shape[2] == 1
+    # a ring step's query sees all the extra rows it is given (its block's): only key rows
+    # can be hidden from it (elsewhere a non-finite extra row is isolated like any other)
+    tensors = (k, v, k_mem, v_mem) if ring_step else (k, v, k_mem, v_mem, extra_k, extra_v)
     if not compiling and _CHECK_FINITE.get():  # check_finite() is for eager code
         _refuse_non_finite(**inputs.tensors())
-    elif impl.name == "reference" or (key_pos is None and layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2])):
-        pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
+    elif impl.name == "reference" or (
+        key_pos is None and k_mem is None and v_mem is None and layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2])
+    ):
+        # nothing is masked: what a non-finite key reaches, plain attention reaches too
+        # (with memory tensors each position is read from one copy: the other is masked)
+        pass
     elif not _NON_FINITE.isolate:
         pass  # propagate_non_finite(): the backend on the inputs as they are
     elif impl.handles_non_finite(inputs):
         pass  # the backend's own masking keeps hidden values out (sdpa's small compiled calls)
-    elif key_pos is not None and q.shape[2] == 1:
+    elif ring_step:
         # one query (a decode step over a ring): the rows it may not see zeroed (two selects,
         # branch-free, no sync), then what a non-finite row it sees reaches, plain attention reaches too
         if compiling or q.device.type != "cpu" or not _all_finite(*tensors):
@@ -307,14 +313,20 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
 
 def _hide_rows(inputs: AttentionInputs) -> AttentionInputs:
     """One query's call with the key rows it may not see set to 0 (keys, values and memory
-    tensors): they cannot reach it whatever they held. (Its extra rows are all its own.)"""
-    assert inputs.key_pos is not None and inputs.q.shape[2] == 1
-    seen = inputs.layout.visible_to(inputs.q_start, inputs.key_pos)[:, None]  # (Tk, 1)
+    tensors): they cannot reach it whatever they held. With memory tensors a position the
+    query sees is read from one copy (``k_mem``/``v_mem`` for its memory, ``k``/``v``
+    elsewhere), and the other copy's row is hidden too. (Its extra rows are all its own.)"""
+    key_pos, layout, q_start = inputs.key_pos, inputs.layout, inputs.q_start
+    assert key_pos is not None and inputs.q.shape[2] == 1
+    seen = layout.visible_to(q_start, key_pos)  # (Tk,)
+    used = {"k": seen, "v": seen}
+    if inputs.k_mem is not None or inputs.v_mem is not None:
+        memory = key_pos < (0 if layout.block_size is None else q_start // layout.block_size * layout.block_size)
+        for name in ("k", "v"):
+            if getattr(inputs, f"{name}_mem") is not None:
+                used[name], used[f"{name}_mem"] = seen & ~memory, seen & memory
     zero = torch.zeros((), dtype=inputs.k.dtype, device=inputs.k.device)
-    hidden = {
-        name: torch.where(seen, t, zero) for name in ("k", "v", "k_mem", "v_mem") if (t := getattr(inputs, name)) is not None
-    }
-    return inputs.replace(**hidden)
+    return inputs.replace(**{name: torch.where(mask[:, None], getattr(inputs, name), zero) for name, mask in used.items()})
 
 
 def _reached_by_non_finite(inputs: AttentionInputs) -> Tensor:
