@@ -307,3 +307,17 @@ def test_one_query_with_memory_tensors_keeps_the_copy_it_does_not_read_out(ring,
                     what = f"{backend}, {'ring' if ring else 'in order'}, always masked={always_masked}: the {bad} in {name}[{row}]"
                     assert torch.isfinite(got).all(), f"{what} reached the query"
                     assert_close(got, want, what)
+
+
+@pytest.mark.parametrize("given", ["k_mem", "v_mem"])
+def test_one_memory_tensor_alone_is_refused_with_what_is_valid(given):
+    """``k_mem`` and ``v_mem`` are one copy of the keys and values: one alone was read by
+    some paths and ignored by others (sdpa's ring step zeroed ``v`` at the memory positions
+    for a ``v_mem`` it then did not read: wrong outputs on finite input)."""
+    layout = BlockLayout(4, 4)
+    ins = {k: t.detach() for k, t in _inputs(1, 6, 1, 0, True, seed=2).items()}
+    ins.pop("v_mem" if given == "k_mem" else "k_mem")
+    for key_pos in (None, layout.key_positions(10, 6)):
+        for backend in position_backends():
+            with pytest.raises(ValueError, match=rf"memory tensors come as a pair: k_mem .* and v_mem .*; got only {given}"):
+                ops.attend(**ins, layout=layout, q_start=9, scale=0.5, backend=backend, key_pos=key_pos)

@@ -177,9 +177,16 @@ def attend(
 
     ``q`` (B, H, Tq, D); ``k``, ``v`` and the optional memory tensors / extra rows may have
     fewer heads Hkv dividing H (grouped-query attention): they are shared by groups of
-    H / Hkv query heads. ``rel_q`` and ``rel_k`` come together (relative-position keys).
+    H / Hkv query heads. ``k_mem`` and ``v_mem`` come together (the copy a query's memory
+    is read from), as do ``rel_q`` and ``rel_k`` (relative-position keys).
     ``key_pos`` (Tk,) int64: the key rows' positions, in any order (keys at explicit
     positions, e.g. a ring buffer in slot order; a backend declares it)."""
+    if (k_mem is None) != (v_mem is None):
+        given = "k_mem" if k_mem is not None else "v_mem"
+        raise ValueError(
+            f"memory tensors come as a pair: k_mem (B, Hkv, Tk, D) and v_mem (B, Hkv, Tk, Dv), the keys and values "
+            f"a query's memory positions are read from; got only {given}"
+        )
     h = q.shape[1]
     if k.shape[1] != h or v.shape[1] != h or k_mem is not None or v_mem is not None or extra_k is not None or extra_v is not None:
         k, v, k_mem, v_mem, extra_k, extra_v = (repeat_kv(t, h) for t in (k, v, k_mem, v_mem, extra_k, extra_v))
@@ -320,11 +327,10 @@ def _hide_rows(inputs: AttentionInputs) -> AttentionInputs:
     assert key_pos is not None and inputs.q.shape[2] == 1
     seen = layout.visible_to(q_start, key_pos)  # (Tk,)
     used = {"k": seen, "v": seen}
-    if inputs.k_mem is not None or inputs.v_mem is not None:
+    if inputs.k_mem is not None:  # with v_mem (attend takes them as a pair)
         memory = key_pos < (0 if layout.block_size is None else q_start // layout.block_size * layout.block_size)
-        for name in ("k", "v"):
-            if getattr(inputs, f"{name}_mem") is not None:
-                used[name], used[f"{name}_mem"] = seen & ~memory, seen & memory
+        own, read_from_memory = seen & ~memory, seen & memory
+        used = {"k": own, "v": own, "k_mem": read_from_memory, "v_mem": read_from_memory}
     zero = torch.zeros((), dtype=inputs.k.dtype, device=inputs.k.device)
     return inputs.replace(**{name: torch.where(mask[:, None], getattr(inputs, name), zero) for name, mask in used.items()})
 
