@@ -17,7 +17,7 @@ from memzoo import ops
 from memzoo.ops import AttentionCall, AttentionInputs, BackendUnavailable, BlockLayout
 from memzoo.testing import assert_close
 
-from test_ops import _inputs, calls
+from test_ops import _inputs, calls, poison, routed_to_math_sdpa
 from test_relative_keys import with_relative
 
 F64 = torch.float64
@@ -224,8 +224,6 @@ def test_small_compiled_calls_isolate_non_finite_as_eager(call, seed, where, bad
     every query gradient NaN through ``0 · NaN`` in the traced backward.) A call nobody
     isolates (one query over a ring, or seeing every key) must keep the rows it may not see
     from reaching it, traced as eagerly."""
-    from memzoo.ops import sdpa as sdpa_mod
-
     size, window, sinks, tq, tk, q_start, extra, _ = call
     layout = BlockLayout(size, window, sinks)
     ins = _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, False, seed)
@@ -233,21 +231,11 @@ def test_small_compiled_calls_isolate_non_finite_as_eager(call, seed, where, bad
     if ring:  # the rows in any order, with rows nobody sees (a ring buffer in slot order)
         ins, key_pos, _, unseen = scrambled(ins, layout, q_start, n_unseen, seed)
     plain = {k: t.detach().clone() for k, t in ins.items()}
-    poisonable = [k for k in plain if k != "q"]
-    name = poisonable[where % len(poisonable)]
-    index = where // len(poisonable) % plain[name].numel()
-    plain[name].view(-1)[index] = bad
+    name, index = poison(plain, where, bad)
     names = list(plain)
 
     def run(*tensors):
         return ops.attend(**dict(zip(names, tensors)), layout=layout, q_start=q_start, scale=0.7, backend="sdpa", key_pos=key_pos)
-
-    routed = []
-    real = sdpa_mod.math_sdpa
-
-    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        routed.append(True)
-        return real(*args, **kwargs)
 
     def output_and_grads(fn):
         leaves = [t.clone().requires_grad_(True) for t in plain.values()]
@@ -258,8 +246,7 @@ def test_small_compiled_calls_isolate_non_finite_as_eager(call, seed, where, bad
 
     want = output_and_grads(run)
     torch._dynamo.reset()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sdpa_mod, "math_sdpa", recording)
+    with routed_to_math_sdpa() as routed:
         got = output_and_grads(torch.compile(run, backend="eager", fullgraph=True))
     torch._dynamo.reset()
     assert routed, "the traced call did not take math_sdpa"

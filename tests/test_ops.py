@@ -117,8 +117,6 @@ def test_small_compiled_sdpa_calls_equal_reference(call, seed, where, bad):
     gradient equal the reference; with a NaN key, or a NaN or inf value, anywhere (hidden
     or not), the output is non-finite exactly where the reference's is and equal to it
     elsewhere."""
-    from memzoo.ops import sdpa as sdpa_mod
-
     size, window, sinks, tq, tk, q_start, extra, memory = call
     layout = BlockLayout(size, window, sinks)
     ins = _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed)
@@ -127,17 +125,9 @@ def test_small_compiled_sdpa_calls_equal_reference(call, seed, where, bad):
     def run(*tensors, backend):
         return ops.attend(**dict(zip(names, tensors)), layout=layout, q_start=q_start, scale=0.7, backend=backend)
 
-    routed = []
-    real = sdpa_mod.math_sdpa
-
-    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        routed.append(True)
-        return real(*args, **kwargs)
-
     torch._dynamo.reset()
     compiled = torch.compile(lambda *t: run(*t, backend="sdpa"), backend="eager", fullgraph=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sdpa_mod, "math_sdpa", recording)
+    with routed_to_math_sdpa() as routed:
         if bad is None:
             got = compiled(*ins.values())
             want = run(*ins.values(), backend="reference")
@@ -175,11 +165,36 @@ def _poisoned(call, seed, where, bad):
     size, window, sinks, tq, tk, q_start, extra, memory = call
     layout = BlockLayout(size, window, sinks)
     ins = {k: t.detach() for k, t in _inputs(tq, tk, layout.n_query_blocks(q_start, tq), extra, memory, seed).items()}
+    name, index = poison(ins, where, bad)
+    return layout, q_start, ins, name, index
+
+
+def poison(ins, where, bad):
+    """Put ``bad`` into one entry (chosen by ``where``) of one of ``ins``' key/value tensors
+    (not ``q``), in place: that tensor's name and the flat index."""
     poisonable = [k for k in ins if k != "q"]
     name = poisonable[where % len(poisonable)]
     index = where // len(poisonable) % ins[name].numel()
     ins[name].view(-1)[index] = bad
-    return layout, q_start, ins, name, index
+    return name, index
+
+
+@contextlib.contextmanager
+def routed_to_math_sdpa():
+    """Within the block, the list it yields gets an entry for every call of sdpa's
+    ``math_sdpa`` (its small compiled path ran)."""
+    from memzoo.ops import sdpa as sdpa_mod
+
+    routed: list[bool] = []
+    real = sdpa_mod.math_sdpa
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        routed.append(True)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdpa_mod, "math_sdpa", recording)
+        yield routed
 
 
 @contextlib.contextmanager

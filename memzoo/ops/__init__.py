@@ -204,18 +204,14 @@ def attend(
     impl = resolve_backend_once(backend, inputs.describe())
     note_resolved(impl.name)
     compiling = torch.compiler.is_compiling()
-    ring_step = key_pos is not None and q.shape[2] == 1
+    ring_step = inputs.ring_step()
     # a ring step's query sees all the extra rows it is given (its block's): only key rows
     # can be hidden from it (elsewhere a non-finite extra row is isolated like any other)
     tensors = (k, v, k_mem, v_mem) if ring_step else (k, v, k_mem, v_mem, extra_k, extra_v)
     if not compiling and _CHECK_FINITE.get():  # check_finite() is for eager code
         _refuse_non_finite(**inputs.tensors())
-    elif impl.name == "reference" or (
-        key_pos is None and k_mem is None and v_mem is None and layout.one_query_sees_every_key(q_start, q.shape[2], k.shape[2])
-    ):
-        # nothing is masked: what a non-finite key reaches, plain attention reaches too
-        # (with memory tensors each position is read from one copy: the other is masked)
-        pass
+    elif impl.name == "reference" or inputs.nothing_hidden():
+        pass  # nothing is masked: what a non-finite key reaches, plain attention reaches too
     elif not _NON_FINITE.isolate:
         pass  # propagate_non_finite(): the backend on the inputs as they are
     elif impl.handles_non_finite(inputs):
@@ -281,7 +277,7 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
     tq, tk = q.shape[2], k.shape[2]
     end = q_start + tq
     n_sinks = layout.n_sink_rows(end) if layout.sinks else 0  # the first key rows: positions 0 … n_sinks-1
-    if inputs.key_pos is not None or (n_sinks and (k_mem is not None or v_mem is not None)):
+    if inputs.key_pos is not None or (n_sinks and k_mem is not None):
         return mark_non_finite(out, _reached_by_non_finite(inputs))
     q_pos = torch.arange(q_start, end, device=q.device)
     first = end - tk  # position of key index 0 (with sinks: of the run's rows, index n_sinks on)
@@ -293,12 +289,13 @@ def _attend_non_finite(impl: Backend, inputs: AttentionInputs) -> Tensor:
     split = start - first  # keys before it are the query's memory
     bad_k = (~torch.isfinite(k)).any(-1, keepdim=True)  # (B, H, Tk, 1)
     bad_v = ~torch.isfinite(v)  # (B, H, Tk, Dv)
-    if k_mem is None and v_mem is None:
+    if k_mem is None:
         row = _in_range(bad_k, lo, hi)  # (B, H, Tq, 1)
         col = _in_range(bad_v, lo, hi)
-    else:
-        mem_k = bad_k if k_mem is None else (~torch.isfinite(k_mem)).any(-1, keepdim=True)
-        mem_v = bad_v if v_mem is None else ~torch.isfinite(v_mem)
+    else:  # with v_mem (attend takes them as a pair)
+        assert v_mem is not None
+        mem_k = (~torch.isfinite(k_mem)).any(-1, keepdim=True)
+        mem_v = ~torch.isfinite(v_mem)
         tok_lo = torch.maximum(lo, split)
         mem_hi = torch.minimum(hi, split - 1)
         row = _in_range(bad_k, tok_lo, hi) | _in_range(mem_k, lo, mem_hi)

@@ -101,6 +101,21 @@ class AttentionInputs:
     def replace(self, **changes: object) -> "AttentionInputs":
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    def ring_step(self) -> bool:
+        """One query over keys at explicit positions (a decode step over a ring buffer): the
+        non-finite handling zeroes the rows it may not see, and the rows it sees go in as
+        they are (plain attention)."""
+        return self.key_pos is not None and self.q.shape[2] == 1
+
+    def nothing_hidden(self) -> bool:
+        """One query, keys in order, no memory tensors, that may see every key row: nothing
+        is masked, so what a non-finite key reaches, plain attention reaches too (with memory
+        tensors each position is read from one copy and the other copy's row is masked)."""
+        return (
+            self.key_pos is None and self.k_mem is None
+            and self.layout.one_query_sees_every_key(self.q_start, self.q.shape[2], self.k.shape[2])
+        )
+
     def key_positions(self) -> Tensor:
         """(Tk,) int64: the position of every key row (``key_pos``, or the layout's order)."""
         if self.key_pos is not None:

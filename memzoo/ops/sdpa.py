@@ -221,12 +221,7 @@ def _isolates_itself(inputs: AttentionInputs) -> bool:
     dispatcher zeroes the rows the query may not see, and the rows it sees go in as plain
     attention's, as eagerly. Not a query that sees every key either (nothing hidden: plain
     attention, as eagerly)."""
-    if not _small_compiled(inputs):
-        return False
-    q, key_pos = inputs.q, inputs.key_pos
-    if key_pos is not None:
-        return q.shape[2] != 1
-    return not inputs.layout.one_query_sees_every_key(inputs.q_start, q.shape[2], inputs.k.shape[2])
+    return _small_compiled(inputs) and not inputs.ring_step() and not inputs.nothing_hidden()
 
 
 def _small_compiled(inputs: AttentionInputs) -> bool:
