@@ -327,6 +327,34 @@ def test_refused_tensors(folders, tmp_path):
             memzoo.from_pretrained(tmp_path / name)
 
 
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """Copies of one .gguf file (another virtual environment, clone or reinstall) share one
+    converted folder; a file with other content gets its own. Conversion is stubbed."""
+    pytest.importorskip("gguf")
+    from memzoo.pretrained import gguf as cache
+
+    converted: list[Path] = []
+
+    def convert(path: Path, folder: Path) -> None:
+        converted.append(folder)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(cache, "_convert", convert)
+    monkeypatch.setenv("MEMZOO_CACHE", str(tmp_path / "cache"))
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "m.gguf").write_bytes(b"GGUF same bytes")
+    os.utime(tmp_path / "b" / "m.gguf", (0, 0))  # another modification time too
+    first = cache.gguf_folder(tmp_path / "a" / "m.gguf")
+    assert cache.gguf_folder(tmp_path / "b" / "m.gguf") == first and converted == [first]
+    (tmp_path / "b" / "m.gguf").write_bytes(b"GGUF other bytes")
+    other = cache.gguf_folder(tmp_path / "b" / "m.gguf")
+    assert other != first and converted == [first, other]
+    assert first.parent == other.parent == tmp_path / "cache" / "gguf"
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a folder"):
         memzoo.from_pretrained(str(tmp_path / "nowhere"))
