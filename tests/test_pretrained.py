@@ -253,6 +253,34 @@ def test_changing_variant_of_a_memzoo_folder(folders, tmp_path):
     assert torch.equal(logits(model, toks), logits(bswa, toks))
 
 
+def test_xl_relative_folder_loads_as_another_variant_or_with_rope(tmp_path):
+    """xl's relative-position tensors sit inside the layers (``backbone.layers.i.positions``);
+    loading its folder as another variant, or as xl with RoPE, drops them with a warning,
+    as for every variant's added tensors. The same variant and options keep refusing a
+    tensor with no place."""
+    from safetensors.torch import load_file, save_file
+
+    saved = memzoo.build_model("xl", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, block_size=4, memory_len=8)
+    saved.save_pretrained(tmp_path)
+    stored = saved.state_dict()
+    for variant, options in [("bswa", dict(memory_blocks=1)), ("xl", dict(positions="rope"))]:
+        with pytest.warns(PretrainedWarning, match=r"backbone\.layers\.0\.positions\.u"):
+            model = memzoo.from_pretrained(tmp_path, variant, **options)
+        assert model.variant == variant and model.backbone.block_size == 4
+        assert all(torch.equal(t, stored[name]) for name, t in model.state_dict().items())  # every kept tensor loaded
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "backbone.layers.0.positions.extra": torch.ones(3)}, tmp_path / "model.safetensors")
+    with pytest.raises(PretrainedError, match="no place for"):
+        memzoo.from_pretrained(tmp_path)
+
+
+def test_dtype_must_be_a_floating_torch_dtype(folders):
+    """A dtype that is not a floating torch.dtype is refused before the checkpoint is read."""
+    for bad in ("float64", torch.int64, 64):
+        with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype .* got"):
+            memzoo.from_pretrained(folders["llama_gqa"], dtype=bad)
+
+
 def test_free_fields_and_backend(folders):
     model = memzoo.from_pretrained(folders["llama_gqa"], "bswa", block_size=8, memory_blocks=2, backend="reference", d_model=32)
     assert (model.backbone.block_size, model.backbone.memory_blocks, model.backbone.backend) == (8, 2, "reference")

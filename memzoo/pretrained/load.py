@@ -65,6 +65,11 @@ def from_pretrained(source: Any, variant: str | None = None, *, dtype: torch.dty
     a field the checkpoint fixes (``d_model``, ``n_heads``, ...) may only be repeated
     with its value. ``dtype``: of the returned model; None = the checkpoint's.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"from_pretrained: dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, "
+            f"torch.float16) or None (the checkpoint's own), got {dtype!r}"
+        )
     config, tensors, what = _read(source)
     model, config = _build(config, tensors, variant, fields, what)
     if dtype is None:
@@ -219,7 +224,9 @@ def _build(
             f"({', '.join(sorted(own)) or 'none'}) can be chosen"
         )
     model = build_model(config)
-    _load_weights(model, _named(tensors, hf=hf, tied=config.tie_embeddings), what, dropped_ok=variant != base_variant)
+    # another variant, or the same one with other options (xl's positions): what the saved one added may go unused
+    changed = variant != base_variant or options != base_options
+    _load_weights(model, _named(tensors, hf=hf, tied=config.tie_embeddings), what, dropped_ok=changed)
     return model, config
 
 
@@ -247,10 +254,11 @@ def _load_weights(model: MemzooLM, tensors: dict[str, Tensor], what: str, *, dro
         params.pop(TIED_HEAD)
     unexpected = sorted(set(tensors) - set(params))
     if unexpected:
-        added = [k for k in unexpected if k.startswith("backbone.") and not k.startswith("backbone.layers.")]
+        added = [k for k in unexpected if k.startswith("backbone.") and not _DECODER_TENSOR.match(k)]
         if dropped_ok and added == unexpected:
             warnings.warn(
-                f"{what}: not loading {added}: the checkpoint's variant added them and {model.variant} has no use for them",
+                f"{what}: not loading {added}: the checkpoint's variant added them and {model.variant} with these options "
+                "has no use for them",
                 PretrainedWarning,
                 stacklevel=4,
             )
