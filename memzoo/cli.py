@@ -352,7 +352,7 @@ register_command(Command(
     cmd_compare,
     description="Train and evaluate variants on one task under the same budget and seeds, print the table and "
     "(with --out) write <task>.json, <task>.md and <task>.png. Without arguments: every registered variant on the "
-    "tiny passkey preset (a few minutes on 2 CPU cores). Exit status: 0 done, 2 a user error (nothing trained), "
+    "tiny passkey preset (under a minute on 2 CPU cores). Exit status: 0 done, 2 a user error (nothing trained), "
     f"{EXIT_DIVERGED} a run diverged (shown as such, with no scores), {EXIT_FAILED} a run kept failing (recorded as failed).",
     epilog="examples:\n"
     "  memzoo compare\n"
@@ -365,7 +365,7 @@ def error_line(exc: BaseException) -> str:
     """One line for a user error (pydantic's multi-line reports are folded)."""
     from pydantic import ValidationError
 
-    from memzoo.compare.results import one_line
+    from memzoo.errors import one_line
 
     text = one_line(exc) if isinstance(exc, ValidationError) else str(exc)
     return " ".join(part.strip() for part in text.splitlines() if part.strip())

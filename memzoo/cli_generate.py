@@ -5,7 +5,9 @@ variant, printing the text as it decodes.
     memzoo generate --model DIR --prompt "..." --temperature 0.8 --top-p 0.95 --seed 0 --stats
 
 The tokenizer is the one found with the model: ``DIR/tokenizer.json`` (read with
-``tokenizers``), or the GGUF file's own (read with ``transformers``' GGUF loading).
+``tokenizers``), or the GGUF file's own (read with ``transformers``' GGUF loading);
+``--tokenizer`` gives another (a ``tokenizer.json``, a folder holding one, or a ``.gguf``
+file). The device, the sampling options and both paths are checked before anything loads.
 The model comes from ``memzoo.from_pretrained``: a Hugging Face Llama-family folder,
 memzoo's own folder format, or a ``.gguf`` file, run as any variant.
 ``--stats`` prints prefill time, decode tokens/s and the state's bytes to stderr.
@@ -33,6 +35,10 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--option", dest="options", action="append", default=[], metavar="FIELD=VALUE",
         help="a field of the model config, value as JSON, e.g. memory_blocks=4 or block_size=128 (repeatable)",
+    )
+    g.add_argument(
+        "--tokenizer", default=None,
+        help="the tokenizer, when the model has none: a tokenizer.json, a folder holding one, or a .gguf file (default: the model's)",
     )
     g.add_argument("--prompt", required=True, help="the prompt text")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -66,13 +72,20 @@ def find_gguf(path: Path) -> Path | None:
 
 
 def load_tokenizer(path: str | Path) -> Codec:
-    """The tokenizer found with the model: ``tokenizer.json`` or the GGUF's own."""
+    """The tokenizer at ``path``: a folder's ``tokenizer.json``, a ``.json`` tokenizer file,
+    or a GGUF file's own (a ``.gguf`` file, or the one ``.gguf`` file of a folder)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    if (folder / "tokenizer.json").is_file() and not (path.is_file() and path.suffix == ".gguf"):
+    if path.is_file() and path.suffix == ".json":
+        tokenizer_file: Path | None = path
+    elif path.is_dir() and (path / "tokenizer.json").is_file():
+        tokenizer_file = path / "tokenizer.json"
+    else:
+        tokenizer_file = None
+    if tokenizer_file is not None:
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok = Tokenizer.from_file(str(tokenizer_file))
         return Codec(lambda s: tok.encode(s).ids, lambda ids: tok.decode(ids), _config_eos(folder))
     gguf = find_gguf(path)
     if gguf is not None:
@@ -84,7 +97,10 @@ def load_tokenizer(path: str | Path) -> Codec:
             lambda ids: hf_tok.decode(ids, skip_special_tokens=True),
             hf_tok.eos_token_id,
         )
-    raise InputError(f"no tokenizer found with the model {path}: expected {folder / 'tokenizer.json'} or a .gguf file")
+    raise InputError(
+        f"no tokenizer found at {path}: expected {path / 'tokenizer.json' if path.is_dir() else 'a tokenizer .json file'} "
+        "or a .gguf file; give one with --tokenizer"
+    )
 
 
 def _config_eos(folder: Path) -> int | None:
@@ -122,16 +138,35 @@ def _parse_fields(items: list[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ the command
+def _eos_ids(given: list[int] | None, default: int | None) -> list[int] | None:
+    """``--eos-token-id`` values (-1: none), else the tokenizer's / model's; None: no stop token."""
+    if given is None:
+        return None if default is None else [default]
+    bad = [e for e in given if e < -1]
+    if bad:
+        raise InputError(f"--eos-token-id takes token ids >= 0, or -1 for none; got {bad}")
+    return [e for e in given if e >= 0] or None
+
+
 def run(args: argparse.Namespace) -> int:
-    codec = load_tokenizer(args.model)
-    model = load_model(args.model, args.variant, _parse_fields(args.options))
-    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    from memzoo.compare.settings import check_device
+    from memzoo.generation import _options, sampling_config
+
+    check_device(args.device)
+    sampling_config(**_options(args.temperature, args.top_k, args.top_p, args.repetition_penalty, None, None))
+    for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if value is not None and not Path(value).exists():
+            raise InputError(f"{flag} {value}: no such file or folder (give a model folder or a .gguf file)")
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    codec = load_tokenizer(args.tokenizer or args.model)
+    eos = _eos_ids(args.eos_token_id, codec.eos_token_id)
     ids = codec.encode(args.prompt)
     if not ids:
         raise InputError("the prompt encodes to no tokens; give a non-empty --prompt")
+    model = load_model(args.model, args.variant, _parse_fields(args.options))
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     tokens = torch.tensor([ids], dtype=torch.long, device=args.device)
-    eos = args.eos_token_id if args.eos_token_id is not None else ([codec.eos_token_id] if codec.eos_token_id is not None else [])
-    eos = [e for e in eos if e >= 0] or None
 
     out = sys.stdout
     new: list[int] = []

@@ -1,6 +1,13 @@
 """Exceptions memzoo raises for bad input. All subclass ``ValueError`` so callers that
 catch ``ValueError`` keep working; each message says what was wrong and what is valid."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class MemzooError(ValueError):
     """Base class of memzoo's input errors."""
@@ -16,3 +23,16 @@ class InputError(MemzooError):
 
 class StateError(MemzooError):
     """A state that does not belong to this model (variant, config, batch, device, dtype)."""
+
+
+def one_line(exc: ValidationError, most: int = 3) -> str:
+    """A pydantic error in one line: ``where: what (got ...)``, the first few."""
+    parts = []
+    for e in exc.errors()[:most]:
+        where = ".".join(str(x) for x in e["loc"])
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if e["type"] in ("json_invalid", "value_error", "assertion_error") or isinstance(got, dict) else f" (got {got!r:.60})"
+        parts.append(f"{where}: {msg}{shown}" if where else f"{msg}")
+    more = len(exc.errors()) - most
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
-from memzoo.errors import InputError, StateError
+from memzoo.errors import InputError, StateError, one_line
 from memzoo.ragged import RaggedState, check_mask
 from memzoo.state import State
 from memzoo.variants import ring
@@ -100,7 +100,7 @@ def sampling_config(**options: Any) -> SamplingConfig:
     try:
         return SamplingConfig(**options)
     except ValidationError as err:
-        raise InputError(f"invalid sampling options: {err}") from err
+        raise InputError(f"invalid sampling options: {one_line(err)}") from err
 
 
 # ------------------------------------------------------------------ logits -> token

@@ -90,3 +90,68 @@ def test_gguf_tokenizer_is_found():
     codec = load_tokenizer(path)
     ids = codec.encode("The capital of France is")
     assert codec.decode(ids) == "The capital of France is" and codec.eos_token_id is not None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-k", "5"], "top_k / top_p only apply when sampling"),
+    (["--temperature", "-1"], "temperature: Input should be greater than or equal to 0"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--eos-token-id", "-5"], "--eos-token-id takes token ids >= 0, or -1 for none"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--tokenizer", "/nonexistent/tokenizer.json"], "--tokenizer /nonexistent/tokenizer.json: no such file or folder"),
+])
+def test_generate_checks_its_options_before_loading_or_printing(extra, message, tmp_path, capsys, monkeypatch):
+    """A bad option is one line on stderr, exit 2, before the model loads and before the
+    prompt is printed."""
+    from memzoo import cli_generate
+
+    save_folder(kit.tiny_model("full", dtype=torch.float32), tmp_path / "m")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(cli_generate, "load_model", no_load)
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1 w2", *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_generate_says_when_the_model_does_not_exist(tmp_path, capsys):
+    assert cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "w1"]) == 2
+    assert f"--model {tmp_path / 'nowhere'}: no such file or folder" in capsys.readouterr().err
+
+
+def test_generate_on_cuda_without_cuda_is_a_user_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for torch builds or machines without it")
+    save_folder(kit.tiny_model("full", dtype=torch.float32), tmp_path / "m")
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1", "--device", "cuda"]) == 2
+    assert "has no CUDA" in capsys.readouterr().err
+
+
+def test_a_loaded_then_saved_folder_generates_with_its_tokenizer(tmp_path, capsys):
+    """``from_pretrained`` -> ``save_pretrained`` carries the tokenizer files and the eos id
+    along, so ``memzoo generate`` runs on the saved folder as on the original; a folder
+    without a tokenizer takes one with ``--tokenizer``."""
+    model = kit.tiny_model("bswa", {"memory_blocks": 1}, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3]])
+    eos = int(model.generate(ids, 6)[0, 6])  # greedy: the fourth new token
+    save_folder(model, tmp_path / "src", eos=eos)
+    (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
+    loaded = memzoo.from_pretrained(tmp_path / "src", "fam", fam_len=2)
+    loaded.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "src" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == eos
+    tok = word_tokenizer(model.vocab_size)
+    expected = tok.decode(loaded.generate(ids, 8, eos_token_id=eos)[0].tolist())
+    assert cli.main(["generate", "--model", str(tmp_path / "out"), "--prompt", "w1 w2 w3", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    # a model that never came from a folder has no tokenizer to carry: --tokenizer gives one
+    kit.tiny_model("full", dtype=torch.float32).save_pretrained(tmp_path / "bare")
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    assert cli.main(["generate", "--model", str(tmp_path / "bare"), "--prompt", "w1"]) == 2
+    assert "give one with --tokenizer" in capsys.readouterr().err
+    rc = cli.main(["generate", "--model", str(tmp_path / "bare"), "--tokenizer", str(tmp_path / "src" / "tokenizer.json"),
+                   "--prompt", "w1 w2", "--max-new-tokens", "3"])
+    assert rc == 0 and capsys.readouterr().out.startswith("w1 w2 ")

@@ -49,6 +49,7 @@ def test_full_reproduces_transformers_on_real_text(gguf, folder):
     """memzoo's ``full`` on the real checkpoint gives transformers' logits (float32
     tolerance) and the same next-token choices, on real text."""
     ours = memzoo.from_pretrained(gguf)
+    assert ours.pretrained_folder == folder  # save_pretrained takes its tokenizer.json along
     backbone = ours.backbone
     assert (backbone.n_layers, backbone.d_model, backbone.n_heads, backbone.n_kv_heads, backbone.head_dim) == (30, 576, 9, 3, 64)
     assert ours.head.weight is ours.embed.weight and backbone.mlp == "swiglu" and backbone.rope_base == 1e5

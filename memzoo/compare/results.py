@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from memzoo.errors import MemzooError
+from memzoo.errors import MemzooError, one_line
 
 RUN_SCHEMA = "memzoo.compare.run/2"
 LEADERBOARD_SCHEMA = "memzoo.compare.leaderboard/1"
@@ -213,16 +213,3 @@ def load_leaderboard(path: str | Path) -> Leaderboard:
         return Leaderboard.model_validate_json(text)
     except ValidationError as exc:
         raise ResultsFileError(f"{path} is not a valid leaderboard file: {one_line(exc)}") from None
-
-
-def one_line(exc: ValidationError, most: int = 3) -> str:
-    """A pydantic error in one line: ``where: what (got ...)``, the first few."""
-    parts = []
-    for e in exc.errors()[:most]:
-        where = ".".join(str(x) for x in e["loc"])
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        got = e.get("input")
-        shown = "" if e["type"] in ("json_invalid", "value_error", "assertion_error") or isinstance(got, dict) else f" (got {got!r:.60})"
-        parts.append(f"{where}: {msg}{shown}" if where else f"{msg}")
-    more = len(exc.errors()) - most
-    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

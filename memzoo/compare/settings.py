@@ -280,7 +280,7 @@ def strict_task_options(task: str, options: dict[str, Any]) -> None:
 
 
 def _first_error(exc: ValidationError) -> str:
-    from memzoo.compare.results import one_line
+    from memzoo.errors import one_line
 
     return one_line(exc)
 
@@ -305,7 +305,7 @@ def check_device(device: str) -> None:
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ValueError(f"device {device!r}: MPS is not available here")
         return
-    raise ValueError(f"device {device!r} is not supported by memzoo compare (valid: cpu, cuda[:N], mps)")
+    raise ValueError(f"device {device!r} is not supported by memzoo (valid: cpu, cuda[:N], mps)")
 
 
 def check_backend_runs(backend: str, device: str, model: "ModelSettings", *, training: bool) -> None:
@@ -376,7 +376,7 @@ def variant_options(name: str, model: ModelSettings, overrides: dict[str, Any] |
     return chosen
 
 
-#: Named settings. ``tiny`` is the README's main job (all variants, a few minutes on
+#: Named settings. ``tiny`` is the README's main job (all variants, under a minute on
 #: 2 CPU cores); ``small`` made the committed leaderboards (about 15 minutes per task
 #: and two seeds on 2 shared CPU cores). Per task; ``"*"`` applies to tasks without
 #: their own entry. Values are CompareConfig fields (nested dicts).

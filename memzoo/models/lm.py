@@ -32,6 +32,9 @@ class MemzooLM(GenerationMixin, nn.Module):
         self.head = nn.Linear(backbone.d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight
+        #: the checkpoint folder ``memzoo.from_pretrained`` read (a ``.gguf`` file's converted
+        #: folder included), or None; ``save_pretrained`` copies its tokenizer files
+        self.pretrained_folder: Path | None = None
 
     @property
     def variant(self) -> str:
@@ -91,7 +94,9 @@ class MemzooLM(GenerationMixin, nn.Module):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.json + model.safetensors to the folder ``path``;
-        ``memzoo.from_pretrained(path)`` gives this model back (see docs/pretrained.md)."""
+        ``memzoo.from_pretrained(path)`` gives this model back (see docs/pretrained.md).
+        A model loaded with ``from_pretrained`` takes its checkpoint's tokenizer files
+        and token ids along, so ``memzoo generate --model path`` finds them."""
         from memzoo.pretrained.save import save_pretrained
 
         return save_pretrained(self, path)

@@ -70,16 +70,18 @@ def from_pretrained(source: Any, variant: str | None = None, *, dtype: torch.dty
             f"from_pretrained: dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, "
             f"torch.float16) or None (the checkpoint's own), got {dtype!r}"
         )
-    config, tensors, what = _read(source)
+    config, tensors, what, folder = _read(source)
     model, config = _build(config, tensors, variant, fields, what)
+    model.pretrained_folder = folder
     if dtype is None:
         dtype = _stored_dtype(tensors)
     return model.to(dtype).eval()
 
 
 # ------------------------------------------------------------------ sources
-def _read(source: Any) -> tuple[dict[str, Any], dict[str, Tensor], str]:
-    """(config.json as a dict, tensors by their stored names, a description)."""
+def _read(source: Any) -> tuple[dict[str, Any], dict[str, Tensor], str, Path | None]:
+    """(config.json as a dict, tensors by their stored names, a description, the
+    checkpoint folder read: None for a model in memory, unless it came from one)."""
     inner = getattr(source, "model", None)
     if isinstance(source, MemzooLM) or isinstance(inner, MemzooLM):
         lm = source if isinstance(source, MemzooLM) else inner
@@ -88,7 +90,8 @@ def _read(source: Any) -> tuple[dict[str, Any], dict[str, Tensor], str]:
         config = model_config_of(lm)
         if config.tie_embeddings:
             del sd[TIED_HEAD]
-        return {"model_type": "memzoo", "memzoo": config.model_dump(mode="json")}, sd, f"a {type(source).__name__}"
+        config_json = {"model_type": "memzoo", "memzoo": config.model_dump(mode="json")}
+        return config_json, sd, f"a {type(source).__name__}", lm.pretrained_folder
     if isinstance(source, nn.Module):
         hf_config = getattr(source, "config", None)
         if hf_config is None or not hasattr(hf_config, "to_dict"):
@@ -96,20 +99,22 @@ def _read(source: Any) -> tuple[dict[str, Any], dict[str, Tensor], str]:
                 f"from_pretrained got a {type(source).__name__} without a transformers config; pass a transformers "
                 "PreTrainedModel (e.g. LlamaForCausalLM), a memzoo.MemzooLM, a folder, a .gguf file or a hub id"
             )
-        return dict(hf_config.to_dict()), dict(source.state_dict()), f"the in-memory {type(source).__name__}"
+        return dict(hf_config.to_dict()), dict(source.state_dict()), f"the in-memory {type(source).__name__}", None
     if not isinstance(source, (str, Path)):
         raise TypeError(f"from_pretrained: source must be a path, a hub id or a model, got {type(source).__name__}")
     path = Path(source).expanduser()
     if path.is_dir():
-        return (*read_folder(path), str(path))
+        return (*read_folder(path), str(path), path)
     if path.is_file():
         if path.suffix != ".gguf":
             raise PretrainedError(f"{path} is a file but not a .gguf file; give a checkpoint folder (with {CONFIG_NAME}) or a .gguf file")
         from memzoo.pretrained.gguf import gguf_folder
 
-        return (*read_folder(gguf_folder(path)), str(path))
+        folder = gguf_folder(path)
+        return (*read_folder(folder), str(path), folder)
     if isinstance(source, str) and _HUB_ID.match(source):
-        return (*read_folder(hub_folder(source)), f"hub:{source}")
+        folder = hub_folder(source)
+        return (*read_folder(folder), f"hub:{source}", folder)
     raise FileNotFoundError(f"from_pretrained: {source!r} is neither a folder, a .gguf file nor a hub id ('org/name')")
 
 

@@ -11,6 +11,7 @@ LM head is left out, as Hugging Face does, and re-tied on load.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,15 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 TIED_HEAD = "head.weight"
+
+#: what ``save_pretrained`` copies from the folder a model was loaded from, where present:
+#: the tokenizer (``tokenizers``' and ``transformers``' files) and the generation defaults
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
+    "generation_config.json",
+)
+#: config.json keys carried over from that folder: the special token ids
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def model_config_of(model: Any) -> ModelConfig:
@@ -58,6 +68,18 @@ def save_pretrained(model: Any, path: str | Path) -> Path:
     }
     if len(dtypes) == 1:
         meta["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    source = getattr(model, "pretrained_folder", None)
+    if source is not None and source.resolve() != folder.resolve():
+        meta.update(_tokenizer_from(source, folder))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def _tokenizer_from(source: Path, folder: Path) -> dict[str, Any]:
+    """Copy ``source``'s tokenizer files into ``folder``; its special token ids (for config.json)."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    config = json.loads((source / CONFIG_NAME).read_text()) if (source / CONFIG_NAME).is_file() else {}
+    return {key: config[key] for key in TOKEN_ID_KEYS if config.get(key) is not None}
