@@ -160,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     codec = load_tokenizer(args.tokenizer or args.model)
-    eos = _eos_ids(args.eos_token_id, codec.eos_token_id)
+    default_eos = codec.eos_token_id
+    if args.tokenizer is not None and Path(args.model).is_dir():  # a tokenizer from elsewhere: the model's eos first
+        own = _config_eos(Path(args.model))
+        default_eos = default_eos if own is None else own
+    eos = _eos_ids(args.eos_token_id, default_eos)
     ids = codec.encode(args.prompt)
     if not ids:
         raise InputError("the prompt encodes to no tokens; give a non-empty --prompt")

@@ -155,3 +155,42 @@ def test_a_loaded_then_saved_folder_generates_with_its_tokenizer(tmp_path, capsy
     rc = cli.main(["generate", "--model", str(tmp_path / "bare"), "--tokenizer", str(tmp_path / "src" / "tokenizer.json"),
                    "--prompt", "w1 w2", "--max-new-tokens", "3"])
     assert rc == 0 and capsys.readouterr().out.startswith("w1 w2 ")
+
+
+def test_saving_keeps_token_ids_and_a_tokenizer_already_there(tmp_path, monkeypatch):
+    """Saved back into the folder it came from, a model keeps the folder's token ids;
+    a tokenizer file already in the target folder is not replaced; the folder a model
+    came from is stored absolute (a later change of directory does not lose it); a model
+    pickled without the attribute still loads."""
+    model = kit.tiny_model("bswa", {"memory_blocks": 1}, dtype=torch.float32)
+    save_folder(model, tmp_path / "src", eos=5)
+    loaded = memzoo.from_pretrained(tmp_path / "src")
+    loaded.save_pretrained(tmp_path / "src")
+    assert json.loads((tmp_path / "src" / "config.json").read_text())["eos_token_id"] == 5
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tokenizer.json").write_text("mine")
+    loaded.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "mine"
+    monkeypatch.chdir(tmp_path)
+    relative = memzoo.from_pretrained("src")
+    assert relative.pretrained_folder == (tmp_path / "src").resolve()
+    monkeypatch.chdir(tmp_path / "out")
+    relative.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "tokenizer.json").is_file()
+    del relative.pretrained_folder  # as in a model pickled by an older memzoo
+    assert memzoo.from_pretrained(relative).pretrained_folder is None
+
+
+def test_a_tokenizer_from_elsewhere_keeps_the_models_eos(tmp_path, capsys):
+    """With --tokenizer, the model folder's eos_token_id still stops the decoding."""
+    model = kit.tiny_model("bswa", {"memory_blocks": 1}, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3]])
+    eos = int(model.generate(ids, 6)[0, 5])  # greedy: the third new token
+    save_folder(model, tmp_path / "m", eos=eos)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "m" / "tokenizer.json").rename(tmp_path / "tok" / "tokenizer.json")
+    rc = cli.main(["generate", "--model", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok"), "--prompt", "w1 w2 w3",
+                   "--max-new-tokens", "8"])
+    assert rc == 0
+    expected = word_tokenizer(model.vocab_size).decode(model.generate(ids, 8, eos_token_id=eos)[0].tolist())
+    assert capsys.readouterr().out == expected + "\n" and len(expected.split()) <= 6  # stopped: 3 + at most 3 new

@@ -353,11 +353,18 @@ def test_refused_tensors(folders, tmp_path):
         save_file(edit, tmp_path / name / "model.safetensors")
         with pytest.raises(PretrainedError, match=message):
             memzoo.from_pretrained(tmp_path / name)
+    # a Hugging Face checkpoint's tensors are never "what its variant added": as another variant, refused too
+    (tmp_path / "layer_extra").mkdir()
+    (tmp_path / "layer_extra" / "config.json").write_text(cfg)
+    save_file({**weights, "model.layers.0.post_feedforward_layernorm.weight": torch.ones(32)}, tmp_path / "layer_extra" / "model.safetensors")
+    for name in ("extra", "layer_extra"):
+        with pytest.raises(PretrainedError, match="no place for"):
+            memzoo.from_pretrained(tmp_path / name, "bswa", memory_blocks=1)
 
 
 def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
-    """Copies of one .gguf file (another virtual environment, clone or reinstall) share one
-    converted folder; a file with other content gets its own. Conversion is stubbed."""
+    """Copies of one .gguf file (another virtual environment, clone, name or reinstall)
+    share one converted folder; a file with other content gets its own. Conversion is stubbed."""
     pytest.importorskip("gguf")
     from memzoo.pretrained import gguf as cache
 
@@ -371,14 +378,14 @@ def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache, "_convert", convert)
     monkeypatch.setenv("MEMZOO_CACHE", str(tmp_path / "cache"))
-    for where in ("a", "b"):
+    for where, name in (("a", "m.gguf"), ("b", "renamed.gguf")):
         (tmp_path / where).mkdir()
-        (tmp_path / where / "m.gguf").write_bytes(b"GGUF same bytes")
-    os.utime(tmp_path / "b" / "m.gguf", (0, 0))  # another modification time too
+        (tmp_path / where / name).write_bytes(b"GGUF same bytes")
+    os.utime(tmp_path / "b" / "renamed.gguf", (0, 0))  # another modification time too
     first = cache.gguf_folder(tmp_path / "a" / "m.gguf")
-    assert cache.gguf_folder(tmp_path / "b" / "m.gguf") == first and converted == [first]
-    (tmp_path / "b" / "m.gguf").write_bytes(b"GGUF other bytes")
-    other = cache.gguf_folder(tmp_path / "b" / "m.gguf")
+    assert cache.gguf_folder(tmp_path / "b" / "renamed.gguf") == first and converted == [first]
+    (tmp_path / "b" / "renamed.gguf").write_bytes(b"GGUF other bytes")
+    other = cache.gguf_folder(tmp_path / "b" / "renamed.gguf")
     assert other != first and converted == [first, other]
     assert first.parent == other.parent == tmp_path / "cache" / "gguf"
 

@@ -5,9 +5,10 @@ weights to float32 and undoes llama.cpp's interleaved q/k row order; the result 
 written as ``config.json`` + ``model.safetensors`` (+ the tokenizer, when
 ``tokenizers`` can rebuild it from the file) under the cache folder, outside any
 repository: ``$MEMZOO_CACHE``, else ``$XDG_CACHE_HOME/memzoo``, else ``~/.cache/memzoo``.
-The cache entry is keyed by the file's content (its SHA-256, about 0.1 s for SmolLM2's
-98 MB) and the transformers version that converted it, so copies of one file (another
-virtual environment, another clone, a reinstalled package) share one entry; it is
+The cache entry (``gguf/<key>``) is keyed by the file's content (its SHA-256, read on
+every load: about 0.1 s for SmolLM2's 98 MB) and the transformers version that converted
+it, so copies of one file (another virtual environment, clone, file name or reinstalled
+package) share one entry; it is
 written atomically (a temporary folder renamed into place) under a file lock, so
 concurrent first loads convert once. Entries are never removed by memzoo: each is a
 plain folder (float32 weights, about 5x the size of a 4-bit file) that can be deleted.
@@ -46,7 +47,7 @@ def gguf_folder(path: Path) -> Path:
     import transformers
 
     path = path.resolve()
-    folder = cache_root() / "gguf" / f"{path.stem}-{cache_key(path, transformers.__version__)}"
+    folder = cache_root() / "gguf" / cache_key(path, transformers.__version__)
     if _converted(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

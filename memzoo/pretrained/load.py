@@ -72,7 +72,7 @@ def from_pretrained(source: Any, variant: str | None = None, *, dtype: torch.dty
         )
     config, tensors, what, folder = _read(source)
     model, config = _build(config, tensors, variant, fields, what)
-    model.pretrained_folder = folder
+    model.pretrained_folder = None if folder is None else folder.resolve()
     if dtype is None:
         dtype = _stored_dtype(tensors)
     return model.to(dtype).eval()
@@ -91,7 +91,7 @@ def _read(source: Any) -> tuple[dict[str, Any], dict[str, Tensor], str, Path | N
         if config.tie_embeddings:
             del sd[TIED_HEAD]
         config_json = {"model_type": "memzoo", "memzoo": config.model_dump(mode="json")}
-        return config_json, sd, f"a {type(source).__name__}", lm.pretrained_folder
+        return config_json, sd, f"a {type(source).__name__}", getattr(lm, "pretrained_folder", None)  # None: pickled by an older memzoo
     if isinstance(source, nn.Module):
         hf_config = getattr(source, "config", None)
         if hf_config is None or not hasattr(hf_config, "to_dict"):
@@ -229,8 +229,9 @@ def _build(
             f"({', '.join(sorted(own)) or 'none'}) can be chosen"
         )
     model = build_model(config)
-    # another variant, or the same one with other options (xl's positions): what the saved one added may go unused
-    changed = variant != base_variant or options != base_options
+    # a memzoo folder as another variant, or its own with other options (xl's positions): what
+    # the saved variant added may go unused. A Hugging Face checkpoint's tensors are never "added"
+    changed = not hf and (variant != base_variant or options != base_options)
     _load_weights(model, _named(tensors, hf=hf, tied=config.tie_embeddings), what, dropped_ok=changed)
     return model, config
 

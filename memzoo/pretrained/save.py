@@ -69,7 +69,7 @@ def save_pretrained(model: Any, path: str | Path) -> Path:
     if len(dtypes) == 1:
         meta["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     source = getattr(model, "pretrained_folder", None)
-    if source is not None and source.resolve() != folder.resolve():
+    if source is not None:
         meta.update(_tokenizer_from(source, folder))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -77,9 +77,11 @@ def save_pretrained(model: Any, path: str | Path) -> Path:
 
 
 def _tokenizer_from(source: Path, folder: Path) -> dict[str, Any]:
-    """Copy ``source``'s tokenizer files into ``folder``; its special token ids (for config.json)."""
+    """Copy ``source``'s tokenizer files into ``folder``, where ``folder`` has none of that
+    name (a tokenizer saved there first is kept); ``source``'s special token ids, for
+    config.json (read before it is rewritten, when ``source`` is ``folder``)."""
     for name in TOKENIZER_FILES:
-        if (source / name).is_file():
+        if (source / name).is_file() and not (folder / name).exists():
             shutil.copyfile(source / name, folder / name)
     config = json.loads((source / CONFIG_NAME).read_text()) if (source / CONFIG_NAME).is_file() else {}
     return {key: config[key] for key in TOKEN_ID_KEYS if config.get(key) is not None}
