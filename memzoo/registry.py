@@ -52,6 +52,7 @@ def register_variant(name: str, *, config: type[VariantConfig]) -> Callable[[B],
             raise TypeError(f"@register_variant({name!r}) must decorate a memzoo.Backbone subclass")
         VARIANTS.check_free(name)  # refuse before touching the class
         _check_field_names(name, cls, config)
+        _check_own_state(name, cls)
         if cls.State.variant and cls.State.variant != name:
             raise ValueError(f"{cls.State.__name__}.variant is {cls.State.variant!r}, expected {name!r}")
         cls.variant = name
@@ -61,6 +62,23 @@ def register_variant(name: str, *, config: type[VariantConfig]) -> Callable[[B],
         return cls
 
     return deco
+
+
+def _check_own_state(name: str, cls: type) -> None:
+    """The variant's state class is its own, declared in its class body: registration
+    names it after the variant, so an inherited one (``memzoo.State``, ``KVState``, ...)
+    would be renamed for every variant that shares it."""
+    from memzoo.state import State
+
+    own = vars(cls).get("State")
+    if not (isinstance(own, type) and issubclass(own, State) and own is not State):
+        inherited = getattr(cls, "State", None)
+        base = inherited.__name__ if isinstance(inherited, type) else "memzoo.State"
+        raise TypeError(
+            f"@register_variant({name!r}): {cls.__name__} must declare its own state class in its body, "
+            f"`State = {cls.__name__}State`, a @dataclass subclass of {base} (memzoo.State) holding the variant's "
+            f"state; {'it inherits ' + base + ', which other variants share' if own is None else f'State = {own!r} is not one'}"
+        )
 
 
 def _check_field_names(name: str, cls: type, config: type[VariantConfig]) -> None:

@@ -76,6 +76,61 @@ def test_a_new_variant_registers_and_builds():
         unregister_variant("token_window_test")
 
 
+def test_a_variant_must_declare_its_own_state_class():
+    """Registration names the state class after the variant: an inherited one (shared
+    with other variants) is refused, and nothing is renamed."""
+    from dataclasses import dataclass
+
+    from memzoo.variants.kv import KVCacheBackbone, KVState
+
+    class Inherits(KVCacheBackbone):
+        pass
+
+    class Base(KVCacheBackbone):
+        State = memzoo.State
+
+    for cls in (Inherits, Base):
+        with pytest.raises(TypeError, match=rf"{cls.__name__} must declare its own state class in its body"):
+            memzoo.register_variant("no_own_state", config=memzoo.VariantConfig)(cls)
+    assert memzoo.State.variant == "" and KVState.variant == "" and "no_own_state" not in memzoo.list_variants()
+
+    @dataclass
+    class OwnState(KVState):
+        pass
+
+    @memzoo.register_variant("no_own_state", config=memzoo.VariantConfig)
+    class Own(KVCacheBackbone):
+        State = OwnState
+
+    try:
+        assert OwnState.variant == "no_own_state" and KVState.variant == ""
+    finally:
+        unregister_variant("no_own_state")
+
+
+@pytest.mark.parametrize("module, needs_card", [("memzoo.variants.cardless", True), ("cardless_plugin.variant", False)])
+def test_only_memzoos_own_variants_need_a_card(module, needs_card):
+    """A variant defined in memzoo needs a card in registry/; a plug-in's is optional."""
+    from dataclasses import dataclass
+
+    from memzoo.variants.kv import KVCacheBackbone, KVState
+
+    @dataclass
+    class CardlessState(KVState):
+        pass
+
+    class Cardless(KVCacheBackbone):
+        State = CardlessState
+
+    Cardless.__module__ = module
+    memzoo.register_variant("cardless", config=memzoo.VariantConfig)(Cardless)
+    try:
+        missing = "variant 'cardless' is registered but has no card in registry/"
+        assert (missing in check_cards()) == needs_card
+    finally:
+        unregister_variant("cardless")
+
+
 def test_cards_agree_with_the_code_registry():
     assert check_cards() == []
 
