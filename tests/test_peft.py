@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import memzoo
-from memzoo.pretrained import PretrainedError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -34,26 +33,16 @@ def checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
-def load_any(checkpoint: Path, variant: str, **kw) -> memzoo.MemzooLM:
-    """``variant`` on the checkpoint with the first of its conformance options that loads there."""
-    for options in memzoo.get_variant(variant).config.conformance_options:
-        try:
-            return memzoo.from_pretrained(checkpoint, variant, **options, **kw)
-        except (PretrainedError, ValueError):
-            continue
-    raise AssertionError(f"no conformance option of {variant} loads on a pretrained checkpoint")
-
-
 def tokens(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("variant", memzoo.list_variants())
-def test_lora_is_seen_on_every_path(checkpoint, variant):
+def test_lora_is_seen_on_every_path(checkpoint, variant, load_on_checkpoint):
     """LoRA on q_proj/v_proj changes every variant's outputs, and the unmerged adapters
     give what the merged weights give (float64), with and without grad: no path of the
     variant reads a projection's ``.weight`` around the module."""
-    model = load_any(checkpoint, variant, dtype=torch.float64)
+    model = load_on_checkpoint(checkpoint, variant, dtype=torch.float64)
     toks = tokens()
     with torch.no_grad():
         base = model(toks).logits
