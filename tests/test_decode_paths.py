@@ -144,7 +144,8 @@ def test_decode_in_ring_order_equals_the_general_path(name, opts, monkeypatch) -
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 30, model.d_model, generator=gen, dtype=torch.float64, requires_grad=True)
     if not any(model.decodes_in_ring_order(p, 1) for p in range(x.shape[1])):
-        pytest.skip(f"{name} {opts}: no decode step reads a ring buffer in slot order (its state grows)")
+        pytest.skip(f"{name} {opts}: decodes_in_ring_order is False at every position (a growing state, or a variant "
+                    "that does not declare a ring-order decode step)")
     runs = {}
     for path in ("static", "ring", "general"):
         if path == "general":  # never the decode step's own path: the cache read in position order

@@ -370,10 +370,56 @@ class FailsOnOneRow(Leaky):
         return self.proj(c), self.State(pos=state.pos + x.shape[1], fingerprint=self.fingerprint, total=c[:, -1])
 
 
+@dataclass
+class HeadsFirstState(State):
+    """``heads``: (H, B, D), heads-first: right-sized by chance when B == H."""
+
+    heads: Tensor
+
+
+class HeadsFirst(RunningSum):
+    """Streams exactly, with a state field whose first dim is the head count, not the batch."""
+
+    State = HeadsFirstState
+
+    def empty_state(self, batch_size, device, dtype):
+        return self.State(pos=0, fingerprint=self.fingerprint,
+                          heads=torch.zeros(self.n_heads, batch_size, self.d_model, device=device, dtype=dtype))
+
+    def step(self, x, state):
+        c = state.heads[0][:, None] + x.cumsum(1)
+        heads = c[:, -1].expand(self.n_heads, -1, -1).clone()
+        return self.proj(c), self.State(pos=state.pos + x.shape[1], fingerprint=self.fingerprint, heads=heads)
+
+
+@dataclass
+class PerLayerState(State):
+    totals: list[Tensor]
+
+
+class NoStateShapes(RunningSum):
+    """A running sum per layer, without ``expected_state_shapes``: a state missing a
+    layer crashes inside ``step`` instead of being refused."""
+
+    State = PerLayerState
+
+    def empty_state(self, batch_size, device, dtype):
+        zeros = [torch.zeros(batch_size, self.d_model, device=device, dtype=dtype) for _ in range(self.n_layers)]
+        return self.State(pos=0, fingerprint=self.fingerprint, totals=zeros)
+
+    def step(self, x, state):
+        totals = []
+        for i in range(self.n_layers):
+            x = state.totals[i][:, None] + x.cumsum(1)
+            totals.append(x[:, -1])
+        return self.proj(x), self.State(pos=state.pos + x.shape[1], fingerprint=self.fingerprint, totals=totals)
+
+
 @pytest.fixture
 def toy():
     """Register the toy variants for one test, and forget them after (the registry is shared)."""
-    names = {"zz_not_batch_first": RunningSum, "zz_leaky_rows": Leaky, "zz_fails_on_one_row": FailsOnOneRow}
+    names = {"zz_not_batch_first": RunningSum, "zz_leaky_rows": Leaky, "zz_fails_on_one_row": FailsOnOneRow,
+             "zz_heads_first": HeadsFirst, "zz_no_state_shapes": NoStateShapes}
     for name, cls in names.items():
         register_variant(name, config=ToyConfig)(cls)
     try:
@@ -433,3 +479,23 @@ def test_a_call_without_document_ids_continues_each_rows_document() -> None:
     assert state.documents.tolist() == [1, 5]
     _, state = model(tokens[:, :2], state, document_ids=torch.tensor([[1, 1], [6, 6]]))
     assert state.positions.tolist() == [9, 2] and state.documents.tolist() == [1, 6]
+
+
+def test_the_kit_finds_a_heads_first_field_when_the_batch_equals_the_heads(toy):
+    """At B == H a heads-first field has the right first dim by chance; the kit also checks
+    a batch size no dimension of the state has, and names the field."""
+    model = toy("zz_heads_first")
+    assert model.backbone.n_heads == 2
+    with pytest.raises(AssertionError, match=r"zz_heads_first: the fresh state of a batch of 3: field 'heads' has shape \(2, 3, 16\)"):
+        kit.check_state_is_batch_first(model, 2)
+
+
+def test_a_variant_without_state_shapes_fails_the_kit_with_a_pointer(toy):
+    """A state missing a layer that crashes the variant (no expected_state_shapes) is an
+    AssertionError naming the check, what was expected and where the refusal comes from."""
+    model = toy("zz_no_state_shapes")
+    with pytest.raises(AssertionError) as err:
+        kit.check_bad_inputs(model)
+    msg = str(err.value)
+    for words in ("state missing a layer: expected a StateError", "got IndexError", "expected_state_shapes(pos, batch_size)"):
+        assert words in msg, msg

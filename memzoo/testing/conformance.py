@@ -20,6 +20,7 @@ Tolerances are declared once, per dtype, in :data:`memzoo.ops.base.TOLERANCES`
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import tempfile
 from pathlib import Path
@@ -307,16 +308,29 @@ def check_state_roundtrip(model: MemzooLM, tokens: Tensor) -> None:
         raise AssertionError("state.nbytes does not count its tensors")
 
 
-def _expect(exc: type[Exception], words: Sequence[str], fn: Any, what: str) -> None:
+def _expect(exc: type[Exception], words: Sequence[str], fn: Any, what: str, hint: str = "") -> None:
+    """``fn()`` raises ``exc`` with each of ``words`` in its message; anything else is an
+    AssertionError naming the check (``what``) and what was expected, ``hint`` after it."""
     try:
         fn()
     except exc as err:
         msg = str(err)
         missing = [w for w in words if w not in msg]
         if missing:
-            raise AssertionError(f"{what}: error message {msg!r} lacks {missing}") from err
+            raise AssertionError(f"{what}: error message {msg!r} lacks {missing}{hint}") from err
         return
-    raise AssertionError(f"{what}: no {exc.__name__} raised")
+    except Exception as err:
+        raise AssertionError(
+            f"{what}: expected a {exc.__name__} saying {list(words)}, got {type(err).__name__}: {err}{hint}"
+        ) from err
+    raise AssertionError(f"{what}: no {exc.__name__} raised{hint}")
+
+
+#: where a variant's refusal of a damaged state comes from, said when a check finds none
+STATE_SHAPES_HINT = (
+    " (a backbone refuses a malformed state through expected_state_shapes(pos, batch_size): every state field's "
+    "shape at a position, checked on every call; see docs/adding-a-variant.md)"
+)
 
 
 def check_bad_inputs(model: MemzooLM, other_options: dict[str, Any] | None = None) -> None:
@@ -344,11 +358,13 @@ def check_bad_inputs(model: MemzooLM, other_options: dict[str, Any] | None = Non
     shapes = model.backbone.expected_state_shapes
     if shapes(state.pos + 1, state.batch_size) != shapes(state.pos, state.batch_size):
         moved = dict(flat, __pos__=flat["__pos__"] + 1)
-        _expect(StateError, ["malformed state"], lambda: model(good, state=type(state).from_dict(moved)), "state with a wrong pos")
+        _expect(StateError, ["malformed state"], lambda: model(good, state=type(state).from_dict(moved)), "state with a wrong pos",
+                STATE_SHAPES_HINT)
     last = f".{model.backbone.n_layers - 1}"
     if model.backbone.n_layers > 1 and any(k.endswith(last) for k in flat):
         short = {k: v for k, v in flat.items() if not k.endswith(last)}
-        _expect(StateError, ["malformed state", "one per layer"], lambda: model(good, state=type(state).from_dict(short)), "state missing a layer")
+        _expect(StateError, ["malformed state", "one per layer"], lambda: model(good, state=type(state).from_dict(short)),
+                "state missing a layer", STATE_SHAPES_HINT)
 
     # another config of the same variant
     name = model.variant
@@ -475,9 +491,8 @@ def assert_any_states_equal(actual: "State | RaggedState", expected: "State | Ra
         assert_states_equal(actual, expected, what)
 
 
-def check_state_is_batch_first(model: MemzooLM, batch_size: int = 3) -> None:
-    """Every state tensor has the batch on dim 0 (fresh and after a call), else rows of a
-    ragged batch cannot be cut out and stacked."""
+def _state_tensors(model: MemzooLM, batch_size: int) -> Iterator[tuple[str, str, Tensor]]:
+    """(when, field label, tensor) of a fresh state of ``batch_size`` rows and of the state after a call."""
     fresh = model.init_state(batch_size)
     with torch.no_grad():
         _, after = model(torch.zeros(batch_size, 2, dtype=torch.long))
@@ -485,12 +500,23 @@ def check_state_is_batch_first(model: MemzooLM, batch_size: int = 3) -> None:
         for name, value in state.tensor_fields().items():
             items = value if isinstance(value, (list, tuple)) else [value]
             for j, t in enumerate(items):
-                label = f"{name}[{j}]" if isinstance(value, (list, tuple)) else name
-                if t.dim() == 0 or t.shape[0] != batch_size:
-                    raise AssertionError(
-                        f"{model.variant}: {when} of a batch of {batch_size}: field {label!r} has shape "
-                        f"{tuple(t.shape)}, not batch-first ({BATCH_FIRST_HINT})"
-                    )
+                yield when, f"{name}[{j}]" if isinstance(value, (list, tuple)) else name, t
+
+
+def check_state_is_batch_first(model: MemzooLM, batch_size: int = 3) -> None:
+    """Every state tensor has the batch on dim 0 (fresh and after a call), else rows of a
+    ragged batch cannot be cut out and stacked. Checked at ``batch_size`` and at a batch
+    size that no other dimension of the state has (a heads-first field passes when the
+    batch size happens to equal the head count)."""
+    sizes = {n for _, _, t in _state_tensors(model, 1) for n in t.shape}
+    unique = next(b for b in itertools.count(2) if b not in sizes)
+    for b in dict.fromkeys((batch_size, unique)):
+        for when, label, t in _state_tensors(model, b):
+            if t.dim() == 0 or t.shape[0] != b:
+                raise AssertionError(
+                    f"{model.variant}: {when} of a batch of {b}: field {label!r} has shape "
+                    f"{tuple(t.shape)}, not batch-first ({BATCH_FIRST_HINT})"
+                )
 
 
 def _grads(loss: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -712,6 +738,7 @@ def run_conformance(name: str, options: dict[str, Any] | None = None, *, trials:
     check_state_roundtrip(model, long)
     check_state_owns_its_memory(model)
     check_state_shapes_settle(model)
+    check_state_is_batch_first(model)
     check_bad_inputs(model)
     for trial in range(trials):
         tokens = random_tokens(model, rng.randint(1, 2), rng.randint(1, 5 * size + 1), seed + trial)
