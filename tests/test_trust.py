@@ -94,6 +94,50 @@ def test_a_finished_run_is_not_diverged_and_partial_divergence_is_marked(tmp_pat
     assert load_leaderboard(written["json"]) == board and "diverged" in Path(written["md"]).read_text()
 
 
+def test_every_table_marks_the_variants_whose_runs_diverged(tmp_path: Path) -> None:
+    """Not only the headline table: the other metrics' tables and the by-slice tables mark a
+    variant with some diverged seeds (†) and say "diverged" for one with no finished run;
+    a page where every run diverged still says what made it."""
+    ok = CompareConfig(task="passkey", variants=("bswa", "full"), seeds=(0, 1), **MICRO)
+    bad = CompareConfig(task="passkey", variants=("full", "sinks"), seeds=(1,), **{**MICRO, "train": {**MICRO["train"], "steps": 30, "lr": 1e4}})
+    finished = [r for r in compare_runs(ok, quiet=True) if (r.spec.variant, r.spec.seed) != ("full", 1)]
+    gone = compare_runs(bad, quiet=True)
+    assert [r.status for r in gone] == ["diverged", "diverged"]
+    board = build_leaderboard(ok.model_copy(update={"variants": ("bswa", "full", "sinks")}), finished + gone, command="memzoo compare ...")
+    tables = [t for t in markdown(board).split("\n\n") if t.startswith("| ")]
+    metrics = {r.metric for r in board.rows}
+    assert len(metrics) >= 2 and len(tables) >= 1 + len(metrics)  # the headline, the other metrics, the slices
+    for table in tables:
+        assert "| `full` † |" in table and "| `sinks` | diverged |" in table and "| `bswa` |" in table, table
+    gone_only = build_leaderboard(bad, gone, command="memzoo compare --made-this")
+    md = markdown(gone_only)
+    assert "memzoo compare --made-this" in md and "Settings: " in md
+
+
+def test_a_leaderboard_whose_rows_and_runs_disagree_is_refused(tmp_path: Path) -> None:
+    """A leaderboard file is held to its own run list: rows of a run it does not list as
+    finished, a finished run missing rows, a run listed twice: each refused with what is wrong."""
+    from memzoo.compare.results import ResultsFileError
+
+    config = CompareConfig(task="passkey", variants=("bswa",), seeds=(0, 1), **MICRO)
+    board = build_leaderboard(config, compare_runs(config, quiet=True))
+    good = json.loads(board.model_dump_json(by_alias=True))
+    lacking = {**good, "rows": [r for r in good["rows"] if not (r["seed"] == 1 and r["eval_length"] == 32 and r["slice"] == "all")]}
+    unlisted = {**good, "runs": [r for r in good["runs"] if r["seed"] == 0]}
+    twice = {**good, "runs": good["runs"] + good["runs"][:1]}
+    diverged = {**good, "runs": [{**r, "status": "diverged"} if r["seed"] == 1 else r for r in good["runs"]]}
+    for edited, message in [
+        (lacking, "finished run bswa seed 1 lacks"), (unlisted, "bswa seed 1 .* has no entry in runs"),
+        (twice, "bswa seed 0 is listed twice"), (diverged, r"that run is diverged \(such a run has no rows\)"),
+    ]:
+        path = tmp_path / "board.json"
+        path.write_text(json.dumps(edited))
+        with pytest.raises(ResultsFileError, match=message):
+            load_leaderboard(path)
+    path.write_text(json.dumps(good))
+    assert load_leaderboard(path) == board
+
+
 def test_cli_exit_status_says_a_run_diverged(tmp_path: Path, capsys) -> None:
     out = tmp_path / "lb"
     args = ["compare", "--variants", "bswa", "--set", "train.lr=10000", "--steps", "30", "--jobs", "1", "--out", str(out), *MICRO_ARGS]

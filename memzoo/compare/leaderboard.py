@@ -61,11 +61,14 @@ def divergence_notes(runs: Iterable[RunSummary]) -> str:
     return "\n".join([f"{title} (no scores; in no mean or plot):", *(f"- `{describe_divergence(r)}`" for r in bad)]) + "\n"
 
 
-def markdown_table(rows: list[ResultRow], metric: str | None = None, runs: Iterable[RunSummary] = ()) -> str:
+def markdown_table(
+    rows: list[ResultRow], metric: str | None = None, runs: Iterable[RunSummary] = (), *, list_runs: bool = True
+) -> str:
     """The headline table: one line per variant, one column per eval length, plus
     parameters, state size at the longest length, training throughput and wall time.
     A variant whose every run diverged gets a line saying so instead of numbers; a
-    variant with some diverged seeds is marked ``†`` (its cells are over the others)."""
+    variant with some diverged seeds is marked ``†`` (its cells are over the others).
+    ``list_runs``: also list the diverged or failed runs (once per page: the headline table)."""
     runs = list(runs)
     bad = diverged_runs(runs)
     if not rows:
@@ -110,7 +113,7 @@ def markdown_table(rows: list[ResultRow], metric: str | None = None, runs: Itera
     note = f"\n{len(seeds)} seed(s): {', '.join(map(str, seeds))}; cells are mean ± standard deviation over seeds.\n"
     if marked:
         note += "† some runs of this variant diverged or failed: its cells are over the runs that did not.\n"
-    if bad:
+    if bad and list_runs:
         note += "\n" + divergence_notes(runs)
     return "\n".join(lines) + "\n" + note
 
@@ -120,20 +123,25 @@ def _status_word(bad: list[RunSummary], variant: str) -> str:
     return "failed" if all(r.status == "failed" for r in bad if r.variant == variant) else "diverged"
 
 
-def slice_table(rows: list[ResultRow], metric: str, length: int) -> str | None:
-    """The headline metric by slice (depth, number of pairs) at one length, if the task has slices."""
+def slice_table(rows: list[ResultRow], metric: str, length: int, runs: Iterable[RunSummary] = ()) -> str | None:
+    """The headline metric by slice (depth, number of pairs) at one length, if the task has
+    slices; variants with diverged or failed runs marked as in :func:`markdown_table`."""
     slices = sorted({r.slice for r in rows if r.metric == metric and r.slice != "all"}, key=_slice_key)
     if not slices:
         return None
+    bad = diverged_runs(list(runs))
     mine = [r for r in rows if r.eval_length == length]
     head = [f"{metric} at length {length}, by slice →", *slices]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for v in sorted({r.variant for r in mine}):
+    for v in sorted({r.variant for r in mine} | {r.variant for r in bad}):
+        if not any(r.variant == v for r in mine):
+            lines.append("| " + " | ".join([f"`{v}`", *([_status_word(bad, v)] * len(slices))]) + " |")
+            continue
         cells = []
         for s in slices:
             vals = [r.value for r in mine if r.variant == v and r.metric == metric and r.slice == s]
             cells.append(cell(vals) if vals else "–")
-        lines.append("| " + " | ".join([f"`{v}`", *cells]) + " |")
+        lines.append("| " + " | ".join([f"`{v}`{' †' if any(r.variant == v for r in bad) else ''}", *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +157,8 @@ def markdown(board: Leaderboard, image: str | None = None, loss_image: str | Non
     rows = list(board.rows)
     if not rows:
         shown = f"![{board.task}: every run diverged]({image})\n\n" if image and board.runs else ""
-        return f"# `{board.task}` leaderboard\n\n" + shown + markdown_table([], runs=board.runs)
+        made = f"Made by:\n\n```\n{board.command}\n```\n\n" if board.command else ""
+        return f"# `{board.task}` leaderboard\n\n" + shown + made + markdown_table([], runs=board.runs) + "\n" + _settings(board, rows)
     headline = rows[0].metric
     lengths = sorted({r.eval_length for r in rows})
     parts = [f"# `{board.task}` leaderboard\n"]
@@ -161,24 +170,29 @@ def markdown(board: Leaderboard, image: str | None = None, loss_image: str | Non
     if loss_image:
         parts.append(f"![{board.task}: training loss]({loss_image})\n")
     for n in lengths:
-        table = slice_table(rows, headline, n)
+        table = slice_table(rows, headline, n, board.runs)
         if table:
             parts.append(table)
     others = sorted({r.metric for r in rows} - {headline})
     for metric in others:
-        parts.append(markdown_table(rows, metric))
+        parts.append(markdown_table(rows, metric, board.runs, list_runs=False))
+    parts.append(_settings(board, rows))
+    return "\n".join(parts)
+
+
+def _settings(board: Leaderboard, rows: list[ResultRow]) -> str:
+    """The settings line of a leaderboard page."""
     s = board.settings
     train = s.get("train", {}) if isinstance(s.get("train"), dict) else {}
     decay = {"matrices": "weight matrices only", "all": "every parameter"}.get(train.get("decay", "all"), "?")
     worlds = sorted({(r.provenance.world_size, r.provenance.dist_backend or "") for r in rows})
     parallel = ", ".join("1 process" if w == 1 else f"{w} processes ({b}, data parallel)" for w, b in worlds)
-    parts.append(
+    return (
         "Settings: "
         f"model {s.get('model', '?')}; train {s.get('train', '?')}; eval {s.get('eval', '?')} at lengths "
         f"{board.eval_lengths}; task options {s.get('task_options', '?')}; variant options {board.variant_options}; "
-        f"AdamW weight decay on {decay}; trained on {parallel}.\n"
+        f"AdamW weight decay on {decay}" + (f"; trained on {parallel}" if parallel else "") + ".\n"
     )
-    return "\n".join(parts)
 
 
 def build_leaderboard(config: CompareConfig, records: list[RunRecord], command: str | None = None) -> Leaderboard:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from memzoo.errors import MemzooError, one_line
 
@@ -165,6 +165,43 @@ class Leaderboard(_Strict):
     rows: list[ResultRow]
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _runs_match_rows(self) -> "Leaderboard":
+        """The run list and the rows tell one story: one entry per (variant, seed); rows
+        only of finished runs, none twice; every finished run with an overall (``slice="all"``)
+        row for each metric and length any run has (which slices occur may depend on the
+        examples). So an edited or truncated file is refused instead of averaged over fewer
+        seeds than its note says."""
+        if not self.runs:  # a board without a run list (nothing to hold the rows to)
+            return self
+        status: dict[tuple[str, int], str] = {}
+        for run in self.runs:
+            if (run.variant, run.seed) in status:
+                raise ValueError(f"runs: {run.variant} seed {run.seed} is listed twice")
+            status[(run.variant, run.seed)] = run.status
+        keys: dict[tuple[str, int], set[tuple[str, str, int]]] = {}
+        for row in self.rows:
+            run = (row.variant, row.seed)
+            if status.get(run) != "finished":
+                why = "has no entry in runs" if run not in status else f"is {status[run]} (such a run has no rows)"
+                raise ValueError(f"rows: a row of {row.variant} seed {row.seed} ({row.metric}), but that run {why}")
+            key = (row.metric, row.slice, row.eval_length)
+            if key in keys.setdefault(run, set()):
+                raise ValueError(f"rows: {row.variant} seed {row.seed} has two rows for {row.metric} {row.slice} at length {row.eval_length}")
+            keys[run].add(key)
+        overall = {run: {(m, n) for m, s_, n in found if s_ == "all"} for run, found in keys.items()}
+        finished = [run for run, st in status.items() if st == "finished"]
+        expected = set().union(*overall.values()) if overall else set()
+        for run in finished:
+            missing = expected - overall.get(run, set())
+            if missing:
+                metric, length = sorted(missing)[0]
+                raise ValueError(
+                    f"rows: finished run {run[0]} seed {run[1]} lacks {len(missing)} of the {len(expected)} overall scores "
+                    f"the other runs have (e.g. {metric} at length {length}); a finished run has every one"
+                )
+        return self
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
