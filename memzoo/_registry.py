@@ -55,6 +55,10 @@ class Registry(Generic[T]):
         self._entries.pop(name, None)
 
     # -------------------------------------------------------------------- look-ups
+    def registered(self) -> list[T]:
+        """The entries registered so far, without loading plug-ins (for checks made while registering)."""
+        return list(self._entries.values())
+
     def get(self, name: str) -> T:
         self.load_entry_points()
         if name not in self._entries:

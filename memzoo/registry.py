@@ -53,8 +53,9 @@ def register_variant(name: str, *, config: type[VariantConfig]) -> Callable[[B],
         VARIANTS.check_free(name)  # refuse before touching the class
         _check_field_names(name, cls, config)
         _check_own_state(name, cls)
-        if cls.State.variant and cls.State.variant != name:
-            raise ValueError(f"{cls.State.__name__}.variant is {cls.State.variant!r}, expected {name!r}")
+        claimed = vars(cls.State).get("variant")  # its own, not a registered parent state's
+        if claimed and claimed != name:
+            raise ValueError(f"{cls.State.__name__}.variant is {claimed!r}, expected {name!r}")
         cls.variant = name
         cls.State.variant = name
         cls.__signature__ = constructor_signature(config)  # help(cls) / inspect show the real arguments
@@ -71,13 +72,16 @@ def _check_own_state(name: str, cls: type) -> None:
     from memzoo.state import State
 
     own = vars(cls).get("State")
-    if not (isinstance(own, type) and issubclass(own, State) and own is not State):
+    shared = isinstance(own, type) and any(
+        spec.cls.State is not own and issubclass(spec.cls.State, own) for spec in VARIANTS.registered()
+    )  # a base of registered variants' states (KVState): renaming it would rename theirs
+    if not (isinstance(own, type) and issubclass(own, State) and own is not State) or shared:
         inherited = getattr(cls, "State", None)
         base = inherited.__name__ if isinstance(inherited, type) else "memzoo.State"
         raise TypeError(
             f"@register_variant({name!r}): {cls.__name__} must declare its own state class in its body, "
             f"`State = {cls.__name__}State`, a @dataclass subclass of {base} (memzoo.State) holding the variant's "
-            f"state; {'it inherits ' + base + ', which other variants share' if own is None else f'State = {own!r} is not one'}"
+            f"state; {'it inherits ' + base + ', which other variants share' if own is None else f'State = {own.__name__ if isinstance(own, type) else own!r} is not one'}"
         )
 
 

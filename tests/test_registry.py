@@ -89,7 +89,10 @@ def test_a_variant_must_declare_its_own_state_class():
     class Base(KVCacheBackbone):
         State = memzoo.State
 
-    for cls in (Inherits, Base):
+    class SharedBase(KVCacheBackbone):
+        State = KVState  # the base of bswa's, fam's, ... states
+
+    for cls in (Inherits, Base, SharedBase):
         with pytest.raises(TypeError, match=rf"{cls.__name__} must declare its own state class in its body"):
             memzoo.register_variant("no_own_state", config=memzoo.VariantConfig)(cls)
     assert memzoo.State.variant == "" and KVState.variant == "" and "no_own_state" not in memzoo.list_variants()
@@ -104,6 +107,21 @@ def test_a_variant_must_declare_its_own_state_class():
 
     try:
         assert OwnState.variant == "no_own_state" and KVState.variant == ""
+    finally:
+        unregister_variant("no_own_state")
+    # a variant built on a registered one declares a state built on that one's state
+    from memzoo.variants.full import Full, FullState
+
+    @dataclass
+    class MyFullState(FullState):
+        pass
+
+    @memzoo.register_variant("no_own_state", config=memzoo.VariantConfig)
+    class MyFull(Full):
+        State = MyFullState
+
+    try:
+        assert MyFullState.variant == "no_own_state" and FullState.variant == "full"
     finally:
         unregister_variant("no_own_state")
 
