@@ -136,6 +136,23 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.head
 
+    def set_output_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.head = value
+
+    def resize_token_embeddings(  # type: ignore[override]
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> torch.nn.Embedding:
+        """transformers' resize (new rows initialised as it does), then memzoo's own
+        vocabulary follows: the model's token-id check and the memzoo config that saving
+        writes and loading rebuilds from."""
+        embeds = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        n = embeds.num_embeddings
+        self.model.vocab_size = n
+        assert self.config.memzoo is not None
+        self.config.memzoo = ModelConfig.model_validate({**self.config.memzoo, "vocab_size": n}).model_dump()
+        self.config.vocab_size = n
+        return embeds
+
     def prepare_inputs_for_generation(  # type: ignore[override]
         self,
         input_ids: Tensor,

@@ -128,6 +128,31 @@ def test_folder_with_bare_memzoo_keys_loads(tmp_path):
     assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False), model.generate(prompt, 6))
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_resize_token_embeddings(tmp_path, tie):
+    """transformers' ``resize_token_embeddings`` (new tokens for fine-tuning) resizes the
+    embedding and the head (tied or not); the old tokens' logits are unchanged, the new ids
+    are accepted, and the resized model saves and loads back through both loaders."""
+    model = kit.tiny_model("fam", {"memory_blocks": 1, "fam_len": 2}, tie_embeddings=tie)
+    v = model.vocab_size
+    prompt = kit.random_tokens(model, 1, 7)
+    with torch.no_grad():
+        before = model(prompt).logits
+    wrapped = hf.MemzooForCausalLM.from_memzoo(model)
+    wrapped.resize_token_embeddings(v + 5)
+    assert model.vocab_size == wrapped.config.vocab_size == wrapped.config.memzoo["vocab_size"] == v + 5
+    assert model.embed.weight.shape[0] == model.head.weight.shape[0] == v + 5
+    assert (model.head.weight is model.embed.weight) == tie
+    new_ids = torch.cat([prompt, torch.tensor([[v + 4, v]])], dim=1)
+    with torch.no_grad():
+        after = wrapped(new_ids).logits
+        kit.assert_close(after[:, :7, :v], before, "old tokens' logits after the resize")
+    wrapped.save_pretrained(tmp_path)
+    for loaded in (memzoo.from_pretrained(tmp_path), transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)):
+        with torch.no_grad():
+            assert torch.equal(loaded(new_ids).logits, after)
+
+
 def test_config_refuses_bad_memzoo_fields():
     with pytest.raises(ValueError, match="valid fields"):
         hf.MemzooConfig(memzoo={"variant": "bswa", "memory_blok": 1})
