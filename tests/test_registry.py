@@ -97,33 +97,17 @@ def test_a_variant_must_declare_its_own_state_class():
             memzoo.register_variant("no_own_state", config=memzoo.VariantConfig)(cls)
     assert memzoo.State.variant == "" and KVState.variant == "" and "no_own_state" not in memzoo.list_variants()
 
-    @dataclass
-    class OwnState(KVState):
-        pass
-
-    @memzoo.register_variant("no_own_state", config=memzoo.VariantConfig)
-    class Own(KVCacheBackbone):
-        State = OwnState
-
-    try:
-        assert OwnState.variant == "no_own_state" and KVState.variant == ""
-    finally:
-        unregister_variant("no_own_state")
-    # a variant built on a registered one declares a state built on that one's state
+    # its own state, on the shared base or on a registered variant's state (a variant built on that one)
     from memzoo.variants.full import Full, FullState
 
-    @dataclass
-    class MyFullState(FullState):
-        pass
-
-    @memzoo.register_variant("no_own_state", config=memzoo.VariantConfig)
-    class MyFull(Full):
-        State = MyFullState
-
-    try:
-        assert MyFullState.variant == "no_own_state" and FullState.variant == "full"
-    finally:
-        unregister_variant("no_own_state")
+    for base, parent in ((KVCacheBackbone, KVState), (Full, FullState)):
+        own = dataclass(type("OwnState", (parent,), {}))
+        memzoo.register_variant("no_own_state", config=memzoo.VariantConfig)(type("Own", (base,), {"State": own}))
+        try:
+            assert own.variant == "no_own_state" and parent.variant == vars(parent).get("variant", "")
+        finally:
+            unregister_variant("no_own_state")
+    assert KVState.variant == "" and FullState.variant == "full"
 
 
 @pytest.mark.parametrize("module, needs_card", [("memzoo.variants.cardless", True), ("cardless_plugin.variant", False)])
