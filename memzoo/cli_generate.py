@@ -150,10 +150,10 @@ def _eos_ids(given: list[int] | None, default: int | None) -> list[int] | None:
 
 def run(args: argparse.Namespace) -> int:
     from memzoo.compare.settings import check_device
-    from memzoo.generation import _options, sampling_config
+    from memzoo.generation import sampling_config
 
     check_device(args.device)
-    sampling_config(**_options(args.temperature, args.top_k, args.top_p, args.repetition_penalty, None, None))
+    sampling_config(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
     for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer)):
         if value is not None and not Path(value).exists():
             raise InputError(f"{flag} {value}: no such file or folder (give a model folder or a .gguf file)")

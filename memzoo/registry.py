@@ -78,10 +78,14 @@ def _check_own_state(name: str, cls: type) -> None:
     if not (isinstance(own, type) and issubclass(own, State) and own is not State) or shared:
         inherited = getattr(cls, "State", None)
         base = inherited.__name__ if isinstance(inherited, type) else "memzoo.State"
+        if own is None:
+            why = f"it inherits {base}, which other variants share"
+        else:
+            why = f"State = {own.__name__ if isinstance(own, type) else repr(own)} is not one"
         raise TypeError(
             f"@register_variant({name!r}): {cls.__name__} must declare its own state class in its body, "
             f"`State = {cls.__name__}State`, a @dataclass subclass of {base} (memzoo.State) holding the variant's "
-            f"state; {'it inherits ' + base + ', which other variants share' if own is None else f'State = {own.__name__ if isinstance(own, type) else own!r} is not one'}"
+            f"state; {why}"
         )
 
 
