@@ -324,6 +324,21 @@ def test_refused_fixed_fields(folders, fields, message):
         memzoo.from_pretrained(folders["llama_gqa"], "bswa", **fields)
 
 
+def test_a_fixed_float_repeated_at_float32_precision_is_accepted(folders, tmp_path):
+    """A GGUF stores ``rms_norm_eps`` as a float32 (SmolLM2's 1e-5 reads 9.999999747e-06):
+    repeating the card's value is no change, and the checkpoint's own value is kept; a
+    different value is still refused."""
+    stored = float(torch.tensor(1e-5, dtype=torch.float32))
+    assert stored != 1e-5
+    cfg = json.loads((folders["llama_gqa"] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": stored}))
+    (tmp_path / "model.safetensors").symlink_to(folders["llama_gqa"] / "model.safetensors")
+    model = memzoo.from_pretrained(tmp_path, "bswa", norm_eps=1e-5)
+    assert model.config.norm_eps == stored
+    with pytest.raises(PretrainedError, match=r"fixes norm_eps=1\.1e-05"):
+        memzoo.from_pretrained(tmp_path, "bswa", norm_eps=1.1e-5)
+
+
 def test_refused_xl_relative_and_unknown_field(folders):
     with pytest.raises(PretrainedError, match="relative positional attention needs new weights"):
         memzoo.from_pretrained(folders["llama_gqa"], "xl", positions="relative")

@@ -171,6 +171,13 @@ def _stored_dtype(tensors: dict[str, Tensor]) -> torch.dtype:
     return kinds.pop() if len(kinds) == 1 else torch.float32
 
 
+def _same_float32(a: Any, b: Any) -> bool:
+    """Two floats that round to the same float32 (bools and ints are compared as given)."""
+    if type(a) is not float or type(b) is not float:
+        return False
+    return bool(torch.tensor(a, dtype=torch.float32) == torch.tensor(b, dtype=torch.float32))
+
+
 def _resolved(config: ModelConfig, name: str) -> Any:
     return {"n_kv_heads": config.resolved_kv_heads, "head_dim": config.resolved_head_dim, "d_ff": config.resolved_d_ff}.get(
         name, getattr(config, name)
@@ -218,6 +225,11 @@ def _build(
         reference = ModelConfig(variant="full", **shared)
     except ValidationError as err:
         raise PretrainedError(f"{what}: the checkpoint's config does not make a memzoo model: {err}") from err
+    # a float the user repeats from the checkpoint's card (norm_eps=1e-5) may be stored as a
+    # float32 (a GGUF's 9.999999747e-06): the same value, so the checkpoint's is kept
+    user_shared = {
+        k: shared[k] if k in shared and _same_float32(v, shared[k]) else v for k, v in user_shared.items()
+    }
     config = ModelConfig(variant=variant, **{**shared, **user_shared}, **options)  # the user's fields: their own errors
     fixed = [
         f"{k}={_resolved(config, k)!r} (the checkpoint has {_resolved(reference, k)!r})"
