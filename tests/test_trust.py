@@ -398,6 +398,15 @@ def test_cli_user_errors_are_one_line_before_training(extra: list[str], tmp_path
     assert count_runs == [] and not out.exists()
 
 
+def test_a_bad_item_is_reported_once_not_also_as_a_short_sequence(tmp_path: Path, count_runs, capsys) -> None:
+    """pydantic reports a sequence whose only item failed as too short as well; the line
+    names the item and what is valid, nothing else."""
+    assert main(["compare", "--variants", "bswa", "--out", str(tmp_path / "lb"), *MICRO_ARGS, "--seeds", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "memzoo: error: seeds.0: Input should be greater than or equal to 0 (got -1)\n"
+    assert count_runs == []
+
+
 @pytest.mark.parametrize("kwargs", [{"jobs": 0}, {"jobs": -2}, {"jobs": True}, {"jobs": 1.5}, {"threads": 0}, {"threads": -1}])
 def test_python_api_refuses_bad_jobs_and_threads(kwargs: dict, count_runs) -> None:
     with pytest.raises(ValueError, match="jobs|threads"):
