@@ -37,15 +37,13 @@ from torch import Tensor
 
 from memzoo.errors import InputError, StateError, one_line
 from memzoo.ragged import RaggedState, check_mask
-from memzoo.state import State
+from memzoo.state import ORIGIN, State
 from memzoo.variants import ring
 
 AnyState = State | RaggedState
 
 if TYPE_CHECKING:
     from memzoo.models.lm import MemzooLM
-
-_ORIGIN = "_memzoo_origin"  # attribute put on states that generate hands back
 
 
 class SamplingConfig(BaseModel):
@@ -298,7 +296,7 @@ class GenerationMixin:
         if state is None:
             return self.init_state(batch_size, device=device, dtype=dtype)
         self.backbone.check_state(state, batch_size=batch_size, device=device, dtype=dtype)
-        origin = getattr(state, _ORIGIN, None)
+        origin = getattr(state, ORIGIN, None)
         if origin is not None and origin != self._generation_origin():
             raise StateError(
                 f"{self.variant}: this state was handed back by generate() of another model (same config, other "
@@ -393,7 +391,7 @@ class GenerationMixin:
         out = torch.cat([tokens, torch.stack(new, dim=1)], dim=1) if new else tokens.clone()
         if not return_state:
             return out
-        setattr(state, _ORIGIN, self._generation_origin())
+        setattr(state, ORIGIN, self._generation_origin())
         return out, state
 
     def stream(

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from memzoo.errors import InputError, StateError
-from memzoo.state import State, _decode, _encode
+from memzoo.state import State, _decode, _encode, carry_origin
 
 if TYPE_CHECKING:
     from memzoo.variants.base import Backbone
@@ -160,7 +160,7 @@ class RaggedState:
         return [self.row(i) for i in range(self.batch_size)]
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> "RaggedState":
-        return RaggedState(tuple((rows, s.map(fn)) for rows, s in self.groups), self.documents)
+        return carry_origin(self, RaggedState(tuple((rows, s.map(fn)) for rows, s in self.groups), self.documents))
 
     def map_groups(self, fn: Callable[[State], State]) -> "RaggedState | State":
         """``fn`` applied to every group's state (e.g. ``carry_state``), renormalised."""
@@ -174,7 +174,7 @@ class RaggedState:
         docs = self.documents
         if docs is not None and not isinstance(device, torch.dtype) and device is not None:
             docs = docs.to(device)
-        return dataclasses.replace(moved, documents=docs)
+        return carry_origin(self, dataclasses.replace(moved, documents=docs))
 
     def where(self, keep: Tensor, other: "State | RaggedState") -> "State | RaggedState":
         return where(self, keep, other)
@@ -205,10 +205,11 @@ class RaggedState:
         for g in range(int(n)):
             key = f"__rows__.{g}"
             rows = flat.get(key)
-            if not isinstance(rows, Tensor) or rows.dtype != torch.int64 or rows.dim() != 1:
-                raise StateError(f"ragged state entry {key!r} must be a 1-D int64 tensor of row indices")
+            if not isinstance(rows, Tensor) or rows.dtype != torch.int64 or rows.dim() != 1 or not rows.numel():
+                raise StateError(f"ragged state entry {key!r} must be a 1-D int64 tensor of row indices, at least one")
             used.add(key)
-            part = {name[len(f"{g}/"):]: t for name, t in flat.items() if name.startswith(f"{g}/")}
+            # a group's own __variant__ is not written (the file's is): left over, it is refused below
+            part = {name[len(f"{g}/"):]: t for name, t in flat.items() if name.startswith(f"{g}/") and name != f"{g}/__variant__"}
             used.update(f"{g}/{name}" for name in part)
             part["__variant__"] = variant
             groups.append((tuple(int(r) for r in rows.tolist()), state_cls.from_dict(part)))
@@ -261,13 +262,18 @@ def gather(groups: Sequence[tuple[tuple[int, ...], State]], rows: Sequence[int])
     return cat_rows([select_rows(s, [j]) for _, s, j in parts])
 
 
+def check_keep(keep: Any, batch_size: int) -> None:
+    """``keep`` of :meth:`State.where`: a bool tensor (B,), else a ``StateError`` saying so."""
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (batch_size,):
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
+        raise StateError(f"keep must be a bool tensor of shape ({batch_size},), got {got}")
+
+
 def where(state: AnyState, keep: Tensor, other: AnyState) -> AnyState:
     """Rows where ``keep`` (B,) is True from ``state``, the others from ``other``, at
     whatever positions either stands (e.g. ``state.where(keep, model.init_state(B))``)."""
     b = state.batch_size
-    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (b,):
-        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
-        raise StateError(f"keep must be a bool tensor of shape ({b},), got {got}")
+    check_keep(keep, b)
     if other.batch_size != b:
         raise StateError(f"State.where: the other state has batch size {other.batch_size}, this one {b}")
     kinds = {(st.state_type if isinstance(st, RaggedState) else type(st), st.fingerprint) for st in (state, other)}
@@ -284,7 +290,7 @@ def where(state: AnyState, keep: Tensor, other: AnyState) -> AnyState:
     if any(isinstance(st, RaggedState) and st.documents is not None for st in (state, other)):
         d_mine, d_theirs = documents_of(state, b), documents_of(other, b)
         docs = torch.where(keep.cpu(), d_mine, d_theirs)
-    return normalise([((i,), s) for i, s in rows], docs)
+    return carry_origin(state, normalise([((i,), s) for i, s in rows], docs))
 
 
 def _locate(groups: Sequence[tuple[tuple[int, ...], State]], i: int) -> tuple[tuple[int, ...], State, int]:

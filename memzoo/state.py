@@ -71,6 +71,19 @@ def check_finite(name: str, t: Tensor) -> None:
         raise StateError(f"state entry {name!r} has {bad} non-finite value(s) (NaN or inf)")
 
 
+#: the attribute :meth:`memzoo.MemzooLM.generate` tags the states it hands back with (the
+#: model instance that made them); states derived from one (detach, to, where) keep it
+ORIGIN = "_memzoo_origin"
+
+
+def carry_origin(source: Any, made: Any) -> Any:
+    """``made`` (derived from ``source``) with ``source``'s generate() tag, if it has one."""
+    origin = getattr(source, ORIGIN, None)
+    if origin is not None:
+        setattr(made, ORIGIN, origin)
+    return made
+
+
 #: the attribute of a state that holds its derived tensors (:meth:`State.derived`)
 _DERIVED = "_memzoo_derived"
 
@@ -94,6 +107,9 @@ class State:
     """Base class; subclasses are dataclasses that add tensor fields and set ``variant``."""
 
     variant: ClassVar[str] = ""
+    #: fields whose tensors are int64 (e.g. FAM's per-row position offsets); every other
+    #: tensor is floating, in the state's one dtype (checked on every call)
+    integer_fields: ClassVar[frozenset[str]] = frozenset()
     pos: int
     fingerprint: str
 
@@ -112,7 +128,7 @@ class State:
         changes: dict[str, Any] = {}
         for name, value in self.tensor_fields().items():
             changes[name] = [fn(t) for t in value] if isinstance(value, (list, tuple)) else fn(value)
-        return dataclasses.replace(self, **changes)
+        return carry_origin(self, dataclasses.replace(self, **changes))
 
     def detach(self: S) -> S:
         """Cut the autograd graph (truncated backpropagation between calls)."""
@@ -156,14 +172,13 @@ class State:
         (same variant and config), e.g. to reset some rows of a batch to a fresh state.
         Rows may stand at different positions afterwards: the result is then a
         :class:`memzoo.ragged.RaggedState`."""
-        from memzoo.ragged import RaggedState, where
+        from memzoo.ragged import RaggedState, check_keep, where
 
+        check_keep(keep, self.batch_size)
         if isinstance(other, RaggedState) or (isinstance(other, State) and other.pos != self.pos):
             return where(self, keep, other)  # type: ignore[return-value]
         if type(other) is not type(self) or other.fingerprint != self.fingerprint:
             raise StateError("State.where needs two states of the same variant and config")
-        if keep.dtype != torch.bool or keep.shape != (self.batch_size,):
-            raise StateError(f"keep must be a bool tensor of shape ({self.batch_size},), got {keep.dtype} {tuple(keep.shape)}")
         def pick(t: Tensor, o: Tensor) -> Tensor:
             if t.shape != o.shape or t.dtype != o.dtype or t.device != o.device:
                 raise StateError(
@@ -179,7 +194,7 @@ class State:
                 changes[name] = [pick(t, o) for t, o in zip(value, theirs[name])]
             else:
                 changes[name] = pick(value, theirs[name])
-        return dataclasses.replace(self, **changes)
+        return carry_origin(self, dataclasses.replace(self, **changes))
 
     # ------------------------------------------------------- derived tensors
     def derived(self, name: str, sources: tuple[Tensor, ...]) -> Any:
@@ -260,9 +275,13 @@ class State:
         pos = _position(flat["__pos__"])
         fingerprint = _decode(flat["__fingerprint__"], "__fingerprint__")
         try:
-            json.loads(fingerprint)
+            parsed = json.loads(fingerprint)
         except json.JSONDecodeError:
-            raise StateError(f"state entry '__fingerprint__' is not a memzoo fingerprint (JSON): {fingerprint[:60]!r}") from None
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise StateError(
+                f"state entry '__fingerprint__' is not a memzoo fingerprint (a JSON object of the config): {fingerprint[:60]!r}"
+            )
         for name, t in flat.items():
             if not name.startswith("__"):
                 check_finite(name, t)
@@ -279,8 +298,12 @@ def describe_mismatch(expected: str, got: str) -> str:
     try:
         a, b = json.loads(expected), json.loads(got)
     except json.JSONDecodeError:
-        return f"expected {expected}, got {got}"
+        a = b = None
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return f"expected {expected[:200]}, got {got[:200]}"
     diffs = [f"{k}: state has {b.get(k)!r}, model has {a.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not diffs:  # equal fields, other text (a fingerprint is compared as memzoo writes it)
+        return f"the same fields written as other text: the state has {got[:200]}, memzoo writes {expected[:200]}"
     return "; ".join(diffs)
 
 
@@ -351,6 +374,8 @@ def check_state_for(model: Any, state: State) -> None:
     backbone = getattr(model, "backbone", model)
     if not hasattr(backbone, "check_state"):
         raise TypeError(f"model must be a memzoo model or backbone, got {type(model).__name__}")
-    backbone.check_state(state, batch_size=state.batch_size, device=state.device, dtype=state.dtype or backbone.param_dtype)
+    # the dtype the model computes in (a model refuses inputs of another dtype): a state in
+    # another is refused here, not at the first call (or inside a variant's value check)
+    backbone.check_state(state, batch_size=state.batch_size, device=state.device, dtype=backbone.param_dtype)
     for part in getattr(state, "groups", None) and [s for _, s in state.groups] or [state]:
         backbone.check_state_values(part)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import memzoo
 from memzoo.errors import StateError
-from memzoo.state import CHECKSUM_KEY, check_state_for, load_state, save_state
+from memzoo.state import CHECKSUM_KEY, check_state_for, checksum, load_state, save_state
 
 torch.set_num_threads(1)
 SIZES = dict(vocab_size=20, d_model=16, n_layers=2, n_heads=2, block_size=4)
@@ -93,6 +93,8 @@ def test_position_and_shapes_must_agree_for_the_model(name: str) -> None:
         ("__fingerprint__", torch.tensor([0xC3], dtype=torch.uint8), "__fingerprint__.*UTF-8"),
         ("__fingerprint__", torch.tensor(list(b"nope"), dtype=torch.uint8), "__fingerprint__.*JSON"),
         ("__variant__", torch.tensor([1.0]), "__variant__.*uint8"),
+        ("__fingerprint__", torch.tensor(list(b"[1, 2]"), dtype=torch.uint8), "__fingerprint__.*JSON object"),
+        ("__fingerprint__", torch.tensor(list(b'"bswa"'), dtype=torch.uint8), "__fingerprint__.*JSON object"),
     ],
 )
 @pytest.mark.parametrize("name", VARIANTS)
@@ -170,3 +172,62 @@ def test_fam_state_values_are_checked_against_the_model(field: str, edit, match:
     edit(bad)
     with pytest.raises(StateError, match=match):
         check_state_for(model, bad)
+
+
+def test_a_fingerprint_written_as_other_text_is_named_as_such() -> None:
+    """The right fields with other whitespace: the error says so instead of listing no field."""
+    import dataclasses
+    import json
+
+    model, state = model_and_state("bswa")
+    spaced = dataclasses.replace(state, fingerprint=json.dumps(json.loads(state.fingerprint), indent=1))
+    with pytest.raises(StateError, match="the same fields written as other text"):
+        model(torch.zeros(2, 3, dtype=torch.long), state=spaced)
+
+
+def test_where_refuses_a_keep_that_is_not_a_tensor() -> None:
+    model, state = model_and_state("bswa")
+    with torch.no_grad():
+        _, other = model(torch.randint(0, 20, (2, 10)))
+    for against in (other, model.init_state(2)):  # the same position, and another
+        with pytest.raises(StateError, match=r"keep must be a bool tensor of shape \(2,\), got list"):
+            state.where([True, False], against)
+
+
+def _ragged_file(tmp_path: Path, edit) -> Path:
+    model = memzoo.build_model("bswa", **SIZES, **OPTIONS["bswa"])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        _, state = model(torch.randint(0, 20, (2, 6)), attention_mask=mask)
+    path = tmp_path / "r.safetensors"
+    save_state(state, path)
+    flat = edit(load_file(path))
+    save_file(flat, path, metadata={CHECKSUM_KEY: checksum(flat)})
+    return path
+
+
+def test_a_ragged_file_with_a_group_variant_or_an_empty_group_is_refused(tmp_path: Path) -> None:
+    """Nothing in a file is dropped: a group's own ``__variant__`` (never written) and a
+    group of no rows are refused, not ignored."""
+    from memzoo.state import _encode
+
+    path = _ragged_file(tmp_path, lambda f: {**f, "0/__variant__": _encode("full")})
+    with pytest.raises(StateError, match="unknown entries.*0/__variant__"):
+        load_state(path)
+    path = _ragged_file(tmp_path, lambda f: {**f, "__rows__.1": torch.zeros(0, dtype=torch.int64)})
+    with pytest.raises(StateError, match="__rows__.1.*at least one"):
+        load_state(path)
+
+
+def test_a_state_from_generate_keeps_its_model_through_detach_to_and_where() -> None:
+    """docs/generation.md: a state generate() handed back is refused by another model
+    instance; so are the states made from it by detach, to and where."""
+    model, _ = model_and_state("bswa")
+    other, _ = model_and_state("bswa")
+    prompt = torch.randint(0, 20, (2, 5))
+    _, state = model.generate(prompt, 3, return_state=True)
+    keep = torch.tensor([True, False])
+    for derived in (state.detach(), state.to("cpu"), state.to(torch.float32), state.where(keep, state)):
+        with pytest.raises(StateError, match="another model"):
+            other.generate(prompt[:, :1], 2, state=derived)
+        model.generate(prompt[:, :1], 2, state=derived)  # its own model continues it

@@ -20,6 +20,8 @@ Tolerances are declared once, per dtype, in :data:`memzoo.ops.base.TOLERANCES`
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import itertools
 import random
 import tempfile
@@ -304,6 +306,17 @@ def check_state_roundtrip(model: MemzooLM, tokens: Tensor) -> None:
         a, _ = model(nxt, state=state)
         b, _ = model(nxt, state=loaded)
     assert_close(b, a, "outputs continued from a loaded state")
+    # a state cast with state.to(dtype) loads into the model cast to the same dtype; the
+    # model it came from refuses that file when it loads, not at its first call
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.safetensors"
+        memzoo.save_state(state.to(torch.bfloat16), path)
+        try:
+            memzoo.load_state(path, model=low)
+        except StateError as err:
+            raise AssertionError(f"a state cast with state.to(torch.bfloat16) does not load into the model cast to it: {err}") from err
+        _expect(StateError, ["dtype"], lambda: memzoo.load_state(path, model=model), "load_state of a state in another dtype")
     if state.nbytes != sum(v.numel() * v.element_size() for k, v in flat.items() if not k.startswith("__")):
         raise AssertionError("state.nbytes does not count its tensors")
 
@@ -352,6 +365,18 @@ def check_bad_inputs(model: MemzooLM, other_options: dict[str, Any] | None = Non
     _expect(StateError, ["dtype"], lambda: model(good, state=state.to(other_dtype)), "state of another dtype")
     _expect(StateError, ["on meta"], lambda: model(good, state=state.to("meta")), "state on another device")
     _expect(StateError, ["State"], lambda: model(good, state=object()), "a non-state object")
+
+    # every field in its declared dtype (State.integer_fields are int64, the rest the
+    # state's floating dtype), and a single-tensor field is one tensor
+    for name, value in state.tensor_fields().items():
+        many = isinstance(value, (list, tuple))
+        wrong = torch.float32 if name in state.integer_fields else torch.int64
+        cast = [t.to(wrong) for t in value] if many else value.to(wrong)
+        _expect(StateError, ["dtype", name], lambda: model(good, state=dataclasses.replace(state, **{name: cast})),
+                f"state field {name!r} stored as {wrong}")
+        if not many and name in model.backbone.expected_state_shapes(state.pos, state.batch_size):
+            _expect(StateError, [name, "single tensor"], lambda: model(good, state=dataclasses.replace(state, **{name: [value]})),
+                    f"state field {name!r} given as a list")
 
     # damaged states: a wrong position (where the shapes show it), a missing layer
     flat = state.to_dict()

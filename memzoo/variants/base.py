@@ -242,12 +242,19 @@ class Backbone(nn.Module):
         where = f"{self.variant}: malformed state"
         if isinstance(state.pos, bool) or not isinstance(state.pos, int) or state.pos < 0:
             raise StateError(f"{where}: pos must be an int >= 0, got {state.pos!r}")
-        for t in state.tensors():
-            if t.device != device:
-                raise StateError(f"{where}: tensors on several devices ({t.device} and {device})")
-            if t.is_floating_point() and t.dtype != dtype:
-                raise StateError(f"{where}: tensors of several dtypes ({t.dtype} and {dtype})")
         fields = state.tensor_fields()
+        for name, value in fields.items():
+            many = isinstance(value, (list, tuple))
+            for i, t in enumerate(value if many else [value]):
+                label = f"{name}[{i}]" if many else name
+                if not isinstance(t, Tensor):
+                    raise StateError(f"{where}: {label} must be a tensor, got {type(t).__name__}")
+                if t.device != device:
+                    raise StateError(f"{where}: tensors on several devices ({t.device} and {device})")
+                want = torch.int64 if name in state.integer_fields else dtype
+                if t.dtype != want:
+                    kind = "an integer field" if name in state.integer_fields else "the state's floating dtype; state.to(dtype) casts"
+                    raise StateError(f"{where}: {label} has dtype {t.dtype}, expected {want} ({kind})")
         for name, shape in self.expected_state_shapes(state.pos, batch_size).items():
             value = fields[name]
             if isinstance(shape, list):
@@ -255,6 +262,8 @@ class Backbone(nn.Module):
                     got = len(value) if isinstance(value, (list, tuple)) else "a single tensor"
                     raise StateError(f"{where}: field {name!r} has {got} entries, expected {len(shape)} (one per layer)")
                 pairs = [(f"{name}[{i}]", t, s) for i, (t, s) in enumerate(zip(value, shape))]
+            elif isinstance(value, (list, tuple)):
+                raise StateError(f"{where}: field {name!r} has {len(value)} entries, expected a single tensor")
             else:
                 pairs = [(name, value, shape)]
             for label, t, s in pairs:
