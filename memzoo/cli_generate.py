@@ -46,7 +46,7 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--eos-token-id", type=int, action="append", default=None, help="stop token (default: the model's / tokenizer's; -1: none)")
+    g.add_argument("--eos-token-id", type=int, action="append", default=None, help="stop token, repeatable (default: the model's / tokenizer's, every id of a list; -1: none)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (torch.Generator)")
     g.add_argument("--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens")
     g.add_argument("--device", default="cpu")
@@ -58,8 +58,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
 class Codec:
     """Text <-> token ids, from whichever tokenizer was found."""
 
-    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], eos: int | None) -> None:
-        self.encode, self.decode, self.eos_token_id = encode, decode, eos
+    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], eos: list[int] | None) -> None:
+        self.encode, self.decode, self.eos_token_ids = encode, decode, eos
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -95,7 +95,7 @@ def load_tokenizer(path: str | Path) -> Codec:
         return Codec(
             lambda s: hf_tok(s, add_special_tokens=False).input_ids,
             lambda ids: hf_tok.decode(ids, skip_special_tokens=True),
-            hf_tok.eos_token_id,
+            None if hf_tok.eos_token_id is None else [hf_tok.eos_token_id],
         )
     raise InputError(
         f"no tokenizer found at {path}: expected {path / 'tokenizer.json' if path.is_dir() else 'a tokenizer .json file'} "
@@ -103,15 +103,17 @@ def load_tokenizer(path: str | Path) -> Codec:
     )
 
 
-def _config_eos(folder: Path) -> int | None:
+def _config_eos(folder: Path) -> list[int] | None:
+    """The folder's stop token ids (``eos_token_id``: one id, or a list of them, as
+    Llama 3's ``[128001, 128008, 128009]``), from its generation config, else its config."""
     for name in ("generation_config.json", "config.json"):
         f = folder / name
         if f.is_file():
             eos = json.loads(f.read_text()).get("eos_token_id")
-            if isinstance(eos, list):
-                eos = eos[0] if eos else None
-            if isinstance(eos, int):
-                return eos
+            ids = eos if isinstance(eos, list) else [eos]
+            ids = [e for e in ids if isinstance(e, int) and not isinstance(e, bool) and e >= 0]
+            if ids:
+                return ids
     return None
 
 
@@ -138,10 +140,10 @@ def _parse_fields(items: list[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ the command
-def _eos_ids(given: list[int] | None, default: int | None) -> list[int] | None:
+def _eos_ids(given: list[int] | None, default: list[int] | None) -> list[int] | None:
     """``--eos-token-id`` values (-1: none), else the tokenizer's / model's; None: no stop token."""
     if given is None:
-        return None if default is None else [default]
+        return default
     bad = [e for e in given if e < -1]
     if bad:
         raise InputError(f"--eos-token-id takes token ids >= 0, or -1 for none; got {bad}")
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     codec = load_tokenizer(args.tokenizer or args.model)
-    default_eos = codec.eos_token_id
+    default_eos = codec.eos_token_ids
     if args.tokenizer is not None and Path(args.model).is_dir():  # a tokenizer from elsewhere: the model's eos first
         own = _config_eos(Path(args.model))
         default_eos = default_eos if own is None else own

@@ -25,7 +25,7 @@ def word_tokenizer(vocab_size: int):
     return tok
 
 
-def save_folder(model, folder: Path, eos: int | None = None) -> None:
+def save_folder(model, folder: Path, eos: int | list[int] | None = None) -> None:
     """memzoo's folder format (the one of issue 9's save_pretrained)."""
     from safetensors.torch import save_file
 
@@ -70,6 +70,22 @@ def test_generate_samples_and_stops_on_eos(tmp_path, capsys):
     assert out == tok.decode(stopped[0].tolist()) + "\n"
 
 
+def test_generate_stops_on_every_id_of_an_eos_list(tmp_path, capsys):
+    """``eos_token_id`` may be a list (Llama 3: ``[128001, 128008, 128009]``): any of them
+    stops the decoding, the second as much as the first (it stopped only on the first)."""
+    model = kit.tiny_model("bswa", {"memory_blocks": 1}, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3]])
+    free = model.generate(ids, 8)[0, 3:].tolist()
+    stop = free[2]
+    never = next(i for i in range(1, model.vocab_size) if i not in free)
+    save_folder(model, tmp_path / "m", eos=[never, stop])
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1 w2 w3", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    stopped = model.generate(ids, 8, eos_token_id=[never, stop])
+    assert stopped.shape[1] == 3 + free.index(stop) + 1
+    assert out == word_tokenizer(model.vocab_size).decode(stopped[0].tolist()) + "\n"
+
+
 def test_generate_refuses_clearly(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "no tokenizer found" in capsys.readouterr().err
@@ -89,7 +105,7 @@ def test_gguf_tokenizer_is_found():
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     codec = load_tokenizer(path)
     ids = codec.encode("The capital of France is")
-    assert codec.decode(ids) == "The capital of France is" and codec.eos_token_id is not None
+    assert codec.decode(ids) == "The capital of France is" and codec.eos_token_ids
 
 
 @pytest.mark.parametrize("extra, message", [
