@@ -50,6 +50,10 @@ class MemzooConfig(PreTrainedConfig):
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     tie_word_embeddings: bool = False
+    #: special token ids (``generate`` stops at ``eos_token_id``: an id or a list of them)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.memzoo is not None:
@@ -86,8 +90,11 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_memzoo(cls, model: MemzooLM, **config_kwargs: Any) -> "MemzooForCausalLM":
-        """Wrap an existing :class:`~memzoo.MemzooLM` (shares its weights)."""
-        wrapper = cls(MemzooConfig.from_memzoo(model.config, **config_kwargs))
+        """Wrap an existing :class:`~memzoo.MemzooLM` (shares its weights). The special
+        token ids ``from_pretrained`` read with it (``model.token_ids``) go into the config
+        and the generation config, so ``generate`` stops at the checkpoint's eos;
+        ``config_kwargs`` override them."""
+        wrapper = cls(MemzooConfig.from_memzoo(model.config, **{**getattr(model, "token_ids", {}), **config_kwargs}))
         wrapper.model = model
         return wrapper
 
@@ -153,6 +160,19 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         self.config.vocab_size = n
         return embeds
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """transformers' ``generate`` from the prompt; continuing a state through it is
+        refused (its cache protocol is a per-token key/value cache that a memzoo state is
+        not): continue one with memzoo's own ``self.model.generate(tokens, state=...)``."""
+        for name in ("cache", "past_key_values"):
+            if kwargs.get(name) is not None:
+                raise InputError(
+                    f"generate({name}=...): continuing a memzoo state through transformers' generate is not supported; "
+                    "give the whole sequence without a cache, or continue the state with memzoo's own generate: "
+                    "wrapper.model.generate(new_tokens, max_new_tokens, state=state) (docs/generation.md)"
+                )
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(  # type: ignore[override]
         self,
         input_ids: Tensor,
@@ -187,6 +207,9 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        past_key_values: State | RaggedState | None = None,
+        position_ids: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """``input_ids`` (B, T) continuing ``cache`` (a memzoo state, or None to start).
@@ -197,12 +220,32 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         The logits at padding that *follows* a row's real tokens repeat those of its last
         real token, so the last column holds every row's next-token logits whether it was
         padded on the left or the right (``transformers``' ``generate`` reads that
-        column); at padding before a row's first real token they are 0."""
+        column); at padding before a row's first real token they are 0.
+
+        ``past_key_values`` is another name of ``cache``. ``position_ids``, where given,
+        must be the positions memzoo uses (each row's count of real tokens, after its
+        state): memzoo takes positions from the state and the mask. ``num_items_in_batch``
+        (transformers' ``Trainer`` with gradient accumulation): the loss is the sum over
+        the labelled tokens divided by it. Any other argument that is not None is refused
+        (``output_attentions``, ``output_hidden_states``, ``inputs_embeds``, ...)."""
+        given = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+        if given:
+            raise InputError(
+                f"MemzooForCausalLM.forward does not take {', '.join(given)}; it takes input_ids, attention_mask, "
+                "cache (or past_key_values), labels, use_cache, logits_to_keep, position_ids (memzoo's own), "
+                "num_items_in_batch, return_dict"
+            )
+        if past_key_values is not None:
+            if cache is not None:
+                raise InputError("give the state once: cache= or past_key_values= (the same argument), not both")
+            cache = past_key_values
         real = None
         if attention_mask is not None:
             real = check_mask(attention_mask, tuple(input_ids.shape), input_ids.device)
             if bool(real.all()):
                 real = None  # nothing padded: the plain path
+        if position_ids is not None:
+            _check_positions(position_ids, input_ids, real, cache)
         ids = input_ids if real is None else input_ids.masked_fill(~real, 0)
         self.model.check_tokens(ids)
         y, state = self.model.backbone(self.model.embed(ids), cache, attention_mask=real)
@@ -213,8 +256,36 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.model.head(self.model.norm(y))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            pairs = (logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(*pairs, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(*pairs, ignore_index=-100, reduction="sum") / num_items_in_batch
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=state if use_cache is not False else None)
+
+
+def _check_positions(position_ids: Tensor, input_ids: Tensor, real: Tensor | None, cache: State | RaggedState | None) -> None:
+    """Refuse ``position_ids`` that differ, at a real token, from the positions memzoo
+    gives it: the row's position in its state plus its count of real tokens before it."""
+    b, t = input_ids.shape
+    if not isinstance(position_ids, Tensor) or position_ids.dim() not in (1, 2) or position_ids.shape[-1] != t:
+        got = tuple(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
+        raise InputError(f"position_ids must be a tensor (B, T) or (T,) for input_ids of shape {(b, t)}, got {got}")
+    if cache is None:
+        start = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+    elif isinstance(cache, RaggedState):
+        start = cache.positions.to(input_ids.device)
+    else:
+        start = torch.full((b,), cache.pos, dtype=torch.long, device=input_ids.device)
+    seen = torch.ones_like(input_ids, dtype=torch.bool) if real is None else real
+    expected = start[:, None] + seen.long().cumsum(1) - 1
+    given = position_ids.to(input_ids.device).expand(b, t)
+    if bool(((given != expected) & seen).any()):
+        raise InputError(
+            "position_ids differ from the positions memzoo uses (each row's position in its state plus its count of real "
+            f"tokens; here {expected.masked_fill(~seen, -1).tolist()}, -1 at padding): memzoo takes positions from "
+            "the state and attention_mask; leave position_ids out"
+        )
 
 
 def _carry_last_real(y: Tensor, real: Tensor) -> Tensor:

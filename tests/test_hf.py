@@ -193,3 +193,80 @@ def test_text_generation_pipeline_with_a_padded_batch():
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         expected = model.generate(ids, 5)[0, -5:].tolist()
         assert out[0]["generated_token_ids"][-5:] == expected, prompt
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_the_wrapper_keeps_the_checkpoints_special_token_ids(tmp_path):
+    """from_memzoo of a model from_pretrained read carries its eos/pad ids into the config and
+    the generation config, so transformers' generate stops at eos as the checkpoint does
+    (it lost them and generated on past eos); save_pretrained writes them."""
+    llama = _llama()
+    llama.save_pretrained(tmp_path / "llama")
+    prompt = torch.randint(3, 97, (3, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    theirs = llama.generate(prompt, max_new_tokens=12, do_sample=True)
+    for source in (tmp_path / "llama", llama):
+        model = memzoo.from_pretrained(source)
+        assert model.token_ids == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+        wrapped = hf.MemzooForCausalLM.from_memzoo(model)
+        assert (wrapped.generation_config.eos_token_id, wrapped.generation_config.pad_token_id) == (2, 0)
+        torch.manual_seed(3)
+        assert torch.equal(wrapped.generate(prompt, max_new_tokens=12, do_sample=True), theirs)
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (saved["eos_token_id"], saved["pad_token_id"]) == (2, 0)
+    assert memzoo.from_pretrained(tmp_path / "out").token_ids == model.token_ids
+
+
+def test_forward_takes_past_key_values_and_refuses_what_it_would_ignore():
+    """past_key_values is cache's other name (it was dropped: 0.38 off); position_ids are
+    checked against memzoo's own; arguments memzoo cannot honour are refused, not ignored."""
+    wrapped = hf.MemzooForCausalLM.from_memzoo(memzoo.from_pretrained(_llama())).eval()
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        head = wrapped(x[:, :8])
+        a = wrapped(x[:, 8:], past_key_values=head.cache).logits
+        b = wrapped(x[:, 8:], cache=head.cache).logits
+        assert torch.equal(a, b)
+        assert torch.equal(wrapped(x, position_ids=torch.arange(12)[None]).logits, wrapped(x).logits)
+        wrapped(x[:, 8:], cache=head.cache, position_ids=torch.arange(8, 12))
+        mask = torch.tensor([[0, 0] + [1] * 10, [1] * 12])
+        wrapped(x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).masked_fill(mask == 0, 1))
+        wrapped(x, output_attentions=None, output_hidden_states=False, inputs_embeds=None)  # PEFT passes these
+        restart = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]] * 2)
+        for kwargs, words in [
+            (dict(position_ids=restart), "position_ids differ"),
+            (dict(output_hidden_states=True), "does not take output_hidden_states"),
+            (dict(not_an_argument=1), "does not take not_an_argument"),
+            (dict(cache=head.cache, past_key_values=head.cache), "not both"),
+        ]:
+            with pytest.raises(memzoo.InputError, match=words):
+                wrapped(x if "cache" not in kwargs else x[:, 8:], **kwargs)
+
+
+def test_generate_refuses_to_continue_a_state_it_cannot_continue():
+    """transformers' generate with the cache it handed back: a clear refusal naming what
+    works (it raised AttributeError: 'FullState' object has no attribute 'is_compileable')."""
+    wrapped = hf.MemzooForCausalLM.from_memzoo(memzoo.from_pretrained(_llama())).eval()
+    x = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(1))
+    out = wrapped.generate(x, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    for name in ("cache", "past_key_values"):
+        with pytest.raises(memzoo.InputError, match="model.generate"):
+            wrapped.generate(out.sequences, max_new_tokens=5, do_sample=False, **{name: out.cache})
+
+
+def test_trainer_loss_with_num_items_in_batch_is_the_sum_over_it():
+    wrapped = hf.MemzooForCausalLM.from_memzoo(memzoo.from_pretrained(_llama()))
+    x = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(2))
+    labels = x.clone()
+    labels[0, :4] = -100
+    mean = wrapped(x, labels=labels).loss
+    summed = wrapped(x, labels=labels, num_items_in_batch=7).loss
+    n = int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(summed, mean * n / 7)

@@ -35,6 +35,10 @@ class MemzooLM(GenerationMixin, nn.Module):
         #: the checkpoint folder ``memzoo.from_pretrained`` read (a ``.gguf`` file's converted
         #: folder included), or None; ``save_pretrained`` copies its tokenizer files
         self.pretrained_folder: Path | None = None
+        #: the checkpoint's special token ids (``bos_token_id``, ``eos_token_id``: an id or a
+        #: list, ``pad_token_id``) as ``from_pretrained`` read them; ``save_pretrained`` and
+        #: the transformers wrapper (:meth:`memzoo.hf.MemzooForCausalLM.from_memzoo`) carry them
+        self.token_ids: dict[str, Any] = {}
 
     @property
     def variant(self) -> str:

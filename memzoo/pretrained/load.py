@@ -23,7 +23,7 @@ from memzoo.config import ModelConfig
 from memzoo.models.builder import build_model
 from memzoo.models.lm import MemzooLM
 from memzoo.pretrained.families import PretrainedError, PretrainedWarning, memzoo_name, translate_config
-from memzoo.pretrained.save import CONFIG_NAME, INDEX_NAME, TIED_HEAD, WEIGHTS_NAME, model_config_of
+from memzoo.pretrained.save import CONFIG_NAME, INDEX_NAME, TIED_HEAD, TOKEN_ID_KEYS, WEIGHTS_NAME, model_config_of
 from memzoo.registry import get_variant
 
 #: fields a pretrained checkpoint may NOT fix: the memory unit and the attention backend.
@@ -70,12 +70,30 @@ def from_pretrained(source: Any, variant: str | None = None, *, dtype: torch.dty
             f"from_pretrained: dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, "
             f"torch.float16) or None (the checkpoint's own), got {dtype!r}"
         )
-    config, tensors, what, folder = _read(source)
-    model, config = _build(config, tensors, variant, fields, what)
+    raw, tensors, what, folder = _read(source)
+    model, config = _build(raw, tensors, variant, fields, what)
     model.pretrained_folder = None if folder is None else folder.resolve()
+    model.token_ids = _token_ids(source, raw, folder)
     if dtype is None:
         dtype = _stored_dtype(tensors)
     return model.to(dtype).eval()
+
+
+def _token_ids(source: Any, raw: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    """The checkpoint's special token ids: a memzoo model's own, else its config's, with a
+    folder's ``generation_config.json`` over them (where ``generate`` reads them; Llama 3
+    lists several eos ids there)."""
+    lm = source if isinstance(source, MemzooLM) else getattr(source, "model", None)
+    ids = dict(getattr(lm, "token_ids", {})) if isinstance(lm, MemzooLM) else {}
+    ids.update({key: raw[key] for key in TOKEN_ID_KEYS if raw.get(key) is not None})
+    generation = None if folder is None else folder / "generation_config.json"
+    if generation is not None and generation.is_file():
+        try:
+            given = json.loads(generation.read_text())
+        except json.JSONDecodeError:
+            given = {}
+        ids.update({key: given[key] for key in TOKEN_ID_KEYS if isinstance(given, dict) and given.get(key) is not None})
+    return ids
 
 
 # ------------------------------------------------------------------ sources

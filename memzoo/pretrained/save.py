@@ -71,6 +71,7 @@ def save_pretrained(model: Any, path: str | Path) -> Path:
     source = getattr(model, "pretrained_folder", None)
     if source is not None:
         meta.update(_tokenizer_from(source, folder))
+    meta.update({key: value for key, value in getattr(model, "token_ids", {}).items() if key in TOKEN_ID_KEYS})
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return folder
