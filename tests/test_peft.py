@@ -96,3 +96,21 @@ def test_lora_tunes_fam(checkpoint, tmp_path):
         assert torch.equal(reloaded, merged(toks).logits)
     err = ((reloaded - tuned).abs().max() / tuned.abs().max()).item()
     assert err <= 1e-5, f"merged and reloaded model differs from the tuned one by {err:.2e} (relative)"
+
+
+def test_save_pretrained_refuses_unmerged_adapters_and_saves_merged_ones(checkpoint, tmp_path):
+    """A model holding unmerged LoRA adapters wrote a folder from_pretrained then refused
+    (``q_proj.base_layer.weight``, ``lora_A`` ...); now the save itself is refused with the
+    remedy, and the merged model saves and loads back with the adapters' effect."""
+    model = memzoo.from_pretrained(checkpoint, "bswa", block_size=4, memory_blocks=1)
+    tuned = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with pytest.raises(memzoo.pretrained.PretrainedError, match=r"unmerged LoRA adapters.*merge_and_unload"):
+        model.save_pretrained(tmp_path / "unmerged")
+    assert not (tmp_path / "unmerged").exists()
+    with torch.no_grad():
+        expected, _ = tuned(tokens())
+    merged = tuned.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        got, _ = memzoo.from_pretrained(tmp_path / "merged")(tokens())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from memzoo.config import ModelConfig
+from memzoo.pretrained.families import PretrainedError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -51,10 +54,11 @@ def save_pretrained(model: Any, path: str | Path) -> Path:
 
     from memzoo import __version__
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     config = model_config_of(model)
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    _check_names(tensors, config)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
     if config.tie_embeddings:
         del tensors[TIED_HEAD]
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
@@ -75,6 +79,25 @@ def save_pretrained(model: Any, path: str | Path) -> Path:
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def _check_names(tensors: dict[str, Any], config: ModelConfig) -> None:
+    """Refuse to write a folder ``from_pretrained`` would refuse to read: tensors a model
+    of ``config`` has no place for (unmerged LoRA adapters wrap ``q_proj`` as
+    ``q_proj.base_layer`` + ``lora_A``/``lora_B``), or lacks."""
+    from memzoo.models.builder import build_model
+
+    with torch.device("meta"):
+        expected = set(build_model(config).state_dict())
+    extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+    if extra or missing:
+        lora = any("lora_" in name or ".base_layer." in name for name in extra)
+        raise PretrainedError(
+            f"save_pretrained: the model's tensors do not fit a {config.variant} model of its config "
+            f"(no place for {extra[:3]}{' ...' if len(extra) > 3 else ''}; missing {missing[:3]}{' ...' if len(missing) > 3 else ''})"
+            + ("; it holds unmerged LoRA adapters: merge them first (peft_model.merge_and_unload()), "
+               "or save the adapters alone with peft_model.save_pretrained(dir)" if lora else "")
+        )
 
 
 def _tokenizer_from(source: Path, folder: Path) -> dict[str, Any]:
