@@ -246,6 +246,34 @@ def test_changing_variant_of_a_memzoo_folder(folders, tmp_path):
     assert torch.equal(logits(model, toks), logits(bswa, toks))
 
 
+@pytest.mark.parametrize(
+    "variant,saved,asked,dropped",
+    [
+        ("fam", dict(fam_len=2, memory_blocks=1), dict(fam_len=4), "backbone.prompt"),
+        ("rmt", dict(num_memory_tokens=3), dict(num_memory_tokens=1), "backbone.read_init"),
+        ("brt", dict(num_states=4), dict(num_states=2), "backbone.cell.initial_state"),
+    ],
+)
+def test_a_memzoo_folder_with_other_sizes_of_its_own_options(folders, tmp_path, variant, saved, asked, dropped):
+    """docs/pretrained.md: a memzoo folder loaded as its own variant with other options
+    skips what the variant added, with a warning. An added tensor of another size
+    (fam_len 2 -> 4) was a shape error; it starts afresh, as from the original checkpoint."""
+    memzoo.from_pretrained(folders["llama_gqa"], variant, block_size=4, **saved).save_pretrained(tmp_path)
+    with pytest.warns(PretrainedWarning, match=f"{dropped}.*another shape"):
+        model = memzoo.from_pretrained(tmp_path, variant, **asked)
+    direct = memzoo.from_pretrained(folders["llama_gqa"], variant, block_size=4, **{**saved, **asked})
+    toks = tokens()
+    assert torch.equal(logits(model, toks), logits(direct, toks))
+    weights = dict(model.state_dict())  # the same options: a resized tensor stays an error
+    model.save_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file, save_file
+
+    stored = load_file(tmp_path / "again" / "model.safetensors")
+    save_file({**stored, dropped: torch.zeros(7, weights[dropped].shape[-1])}, tmp_path / "again" / "model.safetensors")
+    with pytest.raises(PretrainedError, match=f"tensor {dropped} has shape"):
+        memzoo.from_pretrained(tmp_path / "again")
+
+
 def test_xl_relative_folder_loads_as_another_variant_or_with_rope(tmp_path):
     """xl's relative-position tensors sit inside the layers (``backbone.layers.i.positions``);
     loading its folder as another variant, or as xl with RoPE, drops them with a warning,

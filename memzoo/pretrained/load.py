@@ -288,6 +288,20 @@ def _load_weights(model: MemzooLM, tensors: dict[str, Tensor], what: str, *, dro
     params = dict(model.state_dict(keep_vars=True))
     if model.head.weight is model.embed.weight:
         params.pop(TIED_HEAD)
+    if dropped_ok:  # an added tensor of another shape (fam_len 4 -> 8): the saved one does not fit these options
+        resized = sorted(
+            k for k in set(tensors) & set(params)
+            if k.startswith("backbone.") and not _DECODER_TENSOR.match(k) and tuple(tensors[k].shape) != tuple(params[k].shape)
+        )
+        if resized:
+            warnings.warn(
+                f"{what}: not loading {[f'{k} {tuple(tensors[k].shape)}' for k in resized]}: the checkpoint's variant added "
+                f"them in another shape than {model.variant} with these options takes; they start afresh "
+                "(Backbone.init_from_embeddings)",
+                PretrainedWarning,
+                stacklevel=4,
+            )
+            tensors = {k: t for k, t in tensors.items() if k not in resized}
     unexpected = sorted(set(tensors) - set(params))
     if unexpected:
         added = [k for k in unexpected if k.startswith("backbone.") and not _DECODER_TENSOR.match(k)]
