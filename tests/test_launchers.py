@@ -252,3 +252,87 @@ def test_torchrun_compare_writes_rows_equal_to_one_process(tmp_path: Path) -> No
     for a, b in zip(ddp.rows, one.rows):
         assert a.value == pytest.approx(b.value, abs=1e-6)
     torch.testing.assert_close(torch.tensor(ddp.runs[0].losses), torch.tensor(one.runs[0].losses), atol=1e-5, rtol=1e-5)
+
+
+class _FakeRay:
+    """Stands in for the ``ray`` module: records ``init``, reports ``cluster`` as the
+    cluster's resources; no cluster is started."""
+
+    def __init__(self, cluster: dict[str, float], *, cpus_from_init: bool = True) -> None:
+        self.cluster, self.cpus_from_init = cluster, cpus_from_init
+        self.inits: list[dict] = []
+        self.shutdowns = 0
+        self.up = False
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def init(self, address=None, **kwargs) -> None:
+        self.inits.append({"address": address, **kwargs})
+        self.up = True
+
+    def cluster_resources(self) -> dict[str, float]:
+        if self.cpus_from_init and self.inits and "num_cpus" in self.inits[-1]:
+            return {**self.cluster, "CPU": float(self.inits[-1]["num_cpus"])}
+        return dict(self.cluster)
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+        self.up = False
+
+    def remote(self, fn):
+        class _Options:
+            def options(self, **kwargs):
+                return kwargs
+
+        return _Options()
+
+
+def test_ray_caps_a_local_cluster_at_jobs_times_the_cpus_of_a_run(monkeypatch) -> None:
+    """--jobs caps a local Ray cluster's CPUs (also --jobs 1), consistent with each run's CPU
+    request (--threads), so --jobs 2 --threads 3 runs two at a time instead of never."""
+    from memzoo.compare.launchers import RayLauncher
+
+    for jobs, threads, cpus in [(1, 1, 1), (2, 1, 2), (2, 3, 6), (1, None, 1)]:
+        fake = _FakeRay({"memory": 1e9})
+        monkeypatch.setitem(sys.modules, "ray", fake)
+        launcher = make_launcher("ray", jobs=jobs, threads=threads)
+        assert isinstance(launcher, RayLauncher)
+        assert fake.inits[0]["num_cpus"] == cpus and launcher.resources["CPU"] == (threads or 1)
+        launcher.close()
+        assert fake.shutdowns == 1
+
+
+def test_ray_refuses_a_run_the_cluster_can_never_schedule(monkeypatch, tmp_path: Path, capsys) -> None:
+    """A per-run request beyond the cluster (a GPU the local cluster lacks, a custom resource,
+    more CPUs than a remote cluster has) used to leave the Ray task pending forever."""
+    fake = _FakeRay({"memory": 1e9})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(MemzooError, match=r"each run asks Ray for GPU=1, more than the local Ray cluster has \(GPU=0\)"):
+        make_launcher("ray", jobs=2, resources={"GPU": 1})
+    assert fake.shutdowns == 1 and not fake.up  # the cluster it started is shut down again
+    fake = _FakeRay({"memory": 1e9})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(MemzooError, match=r"asks Ray for my_label=1, more than the local Ray cluster has \(my_label=0\)"):
+        make_launcher("ray", resources={"my_label": 1})
+    assert fake.inits == []  # refused before a cluster is started
+    fake = _FakeRay({"CPU": 4.0, "GPU": 1.0}, cpus_from_init=False)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(MemzooError, match=r"CPU=8, more than the Ray cluster at ray://head:1 has \(CPU=4\)"):
+        make_launcher("ray", address="ray://head:1", resources={"CPU": 8, "GPU": 1})
+    assert "num_cpus" not in fake.inits[0] and fake.shutdowns == 1
+    fake = _FakeRay({"CPU": 4.0, "GPU": 1.0}, cpus_from_init=False)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    make_launcher("ray", address="ray://head:1", resources={"CPU": 4, "GPU": 1}).close()  # fits: accepted
+    # the command line: one line, exit 2, nothing trained
+    fake = _FakeRay({"memory": 1e9})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    calls: list = []
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: calls.append(a))
+    args = ["compare", "--variants", "bswa", "--steps", "2", "--set", "model.d_model=16", "--set", "model.n_layers=1",
+            "--set", "eval.examples=4", "--set", "eval.lengths=[32]", "--no-progress", "--launcher", "ray",
+            "--resources", '{"GPU": 1}', "--out", str(tmp_path / "lb")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memzoo: error: each run asks Ray for GPU=1") and err.count("\n") == 1, err
+    assert calls == [] and not (tmp_path / "lb" / "passkey.json").exists()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import importlib
+import math
 import multiprocessing
 import os
 import sys
@@ -137,33 +138,49 @@ class LocalPool:
 class RayLauncher:
     """Each run is a Ray task with ``resources`` (``{"CPU": n, "GPU": m, "custom": k}``;
     CPU defaults to the run's torch threads). Without ``address`` a local Ray cluster is
-    started for the sweep (``num_cpus`` caps it) and shut down by :meth:`close`."""
+    started for the sweep with ``jobs`` times one run's CPUs (so at most ``jobs`` runs at
+    once) and shut down by :meth:`close`. A run asking for more than the cluster has
+    (a GPU it lacks, a custom resource) is refused before any run starts: Ray would
+    wait for it forever."""
 
     name = "ray"
 
     def __init__(
         self, *, address: str | None = None, resources: dict[str, float] | None = None, threads: int | None = 1,
-        num_cpus: int | None = None,
+        jobs: int = 1,
     ) -> None:
         if not RAY:
             raise MemzooError(f"--launcher ray needs Ray: pip install 'memzoo[ray]' ({RAY.message})")
         import ray
 
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise MemzooError(f"jobs must be an int >= 1, got {jobs!r}")
         resources = dict(resources or {})
         for key, value in resources.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise MemzooError(f"resource {key!r} must be a number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise MemzooError(f"resource {key!r} must be a finite number >= 0, got {value!r}")
+        cpus = resources.pop("CPU", threads or 1)
+        gpus = resources.pop("GPU", 0)
+        self.resources = {"CPU": cpus, "GPU": gpus, **resources}
+        local = address is None and not ray.is_initialized()
+        num_cpus = local_cpus(jobs, cpus) if local else None
+        if local:  # a local cluster's CPUs and custom resources (none) are known before it starts: refuse early
+            known = tuple(key for key in self.resources if key != "GPU")  # its GPUs are Ray's to detect
+            check_request(self.resources, {"CPU": num_cpus}, where="the local Ray cluster", known=known)
         self._started = not ray.is_initialized()
         if self._started:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if address is None and num_cpus is not None:
+            if num_cpus is not None:
                 kwargs["num_cpus"] = num_cpus
             ray.init(address=address, **kwargs)
-        cpus = resources.pop("CPU", threads or 1)
-        gpus = resources.pop("GPU", 0)
+        try:
+            where = "the local Ray cluster" if address is None else f"the Ray cluster at {address}"
+            check_request(self.resources, dict(ray.cluster_resources()), where=where)
+        except BaseException:
+            self.close()
+            raise
         # retries are the runner's (the same for every launcher, and reported); Ray's are off
         self._task = ray.remote(execute).options(num_cpus=cpus, num_gpus=gpus, resources=resources or None, max_retries=0)
-        self.resources = {"CPU": cpus, "GPU": gpus, **resources}
 
     def submit(self, payload: dict[str, Any]) -> "cf.Future[str]":
         return self._task.remote(payload).future()
@@ -176,6 +193,33 @@ class RayLauncher:
 
         if self._started and ray.is_initialized():
             ray.shutdown()
+
+
+def local_cpus(jobs: int, cpus_per_run: float) -> int:
+    """The CPUs of a local Ray cluster for ``jobs`` runs at once, each asking for
+    ``cpus_per_run`` CPUs (at least 1): --jobs caps it, as it caps the local pool."""
+    return max(1, math.ceil(jobs * cpus_per_run))
+
+
+def check_request(
+    request: dict[str, float], available: dict[str, float], *, where: str, known: tuple[str, ...] | None = None
+) -> None:
+    """Refuse a per-run resource request that ``available`` (a cluster's resources) cannot
+    meet: Ray would leave such a task pending forever. ``known``: check only these
+    resources (what is known of a cluster before it starts)."""
+    short = {
+        key: amount for key, amount in request.items()
+        if amount > 0 and (known is None or key in known) and amount > available.get(key, 0)
+    }
+    if not short:
+        return
+    asked = ", ".join(f"{key}={amount:g}" for key, amount in short.items())
+    has = ", ".join(f"{key}={available.get(key, 0):g}" for key in short)
+    raise MemzooError(
+        f"each run asks Ray for {asked}, more than {where} has ({has}): no run could ever start; "
+        "valid: per-run --resources (and CPU = --threads) within the cluster's resources, or --address of a cluster "
+        "that has them"
+    )
 
 
 LAUNCHERS = ("local", "ray")
@@ -191,5 +235,5 @@ def make_launcher(
             raise MemzooError("--address and --resources are for --launcher ray")
         return InProcess() if jobs <= 1 else LocalPool(jobs, quiet=quiet)
     if name == "ray":
-        return RayLauncher(address=address, resources=resources, threads=threads, num_cpus=jobs if jobs > 1 else None)
+        return RayLauncher(address=address, resources=resources, threads=threads, jobs=jobs)
     raise MemzooError(f"unknown launcher {name!r}; valid: {', '.join(LAUNCHERS)}")
