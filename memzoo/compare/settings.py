@@ -67,6 +67,10 @@ def _model_settings() -> type[BaseModel]:
 ModelSettings = _model_settings()
 
 
+#: one of AdamW's betas: a finite float in [0, 1) (torch refuses any other at the first step)
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+
+
 class TrainSettings(_Strict):
     """The training budget: identical for every variant."""
 
@@ -81,7 +85,7 @@ class TrainSettings(_Strict):
         None, ge=1, description="feed each training sequence in chunks of this many tokens, carrying the state; None = one call"
     )
     detach_every: int = Field(
-        0, ge=0, description="cut the gradient through the state every N chunks (truncated BPTT); 0 = never"
+        0, ge=0, description="cut the gradient through the state every N chunks (truncated BPTT; needs chunk_len); 0 = never"
     )
     rsp_prob: float = Field(
         0.0, ge=0.0, le=1.0,
@@ -94,7 +98,7 @@ class TrainSettings(_Strict):
         "matrices", description="what AdamW decays: the weight matrices of Linear/Embedding modules (nanoGPT's rule), "
         "or every parameter (norms, biases, prompts too; memzoo before this setting existed)",
     )
-    betas: tuple[FiniteFloat, FiniteFloat] = Field((0.9, 0.95), strict=False)
+    betas: tuple[_Beta, _Beta] = Field((0.9, 0.95), strict=False, description="AdamW's betas, each in [0, 1)")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up, then cosine decay to min_lr_ratio * lr")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradient norm; None = no clipping")
@@ -127,6 +131,15 @@ class TrainSettings(_Strict):
         if isinstance(out, dict) and self.non_finite == "isolate":
             out.pop("non_finite", None)
         return out
+
+    @model_validator(mode="after")
+    def _detach_needs_chunks(self) -> "TrainSettings":
+        if self.detach_every and self.chunk_len is None:
+            raise ValueError(
+                f"train.detach_every={self.detach_every} cuts the gradient between chunks, but train.chunk_len is not set "
+                "(each sequence is one call: there is nothing to cut); valid: set train.chunk_len too, or detach_every=0"
+            )
+        return self
 
     @field_validator("length", mode="before")
     @classmethod
