@@ -349,3 +349,20 @@ def test_table_cells_are_mean_and_std_over_seeds() -> None:
     table = markdown_table(rows)
     assert f"| `a` | 0.500 ± {math.sqrt(0.125):.3f} | 10 | 2.0 |" in table
     assert "2 seed(s): 0, 1" in table
+
+
+def test_compare_refuses_config_with_task_and_an_empty_variant_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``task`` beside ``config`` used to be ignored silently (the config's task ran), and
+    ``compare([])`` ran every variant where the CLI refuses ``--variants ""``."""
+    calls: list = []
+    monkeypatch.setattr(runner, "compare_runs", lambda *a, **k: calls.append(a) or [])
+    config = CompareConfig(task="passkey", variants=("bswa",), **MICRO)
+    for given in [{"task": "mqar"}, {"task": "passkey"}, {"variants": ["bswa"]}, {"preset": "tiny"}, {"seeds": (1,)}]:
+        name = next(iter(given))
+        with pytest.raises(TypeError, match=rf"pass either config=\.\.\. or variants/task/preset/fields, not both \(also given: {name}\)"):
+            compare(config=config, **given)
+    for empty in ([], (), "", ","):
+        with pytest.raises(memzoo.MemzooError, match="variants is empty; valid: variant names"):
+            compare(empty, "passkey", **MICRO)
+    assert calls == []
+    assert compare(config=config) == [] and len(calls) == 1  # config alone is accepted

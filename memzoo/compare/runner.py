@@ -571,9 +571,22 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class _Default:
+    """A parameter's default that is told apart from the same value passed explicitly."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+_TASK = _Default("passkey")
+
+
 def compare(
     variants: list[str] | tuple[str, ...] | str | None = None,
-    task: str = "passkey",
+    task: str | _Default = _TASK,
     *,
     results_dir: str | Path | None = None,
     progress: bool | None = None,
@@ -586,7 +599,8 @@ def compare(
     config: CompareConfig | None = None,
     **fields: Any,
 ) -> list[ResultRow]:
-    """Train and evaluate ``variants`` (default: every registered one) on ``task`` under
+    """Train and evaluate ``variants`` (default None: every registered one; an empty list is
+    refused, like ``--variants ""``) on ``task`` (default ``"passkey"``) under
     the same budget and seeds; return tidy :class:`ResultRow` rows. A run that diverged
     has no rows; a ``RuntimeWarning`` says which (``compare_runs`` gives its record).
 
@@ -594,16 +608,24 @@ def compare(
     ``eval``, ``task_options``, ``variant_options``, ``backend``, ``device``); nested
     ones take dicts, e.g. ``train={"steps": 50}``, and are merged over ``preset``
     (a name in :data:`~memzoo.compare.settings.PRESETS`) if given. Or pass a whole
-    ``config``. ``threads``: torch CPU threads per run (None: unchanged); ``jobs``: runs at once
+    ``config`` (then ``variants``, ``task``, ``preset`` and ``fields`` are a TypeError). ``threads``: torch CPU threads per run (None: unchanged); ``jobs``: runs at once
     in worker processes; ``launcher``, ``retries``: as in :func:`compare_runs`. A run that
     kept failing has no rows either; a ``RuntimeWarning`` names it.
     """
     if config is not None:
-        if fields or variants is not None or preset is not None:
-            raise TypeError("pass either config=... or variants/task/preset/fields, not both")
+        given = [name for name, value in (("variants", variants), ("preset", preset)) if value is not None]
+        given += ["task"] * (task is not _TASK) + sorted(fields)
+        if given:
+            raise TypeError(f"pass either config=... or variants/task/preset/fields, not both (also given: {', '.join(given)})")
     else:
+        task = task.value if isinstance(task, _Default) else task
         if isinstance(variants, str):
             variants = [v for v in variants.split(",") if v]
+        if variants is not None and not variants:
+            raise MemzooError(
+                "variants is empty; valid: variant names (see memzoo.list_variants()), or leave it out (None) for every "
+                "registered variant"
+            )
         base = settings_preset(preset, task) if preset is not None else {"task": task}
         config = CompareConfig(**merge(base, {**fields, "variants": tuple(variants or ())}))
     records = compare_runs(
