@@ -241,6 +241,49 @@ def _writable_dir(flag: str, path: str) -> None:
             return
 
 
+def _leaves(path: list[str], value: Any) -> list[tuple[tuple[str, ...], Any]]:
+    """The settings one ``--set`` gives: a JSON object value gives each of its fields."""
+    if isinstance(value, dict):  # {} sets nothing
+        return [leaf for key, sub in value.items() for leaf in _leaves([*path, key], sub)]
+    return [(tuple(path), value)]
+
+
+def _check_given_once(args: argparse.Namespace) -> None:
+    """Refuse a setting given both by ``--set`` and by a flag (``--steps``, ``--compile``,
+    ``--variants``, ``--seeds``, ``--backend``, ``--device``, ``--option``): one of them
+    would win silently. And ``--set task=...``: the task picks the preset's settings, so
+    it is chosen with ``--task``."""
+    leaves = [leaf for raw, value in args.sets for leaf in _leaves(raw, value)]
+    for path, value in leaves:
+        if path == ("task",) and value != args.task:
+            raise UsageError(
+                f"--set task={json.dumps(value)}: the task is chosen with --task (the preset's settings, its task options "
+                f"included, are those of the task --task names, now {args.task!r}); valid: --task NAME, e.g. --task {value}"
+            )
+    given = [(path, f"--set {'.'.join(path)}={json.dumps(value)}") for path, value in leaves]
+    flags: list[tuple[tuple[str, ...], str]] = []
+    if args.steps is not None:
+        flags.append((("train", "steps"), f"--steps {args.steps}"))
+    if args.compile:
+        flags.append((("train", "compile"), "--compile"))
+    if args.variants is not None:
+        flags.append((("variants",), f"--variants {','.join(args.variants)}"))
+    if args.seeds is not None:
+        flags.append((("seeds",), f"--seeds {','.join(map(str, args.seeds))}"))
+    for key in ("backend", "device"):
+        if getattr(args, key) is not None:
+            flags.append(((key,), f"--{key} {getattr(args, key)}"))
+    flags += [(("variant_options", *path), f"--option {'.'.join(path)}={json.dumps(value)}") for path, value in args.options]
+    for flag_path, flag in flags:
+        for set_path, where in given:
+            n = min(len(flag_path), len(set_path))
+            if flag_path[:n] == set_path[:n]:
+                raise UsageError(
+                    f"{'.'.join(flag_path)} is given twice, by {flag} and by {where}; give it once (one of them would "
+                    "silently win)"
+                )
+
+
 def compare_config(args: argparse.Namespace) -> Any:
     """The :class:`~memzoo.compare.CompareConfig` of a ``memzoo compare`` command line."""
     from memzoo.compare.settings import CompareConfig, merge, preset
@@ -252,6 +295,7 @@ def compare_config(args: argparse.Namespace) -> Any:
         if len(path) != 2:
             raise UsageError(f"--option takes VARIANT.FIELD=VALUE, got {'.'.join(path)!r}")
         fields = merge(fields, {"variant_options": _nest(path, value)})
+    _check_given_once(args)
     if args.variants is not None:
         fields["variants"] = args.variants
     if args.seeds is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import re
 import math
 import os
 import signal
@@ -402,6 +403,37 @@ def test_cli_user_errors_are_one_line_before_training(extra: list[str], tmp_path
     err = capsys.readouterr().err
     assert err.startswith("memzoo: error: ") and err.count("\n") == 1, err
     assert count_runs == [] and not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "5", "--set", "train.steps=10"], "train.steps is given twice, by --steps 5 and by --set train.steps=10"),
+    (["--steps", "5", "--set", 'train={"steps": 10}'], "train.steps is given twice, by --steps 5 and by --set train.steps=10"),
+    (["--compile", "--set", "train.compile=false"], "train.compile is given twice, by --compile and by --set train.compile=false"),
+    (["--set", 'variants=["fam"]'], 'variants is given twice, by --variants bswa and by --set variants=\\["fam"\\]'),
+    (["--seeds", "0", "--set", "seeds=[1]"], r"seeds is given twice, by --seeds 0 and by --set seeds=\[1\]"),
+    (["--backend", "sdpa", "--set", 'backend="auto"'], 'backend is given twice, by --backend sdpa and by --set backend="auto"'),
+    (["--device", "cpu", "--set", 'device="cpu"'], 'device is given twice, by --device cpu and by --set device="cpu"'),
+    (["--variants", "fam", "--option", "fam.fam_len=2", "--set", "variant_options.fam.fam_len=3"],
+     "variant_options.fam.fam_len is given twice, by --option fam.fam_len=2 and by --set variant_options.fam.fam_len=3"),
+    (["--set", 'task="mqar"'], r"--set task=\"mqar\": the task is chosen with --task .*now 'passkey'\); valid: --task NAME, e.g. --task mqar"),
+])
+def test_a_setting_given_both_by_set_and_by_a_flag_is_refused(extra, message, tmp_path: Path, count_runs, capsys) -> None:
+    """A flag used to win over the same --set silently (--steps 5 --set train.steps=10 trained 5 steps);
+    --set task=mqar blamed the passkey preset's task options, which the user never set."""
+    out = tmp_path / "lb"
+    assert main(["compare", "--variants", "bswa", "--out", str(out), *MICRO_ARGS, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(f"memzoo: error: {message}", err), err
+    assert count_runs == [] and not out.exists()
+
+
+def test_flags_and_sets_of_different_settings_still_combine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from memzoo.cli import build_parser, compare_config
+
+    args = build_parser().parse_args(["compare", "--steps", "2", "--set", 'train={"lr": 0.01}', "--set", 'task="passkey"',
+                                      "--option", "fam.fam_len=1", "--set", "variant_options.fam.memory_blocks=2"])
+    config = compare_config(args)
+    assert (config.train.steps, config.train.lr, config.variant_options) == (2, 0.01, {"fam": {"fam_len": 1, "memory_blocks": 2}})
 
 
 def test_a_bad_item_is_reported_once_not_also_as_a_short_sequence(tmp_path: Path, count_runs, capsys) -> None:
