@@ -366,3 +366,34 @@ def test_compare_refuses_config_with_task_and_an_empty_variant_list(monkeypatch:
             compare(empty, "passkey", **MICRO)
     assert calls == []
     assert compare(config=config) == [] and len(calls) == 1  # config alone is accepted
+
+
+def test_a_changed_text_corpus_changes_the_run_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text task's run identity used to hold only the corpus's path: editing the file
+    reused the old results silently (with another vocabulary, even)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abcdefgh" * 8, encoding="utf-8")
+    config = CompareConfig(
+        task="text", variants=("bswa",), task_options={"path": str(corpus), "eval_fraction": 0.5},
+        model={"d_model": 16, "n_layers": 1, "n_heads": 2, "block_size": 4},
+        train={"steps": 1, "batch_size": 2, "length": 8, "warmup_steps": 0}, eval={"lengths": (8,), "examples": 2, "batch_size": 2},
+    )
+    runs = tmp_path / "runs"
+    (first,) = compare_runs(config, results_dir=runs, quiet=True)
+    before = runner.run_spec(config, "bswa", 0)
+    assert before.task_data == {"corpus_sha256": __import__("hashlib").sha256(corpus.read_bytes()).hexdigest()}
+    assert runner.run_spec(config, "bswa", 0).config_hash == before.config_hash  # the same file: the same run
+    corpus.write_text("abcdefgh" * 7 + "ijklmnop", encoding="utf-8")  # the same path, other content (and vocabulary)
+    after = runner.run_spec(config, "bswa", 0)
+    assert after.config_hash != before.config_hash and after.task_options == before.task_options
+    calls: list = []
+    real = runner.run_one
+    monkeypatch.setattr(runner, "run_one", lambda spec, cfg, **kw: calls.append(spec) or real(spec, cfg, **kw))
+    (second,) = compare_runs(config, results_dir=runs, quiet=True)
+    assert [s.config_hash for s in calls] == [after.config_hash] and second.spec == after  # trained again, not loaded
+    assert len(list((runs / "text").glob("bswa-seed0-*.json"))) == 2
+    with pytest.raises(memzoo.MemzooError, match="its data is not the data this run was planned with"):
+        real(before, config)  # a worker whose file differs from the planned one refuses to run
+    # tasks whose config says it all keep the hashes they had: no task_data in their spec
+    plain = runner.run_spec(CompareConfig(task="passkey", variants=("bswa",), **MICRO), "bswa", 0)
+    assert plain.task_data is None and "task_data" not in plain.model_dump(mode="json")

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from memzoo.errors import MemzooError, one_line
 
@@ -83,6 +83,17 @@ class RunSpec(_Strict):
     eval_lengths: list[int]
     backend: str
     device: str
+    task_data: dict[str, str] | None = Field(
+        None, description="what the task's data depends on beyond its options (Task.data_fingerprint: e.g. the text "
+        "corpus's sha256); left out of the file and the hash when None"
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and self.task_data is None:
+            out.pop("task_data", None)  # runs of tasks without one keep the hashes they had
+        return out
 
     @property
     def config_hash(self) -> str:

@@ -70,11 +70,13 @@ def device_name(device: str) -> str:
 
 
 def run_spec(config: CompareConfig, variant: str, seed: int) -> RunSpec:
+    task = make_task(config.task, **config.task_options)
     return RunSpec(
         variant=variant,
         variant_options=variant_options(variant, config.model, config.variant_options.get(variant)),
         task=config.task,
-        task_options=make_task(config.task, **config.task_options).config.model_dump(mode="json"),
+        task_options=task.config.model_dump(mode="json"),
+        task_data=task.data_fingerprint(),
         seed=seed,
         model=config.model.model_dump(mode="json"),
         train=config.train.model_dump(mode="json"),
@@ -122,6 +124,11 @@ def run_one(
     TensorBoard events to ``<log_dir>/<task>/<variant>-seed<seed>-<hash>``; ``dist``: train
     data-parallel across the ranks of a torchrun launch (every rank returns the record)."""
     task: Task = make_task(spec.task, **spec.task_options)
+    if task.data_fingerprint() != spec.task_data:  # e.g. the corpus file was edited, or differs on this worker's node
+        raise MemzooError(
+            f"task {spec.task!r}: its data is not the data this run was planned with ({task.data_fingerprint()} here, "
+            f"{spec.task_data} planned); rerun the comparison to plan it with the current data"
+        )
     start = time.perf_counter()
     device = dist.device(spec.device) if dist is not None else spec.device
     with _INIT_LOCK:  # the global RNG: two comparisons in one process must not interleave their inits

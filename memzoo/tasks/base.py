@@ -151,6 +151,12 @@ class Task:
         """``batch_size`` sequences of ``length`` tokens drawn with ``generator``."""
         raise NotImplementedError
 
+    def data_fingerprint(self) -> dict[str, str] | None:
+        """What this task's data depends on beyond its config (e.g. a file's content, as a
+        hash), or None when the config says it all. A comparison run's identity (its
+        ``RunSpec`` and config hash) includes it, so changed data never reuses old results."""
+        return None
+
     def score(self, stats: ExampleStats, groups: list[str]) -> dict[str, dict[str, float]]:
         """metric -> {"all": value, group: value, ...}."""
         return {name: aggregate(kind, stats, groups) for name, kind in self.metrics.items()}

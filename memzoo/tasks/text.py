@@ -13,6 +13,7 @@ log-likelihood in bits.
 
 from __future__ import annotations
 
+import hashlib
 from functools import cached_property
 from pathlib import Path
 
@@ -54,6 +55,11 @@ class Text(Task):
         if len(text) < 4:
             raise InputError(f"text task: corpus {str(path)!r} has {len(text)} characters; it needs at least 4")
         return text
+
+    def data_fingerprint(self) -> dict[str, str]:
+        """The corpus's sha256 (of its UTF-8 text): a changed file, or another Python's
+        ``pydoc_data``, is other data, so a comparison does not reuse runs made on the old one."""
+        return {"corpus_sha256": hashlib.sha256(self.corpus.encode("utf-8")).hexdigest()}
 
     @cached_property
     def chars(self) -> list[str]:
