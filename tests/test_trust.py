@@ -139,6 +139,42 @@ def test_a_leaderboard_whose_rows_and_runs_disagree_is_refused(tmp_path: Path) -
     assert load_leaderboard(path) == board
 
 
+def test_a_leaderboard_is_held_to_its_own_task_lengths_seeds_and_unique_rows_even_without_runs(tmp_path: Path, capsys) -> None:
+    """A leaderboard without ``runs`` skipped every check (a duplicated row was averaged in:
+    a 2-seed page over 3 values), and rows relabelled with another task or training length
+    were averaged in too."""
+    from memzoo.compare.results import ResultsFileError
+
+    config = CompareConfig(task="passkey", variants=("bswa",), seeds=(0, 1), **MICRO)
+    board = build_leaderboard(config, compare_runs(config, quiet=True))
+    good = json.loads(board.model_dump_json(by_alias=True))
+    bare = {k: v for k, v in good.items() if k != "runs"}
+    first = good["rows"][0]
+    relabel = lambda **kw: [{**first, **kw}, *good["rows"][1:]]  # noqa: E731
+    for edited, message in [
+        ({**bare, "rows": good["rows"] + [first]}, "bswa seed 0 has two rows for accuracy all at length 16"),
+        ({**bare, "rows": relabel(seed=2)}, r"a row of bswa seed 2 .* is of a seed this board does not run \(seeds \[0, 1\]\)"),
+        ({**bare, "rows": relabel(variant="full")}, r"is of a variant this board does not run \(variants \['bswa'\]\)"),
+        ({**bare, "rows": relabel(eval_length=64)}, r"is at a length this board does not evaluate \(eval_lengths \[16, 32\]\)"),
+        ({**bare, "rows": relabel(task="mqar")}, "is of task 'mqar', but this is the 'passkey' board"),
+        ({**good, "rows": relabel(task="mqar")}, "is of task 'mqar', but this is the 'passkey' board"),
+        ({**good, "rows": relabel(train_length=32)}, "has train length 32, but this board trained at 16"),
+        ({**bare, "rows": [r for r in good["rows"] if not (r["seed"] == 1 and r["eval_length"] == 32 and r["slice"] == "all")]},
+         "finished run bswa seed 1 lacks"),
+    ]:
+        path = tmp_path / "board.json"
+        path.write_text(json.dumps(edited))
+        with pytest.raises(ResultsFileError, match=message):
+            load_leaderboard(path)
+        assert main(["render", str(path)]) == 2 and not (tmp_path / "board.md").exists()
+    capsys.readouterr()
+    path.write_text(json.dumps(bare))  # a board without a run list still loads when its rows are its own
+    assert load_leaderboard(path).rows == board.rows
+    ranged = {**bare, "settings": {**bare["settings"], "train": {**bare["settings"]["train"], "length": [8, 16]}}}
+    path.write_text(json.dumps(ranged))  # rows name hi of a training-length range
+    assert load_leaderboard(path).rows == board.rows
+
+
 def test_cli_exit_status_says_a_run_diverged(tmp_path: Path, capsys) -> None:
     out = tmp_path / "lb"
     args = ["compare", "--variants", "bswa", "--set", "train.lr=10000", "--steps", "30", "--jobs", "1", "--out", str(out), *MICRO_ARGS]

@@ -179,13 +179,15 @@ class Leaderboard(_Strict):
 
     @model_validator(mode="after")
     def _runs_match_rows(self) -> "Leaderboard":
-        """The run list and the rows tell one story: one entry per (variant, seed); rows
-        only of finished runs, none twice; every finished run with an overall (``slice="all"``)
-        row for each metric and length any run has (which slices occur may depend on the
-        examples). So an edited or truncated file is refused instead of averaged over fewer
-        seeds than its note says."""
-        if not self.runs:  # a board without a run list (nothing to hold the rows to)
-            return self
+        """The rows are this board's and the run list and the rows tell one story. Always:
+        every row is of this board's task, training length, evaluation lengths, variants and
+        seeds (those its settings name), and no (variant, seed, metric, slice, length) has two
+        rows. With a run list: one entry per (variant, seed); rows only of finished runs;
+        every finished run with an overall (``slice="all"``) row for each metric and length
+        any run has (which slices occur may depend on the examples); without one, every
+        (variant, seed) with rows has those. So an edited or truncated file is refused instead
+        of averaged over other rows or fewer seeds than its note says."""
+        self._rows_are_this_boards()
         status: dict[tuple[str, int], str] = {}
         for run in self.runs:
             if (run.variant, run.seed) in status:
@@ -194,7 +196,7 @@ class Leaderboard(_Strict):
         keys: dict[tuple[str, int], set[tuple[str, str, int]]] = {}
         for row in self.rows:
             run = (row.variant, row.seed)
-            if status.get(run) != "finished":
+            if self.runs and status.get(run) != "finished":
                 why = "has no entry in runs" if run not in status else f"is {status[run]} (such a run has no rows)"
                 raise ValueError(f"rows: a row of {row.variant} seed {row.seed} ({row.metric}), but that run {why}")
             key = (row.metric, row.slice, row.eval_length)
@@ -202,7 +204,7 @@ class Leaderboard(_Strict):
                 raise ValueError(f"rows: {row.variant} seed {row.seed} has two rows for {row.metric} {row.slice} at length {row.eval_length}")
             keys[run].add(key)
         overall = {run: {(m, n) for m, s_, n in found if s_ == "all"} for run, found in keys.items()}
-        finished = [run for run, st in status.items() if st == "finished"]
+        finished = [run for run, st in status.items() if st == "finished"] if self.runs else list(keys)
         expected = set().union(*overall.values()) if overall else set()
         for run in finished:
             missing = expected - overall.get(run, set())
@@ -213,6 +215,31 @@ class Leaderboard(_Strict):
                     f"the other runs have (e.g. {metric} at length {length}); a finished run has every one"
                 )
         return self
+
+    def _rows_are_this_boards(self) -> None:
+        """Every row is labelled with this board's task, training length (``hi`` of a range),
+        one of its evaluation lengths, and a variant and seed its settings name (where they
+        name them: an old or hand-made board may lack some settings)."""
+        train = self.settings.get("train")
+        length = train.get("length") if isinstance(train, dict) else None
+        if isinstance(length, list) and len(length) == 2:
+            length = length[1]
+        train_length = length if isinstance(length, int) and not isinstance(length, bool) else None
+        variants, seeds = self.settings.get("variants"), self.settings.get("seeds")
+        for row in self.rows:
+            label = f"a row of {row.variant} seed {row.seed} ({row.metric} at length {row.eval_length})"
+            if row.task != self.task:
+                raise ValueError(f"rows: {label} is of task {row.task!r}, but this is the {self.task!r} board")
+            if train_length is not None and row.train_length != train_length:
+                raise ValueError(
+                    f"rows: {label} has train length {row.train_length}, but this board trained at {train_length}"
+                )
+            if row.eval_length not in self.eval_lengths:
+                raise ValueError(f"rows: {label} is at a length this board does not evaluate (eval_lengths {self.eval_lengths})")
+            if isinstance(variants, list) and row.variant not in variants:
+                raise ValueError(f"rows: {label} is of a variant this board does not run (variants {variants})")
+            if isinstance(seeds, list) and row.seed not in seeds:
+                raise ValueError(f"rows: {label} is of a seed this board does not run (seeds {seeds})")
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
