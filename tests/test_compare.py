@@ -397,3 +397,21 @@ def test_a_changed_text_corpus_changes_the_run_hash(tmp_path: Path, monkeypatch:
     # tasks whose config says it all keep the hashes they had: no task_data in their spec
     plain = runner.run_spec(CompareConfig(task="passkey", variants=("bswa",), **MICRO), "bswa", 0)
     assert plain.task_data is None and "task_data" not in plain.model_dump(mode="json")
+
+
+def test_a_skipped_plot_leaves_no_older_plot_behind(tmp_path: Path) -> None:
+    """Rerunning into an --out that holds an older comparison's plots left them there when the
+    new board's plots were skipped ("no rows to plot"), beside a page they are not of."""
+    from memzoo.compare import RunSummary
+
+    (tmp_path / "passkey.png").write_bytes(b"old plot")
+    (tmp_path / "passkey-loss.png").write_bytes(b"old loss plot")
+    (tmp_path / "mqar.png").write_bytes(b"another board's plot")
+    board = Leaderboard(task="passkey", settings={}, eval_lengths=[16], variant_options={},
+                        runs=[RunSummary(variant="bswa", seed=0, status="failed", error="boom")], rows=[])
+    written = write_leaderboard(board, tmp_path)
+    assert isinstance(written["png"], str) and isinstance(written["loss png"], str)  # both skipped: nothing to plot
+    assert "removed the older passkey.png" in written["png"] and "removed the older passkey-loss.png" in written["loss png"]
+    assert not (tmp_path / "passkey.png").exists() and not (tmp_path / "passkey-loss.png").exists()
+    assert (tmp_path / "mqar.png").read_bytes() == b"another board's plot"  # only this board's names
+    assert ".png" not in Path(written["md"]).read_text()

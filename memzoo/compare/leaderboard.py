@@ -209,9 +209,19 @@ def build_leaderboard(config: CompareConfig, records: list[RunRecord], command: 
     )
 
 
+def _or_none_left(result: Path | str, path: Path) -> Path | str:
+    """A plot that was skipped leaves no file behind: an older comparison's plot at
+    ``path`` would otherwise sit beside this board as if it were its own."""
+    if isinstance(result, Path) or not path.exists():
+        return result
+    path.unlink()
+    return f"{result} (removed the older {path.name}, which was not of this board)"
+
+
 def write_leaderboard(board: Leaderboard, out: str | Path, *, stem: str | None = None) -> dict[str, Path | str]:
     """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png`` into ``out``.
-    Returns the paths written; ``"png"`` is a message instead when the plot was skipped."""
+    Returns the paths written; ``"png"`` is a message instead when the plot was skipped
+    (and a plot of that name already there, an older board's, is removed)."""
     from memzoo.compare.plots import plot_headline, plot_losses
 
     out = Path(out)
@@ -221,9 +231,9 @@ def write_leaderboard(board: Leaderboard, out: str | Path, *, stem: str | None =
     json_path = out / f"{stem}.json"
     write_atomic(json_path, dump(board))
     written["json"] = json_path
-    png = plot_headline(board, out / f"{stem}.png")
+    png = _or_none_left(plot_headline(board, out / f"{stem}.png"), out / f"{stem}.png")
     written["png"] = png
-    loss_png = plot_losses(board, out / f"{stem}-loss.png")
+    loss_png = _or_none_left(plot_losses(board, out / f"{stem}-loss.png"), out / f"{stem}-loss.png")
     written["loss png"] = loss_png
     md_path = out / f"{stem}.md"
     write_atomic(md_path, markdown(
