@@ -415,3 +415,25 @@ def test_a_skipped_plot_leaves_no_older_plot_behind(tmp_path: Path) -> None:
     assert not (tmp_path / "passkey.png").exists() and not (tmp_path / "passkey-loss.png").exists()
     assert (tmp_path / "mqar.png").read_bytes() == b"another board's plot"  # only this board's names
     assert ".png" not in Path(written["md"]).read_text()
+
+
+def test_the_seed_line_lists_the_comparisons_seeds_and_what_each_marked_cell_is_over() -> None:
+    """Under partial divergence the line said "1 seed(s): 0" for a 2-seed comparison (the
+    seeds with rows) and not which seeds a marked variant's cells are over."""
+    from memzoo.compare import Divergence, RunSummary
+
+    prov = dict(memzoo_version="0", git_commit=None, git_dirty=None, torch_version="0", python_version="3",
+                device="cpu", threads=1, config_hash="0" * 16)
+    rows = [
+        ResultRow(variant=v, task="t", train_length=8, eval_length=8, seed=0, metric="accuracy", value=0.5,
+                  higher_is_better=True, backend="sdpa", parameters=10, state_bytes=2048, tokens_per_s=1.0,
+                  eval_tokens_per_s=1.0, wall_s=1.0, provenance=prov)
+        for v in ("a", "b")
+    ]
+    gone = Divergence(step=1, last_finite_loss=2.0, reason="loss is nan")
+    runs = [RunSummary(variant=v, seed=s, status="finished" if s == 0 else "diverged", divergence=None if s == 0 else gone)
+            for v in ("a", "b") for s in (0, 1)]
+    table = markdown_table(rows, runs=runs)
+    assert "2 seed(s): 0, 1; cells are mean ± standard deviation over seeds." in table
+    assert "its cells are over the runs that did not (`a`: seed(s) 0; `b`: seed(s) 0)." in table
+    assert "1 seed(s): 0;" in markdown_table(rows, runs=[r for r in runs if r.seed == 0])  # no divergence: as before

@@ -80,7 +80,7 @@ def markdown_table(
     metric = metric or rows[0].metric
     variants = sorted({r.variant for r in rows} | {r.variant for r in bad})
     lengths = sorted({r.eval_length for r in rows})
-    seeds = sorted({r.seed for r in rows})
+    seeds = sorted({r.seed for r in rows} | {r.seed for r in runs})  # the comparison's, diverged ones included
     train_length = rows[0].train_length
     values = _by(rows, metric, "all")
     better = "higher" if rows[0].higher_is_better else "lower"
@@ -88,14 +88,15 @@ def markdown_table(
         f"{n}{' (train)' if n == train_length else ''}" for n in lengths
     ] + ["params", f"state KiB @{lengths[-1]}", "train tok/s", "wall s", "backend"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    marked = False
+    marked: list[str] = []
     for v in variants:
         mine = [r for r in rows if r.variant == v]
         if not mine:
             lines.append("| " + " | ".join([f"`{v}`", *([_status_word(bad, v)] * len(lengths)), "–", "–", "–", "–", "–"]) + " |")
             continue
         mark = " †" if any(r.variant == v for r in bad) else ""
-        marked = marked or bool(mark)
+        if mark:
+            marked.append(v)
         longest = [r for r in mine if r.eval_length == lengths[-1]]
         per_seed = {r.seed: r for r in mine}
         cells = [cell(values[(v, n)]) if values.get((v, n)) else "–" for n in lengths]
@@ -112,7 +113,8 @@ def markdown_table(
         )
     note = f"\n{len(seeds)} seed(s): {', '.join(map(str, seeds))}; cells are mean ± standard deviation over seeds.\n"
     if marked:
-        note += "† some runs of this variant diverged or failed: its cells are over the runs that did not.\n"
+        over = "; ".join(f"`{v}`: seed(s) {', '.join(str(x) for x in sorted({r.seed for r in rows if r.variant == v}))}" for v in marked)
+        note += f"† some runs of this variant diverged or failed: its cells are over the runs that did not ({over}).\n"
     if bad and list_runs:
         note += "\n" + divergence_notes(runs)
     return "\n".join(lines) + "\n" + note
