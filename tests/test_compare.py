@@ -437,3 +437,17 @@ def test_the_seed_line_lists_the_comparisons_seeds_and_what_each_marked_cell_is_
     assert "2 seed(s): 0, 1; cells are mean ± standard deviation over seeds." in table
     assert "its cells are over the runs that did not (`a`: seed(s) 0; `b`: seed(s) 0)." in table
     assert "1 seed(s): 0;" in markdown_table(rows, runs=[r for r in runs if r.seed == 0])  # no divergence: as before
+
+
+def test_a_plot_skipped_for_want_of_matplotlib_keeps_an_older_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without matplotlib, re-rendering a committed board must not delete its plots: the
+    older file stays, and the message says so."""
+    from memzoo.compare import RunSummary, plots
+
+    monkeypatch.setattr(plots, "plot_headline", lambda board, path: plots.MISSING)
+    monkeypatch.setattr(plots, "plot_losses", lambda board, path: plots.MISSING)
+    (tmp_path / "passkey.png").write_bytes(b"the board's plot")
+    board = Leaderboard(task="passkey", settings={}, eval_lengths=[16], variant_options={},
+                        runs=[RunSummary(variant="bswa", seed=0, status="failed", error="boom")], rows=[])
+    written = write_leaderboard(board, tmp_path)
+    assert "left as it was" in written["png"] and (tmp_path / "passkey.png").read_bytes() == b"the board's plot"

@@ -212,10 +212,15 @@ def build_leaderboard(config: CompareConfig, records: list[RunRecord], command: 
 
 
 def _or_none_left(result: Path | str, path: Path) -> Path | str:
-    """A plot that was skipped leaves no file behind: an older comparison's plot at
-    ``path`` would otherwise sit beside this board as if it were its own."""
+    """A plot skipped for want of data leaves no file behind: an older comparison's plot at
+    ``path`` would otherwise sit beside this board as if it were its own. Skipped for want
+    of matplotlib, an older plot is kept (it may be this very board's, re-rendered) and said."""
+    from memzoo.compare.plots import MISSING
+
     if isinstance(result, Path) or not path.exists():
         return result
+    if result == MISSING:
+        return f"{result}; the older {path.name} there is left as it was (it may be of another board)"
     path.unlink()
     return f"{result} (removed the older {path.name}, which was not of this board)"
 
