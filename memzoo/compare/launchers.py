@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Protocol
 
 from memzoo.errors import MemzooError
@@ -139,9 +140,10 @@ class RayLauncher:
     """Each run is a Ray task with ``resources`` (``{"CPU": n, "GPU": m, "custom": k}``;
     CPU defaults to the run's torch threads). Without ``address`` a local Ray cluster is
     started for the sweep with ``jobs`` times one run's CPUs (so at most ``jobs`` runs at
-    once) and shut down by :meth:`close`. A run asking for more than the cluster has
-    (a GPU it lacks, a custom resource) is refused before any run starts: Ray would
-    wait for it forever."""
+    once) and shut down by :meth:`close`. A run asking for more than that local cluster
+    has (a GPU it lacks, a custom resource) is refused before any run starts: Ray would
+    wait for it forever. Against a cluster of one's own (``address``) such a request is
+    only warned about: it may add nodes, and its totals are over all of its nodes."""
 
     name = "ray"
 
@@ -164,21 +166,23 @@ class RayLauncher:
         self.resources = {"CPU": cpus, "GPU": gpus, **resources}
         local = address is None and not ray.is_initialized()
         num_cpus = local_cpus(jobs, cpus) if local else None
-        if local:  # a local cluster's CPUs and custom resources (none) are known before it starts: refuse early
-            known = tuple(key for key in self.resources if key != "GPU")  # its GPUs are Ray's to detect
-            check_request(self.resources, {"CPU": num_cpus}, where="the local Ray cluster", known=known)
         self._started = not ray.is_initialized()
         if self._started:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if num_cpus is not None:
                 kwargs["num_cpus"] = num_cpus
             ray.init(address=address, **kwargs)
-        try:
-            where = "the local Ray cluster" if address is None else f"the Ray cluster at {address}"
-            check_request(self.resources, dict(ray.cluster_resources()), where=where)
-        except BaseException:
-            self.close()
-            raise
+        if local:  # one node, started here: what it has is all it will ever have
+            try:
+                check_request(self.resources, dict(ray.cluster_resources()), where="the local Ray cluster")
+            except BaseException:
+                self.close()
+                raise
+        else:  # a cluster of its own: it may add nodes (autoscaling), and its totals span nodes: say, do not refuse
+            try:
+                check_request(self.resources, dict(ray.cluster_resources()), where=f"the Ray cluster at {address}" if address else "the Ray cluster this process is connected to")
+            except MemzooError as err:
+                warnings.warn(f"{err} (now; runs wait until the cluster has them, e.g. by autoscaling)", RuntimeWarning, stacklevel=2)
         # retries are the runner's (the same for every launcher, and reported); Ray's are off
         self._task = ray.remote(execute).options(num_cpus=cpus, num_gpus=gpus, resources=resources or None, max_retries=0)
 
@@ -201,16 +205,12 @@ def local_cpus(jobs: int, cpus_per_run: float) -> int:
     return max(1, math.ceil(jobs * cpus_per_run))
 
 
-def check_request(
-    request: dict[str, float], available: dict[str, float], *, where: str, known: tuple[str, ...] | None = None
-) -> None:
+def check_request(request: dict[str, float], available: dict[str, float], *, where: str) -> None:
     """Refuse a per-run resource request that ``available`` (a cluster's resources) cannot
-    meet: Ray would leave such a task pending forever. ``known``: check only these
-    resources (what is known of a cluster before it starts)."""
-    short = {
-        key: amount for key, amount in request.items()
-        if amount > 0 and (known is None or key in known) and amount > available.get(key, 0)
-    }
+    meet: Ray would leave such a task pending forever. (A local cluster's CPUs are
+    ``local_cpus``, at least one run's: its GPUs, accelerator types and custom resources
+    are what Ray detects when it starts, so the request is checked once it runs.)"""
+    short = {key: amount for key, amount in request.items() if amount > 0 and amount > available.get(key, 0)}
     if not short:
         return
     asked = ", ".join(f"{key}={amount:g}" for key, amount in short.items())
