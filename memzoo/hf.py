@@ -228,6 +228,9 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         (transformers' ``Trainer`` with gradient accumulation): the loss is the sum over
         the labelled tokens divided by it. Any other argument that is not None is refused
         (``output_attentions``, ``output_hidden_states``, ``inputs_embeds``, ...)."""
+        segments = kwargs.pop("token_type_ids", None)  # a tokenizer's; one segment says nothing (Llama ignores it)
+        if isinstance(segments, Tensor) and segments.numel() and bool((segments != segments.flatten()[0]).any()):
+            kwargs["token_type_ids"] = segments  # several segments: memzoo has no segment embeddings
         given = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
         if given:
             raise InputError(
@@ -268,7 +271,10 @@ def _check_positions(position_ids: Tensor, input_ids: Tensor, real: Tensor | Non
     """Refuse ``position_ids`` that differ, at a real token, from the positions memzoo
     gives it: the row's position in its state plus its count of real tokens before it."""
     b, t = input_ids.shape
-    if not isinstance(position_ids, Tensor) or position_ids.dim() not in (1, 2) or position_ids.shape[-1] != t:
+    if (
+        not isinstance(position_ids, Tensor) or position_ids.dim() not in (1, 2) or position_ids.shape[-1] != t
+        or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, b))
+    ):
         got = tuple(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
         raise InputError(f"position_ids must be a tensor (B, T) or (T,) for input_ids of shape {(b, t)}, got {got}")
     if cache is None:

@@ -107,9 +107,6 @@ class State:
     """Base class; subclasses are dataclasses that add tensor fields and set ``variant``."""
 
     variant: ClassVar[str] = ""
-    #: fields whose tensors are int64 (e.g. FAM's per-row position offsets); every other
-    #: tensor is floating, in the state's one dtype (checked on every call)
-    integer_fields: ClassVar[frozenset[str]] = frozenset()
     pos: int
     fingerprint: str
 

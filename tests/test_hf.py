@@ -218,6 +218,8 @@ def test_the_wrapper_keeps_the_checkpoints_special_token_ids(tmp_path):
         assert (wrapped.generation_config.eos_token_id, wrapped.generation_config.pad_token_id) == (2, 0)
         torch.manual_seed(3)
         assert torch.equal(wrapped.generate(prompt, max_new_tokens=12, do_sample=True), theirs)
+    llama.generation_config.eos_token_id = [2, 5]  # an in-memory model's generation config counts, as a folder's
+    assert memzoo.from_pretrained(llama).token_ids["eos_token_id"] == [2, 5]
     model.save_pretrained(tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (saved["eos_token_id"], saved["pad_token_id"]) == (2, 0)
@@ -239,12 +241,15 @@ def test_forward_takes_past_key_values_and_refuses_what_it_would_ignore():
         mask = torch.tensor([[0, 0] + [1] * 10, [1] * 12])
         wrapped(x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).masked_fill(mask == 0, 1))
         wrapped(x, output_attentions=None, output_hidden_states=False, inputs_embeds=None)  # PEFT passes these
+        wrapped(x, token_type_ids=torch.zeros_like(x))  # a tokenizer's single segment: nothing to honour
         restart = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]] * 2)
         for kwargs, words in [
             (dict(position_ids=restart), "position_ids differ"),
             (dict(output_hidden_states=True), "does not take output_hidden_states"),
             (dict(not_an_argument=1), "does not take not_an_argument"),
             (dict(cache=head.cache, past_key_values=head.cache), "not both"),
+            (dict(token_type_ids=(torch.arange(12) > 5).long().expand(2, 12)), "does not take token_type_ids"),
+            (dict(position_ids=torch.arange(12).expand(3, 12)), r"position_ids must be a tensor \(B, T\)"),
         ]:
             with pytest.raises(memzoo.InputError, match=words):
                 wrapped(x if "cache" not in kwargs else x[:, 8:], **kwargs)

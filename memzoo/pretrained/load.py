@@ -86,13 +86,16 @@ def _token_ids(source: Any, raw: dict[str, Any], folder: Path | None) -> dict[st
     lm = source if isinstance(source, MemzooLM) else getattr(source, "model", None)
     ids = dict(getattr(lm, "token_ids", {})) if isinstance(lm, MemzooLM) else {}
     ids.update({key: raw[key] for key in TOKEN_ID_KEYS if raw.get(key) is not None})
+    given: Any = {}
     generation = None if folder is None else folder / "generation_config.json"
     if generation is not None and generation.is_file():
         try:
             given = json.loads(generation.read_text())
         except json.JSONDecodeError:
             given = {}
-        ids.update({key: given[key] for key in TOKEN_ID_KEYS if isinstance(given, dict) and given.get(key) is not None})
+    elif isinstance(source, nn.Module) and getattr(source, "generation_config", None) is not None:
+        given = {key: getattr(source.generation_config, key, None) for key in TOKEN_ID_KEYS}  # an in-memory model's
+    ids.update({key: given[key] for key in TOKEN_ID_KEYS if isinstance(given, dict) and given.get(key) is not None})
     return ids
 
 

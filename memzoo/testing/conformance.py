@@ -308,14 +308,15 @@ def check_state_roundtrip(model: MemzooLM, tokens: Tensor) -> None:
     assert_close(b, a, "outputs continued from a loaded state")
     # a state cast with state.to(dtype) loads into the model cast to the same dtype; the
     # model it came from refuses that file when it loads, not at its first call
-    low = copy.deepcopy(model).to(torch.bfloat16)
+    other = torch.float32 if state.dtype == torch.bfloat16 else torch.bfloat16
+    low = copy.deepcopy(model).to(other)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "state.safetensors"
-        memzoo.save_state(state.to(torch.bfloat16), path)
+        memzoo.save_state(state.to(other), path)
         try:
             memzoo.load_state(path, model=low)
         except StateError as err:
-            raise AssertionError(f"a state cast with state.to(torch.bfloat16) does not load into the model cast to it: {err}") from err
+            raise AssertionError(f"a state cast with state.to({other}) does not load into the model cast to it: {err}") from err
         _expect(StateError, ["dtype"], lambda: memzoo.load_state(path, model=model), "load_state of a state in another dtype")
     if state.nbytes != sum(v.numel() * v.element_size() for k, v in flat.items() if not k.startswith("__")):
         raise AssertionError("state.nbytes does not count its tensors")
@@ -366,11 +367,14 @@ def check_bad_inputs(model: MemzooLM, other_options: dict[str, Any] | None = Non
     _expect(StateError, ["on meta"], lambda: model(good, state=state.to("meta")), "state on another device")
     _expect(StateError, ["State"], lambda: model(good, state=object()), "a non-state object")
 
-    # every field in its declared dtype (State.integer_fields are int64, the rest the
-    # state's floating dtype), and a single-tensor field is one tensor
+    # every field in the dtype the variant makes it in (floating fields in the state's one
+    # dtype), and a single-tensor field is one tensor
     for name, value in state.tensor_fields().items():
         many = isinstance(value, (list, tuple))
-        wrong = torch.float32 if name in state.integer_fields else torch.int64
+        items = list(value) if many else [value]
+        if not items:
+            continue
+        wrong = torch.int64 if items[0].is_floating_point() else torch.float32
         cast = [t.to(wrong) for t in value] if many else value.to(wrong)
         _expect(StateError, ["dtype", name], lambda: model(good, state=dataclasses.replace(state, **{name: cast})),
                 f"state field {name!r} stored as {wrong}")

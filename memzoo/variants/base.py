@@ -111,7 +111,10 @@ class Backbone(nn.Module):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         device = torch.device(device) if device is not None else self.param_device
-        return self.empty_state(batch_size, device, dtype or self.param_dtype)
+        state = self.empty_state(batch_size, device, dtype or self.param_dtype)
+        if "_memzoo_state_field_kinds" not in self.__dict__ and not torch.compiler.is_compiling():
+            self.__dict__["_memzoo_state_field_kinds"] = _field_kinds(state)  # what _state_field_kinds would make one for
+        return state
 
     def forward(
         self, x: Tensor, state: "State | RaggedState | None" = None, *, attention_mask: Tensor | None = None,
@@ -238,11 +241,27 @@ class Backbone(nn.Module):
         hand-edited state is refused instead of silently running a smaller model."""
         return {}
 
+    def _state_field_kinds(self) -> dict[str, torch.dtype | None] | None:
+        """Per state field, the dtype of its tensors as this variant makes them: None for a
+        floating field (the state's one dtype, whichever it is), else that dtype (``fam``'s
+        int64 offsets). Read once from a fresh state (no declaration needed); None while
+        torch.compile traces before it was read (the checks then leave dtypes alone)."""
+        kinds = self.__dict__.get("_memzoo_state_field_kinds")
+        if kinds is not None:
+            return kinds
+        if torch.compiler.is_compiling():
+            return None
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a fresh state may draw (fam's offsets): not from the caller's stream
+            fresh = self.empty_state(1, self.param_device, self.param_dtype)
+        kinds = self.__dict__["_memzoo_state_field_kinds"] = _field_kinds(fresh)
+        return kinds
+
     def _check_state_structure(self, state: State, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
         where = f"{self.variant}: malformed state"
         if isinstance(state.pos, bool) or not isinstance(state.pos, int) or state.pos < 0:
             raise StateError(f"{where}: pos must be an int >= 0, got {state.pos!r}")
         fields = state.tensor_fields()
+        kinds = self._state_field_kinds()  # None while torch.compile traces a first call: dtypes not checked
         for name, value in fields.items():
             many = isinstance(value, (list, tuple))
             for i, t in enumerate(value if many else [value]):
@@ -251,9 +270,11 @@ class Backbone(nn.Module):
                     raise StateError(f"{where}: {label} must be a tensor, got {type(t).__name__}")
                 if t.device != device:
                     raise StateError(f"{where}: tensors on several devices ({t.device} and {device})")
-                want = torch.int64 if name in state.integer_fields else dtype
+                if kinds is None or name not in kinds:
+                    continue
+                want = dtype if kinds[name] is None else kinds[name]
                 if t.dtype != want:
-                    kind = "an integer field" if name in state.integer_fields else "the state's floating dtype; state.to(dtype) casts"
+                    kind = "the state's floating dtype; state.to(dtype) casts" if kinds[name] is None else "as this variant makes it"
                     raise StateError(f"{where}: {label} has dtype {t.dtype}, expected {want} ({kind})")
         for name, shape in self.expected_state_shapes(state.pos, batch_size).items():
             value = fields[name]
@@ -319,3 +340,15 @@ def module_tensors(module: nn.Module, buffers: bool = False) -> list[Tensor]:
         if child is not None:
             out += module_tensors(child, buffers)
     return out
+
+
+def _field_kinds(state: State) -> dict[str, torch.dtype | None]:
+    """Per field of ``state``: None where its tensors are floating, else their dtype (a
+    field of an empty list, or of mixed kinds, is left out: nothing to hold a state to)."""
+    kinds: dict[str, torch.dtype | None] = {}
+    for name, value in state.tensor_fields().items():
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        found = {None if t.is_floating_point() else t.dtype for t in items if isinstance(t, Tensor)}
+        if len(found) == 1:
+            kinds[name] = found.pop()
+    return kinds

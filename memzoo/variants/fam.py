@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -97,8 +97,6 @@ class FAMState(KVState):
     * ``residual``: (B,) weight of ``F`` in the next FAM update's residual: 0 for a fresh
       learned FAM (the paper's first update), 1 once it has been updated.
     """
-
-    integer_fields: ClassVar[frozenset[str]] = frozenset({"offset"})
 
     fam: list[Tensor]
     fam_k: list[Tensor]
