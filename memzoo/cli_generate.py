@@ -132,6 +132,10 @@ def _parse_fields(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InputError(f"--option takes FIELD=VALUE, got {item!r}")
+        if key == "variant":
+            raise InputError(f"the variant is chosen with --variant {raw}, not --option variant=...")
+        if key in fields:
+            raise InputError(f"--option {key}=... is given twice; give each field once")
         try:
             fields[key] = json.loads(raw)
         except json.JSONDecodeError:

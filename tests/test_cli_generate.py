@@ -95,6 +95,11 @@ def test_generate_refuses_clearly(tmp_path, capsys):
     assert "unknown variant" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1", "--top-k", "0", "--temperature", "1"]) == 2
     assert "top_k" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1", "--option", "variant=fam"]) == 2
+    assert "chosen with --variant fam" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--variant", "bswa", "--prompt", "w1",
+                     "--option", "memory_blocks=1", "--option", "memory_blocks=2"]) == 2
+    assert "given twice" in capsys.readouterr().err
 
 
 def test_gguf_tokenizer_is_found():
