@@ -132,8 +132,9 @@ def _parse_fields(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InputError(f"--option takes FIELD=VALUE, got {item!r}")
-        if key == "variant":
-            raise InputError(f"the variant is chosen with --variant {raw}, not --option variant=...")
+        flag = {"variant": "--variant", "dtype": "--dtype", "source": "--model"}.get(key)
+        if flag is not None:  # from_pretrained's own arguments, not a model field
+            raise InputError(f"{key} is chosen with {flag}, not --option {key}=...")
         if key in fields:
             raise InputError(f"--option {key}=... is given twice; give each field once")
         try:

@@ -96,7 +96,10 @@ def test_generate_refuses_clearly(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1", "--top-k", "0", "--temperature", "1"]) == 2
     assert "top_k" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1", "--option", "variant=fam"]) == 2
-    assert "chosen with --variant fam" in capsys.readouterr().err
+    assert "variant is chosen with --variant" in capsys.readouterr().err
+    for option, flag in (("dtype=bfloat16", "--dtype"), ("source=x", "--model")):
+        assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1", "--option", option]) == 2
+        assert f"chosen with {flag}" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(tmp_path / "m"), "--variant", "bswa", "--prompt", "w1",
                      "--option", "memory_blocks=1", "--option", "memory_blocks=2"]) == 2
     assert "given twice" in capsys.readouterr().err

@@ -322,6 +322,11 @@ def test_ray_refuses_a_run_the_cluster_can_never_schedule(monkeypatch, tmp_path:
     with pytest.warns(RuntimeWarning, match=r"CPU=8, more than the Ray cluster at ray://head:1 has \(CPU=4\)"):
         make_launcher("ray", address="ray://head:1", resources={"CPU": 8, "GPU": 1}).close()
     assert "num_cpus" not in fake.inits[0] and fake.shutdowns == 1
+    fake = _FakeRay({"memory": 1e9})
+    monkeypatch.setitem(sys.modules, "ray", fake)  # address="local" starts a local cluster too: refused, capped
+    with pytest.raises(MemzooError, match=r"GPU=1, more than the local Ray cluster has"):
+        make_launcher("ray", address="local", jobs=2, resources={"GPU": 1})
+    assert fake.inits[0]["num_cpus"] == 2 and fake.shutdowns == 1
     fake = _FakeRay({"memory": 1e9, "GPU": 1.0, "accelerator_type:H100": 1.0})
     monkeypatch.setitem(sys.modules, "ray", fake)  # Ray detects a local GPU's accelerator type itself
     make_launcher("ray", resources={"GPU": 1, "accelerator_type:H100": 0.001}).close()

@@ -231,3 +231,24 @@ def test_a_state_from_generate_keeps_its_model_through_detach_to_and_where() -> 
         with pytest.raises(StateError, match="another model"):
             other.generate(prompt[:, :1], 2, state=derived)
         model.generate(prompt[:, :1], 2, state=derived)  # its own model continues it
+
+
+def test_a_compiled_first_call_holds_a_state_to_its_field_dtypes() -> None:
+    """The field dtypes are read when the model is built, so a model whose first call is
+    compiled refuses a state with fam's int64 offsets stored as floats too (a first
+    version read them lazily and skipped the check while Dynamo traced)."""
+    import dataclasses
+
+    model = memzoo.build_model("fam", **SIZES, **OPTIONS["fam"])  # has never made a state
+    _, state = model_and_state("fam")  # another instance's, same config
+    bad = dataclasses.replace(state, offset=state.offset.float())
+    compiled = torch.compile(lambda m, t, s: m(t, state=s), backend="eager")
+    with pytest.raises(StateError, match="offset has dtype torch.float32, expected torch.int64"):
+        compiled(model, torch.randint(0, 20, (2, 2)), bad)
+
+
+def test_init_state_refuses_a_non_floating_dtype() -> None:
+    model, _ = model_and_state("xl")
+    with pytest.raises(memzoo.InputError, match="dtype must be a floating torch.dtype"):
+        model.init_state(2, dtype=torch.int64)
+    model(torch.zeros(2, 2, dtype=torch.long), state=model.init_state(2))  # nothing kept from the refused call

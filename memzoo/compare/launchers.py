@@ -164,7 +164,8 @@ class RayLauncher:
         cpus = resources.pop("CPU", threads or 1)
         gpus = resources.pop("GPU", 0)
         self.resources = {"CPU": cpus, "GPU": gpus, **resources}
-        local = address is None and not ray.is_initialized()
+        # ray.init(address="local") starts a new one-node cluster, as no address does
+        local = address in (None, "local") and not ray.is_initialized()
         num_cpus = local_cpus(jobs, cpus) if local else None
         self._started = not ray.is_initialized()
         if self._started:
@@ -179,10 +180,14 @@ class RayLauncher:
                 self.close()
                 raise
         else:  # a cluster of its own: it may add nodes (autoscaling), and its totals span nodes: say, do not refuse
+            where = f"the Ray cluster at {address}" if address else "the Ray cluster this process is connected to"
             try:
-                check_request(self.resources, dict(ray.cluster_resources()), where=f"the Ray cluster at {address}" if address else "the Ray cluster this process is connected to")
+                check_request(self.resources, dict(ray.cluster_resources()), where=where)
             except MemzooError as err:
                 warnings.warn(f"{err} (now; runs wait until the cluster has them, e.g. by autoscaling)", RuntimeWarning, stacklevel=2)
+            except BaseException:
+                self.close()
+                raise
         # retries are the runner's (the same for every launcher, and reported); Ray's are off
         self._task = ray.remote(execute).options(num_cpus=cpus, num_gpus=gpus, resources=resources or None, max_retries=0)
 

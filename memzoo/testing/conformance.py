@@ -369,12 +369,13 @@ def check_bad_inputs(model: MemzooLM, other_options: dict[str, Any] | None = Non
 
     # every field in the dtype the variant makes it in (floating fields in the state's one
     # dtype), and a single-tensor field is one tensor
+    kinds = model.backbone._state_field_kinds() or {}  # the fields a fresh state gives a dtype (all, for memzoo's own)
     for name, value in state.tensor_fields().items():
         many = isinstance(value, (list, tuple))
         items = list(value) if many else [value]
-        if not items:
+        if not items or name not in kinds:
             continue
-        wrong = torch.int64 if items[0].is_floating_point() else torch.float32
+        wrong = torch.int64 if kinds[name] is None else torch.float32
         cast = [t.to(wrong) for t in value] if many else value.to(wrong)
         _expect(StateError, ["dtype", name], lambda: model(good, state=dataclasses.replace(state, **{name: cast})),
                 f"state field {name!r} stored as {wrong}")

@@ -71,6 +71,12 @@ class Backbone(nn.Module):
             self.hparams["state_format"] = self.state_format
         self._fingerprint = fingerprint_of(self.variant, self.hparams)
         self.build()
+        # the dtypes of a state's fields, read now (no hooks yet, not under torch.compile);
+        # a model that cannot make a state here (built on the meta device) reads them on first use
+        try:
+            self._state_field_kinds()
+        except Exception:  # noqa: BLE001 - only a precomputation: the first state check computes it again
+            self.__dict__.pop("_memzoo_state_field_kinds", None)
 
     def build(self) -> None:
         """Make the layers and parameters (the fields are attributes by now)."""
@@ -110,11 +116,10 @@ class Backbone(nn.Module):
         """The state before the first token (``forward(x, None)`` starts from it)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"init_state: dtype must be a floating torch.dtype or None (the parameters'), got {dtype!r}")
         device = torch.device(device) if device is not None else self.param_device
-        state = self.empty_state(batch_size, device, dtype or self.param_dtype)
-        if "_memzoo_state_field_kinds" not in self.__dict__ and not torch.compiler.is_compiling():
-            self.__dict__["_memzoo_state_field_kinds"] = _field_kinds(state)  # what _state_field_kinds would make one for
-        return state
+        return self.empty_state(batch_size, device, dtype or self.param_dtype)
 
     def forward(
         self, x: Tensor, state: "State | RaggedState | None" = None, *, attention_mask: Tensor | None = None,
@@ -270,7 +275,9 @@ class Backbone(nn.Module):
                     raise StateError(f"{where}: {label} must be a tensor, got {type(t).__name__}")
                 if t.device != device:
                     raise StateError(f"{where}: tensors on several devices ({t.device} and {device})")
-                if kinds is None or name not in kinds:
+                if kinds is None or name not in kinds:  # not known (a first call traced by torch.compile): floats only
+                    if t.is_floating_point() and t.dtype != dtype:
+                        raise StateError(f"{where}: {label} has dtype {t.dtype}, expected {dtype} (the state's floating dtype)")
                     continue
                 want = dtype if kinds[name] is None else kinds[name]
                 if t.dtype != want:
