@@ -249,8 +249,10 @@ class Backbone(nn.Module):
     def _state_field_kinds(self) -> dict[str, torch.dtype | None] | None:
         """Per state field, the dtype of its tensors as this variant makes them: None for a
         floating field (the state's one dtype, whichever it is), else that dtype (``fam``'s
-        int64 offsets). Read once from a fresh state (no declaration needed); None while
-        torch.compile traces before it was read (the checks then leave dtypes alone)."""
+        int64 offsets). Read once from a fresh state (no declaration needed), when the
+        backbone is built; None while torch.compile traces a model that could not make a
+        state then (built on the meta device): the checks then hold only floating tensors
+        to the call's dtype."""
         kinds = self.__dict__.get("_memzoo_state_field_kinds")
         if kinds is not None:
             return kinds
@@ -266,7 +268,7 @@ class Backbone(nn.Module):
         if isinstance(state.pos, bool) or not isinstance(state.pos, int) or state.pos < 0:
             raise StateError(f"{where}: pos must be an int >= 0, got {state.pos!r}")
         fields = state.tensor_fields()
-        kinds = self._state_field_kinds()  # None while torch.compile traces a first call: dtypes not checked
+        kinds = self._state_field_kinds()  # None only while torch.compile traces before they were read
         for name, value in fields.items():
             many = isinstance(value, (list, tuple))
             for i, t in enumerate(value if many else [value]):
