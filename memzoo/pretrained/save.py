@@ -31,7 +31,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
     "generation_config.json",
 )
-#: config.json keys carried over from that folder: the special token ids
+#: the special token ids (``MemzooLM.token_ids``: read by from_pretrained, written into config.json)
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -74,7 +74,7 @@ def save_pretrained(model: Any, path: str | Path) -> Path:
         meta["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     source = getattr(model, "pretrained_folder", None)
     if source is not None:
-        meta.update(_tokenizer_from(source, folder))
+        _copy_tokenizer(source, folder)
     meta.update({key: value for key, value in getattr(model, "token_ids", {}).items() if key in TOKEN_ID_KEYS})
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -100,12 +100,10 @@ def _check_names(tensors: dict[str, Any], config: ModelConfig) -> None:
         )
 
 
-def _tokenizer_from(source: Path, folder: Path) -> dict[str, Any]:
+def _copy_tokenizer(source: Path, folder: Path) -> None:
     """Copy ``source``'s tokenizer files into ``folder``, where ``folder`` has none of that
-    name (a tokenizer saved there first is kept); ``source``'s special token ids, for
-    config.json (read before it is rewritten, when ``source`` is ``folder``)."""
+    name (a tokenizer saved there first is kept). The special token ids come with the
+    model (``model.token_ids``, read by ``from_pretrained`` from the same folder)."""
     for name in TOKENIZER_FILES:
         if (source / name).is_file() and not (folder / name).exists():
             shutil.copyfile(source / name, folder / name)
-    config = json.loads((source / CONFIG_NAME).read_text()) if (source / CONFIG_NAME).is_file() else {}
-    return {key: config[key] for key in TOKEN_ID_KEYS if config.get(key) is not None}
