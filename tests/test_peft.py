@@ -114,3 +114,35 @@ def test_save_pretrained_refuses_unmerged_adapters_and_saves_merged_ones(checkpo
     with torch.no_grad():
         got, _ = memzoo.from_pretrained(tmp_path / "merged")(tokens())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant, targets", [("xl", ["k_proj", "v_proj"]), ("brt", ["state_k_proj", "state_v_proj"])])
+def test_switching_a_lora_adapter_off_is_noticed_by_the_decode_caches(variant, targets):
+    """XL keeps its memory's keys/values and BRT its states' keys/values between no-grad
+    calls, keyed on the weights; peft's ``disable_adapter()`` changes what those projections
+    compute without changing a tensor. Continuing a state with the adapter switched off
+    (or back on) must equal the same call with nothing kept."""
+    options = {"memory_len": 4} if variant == "xl" else {"num_states": 3}
+    torch.manual_seed(0)
+    model = memzoo.build_model(variant, vocab_size=VOCAB, d_model=16, n_heads=2, n_layers=2, block_size=4, **options)
+    model = model.double().eval()
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    toks = tokens()[:1, :10]
+
+    def continuation(state):
+        fresh = state.detach()  # the same state with nothing kept (detach drops the kept tensors)
+        model.backbone.clear_inference_cache() if variant == "xl" else None
+        want, _ = model(toks[:, 9:], state=fresh)
+        return want
+
+    with torch.no_grad():
+        _, state = model(toks[:, :9])  # adapter on: keeps what the next decode step reuses
+        with wrapped.disable_adapter():
+            got, _ = model(toks[:, 9:], state=state)
+            want = continuation(state)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        with wrapped.disable_adapter():
+            _, state = model(toks[:, :9])
+        got, _ = model(toks[:, 9:], state=state)  # adapter back on
+        want = continuation(state)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

@@ -351,6 +351,35 @@ def module_tensors(module: nn.Module, buffers: bool = False) -> list[Tensor]:
     return out
 
 
+#: attributes of a wrapped module that change what it computes without changing any of its
+#: tensors: peft's adapter switches (``disable_adapter()``, ``set_adapter``), merges and scales
+_MODE_ATTRIBUTES = ("_disable_adapters", "_active_adapter", "merged_adapters", "scaling")
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def module_mode(module: nn.Module) -> tuple:
+    """What decides a module's function besides its tensors (:func:`module_tensors`): per
+    submodule that has them, peft's adapter attributes (enabled, active, merged, scale)
+    and its forward (pre-)hooks. A cache keyed on the weights keys on this too, so that
+    switching a LoRA adapter off and on is noticed like a weight update."""
+    out: list[tuple] = []
+    attrs = module.__dict__
+    marks = tuple((a, _frozen(attrs[a])) for a in _MODE_ATTRIBUTES if a in attrs)
+    if marks or module._forward_hooks or module._forward_pre_hooks:
+        out.append((id(module), marks, tuple(module._forward_hooks), tuple(module._forward_pre_hooks)))
+    for child in module._modules.values():
+        if child is not None:
+            out += module_mode(child)
+    return tuple(out)
+
+
 def _field_kinds(state: State) -> dict[str, torch.dtype | None]:
     """Per field of ``state``: None where its tensors are floating, else their dtype (a
     field of an empty list, or of mixed kinds, is left out: nothing to hold a state to)."""

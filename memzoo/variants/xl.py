@@ -51,7 +51,7 @@ from memzoo.ops import BlockLayout
 from memzoo.registry import register_variant
 from memzoo.state import State
 from memzoo.variants import ring
-from memzoo.variants.base import Backbone, module_tensors
+from memzoo.variants.base import Backbone, module_mode, module_tensors
 from memzoo.variants.naive import xl_reference  # noqa: F401  (the slow reference, kept with the others)
 
 
@@ -129,8 +129,10 @@ MEMO_STATES = 4
 def _weights_key(layer: DecoderLayer) -> tuple:
     """What the memory's keys/values depend on, by storage and version (no copies)."""
     attn = layer.self_attn
-    deps = (t for m in (layer.input_layernorm, attn.k_proj, attn.v_proj, layer.positions) for t in module_tensors(m, buffers=True))
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in deps)
+    mods = (layer.input_layernorm, attn.k_proj, attn.v_proj, layer.positions)
+    deps = (t for m in mods for t in module_tensors(m, buffers=True))
+    # a LoRA adapter switched off (peft's disable_adapter) changes no tensor: its mode is in the key
+    return (tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in deps), tuple(module_mode(m) for m in mods))
 
 
 def _memo_allowed(*tensors: Tensor) -> bool:
