@@ -194,15 +194,13 @@ class State:
         return carry_origin(self, dataclasses.replace(self, **changes))
 
     # ------------------------------------------------------- derived tensors
-    def derived(self, name: str, sources: tuple[Tensor, ...], mode: tuple = ()) -> Any:
+    def derived(self, name: str, sources: tuple[Tensor, ...]) -> Any:
         """A tensor a variant computed from ``sources`` and kept with this state
         (:meth:`keep_derived`), e.g. the RoPE-rotated copy of cached keys the state holds
         unrotated, so the next decode step does not recompute it; None when none was
         kept, or when a source is not the very tensor it was computed from, unchanged
         (identity, storage, in-place version: ``optimizer.step()``, ``load_state_dict``,
-        ``.to()``, any in-place write is noticed; a write through ``.data`` is not), or
-        when ``mode`` (what else the value depends on, e.g. ``memzoo.variants.base.module_mode``
-        of the modules that made it: a LoRA adapter switched off) differs from the one kept.
+        ``.to()``, any in-place write is noticed; a write through ``.data`` is not).
 
         Never part of the state's meaning: not a field, not saved, not compared, dropped
         by :meth:`map` (``to``, ``detach``, ...). Only eager no-grad code keeps any
@@ -214,20 +212,20 @@ class State:
             return None  # kept without a graph: reused here, the sources (weights) would get no gradient
         kept = self.__dict__.get(_DERIVED)
         hit = kept.get(name) if kept else None
-        if hit is None or len(hit[0]) != len(sources) or hit[2] != mode:
+        if hit is None or len(hit[0]) != len(sources):
             return None
         for (t, ptr, version), now in zip(hit[0], sources):
             if t is not now or ptr != now.data_ptr() or version != now._version:
                 return None
         return hit[1]
 
-    def keep_derived(self, name: str, sources: tuple[Tensor, ...], value: Any, mode: tuple = ()) -> None:
+    def keep_derived(self, name: str, sources: tuple[Tensor, ...], value: Any) -> None:
         """Keep ``value`` (a tensor or a tuple of tensors), a function of ``sources`` alone
         (tensors of this state, the parameters it was computed with), for :meth:`derived`;
         nothing is kept unless :func:`derived_allowed` (no graph is held, no version
-        counter is missing). ``mode``: see :meth:`derived`."""
+        counter is missing)."""
         if derived_allowed(*(value if isinstance(value, tuple) else (value,)), *sources):
-            self.__dict__.setdefault(_DERIVED, {})[name] = (_source_key(sources), value, mode)
+            self.__dict__.setdefault(_DERIVED, {})[name] = (_source_key(sources), value)
 
     # --------------------------------------------------------------- flat dict
     def to_dict(self) -> dict[str, Tensor]:

@@ -386,7 +386,7 @@ class BlockRecurrentTransformer(Backbone):
         for i, (k, r) in enumerate(zip(new_k, rotated)):  # for the next step (eager no-grad calls only)
             new.keep_derived(f"rotated_k.{i}", (k,), r)
         if n_done < n_blocks:  # the states' inputs, keys and values for the block the call ends in
-            new.keep_derived("state_kv", *last_kv, mode=self._state_kv_mode())
+            new.keep_derived(self._state_kv_name(), *last_kv)
         return x, new
 
     def _state_kv_sources(self, cells: Tensor) -> tuple[Tensor, ...]:
@@ -397,11 +397,13 @@ class BlockRecurrentTransformer(Backbone):
         weights = [p for name in ("state_layernorm", "state_k_proj", "state_v_proj") for p in module_tensors(mods[name])]
         return (cells, cell.state_ids, *weights)
 
-    def _state_kv_mode(self) -> tuple:
-        """What else the states' keys/values depend on: the mode of the modules that make
-        them (a LoRA adapter on them switched off or on changes no tensor)."""
+    def _state_kv_name(self) -> str:
+        """The name the states' keys/values are kept under: ``state_kv``, plus the mode of
+        the modules that make them when they have one (:func:`module_mode`: a LoRA adapter
+        on them switched off or on changes no tensor, so it is part of the name)."""
         mods = self.cell._modules
-        return tuple(module_mode(mods[name]) for name in ("state_layernorm", "state_k_proj", "state_v_proj"))
+        mode = tuple(module_mode(mods[name]) for name in ("state_layernorm", "state_k_proj", "state_v_proj"))
+        return f"state_kv{mode!r}" if any(mode) else "state_kv"
 
     def _recurrent(
         self, h: Tensor, state: BRTState, keys_raw: Tensor, values: Tensor, n_done: int, n_blocks: int, pad: int
@@ -417,7 +419,7 @@ class BlockRecurrentTransformer(Backbone):
         change only when a block completes), when it kept them."""
         cell, size, (b, t, d) = self.cell, self.block_size, h.shape
         sources = self._state_kv_sources(state.cells)
-        kept = state.derived("state_kv", sources, mode=self._state_kv_mode())
+        kept = state.derived(self._state_kv_name(), sources)
         if n_done:  # the completed blocks' keys (keys_raw starts at the first touched block)
             keys_raw, values = keys_raw[:, :, : n_done * size], values[:, :, : n_done * size]
         cells, state_k, state_v, last_kv = cell.scan(state.cells, kept, keys_raw, values, n_done, n_blocks, self.backend)
