@@ -131,7 +131,8 @@ def test_switching_a_lora_adapter_off_is_noticed_by_the_decode_caches(variant, t
 
     def continuation(state):
         fresh = state.detach()  # the same state with nothing kept (detach drops the kept tensors)
-        model.backbone.clear_inference_cache() if variant == "xl" else None
+        if variant == "xl":
+            model.backbone.clear_inference_cache()
         want, _ = model(toks[:, 9:], state=fresh)
         return want
 
