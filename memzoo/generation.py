@@ -368,8 +368,9 @@ class GenerationMixin:
         pick = _Picker(config, prompt.ids, self.vocab_size, generator, prompt.real)
         new: list[Tensor] = []
         done: list[Tensor] = []  # per step: every row finished after it
-        # with eos, look for "all rows finished" every few steps (a host sync) and trim after
-        check_every = 1 if return_state else 8
+        # with eos, look for "all rows finished" every few steps (a host sync) and trim after;
+        # every step when a state or a streamer must see exactly the tokens returned
+        check_every = 1 if return_state or streamer is not None else 8
         for i in range(max_new_tokens):
             nxt = pick(logits)
             new.append(nxt)

@@ -286,3 +286,16 @@ def test_generate_writes_its_own_state_in_place_and_never_a_callers():
         streamed = torch.stack(list(model.stream(prompt[:, -1:], 10, state=given)), dim=1)
     assert all(torch.equal(a, b) for a, b in zip(given.tensors(), before)), "the caller's state was written in place"
     assert torch.equal(inside, first) and torch.equal(streamed, first[:, 1:])
+
+
+def test_streamer_gets_exactly_the_returned_tokens_with_eos():
+    """With eos and no return_state, generate checks "every row finished" every few steps;
+    a streamer must still see no token after the last one returned (it got up to 7 pad
+    tokens more than the output held)."""
+    model = kit.tiny_model("bswa", {"memory_blocks": 1})
+    prompt = kit.random_tokens(model, 1, 5)
+    free = model.generate(prompt, 12)
+    eos = int(free[0, 6])  # the second new token: the row finishes after two
+    seen: list[int] = []
+    out = model.generate(prompt, 12, eos_token_id=eos, streamer=lambda t: seen.append(int(t[0])))
+    assert out[0, 5:].tolist() == seen == [int(t) for t in model.stream(prompt, 12, eos_token_id=eos)]
