@@ -219,7 +219,8 @@ def profile(name: str, steps: int = 500) -> None:
     import pstats
 
     torch.manual_seed(0)
-    model = memzoo.build_model(name, vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS, block_size=L, **VARIANTS[name]).eval()
+    opts = VARIANTS.get(name, {})  # a variant without sizes here runs with its defaults, as in the timings
+    model = memzoo.build_model(name, vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS, block_size=L, **opts).eval()
     state = stream_to(model, 1024 + 30)
     token = torch.tensor([[1]])
 

@@ -194,3 +194,15 @@ def test_bench_backends_cell_environment_sets_only_what_it_is_told(monkeypatch: 
     assert "THP_MEM_ALLOC_ENABLE" not in bench.cell_environment(None)
     assert bench.cell_environment(True)["THP_MEM_ALLOC_ENABLE"] == "1"
     assert bench.HUGE_PAGES == {"inherit": (None,), "on": (True,), "both": (False, True)}
+
+
+def test_bench_decode_profiles_a_variant_without_sizes_of_its_own(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--profile infini`` (a registered variant the script has no sizes for) runs with its
+    defaults, as the timings do (it raised a KeyError)."""
+    bench = load("bench_decode")
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--profile", "infini"])
+    monkeypatch.setattr(bench, "profile", lambda name, steps=500, real=bench.profile: real(name, steps=2))
+    bench.main()
+    assert '"variant": "infini"' in capsys.readouterr().out
