@@ -305,7 +305,8 @@ class GenerationMixin:
         return state
 
     def _generation_origin(self) -> str:
-        # an id per model instance (copied with the model by deepcopy / pickle, as are its weights)
+        # an id per model instance (copied with the model by deepcopy / pickle, as are its weights;
+        # made in MemzooLM.__init__, so a copy shares it whenever it was made)
         return self.__dict__.setdefault("_memzoo_generation_id", uuid.uuid4().hex)
 
     # --------------------------------------------------------------- validation

@@ -299,3 +299,19 @@ def test_streamer_gets_exactly_the_returned_tokens_with_eos():
     seen: list[int] = []
     out = model.generate(prompt, 12, eos_token_id=eos, streamer=lambda t: seen.append(int(t[0])))
     assert out[0, 5:].tolist() == seen == [int(t) for t in model.stream(prompt, 12, eos_token_id=eos)]
+
+
+def test_a_copy_of_the_model_continues_its_states_whenever_it_was_made():
+    """The generation id is copied with the model (deepcopy), as its weights are: a copy made
+    before the first generate(return_state=True) continues the original's states as one made
+    after does (it was refused: the id was made lazily, so the earlier copy got its own)."""
+    import copy
+
+    model = kit.tiny_model("bswa", {"memory_blocks": 1})
+    before = copy.deepcopy(model)
+    prompt = kit.random_tokens(model, 1, 5)
+    _, state = model.generate(prompt, 3, return_state=True)
+    after = copy.deepcopy(model)
+    expected = model.generate(prompt[:, :1], 4, state=state)
+    assert torch.equal(before.generate(prompt[:, :1], 4, state=state), expected)
+    assert torch.equal(after.generate(prompt[:, :1], 4, state=state), expected)

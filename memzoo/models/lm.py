@@ -39,6 +39,7 @@ class MemzooLM(GenerationMixin, nn.Module):
         #: list, ``pad_token_id``) as ``from_pretrained`` read them; ``save_pretrained`` and
         #: the transformers wrapper (:meth:`memzoo.hf.MemzooForCausalLM.from_memzoo`) carry them
         self.token_ids: dict[str, Any] = {}
+        self._generation_origin()  # made now, so a copy (deepcopy, pickle) made before any generate() shares it
 
     @property
     def variant(self) -> str:
