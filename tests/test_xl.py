@@ -453,3 +453,20 @@ def test_clear_inference_cache_forgets_the_relative_tables_too():
         after, _ = model(x)
     fresh, _ = model(x)  # gradients enabled: nothing kept
     kit.assert_close(after, fresh.detach(), "no-grad output after a .data write and clear_inference_cache()")
+
+
+def test_the_cache_lets_go_of_a_dropped_state_at_once():
+    """The no-grad K/V memo holds its state weakly; its keys/values (up to twice the
+    state's bytes) go with the state, not when the layer next remembers another one
+    (after generate() returned, they stayed alive until the next xl call)."""
+    import gc
+
+    model = kit.tiny_model("xl", {"memory_len": 5})
+    model.generate(kit.random_tokens(model, 2, 13), 4)
+    gc.collect()
+    assert not any(model.backbone._kv_memo.values())
+    _, state = model.generate(kit.random_tokens(model, 2, 13), 4, return_state=True)
+    assert all(model.backbone._kv_memo.values())  # a live state keeps its entries
+    del state
+    gc.collect()
+    assert not any(model.backbone._kv_memo.values())

@@ -299,9 +299,16 @@ class TransformerXL(Backbone):
         k, v = (t.clone() if t._base is not None and t._base.numel() > t.numel() else t for t in (k, v))
         # the last MEMO_STATES states per layer whose tensors are still alive: streams that
         # take turns (two conversations, a validated and an unvalidated loop) each keep theirs
-        kept = [m for m in self._kv_memo.get(i, ()) if m.h() is not None]
+        memos = self._kv_memo
+        kept = [m for m in memos.get(i, ()) if m.h() is not None]
         kept = kept[max(0, len(kept) - MEMO_STATES + 1) :]
-        self._kv_memo[i] = [*kept, _ProjectionMemo(weakref.ref(h), h._version, pos, weights, plain, k, v)]
+
+        def forget(ref: "weakref.ref[Tensor]", i: int = i) -> None:
+            # the state tensor is gone: drop its keys/values now (they are up to twice its
+            # size per entry), not when this layer next remembers a state
+            memos[i] = [m for m in memos.get(i, ()) if m.h is not ref]
+
+        memos[i] = [*kept, _ProjectionMemo(weakref.ref(h, forget), h._version, pos, weights, plain, k, v)]
 
     def _attend_inference(
         self, layer: DecoderLayer, h: Tensor, a: int, start: int, memo: _ProjectionMemo | None, relative: bool
