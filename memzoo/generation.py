@@ -184,6 +184,7 @@ def ragged_step(backbone: Any, x: Tensor, state: RaggedState) -> tuple[Tensor, R
     rows. Every row moves on by ``t``, so the groups (rows at one position) stay as
     they are; the outputs (B, t, D) come back in row order."""
     groups = state.groups
+    backbone.expect_streams(len(groups))
     ys, new = [], []
     for rows, part in groups:
         y, part = backbone.step(x.index_select(0, _index(rows, x.device)), part)

@@ -308,6 +308,12 @@ class Backbone(nn.Module):
         :mod:`memzoo.variants.ring`) rather than in position order. Default: never."""
         return False
 
+    def expect_streams(self, n: int) -> None:
+        """A hint that ``n`` states take turns in this backbone's no-grad calls (a padded
+        batch decodes one state per group of rows at one position): a variant that caches
+        per-state tensors on the backbone (``xl``) keeps at least ``n`` states' worth, so
+        the groups do not push each other's out at every step. Default: nothing to do."""
+
     def token_positions(self, state: State, n: int, device: torch.device) -> Tensor:
         """Absolute positions of the next ``n`` tokens: (n,) int64."""
         return torch.arange(state.pos, state.pos + n, device=device)

@@ -27,7 +27,8 @@ current segment, kept detached, and the current partial segment, kept with its g
 own later queries use it); once full it has one shape, and a decode step writes its row
 and attends over the ring in slot order (keys at explicit positions). Under no_grad the
 keys/values computed for a returned state are cached on the backbone (for the last
-``MEMO_STATES`` states per layer, so streams that take turns keep theirs) and reused by a
+``MEMO_STATES`` states per layer, or as many as :meth:`expect_streams` was told, so
+streams that take turns keep theirs) and reused by a
 no-grad call on that same state while it and the weights are unchanged (see
 :class:`_ProjectionMemo`), so decoding projects one row per token and layer; under
 ``torch.inference_mode`` every call re-projects.
@@ -122,7 +123,8 @@ class _ProjectionMemo:
     v: Tensor
 
 
-#: states per layer whose memory keys/values the no-grad cache keeps (the most recent)
+#: states per layer whose memory keys/values the no-grad cache keeps (the most recent),
+#: unless :meth:`TransformerXL.expect_streams` asks for more
 MEMO_STATES = 4
 
 
@@ -157,6 +159,15 @@ class TransformerXL(Backbone):
         self.layers = self.make_layers()
         #: per layer, the keys/values of the last no-grad call's state (an inference cache, see step)
         self._kv_memo: dict[int, list[_ProjectionMemo]] = {}
+        #: how many states per layer the memo keeps (raised by expect_streams)
+        self.memo_states = MEMO_STATES
+
+    def expect_streams(self, n: int) -> None:
+        """Keep the memory keys/values of at least ``n`` states per layer: a padded batch
+        decodes one state per group of rows, and with more groups than kept states each
+        group's keys/values would be pushed out before its next step (every token would
+        re-project the whole memory). Entries go as soon as their state is dropped."""
+        self.memo_states = max(getattr(self, "memo_states", MEMO_STATES), n)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -297,11 +308,11 @@ class TransformerXL(Backbone):
     ) -> None:
         # copy the kept rows when they are a slice of more, so a long call's keys are not held alive
         k, v = (t.clone() if t._base is not None and t._base.numel() > t.numel() else t for t in (k, v))
-        # the last MEMO_STATES states per layer whose tensors are still alive: streams that
+        # the last memo_states states per layer whose tensors are still alive: streams that
         # take turns (two conversations, a validated and an unvalidated loop) each keep theirs
         memos = self._kv_memo
         kept = [m for m in memos.get(i, ()) if m.h() is not None]
-        kept = kept[max(0, len(kept) - MEMO_STATES + 1) :]
+        kept = kept[max(0, len(kept) - getattr(self, "memo_states", MEMO_STATES) + 1) :]
 
         def forget(ref: "weakref.ref[Tensor]", i: int = i) -> None:
             # the state tensor is gone: drop its keys/values now (they are up to twice its
