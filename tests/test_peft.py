@@ -147,3 +147,28 @@ def test_switching_a_lora_adapter_off_is_noticed_by_the_decode_caches(variant, t
         got, _ = model(toks[:, 9:], state=state)  # adapter back on
         want = continuation(state)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "variant,options,targets",
+    [
+        ("xl", {"memory_len": 4, "positions": "rope"}, ["k_proj", "v_proj"]),
+        ("xl", {"memory_len": 4}, ["k_proj", "v_proj"]),
+        ("brt", {"num_states": 2}, ["state_k_proj", "state_v_proj"]),
+    ],
+)
+def test_generate_states_continued_with_the_adapter_off_use_its_keys(variant, options, targets):
+    """xl's memory K/V memo and brt's kept state K/V are keyed on weight tensors; PEFT's
+    ``disable_adapter()`` changes what k/v_proj compute without touching a tensor, so a
+    state continued with the adapter off must not reuse the adapter's keys/values."""
+    from memzoo import testing as kit
+
+    model = kit.tiny_model(variant, options)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    model.eval()
+    prompt, reply = kit.random_tokens(model, 1, 9, seed=1), kit.random_tokens(model, 1, 2, seed=2)
+    _, state = model.generate(prompt, 4, return_state=True)  # adapter on: the caches are the adapter's
+    with lora.disable_adapter(), torch.no_grad():
+        got = model(reply, state=state).logits  # the state's own tensors: a cache hit if keyed on tensors alone
+        expected = model(reply, state=state.detach()).logits  # other tensor objects: no cache
+    assert (got - expected).abs().max().item() <= 1e-12
