@@ -91,13 +91,15 @@ def _check_own_state(name: str, cls: type) -> None:
 
 def _check_field_names(name: str, cls: type, config: type[VariantConfig]) -> None:
     """A variant's fields become attributes of its backbone: refuse names that would
-    shadow a shared field, a method or a property."""
+    shadow a shared field (the backbone's, or a language model's: ``ModelConfig`` keeps
+    ``vocab_size=...`` for itself, so a variant field of that name could never be set
+    flat), a method or a property."""
     import inspect
 
-    from memzoo.config import BackboneConfig
+    from memzoo.config import ModelConfig
 
     for field in config.model_fields:
-        if field in BackboneConfig.model_fields:
+        if field in ModelConfig.model_fields:
             raise ValueError(f"{config.__name__}.{field}: {name!r} cannot redeclare the shared field {field!r}")
         try:
             attr = inspect.getattr_static(cls, field)

@@ -119,7 +119,10 @@ def test_a_field_may_not_shadow_a_method_or_a_shared_field():
     class Redeclares(memzoo.VariantConfig):
         d_model: int = 8
 
-    for config, match in ((Shadows, "shadow"), (Redeclares, "shared field")):
+    class RedeclaresModelField(memzoo.VariantConfig):  # ModelConfig would keep vocab_size=... for itself
+        vocab_size: int = 5
+
+    for config, match in ((Shadows, "shadow"), (Redeclares, "shared field"), (RedeclaresModelField, "shared field")):
         with pytest.raises(ValueError, match=match):
             memzoo.register_variant("shadow_test", config=config)(type("X", (KVCacheBackbone,), {}))
         unregister_variant("shadow_test")
