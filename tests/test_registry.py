@@ -258,3 +258,47 @@ def test_the_plugin_card_names_the_plugin_class():
     it names the class in the plug-in package, and check_cards holds it to the code."""
     card = load_cards()["infini"]
     assert card.module == memzoo.get_variant("infini").module == "memzoo_infini.variant.InfiniAttention"
+
+
+def test_task_plugin_through_an_entry_point(tmp_path: Path):
+    """A task in another package registers through the entry-point group ``memzoo.tasks``
+    (like variants), so ``memzoo compare --task NAME`` finds it in a fresh interpreter."""
+    site = tmp_path / "site"
+    pkg = site / "memzoo_task_demo"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        import torch
+        from memzoo.tasks import Batch, Task, TaskConfig, register_task
+
+        class DemoConfig(TaskConfig):
+            n_symbols: int = 4
+
+        @register_task("task_demo", config=DemoConfig)
+        class Demo(Task):
+            metrics = {"accuracy": "exact"}
+            vocab_size = 5
+            def min_length(self, split="train"):
+                return 2
+            def sample(self, batch_size, length, generator, *, split="train"):
+                tokens = torch.randint(0, 4, (batch_size, length), generator=generator)
+                mask = torch.zeros(batch_size, length, dtype=torch.bool)
+                mask[:, 0] = True
+                return Batch(tokens, tokens, mask)
+    '''))
+    info = site / "memzoo_task_demo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: memzoo-task-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[memzoo.tasks]\ntask_demo = memzoo_task_demo\n")
+    (info / "RECORD").write_text("")
+    code = (
+        "from memzoo.tasks import list_tasks, make_task\n"
+        "from memzoo.compare import CompareConfig\n"
+        "assert 'task_demo' in list_tasks(), list_tasks()\n"
+        "assert make_task('task_demo', n_symbols=3).config.n_symbols == 3\n"
+        "CompareConfig(task='task_demo', variants=('bswa',), train={'length': 8}, eval={'lengths': (8,)})\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(memzoo.__file__).parent.parent)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout

@@ -1,6 +1,8 @@
 """The task registry: ``@register_task("name", config=MyConfig)`` on a :class:`Task`
 subclass, like variants (the same :class:`memzoo._registry.Registry`). Duplicates raise;
-unknown names list the known ones."""
+unknown names list the known ones. From another package: an entry point in the group
+``memzoo.tasks`` whose object is the module that registers (loaded on the first look-up),
+so ``memzoo compare --task NAME`` finds it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ from memzoo.errors import UnknownNameError
 from memzoo.tasks.base import Task, TaskConfig
 
 T = TypeVar("T", bound=type[Task])
-TASKS: Registry[type[Task]] = Registry("task", origin=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
+ENTRY_POINT_GROUP = "memzoo.tasks"
+TASKS: Registry[type[Task]] = Registry(
+    "task", origin=lambda cls: f"{cls.__module__}.{cls.__qualname__}", entry_point_group=ENTRY_POINT_GROUP
+)
 
 
 def register_task(name: str, *, config: type[TaskConfig]) -> Callable[[T], T]:
