@@ -153,6 +153,13 @@ def test_registry_refuses_duplicates_and_lists_tasks() -> None:
         register_task("passkey", config=TaskConfig)(type("Again", (Task,), {"metrics": {"accuracy": "exact"}}))
 
 
+def test_registry_refuses_an_unknown_metric_kind() -> None:
+    """At registration, not when the first run is scored after its training."""
+    with pytest.raises(ValueError, match=r"unknown metric kinds; valid: exact, token_accuracy, bits"):
+        register_task("kind_demo", config=TaskConfig)(type("Kind", (Task,), {"metrics": {"acc": "accuracy"}}))
+    assert "kind_demo" not in list_tasks()
+
+
 # ------------------------------------------------------------------ metrics
 def one_hot_logits(pred: list[list[int]], vocab: int) -> torch.Tensor:
     """Logits whose argmax is ``pred`` (B, T), with probability ~1 on it."""

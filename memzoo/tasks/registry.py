@@ -6,11 +6,11 @@ so ``memzoo compare --task NAME`` finds it."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, get_args
 
 from memzoo._registry import Registry, check_config_class
 from memzoo.errors import UnknownNameError
-from memzoo.tasks.base import Task, TaskConfig
+from memzoo.tasks.base import MetricKind, Task, TaskConfig
 
 T = TypeVar("T", bound=type[Task])
 ENTRY_POINT_GROUP = "memzoo.tasks"
@@ -29,6 +29,10 @@ def register_task(name: str, *, config: type[TaskConfig]) -> Callable[[T], T]:
         TASKS.check_free(name)
         if not cls.metrics:
             raise ValueError(f"task {name!r} must declare at least one metric")
+        kinds = get_args(MetricKind)
+        bad = {metric: kind for metric, kind in cls.metrics.items() if kind not in kinds}
+        if bad:  # refused now, not by the scoring after every run's training
+            raise ValueError(f"task {name!r}: metrics {bad} name unknown metric kinds; valid: {', '.join(kinds)}")
         cls.name = name
         cls.Config = config
         TASKS.add(name, cls)
