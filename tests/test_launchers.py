@@ -130,7 +130,8 @@ from memzoo.tasks.registry import register_task
 class FlakyCopy(Copy):
     def sample(self, *args, **kwargs):
         marker = Path(os.environ["MEMZOO_FLAKY_MARKER"])
-        if not marker.exists():
+        in_worker = os.getpid() != int(os.environ["MEMZOO_FLAKY_DRIVER"])  # the driver samples too (config checks)
+        if in_worker and not marker.exists():
             marker.write_text("killed once")
             os._exit(9)  # the worker process dies mid-run, as if killed
         return super().sample(*args, **kwargs)
@@ -144,6 +145,7 @@ def test_a_killed_pool_worker_is_retried(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("MEMZOO_FLAKY_MARKER", str(tmp_path / "marker"))
+    monkeypatch.setenv("MEMZOO_FLAKY_DRIVER", str(os.getpid()))
     import flaky_task_plugin  # noqa: F401  (registers the task in this process too)
 
     from memzoo.tasks.registry import unregister_task

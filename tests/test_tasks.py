@@ -204,3 +204,48 @@ def test_task_score_names_every_metric() -> None:
     assert set(scores) == {"accuracy", "digit_accuracy"}
     assert all(v == 1.0 for per_group in scores.values() for v in per_group.values())
     assert set(scores["accuracy"]) == {"all", *b.groups}
+
+
+@pytest.mark.parametrize("fault", ["short", "rows", "vocab", "unscored"])
+def test_a_task_that_breaks_the_batch_contract_is_refused_before_training(fault: str) -> None:
+    """A plug-in task's batches are held to (batch_size, length), int64 ids in its
+    vocabulary and a scored position per evaluation example when the comparison is
+    configured: before, one token short was trained and reported under the asked length,
+    and fewer rows were scored as the asked number of examples."""
+    from memzoo.compare import CompareConfig
+    from memzoo.tasks import unregister_task
+    from memzoo.tasks.base import draw
+
+    class Faulty(Task):
+        metrics = {"accuracy": "exact"}
+        vocab_size = 5
+
+        def min_length(self, split="train") -> int:
+            return 2
+
+        def sample(self, batch_size, length, generator, *, split="train") -> Batch:
+            tokens = torch.randint(0, 4, (batch_size, length), generator=generator)
+            mask = torch.ones(batch_size, length, dtype=torch.bool)
+            if fault == "short":
+                tokens, mask = tokens[:, :-1], mask[:, :-1]
+            elif fault == "rows":
+                tokens, mask = tokens[:1], mask[:1]
+            elif fault == "vocab":
+                tokens = tokens + 3
+            elif split == "eval":
+                mask[0] = False
+            return Batch(tokens, tokens.clone(), mask)
+
+    register_task("faulty_demo", config=TaskConfig)(Faulty)
+    try:
+        with pytest.raises(InputError, match="faulty_demo"):
+            draw(make_task("faulty_demo"), 3, 8, gen(0), split="eval")
+        with pytest.raises(ValueError, match="task 'faulty_demo': sample"):
+            CompareConfig(task="faulty_demo", variants=("bswa",), train={"length": 8}, eval={"lengths": (8,)})
+    finally:
+        unregister_task("faulty_demo")
+    for name in list_tasks():  # the built-in tasks keep the contract
+        task = make_task(name, **SMALL.get(name, {}))
+        for split in ("train", "eval"):
+            n = max(task.min_length(split), 40)
+            draw(task, 3, n, gen(0), split=split)

@@ -41,6 +41,7 @@ from memzoo.compare.settings import preset as settings_preset
 from memzoo.compare.trainer import evaluate, train
 from memzoo.errors import MemzooError
 from memzoo.tasks import Task, make_task
+from memzoo.tasks.base import draw
 
 
 @functools.lru_cache(maxsize=1)
@@ -263,7 +264,7 @@ def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
     kinds = dict(task.metrics)
     expected = set()
     for n in spec.eval_lengths:
-        groups = task.sample(eval_settings.examples, n, seeded("eval-data", task.name, spec.seed, n), split="eval").groups
+        groups = draw(task, eval_settings.examples, n, seeded("eval-data", task.name, spec.seed, n), split="eval").groups
         expected |= {(n, m, s) for m in kinds for s in {"all", *groups}}
     seen: dict[tuple[int, str, str], int] = {}
     for r in record.rows:

@@ -254,6 +254,15 @@ class CompareConfig(_Strict):
             raise ValueError(f"{exc} (the shortest of train.length range {list(self.train.length_range)})") from None
         for n in self.eval_lengths:
             task.check_length(n, "eval")
+        # a task's batches fit its contract (shapes, dtypes, ids in its vocabulary): a
+        # plug-in task that breaks it fails here, not in every run after its training
+        import torch
+
+        from memzoo.tasks.base import draw
+
+        checks = [("train", self.train.min_length), ("train", self.train.max_length), *(("eval", n) for n in self.eval_lengths)]
+        for split, n in dict.fromkeys(checks):
+            draw(task, 2, n, torch.Generator().manual_seed(0), split=split)  # type: ignore[arg-type]
         return self
 
     @property

@@ -68,6 +68,7 @@ from memzoo.models import MemzooLM
 from memzoo.ragged import RaggedState
 from memzoo.state import State
 from memzoo.tasks import Batch, ExampleStats, Task
+from memzoo.tasks.base import draw
 
 AnyState = State | RaggedState
 
@@ -107,7 +108,7 @@ def training_batch(task: Task, settings: TrainSettings, generator: torch.Generat
     (one draw of ``generator``), then the task makes the rows of each distinct length
     together, shortest first, and :func:`right_padded` lays them out."""
     if settings.length_range is None:
-        return task.sample(settings.batch_size, settings.max_length, generator, split="train"), None
+        return draw(task, settings.batch_size, settings.max_length, generator, split="train"), None
     lo, hi = settings.length_range
     lengths = torch.randint(lo, hi + 1, (settings.batch_size,), generator=generator)
     return right_padded(task, lengths, generator)
@@ -125,7 +126,7 @@ def right_padded(task: Task, lengths: Tensor, generator: torch.Generator, *, pad
     groups = ["all"] * b
     for n in sorted(set(lengths.tolist())):
         rows = (lengths == n).nonzero().flatten()
-        part = task.sample(rows.numel(), n, generator, split="train")
+        part = draw(task, rows.numel(), n, generator, split="train")
         tokens[rows, :n], targets[rows, :n], scored[rows, :n] = part.tokens, part.targets, part.mask
         for j, r in enumerate(rows.tolist()):
             groups[r] = part.groups[j]
@@ -409,7 +410,7 @@ def evaluate(
     fed without a mask; :func:`stream_stats` takes one for a batch of mixed lengths."""
     device = next(model.parameters()).device
     model.eval()
-    full = task.sample(settings.examples, length, seeded("eval-data", task.name, seed, length), split="eval")
+    full = draw(task, settings.examples, length, seeded("eval-data", task.name, seed, length), split="eval")
     parts: list[ExampleStats] = []
     state_bytes = 0
     start = time.perf_counter()

@@ -162,6 +162,35 @@ class Task:
         return {name: aggregate(kind, stats, groups) for name, kind in self.metrics.items()}
 
 
+def draw(task: Task, batch_size: int, length: int, generator: torch.Generator, *, split: Split = "train") -> Batch:
+    """``task.sample(...)`` held to the contract a comparison relies on: a :class:`Batch`
+    whose ``tokens`` and ``targets`` are int64 (batch_size, length), ``mask`` bool of that
+    shape, one group per example, token ids and scored targets in ``[0, vocab_size)``.
+    A task that returns anything else (one token short, fewer rows) is refused with what
+    it returned, instead of being trained and scored under the length and number of
+    examples it was asked for."""
+    batch = task.sample(batch_size, length, generator, split=split)
+    where = f"task {task.name!r}: sample({batch_size}, {length}, split={split!r})"
+    if not isinstance(batch, Batch):
+        raise InputError(f"{where} returned a {type(batch).__name__}, not a memzoo.tasks.Batch")
+    want = (batch_size, length)
+    for name, dtype in (("tokens", torch.long), ("targets", torch.long), ("mask", torch.bool)):
+        t = getattr(batch, name)
+        if not isinstance(t, Tensor) or tuple(t.shape) != want or t.dtype != dtype:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise InputError(f"{where}: {name} must be a {dtype} tensor of shape {want} (batch_size, length); got {got}")
+    if len(batch.groups) != batch_size:
+        raise InputError(f"{where}: groups has {len(batch.groups)} labels for {batch_size} examples")
+    if split == "eval" and bool((batch.mask.sum(1) == 0).any()):
+        raise InputError(f"{where}: every evaluation example needs at least one scored position (mask)")
+    v = task.vocab_size
+    scored = batch.targets[batch.mask]
+    for name, ids in (("token ids", batch.tokens), ("scored targets", scored)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+            raise InputError(f"{where}: {name} must lie in [0, {v - 1}] (vocab_size={v}); got min {int(ids.min())}, max {int(ids.max())}")
+    return batch
+
+
 def randint(low: int, high: int, size: tuple[int, ...], generator: torch.Generator) -> Tensor:
     """Integers in [low, high) on CPU (generators are CPU generators, so data never
     depends on the device)."""
