@@ -451,3 +451,31 @@ def test_a_plot_skipped_for_want_of_matplotlib_keeps_an_older_one(tmp_path: Path
                         runs=[RunSummary(variant="bswa", seed=0, status="failed", error="boom")], rows=[])
     written = write_leaderboard(board, tmp_path)
     assert "left as it was" in written["png"] and (tmp_path / "passkey.png").read_bytes() == b"the board's plot"
+
+
+def test_each_metric_says_its_own_direction(tmp_path: Path) -> None:
+    """A task with a bits headline (lower is better) and an accuracy metric: the accuracy
+    rows and table say higher is better (the task-wide flag was stamped on every metric),
+    and a run file with them verifies when loaded again."""
+    from memzoo.compare.leaderboard import markdown
+    from memzoo.tasks import register_task, unregister_task
+    from memzoo.tasks.text import Text, TextConfig
+
+    @register_task("text_acc_demo", config=TextConfig)
+    class TextAcc(Text):
+        metrics = {"bpc": "bits", "accuracy": "token_accuracy"}
+        higher_is_better = False
+
+    try:
+        config = CompareConfig(
+            task="text_acc_demo", variants=("bswa",), model={"d_model": 16, "n_layers": 1, "n_heads": 2, "block_size": 4},
+            train={"steps": 1, "length": 12, "batch_size": 2}, eval={"lengths": (12,), "examples": 2},
+        )
+        records = compare_runs(config, quiet=True, results_dir=tmp_path)
+        assert {(r.metric, r.higher_is_better) for r in records[0].rows} == {("bpc", False), ("accuracy", True)}
+        page = markdown(build_leaderboard(config, records))
+        assert "accuracy (higher is better)" in page and "bpc (lower is better)" in page
+        (again,) = compare_runs(config, quiet=True, results_dir=tmp_path)  # loaded, verified
+        assert again.rows == records[0].rows
+    finally:
+        unregister_task("text_acc_demo")

@@ -249,3 +249,11 @@ def test_a_task_that_breaks_the_batch_contract_is_refused_before_training(fault:
         for split in ("train", "eval"):
             n = max(task.min_length(split), 40)
             draw(task, 3, n, gen(0), split=split)
+
+
+def test_registry_refuses_a_direction_that_contradicts_the_headline() -> None:
+    with pytest.raises(ValueError, match=r"higher_is_better=True, but its headline metric 'bpc' is of kind 'bits'"):
+        register_task("direction_demo", config=TaskConfig)(type("D", (Task,), {"metrics": {"bpc": "bits"}}))
+    assert "direction_demo" not in list_tasks()
+    text = make_task("text")
+    assert not text.metric_higher_is_better("bpc") and make_task("passkey").metric_higher_is_better("digit_accuracy")

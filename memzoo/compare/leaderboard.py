@@ -83,7 +83,7 @@ def markdown_table(
     seeds = sorted({r.seed for r in rows} | {r.seed for r in runs})  # the comparison's, diverged ones included
     train_length = rows[0].train_length
     values = _by(rows, metric, "all")
-    better = "higher" if rows[0].higher_is_better else "lower"
+    better = "higher" if next((r for r in rows if r.metric == metric), rows[0]).higher_is_better else "lower"
     head = [f"{metric} ({better} is better) at length →"] + [
         f"{n}{' (train)' if n == train_length else ''}" for n in lengths
     ] + ["params", f"state KiB @{lengths[-1]}", "train tok/s", "wall s", "backend"]

@@ -181,7 +181,7 @@ def run_one(
             metric=metric,
             slice=slice_,
             value=value,
-            higher_is_better=task.higher_is_better,
+            higher_is_better=task.metric_higher_is_better(metric),
             backend="+".join(sorted(record.names)) or "none",
             parameters=parameters,
             state_bytes=ev.state_bytes,
@@ -279,7 +279,7 @@ def check_record(record: RunRecord, spec: RunSpec) -> list[str]:
         if kind in ("exact", "token_accuracy") and not 0.0 <= r.value <= 1.0 or kind == "bits" and r.value < 0:
             problems.append(f"{r.metric} at length {r.eval_length} ({r.slice}) is {r.value}, out of range")
             break
-        if r.higher_is_better != task.higher_is_better or r.provenance != record.provenance:
+        if (kind is not None and r.higher_is_better != task.metric_higher_is_better(r.metric)) or r.provenance != record.provenance:
             problems.append("a row's higher_is_better or provenance is not this run's")
             break
     missing, extra = expected - set(seen), set(seen) - expected

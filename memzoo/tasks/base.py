@@ -34,6 +34,9 @@ Split = Literal["train", "eval"]
 #:  - "bits": mean negative log-likelihood in bits (weight = number of scored positions)
 MetricKind = Literal["exact", "token_accuracy", "bits"]
 
+#: which way a metric kind is better: a larger accuracy, fewer bits
+HIGHER_IS_BETTER: dict[str, bool] = {"exact": True, "token_accuracy": True, "bits": False}
+
 
 class TaskConfig(BaseModel):
     """Base class of a task's own fields. Every field must have a default."""
@@ -116,7 +119,9 @@ class Task:
     Config: ClassVar[type[TaskConfig]] = TaskConfig
     #: metric name -> how it is computed; the first one is the headline (plots, tables)
     metrics: ClassVar[dict[str, MetricKind]] = {}
-    #: whether a larger headline metric is better (accuracy) or worse (bits)
+    #: whether a larger headline metric is better (accuracy) or worse (bits); it must agree
+    #: with the headline's kind (checked at registration). Every other metric's direction
+    #: is its own kind's (:meth:`metric_higher_is_better`)
     higher_is_better: ClassVar[bool] = True
 
     def __init__(self, config: TaskConfig | None = None, **fields: object) -> None:
@@ -156,6 +161,11 @@ class Task:
         hash), or None when the config says it all. A comparison run's identity (its
         ``RunSpec`` and config hash) includes it, so changed data never reuses old results."""
         return None
+
+    def metric_higher_is_better(self, metric: str) -> bool:
+        """Whether a larger value of ``metric`` is better: from its kind (accuracy: yes,
+        bits: no), so a task with a bits headline and an accuracy metric gets both right."""
+        return HIGHER_IS_BETTER[self.metrics[metric]]
 
     def score(self, stats: ExampleStats, groups: list[str]) -> dict[str, dict[str, float]]:
         """metric -> {"all": value, group: value, ...}."""

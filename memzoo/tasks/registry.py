@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar, get_args
 
 from memzoo._registry import Registry, check_config_class
 from memzoo.errors import UnknownNameError
-from memzoo.tasks.base import MetricKind, Task, TaskConfig
+from memzoo.tasks.base import HIGHER_IS_BETTER, MetricKind, Task, TaskConfig
 
 T = TypeVar("T", bound=type[Task])
 ENTRY_POINT_GROUP = "memzoo.tasks"
@@ -33,6 +33,12 @@ def register_task(name: str, *, config: type[TaskConfig]) -> Callable[[T], T]:
         bad = {metric: kind for metric, kind in cls.metrics.items() if kind not in kinds}
         if bad:  # refused now, not by the scoring after every run's training
             raise ValueError(f"task {name!r}: metrics {bad} name unknown metric kinds; valid: {', '.join(kinds)}")
+        headline, kind = next(iter(cls.metrics.items()))
+        if bool(cls.higher_is_better) != HIGHER_IS_BETTER[kind]:
+            raise ValueError(
+                f"task {name!r}: higher_is_better={cls.higher_is_better!r}, but its headline metric {headline!r} is of kind "
+                f"{kind!r}, for which {'higher' if HIGHER_IS_BETTER[kind] else 'lower'} is better"
+            )
         cls.name = name
         cls.Config = config
         TASKS.add(name, cls)
