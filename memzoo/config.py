@@ -19,12 +19,14 @@ epsilon, RoPE base 1e4). A Hugging Face checkpoint sets the fields it needs
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from memzoo.errors import UnknownNameError
 from memzoo.layers.positions import RopeScaling
+
+M = TypeVar("M", bound=BaseModel)
 
 #: float32's machine epsilon: what ``nn.RMSNorm(d)`` used in float32 before the eps was a
 #: field (so memzoo's own preset reproduces the committed leaderboards exactly)
@@ -49,6 +51,21 @@ NOT_IN_FINGERPRINT: dict[str, Any] = {"fingerprint": False}
 def in_fingerprint(info: Any) -> bool:
     extra = info.json_schema_extra
     return not (isinstance(extra, dict) and extra.get("fingerprint") is False)
+
+
+def validate_options(config: type[M], options: dict[str, Any]) -> M:
+    """``config`` (a strict variant or task config) from ``options`` as given in Python
+    or read from JSON: validated in JSON mode when the options are JSON values, where a
+    list is a tuple field's JSON form (a config file, ``--option``, a leaderboard, a
+    Hugging Face ``config.json`` hold tuples as lists; Python's strict mode refuses a
+    list for a tuple) and strictness is otherwise the same; in Python mode otherwise."""
+    import json
+
+    try:
+        text = json.dumps(options, allow_nan=False)
+    except (TypeError, ValueError):
+        return config.model_validate(options)
+    return config.model_validate_json(text)
 
 
 class VariantConfig(BaseModel):
@@ -156,7 +173,7 @@ class BackboneConfig(BaseModel):
     def variant_config(self) -> VariantConfig:
         from memzoo.registry import get_variant
 
-        return get_variant(self.variant).config.model_validate(self.options)
+        return validate_options(get_variant(self.variant).config, self.options)
 
     @property
     def estimated_parameters(self) -> int:

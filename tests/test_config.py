@@ -135,3 +135,43 @@ def test_tied_embeddings_share_the_weight():
     n_tied = sum(p.numel() for p in model.parameters())
     n_untied = sum(p.numel() for p in untied.parameters())
     assert n_untied - n_tied == 256 * 16
+
+
+def test_a_tuple_field_of_a_variant_reads_back_from_json():
+    """A strict variant config with a tuple field (per-layer settings): a JSON file, a
+    leaderboard, ``--option`` and a comparison hold it as a list, which Python's strict
+    mode refused for a tuple, so such a config never read back from its own JSON."""
+    import json
+    from dataclasses import dataclass
+
+    from memzoo.compare import CompareConfig
+    from memzoo.ops import BlockLayout
+    from memzoo.registry import unregister_variant
+    from memzoo.variants.kv import KVCacheBackbone, KVState
+
+    class TupleConfig(memzoo.VariantConfig):
+        windows: tuple[int, ...] = (3, 3)
+
+    @dataclass
+    class TupleState(KVState):
+        pass
+
+    @memzoo.register_variant("tuple_demo", config=TupleConfig)
+    class TupleDemo(KVCacheBackbone):
+        State = TupleState
+
+        def layout(self):
+            return BlockLayout(block_size=1, window=max(self.windows))
+
+    try:
+        cfg = memzoo.ModelConfig(variant="tuple_demo", d_model=16, n_heads=2, windows=(2, 4))
+        assert memzoo.ModelConfig.model_validate_json(cfg.model_dump_json()) == cfg
+        assert memzoo.ModelConfig(**json.loads(cfg.model_dump_json())) == cfg
+        assert memzoo.build_model("tuple_demo", d_model=16, n_heads=2, windows=[2, 4]).backbone.windows == (2, 4)
+        CompareConfig(task="copy", variants=("tuple_demo",), variant_options={"tuple_demo": {"windows": (2, 4)}})
+        with pytest.raises(ValueError, match="windows"):  # the items are still strict
+            memzoo.ModelConfig(variant="tuple_demo", windows=[2.0, 4])
+        with pytest.raises(ValueError, match="memory_blocks"):
+            memzoo.ModelConfig(variant="bswa", memory_blocks=True)
+    finally:
+        unregister_variant("tuple_demo")

@@ -257,3 +257,39 @@ def test_registry_refuses_a_direction_that_contradicts_the_headline() -> None:
     assert "direction_demo" not in list_tasks()
     text = make_task("text")
     assert not text.metric_higher_is_better("bpc") and make_task("passkey").metric_higher_is_better("digit_accuracy")
+
+
+def test_a_strict_task_config_with_a_tuple_field_works_in_a_comparison() -> None:
+    """A plug-in task config made strict (like memzoo's VariantConfig) with a tuple field:
+    a comparison keeps task options in their JSON form (a list), which strict Python
+    validation refused for a tuple."""
+    from pydantic import ConfigDict
+
+    from memzoo.compare import CompareConfig
+    from memzoo.tasks import unregister_task
+
+    class DepthsConfig(TaskConfig):
+        model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+        depths: tuple[float, ...] = (0.5,)
+
+    class Depths(Task):
+        metrics = {"accuracy": "exact"}
+        vocab_size = 5
+
+        def min_length(self, split="train") -> int:
+            return 2
+
+        def sample(self, batch_size, length, generator, *, split="train") -> Batch:
+            tokens = torch.randint(0, 4, (batch_size, length), generator=generator)
+            mask = torch.zeros(batch_size, length, dtype=torch.bool)
+            mask[:, 0] = True
+            return Batch(tokens, tokens.clone(), mask)
+
+    register_task("depths_demo", config=DepthsConfig)(Depths)
+    try:
+        assert make_task("depths_demo", depths=[0.25]).config.depths == (0.25,)
+        config = CompareConfig(task="depths_demo", variants=("bswa",), task_options={"depths": (0.25,)},
+                               train={"length": 8}, eval={"lengths": (8,)})
+        assert config.task_options == {"depths": [0.25]}
+    finally:
+        unregister_task("depths_demo")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, TypeVar, get_args
 
 from memzoo._registry import Registry, check_config_class
+from memzoo.config import validate_options
 from memzoo.errors import UnknownNameError
 from memzoo.tasks.base import HIGHER_IS_BETTER, MetricKind, Task, TaskConfig
 
@@ -65,7 +66,7 @@ def make_task(name: str, **fields: Any) -> Task:
         raise UnknownNameError(
             f"unknown field(s) {sorted(unknown)} for task {name!r}; valid: {', '.join(sorted(cls.Config.model_fields))}"
         )
-    return cls(cls.Config(**fields))
+    return cls(validate_options(cls.Config, fields))
 
 
 def unregister_task(name: str) -> None:
