@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 import memzoo
 from memzoo.cli import main
@@ -479,3 +479,27 @@ def test_each_metric_says_its_own_direction(tmp_path: Path) -> None:
         assert again.rows == records[0].rows
     finally:
         unregister_task("text_acc_demo")
+
+
+def test_a_plugin_field_named_like_a_builtin_one_keeps_its_own_default() -> None:
+    """The small-setting table is keyed by variant and field: a plug-in's ``window``
+    (previous tokens, at most 12 here) is not given sinks' ``window`` formula (15 at
+    block_size 8, which its own bound then refused with a value the user never set)."""
+
+    class WindowConfig(VariantConfig):
+        window: int = Field(8, ge=0, le=12)
+
+    @dataclass
+    class WindowState(KVState):
+        pass
+
+    @register_variant("zz_window_test", config=WindowConfig)
+    class Window(Full):
+        State = WindowState
+
+    try:
+        assert variant_options("zz_window_test", ModelSettings(block_size=8)) == {}
+        assert variant_options("sinks", ModelSettings(block_size=8))["window"] == 15
+        CompareConfig(task="copy", variants=["zz_window_test"], task_options={"segment_len": 3})
+    finally:
+        unregister_variant("zz_window_test")

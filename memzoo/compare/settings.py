@@ -370,25 +370,42 @@ def check_model(
 #: derived from the shared model settings. A variant gets the entries whose names are
 #: fields of its config; any other field keeps the variant's own default, so a variant
 #: registered later works unchanged (and can be tuned with ``variant_options``).
-SMALL_SETTING_DEFAULTS: dict[str, Callable[[ModelSettings], Any]] = {
-    "memory_blocks": lambda m: 1,  # bswa, fam: one previous block in full
-    "fam_len": lambda m: max(1, m.block_size // 4),  # fam: working memory vectors (paper: 64 of 1024)
-    "memory_len": lambda m: m.block_size,  # xl: as many cached positions as one bswa memory block
-    "num_memory_tokens": lambda m: 4,  # rmt: read/write memory tokens
-    "num_states": lambda m: m.block_size,  # brt: as many recurrent states as tokens in a block (paper: 512 of 512)
-    "num_sinks": lambda m: max(1, m.block_size // 8),  # sinks: the paper's 4 sinks of a 1024-token cache, scaled
-    # sinks: sinks + window = 2 blocks, the most keys bswa with one memory block sees
-    "window": lambda m: 2 * m.block_size - max(1, m.block_size // 8),
+def _sink_count(m: ModelSettings) -> int:
+    return max(1, m.block_size // 8)  # the paper's 4 sinks of a 1024-token cache, scaled
+
+
+#: Per variant, its own fields' values at a comparison's small settings, derived from the
+#: shared model settings. Keyed by variant *and* field: a plug-in's field that happens to
+#: share a name with a built-in's (a ``window`` of another meaning) keeps its own default.
+#: A plug-in may add its own entry when it registers.
+SMALL_SETTING_DEFAULTS: dict[str, dict[str, Callable[[ModelSettings], Any]]] = {
+    "bswa": {"memory_blocks": lambda m: 1},  # one previous block in full
+    "fam": {
+        "memory_blocks": lambda m: 1,
+        "fam_len": lambda m: max(1, m.block_size // 4),  # working memory vectors (paper: 64 of 1024)
+    },
+    "xl": {"memory_len": lambda m: m.block_size},  # as many cached positions as one bswa memory block
+    "rmt": {"num_memory_tokens": lambda m: 4},  # read/write memory tokens
+    "brt": {"num_states": lambda m: m.block_size},  # as many recurrent states as tokens in a block (paper: 512 of 512)
+    "sinks": {
+        "num_sinks": _sink_count,
+        # sinks + window = 2 blocks, the most keys bswa with one memory block sees
+        "window": lambda m: 2 * m.block_size - _sink_count(m),
+    },
 }
 
 
 def variant_options(name: str, model: ModelSettings, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The variant's own fields for a comparison: :data:`SMALL_SETTING_DEFAULTS` that
-    the variant's config has, then ``overrides`` (refused if not a field of it)."""
+    """The variant's own fields for a comparison: its :data:`SMALL_SETTING_DEFAULTS`
+    entry (none: its config's defaults), then ``overrides`` (refused if not a field of it)."""
     from memzoo.registry import get_variant
 
     fields = get_variant(name).config.model_fields
-    chosen = {key: make(model) for key, make in SMALL_SETTING_DEFAULTS.items() if key in fields}
+    own = SMALL_SETTING_DEFAULTS.get(name, {})
+    stray = set(own) - set(fields)
+    if stray:  # a table entry for a field the variant does not have would be silently unused
+        raise UnknownNameError(f"SMALL_SETTING_DEFAULTS[{name!r}] names {sorted(stray)}, not fields of {name!r}; valid: {', '.join(sorted(fields))}")
+    chosen = {key: make(model) for key, make in own.items()}
     unknown = set(overrides or {}) - set(fields)
     if unknown:
         raise UnknownNameError(
