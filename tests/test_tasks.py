@@ -293,3 +293,21 @@ def test_a_strict_task_config_with_a_tuple_field_works_in_a_comparison() -> None
         assert config.task_options == {"depths": [0.25]}
     finally:
         unregister_task("depths_demo")
+
+
+@pytest.mark.parametrize(
+    "name, fields",
+    [("passkey", {"n_digits": True}), ("copy", {"selective": "yes"}), ("text", {"eval_fraction": "0.5"}), ("mqar", {"n_keys": 8.0})],
+)
+def test_task_fields_are_not_coerced(name, fields):
+    """Task configs are strict like every memzoo config: ``make_task("passkey",
+    n_digits=True)`` made a one-digit passkey, ``selective="yes"`` a selective copy."""
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        make_task(name, **fields)
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        get_task(name)(**fields)
+
+
+def test_task_tuple_fields_take_a_json_list():
+    assert make_task("passkey", eval_depths=[0.5]).config.eval_depths == (0.5,)
+    assert get_task("mqar")(eval_pairs=[2, 3]).config.eval_pairs == (2, 3)

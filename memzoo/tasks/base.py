@@ -39,9 +39,11 @@ HIGHER_IS_BETTER: dict[str, bool] = {"exact": True, "token_accuracy": True, "bit
 
 
 class TaskConfig(BaseModel):
-    """Base class of a task's own fields. Every field must have a default."""
+    """Base class of a task's own fields. Every field must have a default. Strict, like
+    every memzoo config: ``True`` is not 1 and ``"0.5"`` is not 0.5 (a tuple field also
+    takes a JSON list through :func:`memzoo.tasks.make_task`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 @dataclass
@@ -128,7 +130,9 @@ class Task:
         if config is not None and fields:
             raise TypeError("pass either a config or fields, not both")
         if config is None:
-            config = self.Config(**fields)
+            from memzoo.config import validate_options
+
+            config = validate_options(self.Config, fields)
         elif not isinstance(config, self.Config):
             raise TypeError(f"task {self.name!r} takes a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
