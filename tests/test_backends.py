@@ -614,6 +614,21 @@ def test_xformers_plan_covers_partial_blocks_and_block_counts():
     assert full.simple and full.q_seqlens == (4,) and full.kv_seqlens == (7,)
 
 
+def test_xformers_sinks_that_are_memory_come_from_the_memory_tensors():
+    """One block whose sinks lie before it (memory) while the run starts at the block: the
+    sinks and the run meet, but the plan must not be ``simple`` (that path reads k/v alone,
+    so the sink rows skipped k_mem/v_mem: 1.99 off the reference)."""
+    attn_bias_or_skip()
+    layout = BlockLayout(2, 0, 2)  # block [2, 4); sinks 0, 1 are its memory
+    assert not xf.plan_call(layout, 2, 2, 4, 0, True).simple
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, k_mem, v_mem = (torch.randn(1, 1, n, 8, generator=gen, dtype=F64) for n in (2, 4, 4, 4, 4))
+    inputs = ops.AttentionInputs(q, k, v, layout, 2, 0.5, k_mem, v_mem)
+    got = xf.attend_planned(xf.materialized_kernel, inputs)
+    want = ops.attend(q, k, v, k_mem=k_mem, v_mem=v_mem, layout=layout, q_start=2, scale=0.5, backend="reference")
+    assert_within(got, want, ops.Tolerance(1e-12, 1e-10), "sinks read from k_mem")
+
+
 @pytest.mark.parametrize("name,i", CALL_SETS)
 def test_xformers_path_with_a_materialising_kernel_equals_reference(name, i):
     """Everything but xformers' CUDA kernel (gather, bias, batch folding, un-gather),

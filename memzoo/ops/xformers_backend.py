@@ -203,8 +203,11 @@ def plan_call(
         q_lens.append(qb - qa)
         kv_lens.append(f + len(pos))
     first_start = 0 if size is None else (q_start // size) * size
+    lowest = 0 if n_sink else k_start  # the first key row's position (a sink's, when there are sinks)
     simple = (
-        nb == 1 and f == 0 and kv_lens[0] == n_keys and (not memory_copy or k_start >= first_start)
+        # with memory tensors, only when no key row is memory (before the block): the simple
+        # path reads k/v alone, so a sink or run row that is memory would skip k_mem/v_mem
+        nb == 1 and f == 0 and kv_lens[0] == n_keys and (not memory_copy or lowest >= first_start)
         and (not n_sink or k_start == n_sink)  # sinks and run meet: the keys as they are
     )
     return Plan(
