@@ -515,3 +515,25 @@ def test_token_window_chunks_after_the_first_key_share_one_mask(monkeypatch, mem
     grads = [torch.autograd.grad((o * o.detach().cos()).sum(), list(ins.values())) for o in (actual, expected)]
     for key, ga, gr in zip(ins, *grads):
         assert_close(ga, gr, f"grad of {key}")
+
+
+@pytest.mark.parametrize("case", ["v_rows", "negative_start", "missing_own_key", "extra_blocks", "mem_shape"])
+def test_attend_refuses_inconsistent_shapes_on_every_backend(case):
+    """A shape the backends disagree on is refused by the dispatcher with the shapes, never
+    run: v with more rows than k ran on sdpa (and failed in a matmul on the reference); a
+    negative q_start ran on the reference (the others refused with a garbled count)."""
+    q, k, v = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    kw: dict = dict(layout=BlockLayout(2, 2), q_start=0, scale=0.5)
+    if case == "v_rows":
+        v = torch.randn(1, 1, 5, 4)
+    elif case == "negative_start":
+        kw["q_start"] = -2
+    elif case == "missing_own_key":
+        k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4)
+    elif case == "extra_blocks":  # queries [0, 4) touch 2 blocks
+        kw.update(extra_k=torch.randn(1, 1, 1, 2, 4), extra_v=torch.randn(1, 1, 1, 2, 4))
+    elif case == "mem_shape":
+        kw.update(k_mem=torch.randn(1, 1, 3, 4), v_mem=torch.randn(1, 1, 3, 4))
+    for name in ("reference", "sdpa", "flex"):
+        with torch.no_grad(), pytest.raises(ValueError):
+            ops.attend(q, k, v, **kw, backend=name)

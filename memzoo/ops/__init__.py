@@ -187,6 +187,7 @@ def attend(
             f"memory tensors come as a pair: k_mem (B, Hkv, Tk, D) and v_mem (B, Hkv, Tk, Dv), the keys and values "
             f"a query's memory positions are read from; got only {given}"
         )
+    _check_shapes(q, k, v, k_mem, v_mem, extra_k, extra_v, layout, q_start, key_pos is None)
     h = q.shape[1]
     if k.shape[1] != h or v.shape[1] != h or k_mem is not None or v_mem is not None or extra_k is not None or extra_v is not None:
         k, v, k_mem, v_mem, extra_k, extra_v = (repeat_kv(t, h) for t in (k, v, k_mem, v_mem, extra_k, extra_v))
@@ -230,6 +231,49 @@ def attend(
         # on the CPU the check is one sum per tensor, cheaper than the masked path
         return _attend_non_finite(impl, inputs)
     return impl.attend(inputs)
+
+
+def _check_shapes(q, k, v, k_mem, v_mem, extra_k, extra_v, layout, q_start, keys_in_order) -> None:
+    """Shapes the backends rely on but do not all check (a mismatch ran on one backend and
+    failed on another, or indexed the wrong rows): q (B, H, Tq, D), k (B, Hkv, Tk, D),
+    v (B, Hkv, Tk, Dv), memory tensors like k/v, extra rows (B, Hkv, nb, F, D|Dv) for the
+    nb blocks the queries touch, q_start >= 0 and, keys in order, every query's own position among them."""
+    def shape(t):
+        return tuple(t.shape)
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, heads, T, width), got shape {shape(t)}")
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"k (B, Hkv, Tk, D) and v (B, Hkv, Tk, Dv) must agree with each other and with q (B, H, Tq, D) in B, "
+            f"and k with q in D; got q {shape(q)}, k {shape(k)}, v {shape(v)}"
+        )
+    if k_mem is not None and (shape(k_mem) != shape(k) or shape(v_mem) != shape(v)):
+        raise ValueError(f"k_mem and v_mem must have k's and v's shapes {shape(k)}, {shape(v)}; got {shape(k_mem)}, {shape(v_mem)}")
+    if (extra_k is None) != (extra_v is None):
+        raise ValueError("extra rows come as a pair: extra_k (B, Hkv, nb, F, D) and extra_v (B, Hkv, nb, F, Dv); got one of them")
+    if q_start < 0:
+        raise ValueError(f"q_start (the first query's position) must be >= 0, got {q_start}")
+    tq = q.shape[2]
+    if extra_k is not None:
+        nb = layout.n_query_blocks(q_start, tq)
+        want_k, want_v = (k.shape[0], k.shape[1], nb, extra_k.shape[3], k.shape[3]), (v.shape[0], v.shape[1], nb, extra_k.shape[3], v.shape[3])
+        if extra_k.dim() != 5 or shape(extra_k) != want_k or shape(extra_v) != want_v:
+            raise ValueError(
+                f"extra rows must be (B, Hkv, nb, F, D|Dv) with nb={nb} (the blocks queries [{q_start}, {q_start + tq}) "
+                f"touch): extra_k {want_k}, extra_v {want_v}; got {shape(extra_k)}, {shape(extra_v)}"
+            )
+    if keys_in_order:
+        end = q_start + tq
+        # the run's first position (with sinks: checks there are between s and `end` keys; without, the
+        # keys may reach before position 0, as the reference and sdpa compute them)
+        run_start = layout.run_start(end, k.shape[2]) if layout.sinks else end - k.shape[2]
+        if run_start > max(q_start, layout.n_sink_rows(end)):
+            raise ValueError(
+                f"the keys must include every query's own position: queries [{q_start}, {end}) over {k.shape[2]} keys "
+                f"(positions [{run_start}, {end}){' after the sinks' if layout.sinks else ''}); a query sees at least itself"
+            )
 
 
 def _check_relative(inputs: AttentionInputs) -> None:
