@@ -336,3 +336,39 @@ def test_compiled_model_refuses_out_of_range_tokens():
     with pytest.raises(RuntimeError, match=r"token ids must lie in \[0, 22\]"):
         step(torch.full((1, 4), 10**6, dtype=torch.long))
     torch._dynamo.reset()
+
+
+def test_compiled_code_follows_use_backend():
+    """The override is read while tracing and guarded: compiled code retraces for another
+    ``use_backend`` instead of reusing the graph of the backend it was first traced with
+    (which silently ran ``sdpa`` under ``use_backend("xformers")``, where eager refuses,
+    and kept the first backend's declared features)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from memzoo import ops
+
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    layout = ops.BlockLayout(block_size=4, window=4)
+
+    def attend(q, k, v):
+        return ops.attend(q, k, v, layout=layout, q_start=0, scale=0.5, backend="sdpa")
+
+    counter = CompileCounter()
+    compiled = torch.compile(attend, backend=counter, fullgraph=True)
+    compiled(q, k, v)
+    with ops.use_backend("xformers"), pytest.raises(Exception, match="xformers"):
+        compiled(q, k, v)
+    compiled(q, k, v)
+    assert counter.frame_count == 1  # no override again: the first graph
+
+    def features(x):
+        return x * (2.0 if ops.takes_key_positions("sdpa") else 3.0)
+
+    compiled = torch.compile(features, backend=CompileCounter(), fullgraph=True)
+    x = torch.ones(2)
+    assert torch.equal(compiled(x), x * 2)
+    with ops.use_backend("flex"):  # flex does not take key positions
+        assert torch.equal(compiled(x), x * 3)
+    assert torch.equal(compiled(x), x * 2)
+    torch._dynamo.reset()

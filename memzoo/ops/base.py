@@ -365,13 +365,42 @@ def check_backend_name(name: str) -> str:
     return name
 
 
+class BackendOverride:
+    """The :func:`use_backend` override as compiled code sees it: one process-wide object
+    whose attribute Dynamo guards on, so a graph traced under one override (or none) is
+    retraced, not reused, under another. Eager code reads the context variable (per
+    thread and task); compiled code cannot trace one, and a constant read of it would be
+    reused silently."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+
+#: the process-wide :class:`BackendOverride` (compiled code's view of :func:`use_backend`)
+BACKEND_OVERRIDE = BackendOverride()
+
+
+def _override(name: str) -> str:
+    """``name``, or the :func:`use_backend` override in force."""
+    if torch.compiler.is_compiling():
+        return BACKEND_OVERRIDE.name or name  # traced: Dynamo guards on the attribute
+    return _OVERRIDE.get() or name
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Within the block, every attention call uses backend ``name`` (overrides the model's)."""
+    """Within the block, every attention call uses backend ``name`` (overrides the model's).
+
+    Eager calls see it per thread (a context variable). ``torch.compile``d code sees it
+    through a process-wide copy (:data:`BACKEND_OVERRIDE`), so a compiled model retraces
+    for another override instead of running the backend it was first traced with; enter
+    it from one thread at a time when compiled code runs in several."""
     token = _OVERRIDE.set(check_backend_name(name))
+    previous, BACKEND_OVERRIDE.name = BACKEND_OVERRIDE.name, name
     try:
         yield
     finally:
+        BACKEND_OVERRIDE.name = previous
         _OVERRIDE.reset(token)
 
 
@@ -495,10 +524,10 @@ def resolve_backend(name: str, call: AttentionCall) -> Backend:
     if torch.compiler.is_compiling():
         c = call
         return get_backend(_resolved_name_when_traced(
-            name, c.device_type, c.dtype, c.layout.block_size, c.layout.window, c.layout.sinks, c.requires_grad,
+            _override(name), c.device_type, c.dtype, c.layout.block_size, c.layout.window, c.layout.sinks, c.requires_grad,
             c.has_memory_tensors, c.has_extra, c.head_dim, c.value_dim, c.has_relative_keys, c.has_key_positions,
         ))
-    return _resolve(name, call)
+    return _resolve(_override(name), call)
 
 
 _RESOLVED: dict[tuple[str, AttentionCall], Backend] = {}
@@ -513,10 +542,10 @@ def resolve_backend_once(name: str, call: AttentionCall) -> Backend:
     (after changing a backend's declaration or availability in place)."""
     if torch.compiler.is_compiling():
         return resolve_backend(name, call)
-    key = (_OVERRIDE.get() or name, call)
+    key = (_override(name), call)
     backend = _RESOLVED.get(key)
     if backend is None:
-        backend = _resolve(name, call)
+        backend = _resolve(key[0], call)
         if len(_RESOLVED) >= _RESOLVED_MAX:
             _RESOLVED.clear()
         _RESOLVED[key] = backend
@@ -529,7 +558,7 @@ def forget_resolutions() -> None:
 
 
 def _resolve(name: str, call: AttentionCall) -> Backend:
-    name = _OVERRIDE.get() or name
+    """The backend for ``call``: ``name`` (the override already applied) or, for "auto", the first that runs it."""
     if name != "auto":
         backend = get_backend(name)
         reasons = backend.not_supported_reasons(call)
@@ -551,23 +580,24 @@ def _resolve(name: str, call: AttentionCall) -> Backend:
     raise BackendUnavailable(f"no attention backend can run this call ({call.summary()}):\n" + _report(verdicts))
 
 
-@torch.compiler.assume_constant_result
 def takes_relative_keys(name: str) -> bool:
     """Whether backend ``name`` (or the context override; ``"auto"`` always finds one)
     implements relative-position keys, by its declaration. A variant with another exact
     formulation (xl's widened queries and keys) uses it where this is False."""
-    name = _OVERRIDE.get() or name
-    return name == "auto" or get_backend(name).support.relative_keys
+    return _declares(_override(name), "relative_keys")
 
 
-@torch.compiler.assume_constant_result
 def takes_key_positions(name: str) -> bool:
     """Whether backend ``name`` (or the context override; ``"auto"`` always finds one)
     implements keys at explicit positions (``key_pos``), by its declaration. A variant
     reading its ring-buffer cache in slot order does so only where this is True, and reads
     it in position order (the layout's keys) elsewhere."""
-    name = _OVERRIDE.get() or name
-    return name == "auto" or get_backend(name).support.key_positions
+    return _declares(_override(name), "key_positions")
+
+
+@torch.compiler.assume_constant_result
+def _declares(name: str, feature: str) -> bool:
+    return name == "auto" or bool(getattr(get_backend(name).support, feature))
 
 
 def resolve_backend_name(
