@@ -503,3 +503,47 @@ def test_a_plugin_field_named_like_a_builtin_one_keeps_its_own_default() -> None
         CompareConfig(task="copy", variants=["zz_window_test"], task_options={"segment_len": 3})
     finally:
         unregister_variant("zz_window_test")
+
+
+def test_a_cached_run_of_a_plugin_whose_code_changed_is_not_loaded_silently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run's hash covers its settings and ``git_commit`` memzoo's own code: a plug-in
+    variant (or task) edited since a run was cached was loaded with no word. The run
+    records its plug-in packages' source hashes; a changed one is warned about on load."""
+    import importlib
+
+    package = tmp_path / "zz_plugin_pkg"
+    package.mkdir()
+    source = (
+        "from dataclasses import dataclass\n"
+        "from memzoo.config import VariantConfig\n"
+        "from memzoo.registry import register_variant\n"
+        "from memzoo.variants.full import Full\n"
+        "from memzoo.variants.kv import KVState\n\n"
+        "class PlugConfig(VariantConfig):\n    pass\n\n"
+        "@dataclass\nclass PlugState(KVState):\n    pass\n\n"
+        "@register_variant('zz_plugin_code', config=PlugConfig)\n"
+        "class Plug(Full):\n    State = PlugState\n"
+    )
+    (package / "__init__.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("zz_plugin_pkg")
+    runner._source_hash.cache_clear()
+    try:
+        config = CompareConfig(task="passkey", variants=["zz_plugin_code"], **MICRO)
+        (first,) = compare_runs(config, quiet=True, results_dir=tmp_path / "runs")
+        code = first.provenance.plugin_code
+        assert code is not None and set(code) == {"zz_plugin_pkg"}
+        compare_runs(config, quiet=True, results_dir=tmp_path / "runs")
+        assert "zz_plugin_pkg" not in capsys.readouterr().err  # unchanged: loaded without a word
+        (package / "__init__.py").write_text(source + "# an edit\n")
+        runner._source_hash.cache_clear()  # a new process reads the files again
+        compare_runs(config, quiet=True, results_dir=tmp_path / "runs")
+        assert "was made by other code of zz_plugin_pkg" in capsys.readouterr().err
+        # memzoo's own variants and tasks record nothing: their run files are as they were
+        assert runner.plugin_code(runner.run_spec(CompareConfig(task="passkey", variants=["bswa"], **MICRO), "bswa", 0)) is None
+    finally:
+        runner._source_hash.cache_clear()
+        unregister_variant("zz_plugin_code")
+        sys.modules.pop("zz_plugin_pkg", None)

@@ -47,6 +47,18 @@ class Provenance(_Strict):
     config_hash: str = Field(description="hash of the run's settings (RunSpec); equal hash = same experiment")
     world_size: int = Field(1, ge=1, description="processes the run trained on (torchrun data parallel); 1 = one")
     dist_backend: str | None = Field(None, description="torch.distributed backend (gloo, nccl) when world_size > 1")
+    plugin_code: dict[str, str] | None = Field(
+        None,
+        description="per package outside memzoo that registered the run's variant or task: sha256 of its source "
+        "files (git_commit covers memzoo's own code only); None when both are memzoo's",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and self.plugin_code is None:
+            out.pop("plugin_code", None)  # runs of memzoo's own variants and tasks keep the files they had
+        return out
 
 
 class ResultRow(_Strict):

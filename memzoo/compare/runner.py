@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import functools
+import hashlib
 import math
 import os
 import platform
@@ -63,6 +64,39 @@ def git_info() -> tuple[str | None, bool | None]:
     return commit or None, bool(status.strip())
 
 
+@functools.lru_cache(maxsize=None)
+def _source_hash(top: str) -> str:
+    """sha256 (16 hex digits) of the ``.py`` files of the imported package or module
+    ``top``, read once per process like :func:`git_info`; "unknown" without a file."""
+    where = getattr(sys.modules.get(top), "__file__", None)
+    if where is None:  # defined interactively: no source to hash
+        return "unknown"
+    path = Path(where)
+    files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path.parent)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def plugin_code(spec: RunSpec) -> dict[str, str] | None:
+    """Per package outside memzoo that registered the run's variant or task (a plug-in,
+    or a script's ``__main__``): the sha256 of its ``.py`` files, so a result cached
+    before its code changed is not loaded silently (the run's hash covers its settings,
+    and ``git_commit`` covers memzoo's own code only). None when both are memzoo's."""
+    from memzoo.registry import get_variant
+    from memzoo.tasks import get_task
+
+    variant, task = get_variant(spec.variant), get_task(spec.task)
+    out: dict[str, str] = {}
+    for cls in (variant.cls, variant.config, task, task.Config):
+        top = cls.__module__.partition(".")[0]
+        if top == "memzoo" or top in out:
+            continue
+        out[top] = _source_hash(top)
+    return out or None
+
+
 def device_name(device: str) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -109,6 +143,7 @@ def provenance_of(spec: RunSpec, dist: DistContext | None = None) -> Provenance:
         config_hash=spec.config_hash,
         world_size=dist.world_size if dist is not None else 1,
         dist_backend=dist.backend if dist is not None else None,
+        plugin_code=plugin_code(spec),
     )
 
 
@@ -336,6 +371,10 @@ def _code_changed(record: RunRecord) -> str | None:
     """Why a loaded run may be stale (made by other code than this process runs), or None."""
     commit, dirty = git_info()
     made = record.provenance
+    now = plugin_code(record.spec)
+    changed = sorted(k for k in set(made.plugin_code or {}) & set(now or {}) if made.plugin_code[k] != now[k])  # type: ignore[index]
+    if changed:
+        return f"was made by other code of {', '.join(changed)} (its source files changed since)"
     if commit is None:
         return None
     if made.git_commit != commit:
