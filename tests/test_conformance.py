@@ -212,3 +212,46 @@ def test_build_backbone_contract(name):
 def test_run_conformance_kit(name):
     """The contributor's one-liner runs green on every built-in variant."""
     kit.run_conformance(name, trials=2)
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_gradient_is_the_derivative(name, opts):
+    model = model_for(name, opts)
+    kit.check_gradient_is_the_derivative(model, kit.random_tokens(model, 2, 2 * model.backbone.block_size))
+
+
+def test_the_kit_catches_a_backward_that_does_not_match_its_forward():
+    """Every other gradient check compares two paths that share the variant's backward; a
+    custom autograd function with a wrong backward passed the whole kit."""
+    from dataclasses import dataclass
+
+    from memzoo.registry import register_variant, unregister_variant
+    from memzoo.variants.bswa import BSWA, BSWAConfig
+    from memzoo.variants.kv import KVState
+
+    class Doubled(torch.autograd.Function):  # identity forward, twice the gradient
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad
+
+    @dataclass
+    class WrongState(KVState):
+        pass
+
+    @register_variant("zz_wrong_backward", config=BSWAConfig)
+    class Wrong(BSWA):
+        State = WrongState
+
+        def attend(self, *args, **kwargs):
+            return Doubled.apply(super().attend(*args, **kwargs))
+
+    try:
+        model = kit.tiny_model("zz_wrong_backward", {"memory_blocks": 1})
+        with pytest.raises(AssertionError, match="a backward does not match its forward"):
+            kit.check_gradient_is_the_derivative(model, kit.random_tokens(model, 2, 12))
+    finally:
+        unregister_variant("zz_wrong_backward")

@@ -13,6 +13,7 @@ from memzoo.testing.conformance import (
     check_bad_inputs,
     check_causality,
     check_every_parameter_gets_gradient,
+    check_gradient_is_the_derivative,
     check_gradient_equivalence,
     check_packed_rows,
     check_padded_rows,
@@ -39,7 +40,7 @@ from memzoo.testing.conformance import (
 __all__ = [
     "LAYER_PRESETS", "TINY", "TOLERANCES", "assert_any_states_equal", "assert_close", "assert_rows_equal",
     "assert_states_equal", "check_backend_matches_reference", "check_bad_inputs", "check_causality",
-    "check_every_parameter_gets_gradient", "check_gradient_equivalence", "check_packed_rows", "check_padded_rows",
+    "check_every_parameter_gets_gradient", "check_gradient_equivalence", "check_gradient_is_the_derivative", "check_packed_rows", "check_padded_rows",
     "check_shapes", "check_state_equivalence", "check_state_is_batch_first", "check_state_owns_its_memory", "check_state_shapes_settle",
     "check_state_roundtrip", "documents_of_rows", "options_for_preset", "padded_batch", "random_cuts",
     "random_documents", "random_spans", "random_tokens", "registry_cases", "row_spans", "run_chunked",

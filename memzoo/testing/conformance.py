@@ -258,6 +258,49 @@ def check_gradient_equivalence(model: MemzooLM, tokens: Tensor, cuts: Sequence[i
         assert_close(g_chunk[name], g_whole[name], f"grad of {name}, chunked at {list(cuts)} vs one call")
 
 
+def check_gradient_is_the_derivative(model: MemzooLM, tokens: Tensor, *, seed: int = 0, eps: float = 1e-6) -> None:
+    """The gradients are the derivative of the outputs: autograd's directional derivative
+    of a loss along a random direction of every parameter equals the central finite
+    difference of the forward (float64). Every other gradient check compares two paths
+    that may share a backward; this one catches a wrong custom ``backward``.
+
+    Run over one block from a fresh state and over one block continuing a state (made
+    without gradients, at a block boundary): within a block no variant cuts a gradient on
+    purpose (memory detached across segments, truncated BPTT), so there the gradient must
+    be the true derivative."""
+    if next(model.parameters()).dtype != torch.float64:
+        raise ValueError("check_gradient_is_the_derivative needs a float64 model (finite differences)")
+    size = model.backbone.block_size
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    norm = torch.sqrt(sum((d * d).sum() for d in direction))
+    direction = [d / norm for d in direction]
+    with torch.no_grad():
+        _, prefix = model(tokens[:, :size])
+    for start, state, label in ((0, None, "one block from a fresh state"), (size, prefix, "one block continuing a state")):
+        block = tokens[:, start : start + size]
+        if block.shape[1] == 0:
+            continue
+        logits, _ = model(block, state=state)
+        grads = torch.autograd.grad(_loss(logits), params, allow_unused=True)
+        analytic = sum(float((g * d).sum()) for g, d in zip(grads, direction) if g is not None)
+        values = []
+        with torch.no_grad():
+            for sign in (1.0, -1.0):
+                for p, d in zip(params, direction):
+                    p.add_(sign * eps * d)
+                values.append(float(_loss(model(block, state=state)[0])))
+                for p, d in zip(params, direction):
+                    p.sub_(sign * eps * d)
+        numeric = (values[0] - values[1]) / (2 * eps)
+        if abs(numeric - analytic) > 1e-5 * max(1.0, abs(numeric)):
+            raise AssertionError(
+                f"{label}: the gradient along a random parameter direction is {analytic:.8g}, but the outputs change "
+                f"at {numeric:.8g} (central finite difference, eps={eps}); a backward does not match its forward"
+            )
+
+
 def check_every_parameter_gets_gradient(model: MemzooLM, tokens: Tensor) -> None:
     logits, _ = model(tokens)
     grads = _param_grads(model, _loss(logits))
@@ -763,6 +806,7 @@ def run_conformance(name: str, options: dict[str, Any] | None = None, *, trials:
     check_shapes(model, long)
     check_causality(model, long, at=size + 1)
     check_every_parameter_gets_gradient(model, long)
+    check_gradient_is_the_derivative(model, long)
     check_backend_matches_reference(model, long)
     check_backend_matches_reference(model, long, state_cut=size + 2)
     check_state_roundtrip(model, long)
