@@ -93,7 +93,7 @@ def load_tokenizer(path: str | Path) -> Codec:
 
         hf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         return Codec(
-            lambda s: hf_tok(s, add_special_tokens=False).input_ids,
+            lambda s: hf_tok(s).input_ids,  # with its special tokens (a Llama GGUF: BOS), like tokenizer.json
             lambda ids: hf_tok.decode(ids, skip_special_tokens=True),
             None if hf_tok.eos_token_id is None else [hf_tok.eos_token_id],
         )

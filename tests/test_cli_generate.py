@@ -218,3 +218,24 @@ def test_a_tokenizer_from_elsewhere_keeps_the_models_eos(tmp_path, capsys):
     assert rc == 0
     expected = word_tokenizer(model.vocab_size).decode(model.generate(ids, 8, eos_token_id=eos)[0].tolist())
     assert capsys.readouterr().out == expected + "\n" and len(expected.split()) <= 6  # stopped: 3 + at most 3 new
+
+
+def test_a_gguf_tokenizer_adds_its_special_tokens_like_tokenizer_json(tmp_path, monkeypatch):
+    """A prompt read with a GGUF's tokenizer was encoded without its special tokens, so a
+    Llama GGUF's prompt lost its BOS (a tokenizer.json prompt keeps it)."""
+    import transformers
+
+    calls = []
+
+    class Tok:
+        eos_token_id = 2
+
+        def __call__(self, text, **kwargs):
+            calls.append(kwargs)
+            ids = [1] * (kwargs.get("add_special_tokens", True)) + [5, 6]
+            return type("Encoded", (), {"input_ids": ids})()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tok())
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    assert load_tokenizer(path).encode("hi") == [1, 5, 6]
