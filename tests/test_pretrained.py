@@ -139,6 +139,20 @@ def test_old_style_rope_config(folders, tmp_path):
     assert translate_config(old).fields["rope_scaling"]["type"] == "llama3"
 
 
+def test_rope_scaling_beside_rope_parameters_is_not_ignored(folders):
+    """A transformers-5 config with an older rope_scaling added (as context-extension
+    guides say): transformers takes rope_scaling in place of rope_parameters, memzoo kept
+    rope_parameters and silently ran unscaled RoPE (4.7e-3 off in the logits). It is now
+    refused unless rope_scaling only repeats rope_parameters."""
+    cfg = json.loads((folders["llama3_tied"] / "config.json").read_text())
+    with pytest.raises(PretrainedError, match="both rope_parameters=.* and the older rope_scaling="):
+        translate_config(cfg | {"rope_scaling": {"type": "linear", "factor": 4.0}})
+    params = cfg["rope_parameters"]
+    repeated = {"type": params["rope_type"], "factor": params["factor"]}
+    assert translate_config(cfg | {"rope_scaling": repeated}).fields == translate_config(cfg).fields
+    assert translate_config(cfg | {"rope_scaling": None}).fields == translate_config(cfg).fields
+
+
 def test_mistral_window_is_said(folders, tmp_path):
     """Mistral's own sliding_window is a token window: memzoo does not apply it and says so."""
     folder = make_hf("mistral", tmp_path / "m", sliding_window=8)

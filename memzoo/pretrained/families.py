@@ -122,6 +122,17 @@ def rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     (``original_max_position_embeddings`` from ``max_position_embeddings``; yarn's
     attention factor from ``mscale`` / ``mscale_all_dim``)."""
     params = cfg.get("rope_parameters")
+    legacy = cfg.get("rope_scaling")
+    if params is not None and legacy:
+        # transformers 5 takes a non-empty rope_scaling *instead of* rope_parameters (and
+        # rope_theta from elsewhere): agree when it only repeats rope_parameters, else refuse
+        given = {("rope_type" if k == "type" else k): v for k, v in dict(legacy).items()}
+        if any(params.get(k) != v for k, v in given.items()):
+            raise PretrainedError(
+                f"checkpoint config has both rope_parameters={params!r} and the older rope_scaling={legacy!r}, which "
+                "differ; transformers 5 uses rope_scaling in place of rope_parameters (and takes rope_theta from "
+                "elsewhere): remove the one that does not apply"
+            )
     if params is None:
         params = dict(cfg.get("rope_scaling") or {})
         params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
