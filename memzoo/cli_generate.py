@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{flag} {value}: no such file or folder (give a model folder or a .gguf file)")
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise InputError(f"--prefill-chunk must be >= 1 (tokens per prefill call), got {args.prefill_chunk}")
     codec = load_tokenizer(args.tokenizer or args.model)
     default_eos = codec.eos_token_ids
     if args.tokenizer is not None and Path(args.model).is_dir():  # a tokenizer from elsewhere: the model's eos first

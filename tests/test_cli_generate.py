@@ -122,6 +122,7 @@ def test_gguf_tokenizer_is_found():
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--eos-token-id", "-5"], "--eos-token-id takes token ids >= 0, or -1 for none"),
     (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
     (["--tokenizer", "/nonexistent/tokenizer.json"], "--tokenizer /nonexistent/tokenizer.json: no such file or folder"),
 ])
 def test_generate_checks_its_options_before_loading_or_printing(extra, message, tmp_path, capsys, monkeypatch):
