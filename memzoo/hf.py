@@ -155,6 +155,8 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
         embeds = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         n = embeds.num_embeddings
         self.model.vocab_size = n
+        if isinstance(getattr(self.model, "config", None), ModelConfig):  # the LM's own record of its config
+            self.model.config = ModelConfig.model_validate({**self.model.config.model_dump(), "vocab_size": n})
         assert self.config.memzoo is not None
         self.config.memzoo = ModelConfig.model_validate({**self.config.memzoo, "vocab_size": n}).model_dump()
         self.config.vocab_size = n

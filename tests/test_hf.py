@@ -140,7 +140,7 @@ def test_resize_token_embeddings(tmp_path, tie):
         before = model(prompt).logits
     wrapped = hf.MemzooForCausalLM.from_memzoo(model)
     wrapped.resize_token_embeddings(v + 5)
-    assert model.vocab_size == wrapped.config.vocab_size == wrapped.config.memzoo["vocab_size"] == v + 5
+    assert model.vocab_size == model.config.vocab_size == wrapped.config.vocab_size == wrapped.config.memzoo["vocab_size"] == v + 5
     assert model.embed.weight.shape[0] == model.head.weight.shape[0] == v + 5
     assert (model.head.weight is model.embed.weight) == tie
     new_ids = torch.cat([prompt, torch.tensor([[v + 4, v]])], dim=1)
