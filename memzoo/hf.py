@@ -202,7 +202,7 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(  # type: ignore[override]
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         cache: State | RaggedState | None = None,
         labels: Tensor | None = None,
@@ -240,6 +240,8 @@ class MemzooForCausalLM(PreTrainedModel, GenerationMixin):
                 "cache (or past_key_values), labels, use_cache, logits_to_keep, position_ids (memzoo's own), "
                 "num_items_in_batch, return_dict"
             )
+        if input_ids is None:
+            raise InputError("MemzooForCausalLM.forward needs input_ids (B, T) token ids (inputs_embeds is not taken)")
         if past_key_values is not None:
             if cache is not None:
                 raise InputError("give the state once: cache= or past_key_values= (the same argument), not both")

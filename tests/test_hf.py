@@ -242,6 +242,10 @@ def test_forward_takes_past_key_values_and_refuses_what_it_would_ignore():
         wrapped(x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).masked_fill(mask == 0, 1))
         wrapped(x, output_attentions=None, output_hidden_states=False, inputs_embeds=None)  # PEFT passes these
         wrapped(x, token_type_ids=torch.zeros_like(x))  # a tokenizer's single segment: nothing to honour
+        with pytest.raises(memzoo.InputError, match="does not take inputs_embeds"):
+            wrapped(inputs_embeds=torch.zeros(2, 12, 8))  # alone: a TypeError about a missing input_ids before
+        with pytest.raises(memzoo.InputError, match="needs input_ids"):
+            wrapped(attention_mask=torch.ones_like(x))
         restart = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]] * 2)
         for kwargs, words in [
             (dict(position_ids=restart), "position_ids differ"),
