@@ -426,6 +426,18 @@ def check_bad_inputs(model: MemzooLM, other_options: dict[str, Any] | None = Non
             _expect(StateError, [name, "single tensor"], lambda: model(good, state=dataclasses.replace(state, **{name: [value]})),
                     f"state field {name!r} given as a list")
 
+    # one tensor of the first floating field in another floating dtype: the state's dtype
+    # then reads as that one, and the message still names the field
+    floating = [t for t in state.tensors() if t.is_floating_point()]
+    items = {n: list(v) if isinstance(v, (list, tuple)) else [v] for n, v in state.tensor_fields().items()}
+    first = next((n for n, ts in items.items() if ts and ts[0].is_floating_point()), None)
+    if first is not None and len(floating) > 1:
+        value = getattr(state, first)
+        odd = torch.float32 if state.dtype == torch.float64 else torch.float64
+        mixed = [value[0].to(odd), *value[1:]] if isinstance(value, (list, tuple)) else value.to(odd)
+        _expect(StateError, ["dtype", first], lambda: model(good, state=dataclasses.replace(state, **{first: mixed})),
+                f"state field {first!r} partly stored as {odd}")
+
     # damaged states: a wrong position (where the shapes show it), a missing layer
     flat = state.to_dict()
     shapes = model.backbone.expected_state_shapes

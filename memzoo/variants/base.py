@@ -223,6 +223,8 @@ class Backbone(nn.Module):
         if state.device != device:
             raise StateError(f"{self.variant}: state is on {state.device}, input is on {device}; use state.to(device)")
         if state.dtype is not None and state.dtype != dtype:
+            if len({t.dtype for t in state.tensors() if t.is_floating_point()}) > 1:
+                self._check_state_structure(state, batch_size, device, dtype)  # names the field in another dtype
             raise StateError(f"{self.variant}: state has dtype {state.dtype}, input has {dtype}; use state.to(dtype)")
         self._check_state_structure(state, batch_size, device, dtype)
 
