@@ -24,12 +24,15 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 from memzoo.errors import StateError
+
+if TYPE_CHECKING:
+    from memzoo.ragged import RaggedState
 
 S = TypeVar("S", bound="State")
 _META = ("pos", "fingerprint")
@@ -327,8 +330,9 @@ def save_state(state: Any, path: str) -> None:
     save_file(flat, str(path), metadata={CHECKSUM_KEY: checksum(flat)})
 
 
-def load_state(path: str, device: str | torch.device = "cpu", *, model: Any = None) -> State:
-    """Read a state written by :func:`save_state`; its class comes from the variant
+def load_state(path: str, device: str | torch.device = "cpu", *, model: Any = None) -> "State | RaggedState":
+    """Read a state written by :func:`save_state` (a :class:`State`, or a
+    :class:`memzoo.ragged.RaggedState` for a ragged one); its class comes from the variant
     registry. Refused with a :class:`StateError` naming the entry: a file that is not
     a safetensors file, whose checksum is missing or does not match (edited by hand),
     non-UTF-8 metadata, a ``__pos__`` that is not an int64 scalar >= 0, NaN or inf
