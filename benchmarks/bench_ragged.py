@@ -75,9 +75,13 @@ TARGET = 1.2
 
 def padded_lengths(b: int, t: int, fraction: float, seed: int = 0) -> list[int]:
     """B row lengths in [1, T] whose padding (T - length, summed) is exactly round(fraction·B·T)."""
-    g = torch.Generator().manual_seed(seed)
     want = round(fraction * b * t)
-    pads = torch.randint(0, int(2 * fraction * t) + 1, (b,), generator=g).tolist()
+    if not 0 <= want <= b * (t - 1):
+        raise ValueError(f"a padding fraction of {fraction} is {want} of the {b}x{t} positions; every row keeps at least "
+                         f"one real token, so at most {b * (t - 1)} ({(t - 1) / t:.4f}) can be padding")
+    g = torch.Generator().manual_seed(seed)
+    # the first draw capped at T-1 (a row keeps a token): the loop below only moves within [0, T-1]
+    pads = [min(p, t - 1) for p in torch.randint(0, int(2 * fraction * t) + 1, (b,), generator=g).tolist()]
     while sum(pads) != want:
         i = int(torch.randint(0, b, (), generator=g))
         if sum(pads) < want and pads[i] < t - 1:
@@ -163,7 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = SIZES[args.size]
     inner = args.inner or size["inner"]
     b, t = size["B"], size["T"]
-    lengths = padded_lengths(b, t, args.pad_fraction)
+    try:
+        lengths = padded_lengths(b, t, args.pad_fraction)
+    except ValueError as err:
+        parser.error(f"--pad-fraction {args.pad_fraction}: {err}")
     real = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (b, t), generator=g)

@@ -206,3 +206,20 @@ def test_bench_decode_profiles_a_variant_without_sizes_of_its_own(
     monkeypatch.setattr(bench, "profile", lambda name, steps=500, real=bench.profile: real(name, steps=2))
     bench.main()
     assert '"variant": "infini"' in capsys.readouterr().out
+
+
+def test_bench_ragged_row_lengths_stay_in_1_to_t_and_refuse_impossible_fractions(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every row keeps 1..T real tokens at any padding fraction (at 0.6 the first draw went past
+    T and left rows of negative length: all padding, and a reported fraction that was not the
+    batch's); a fraction no batch can have is refused by the command line."""
+    bench = load("bench_ragged")
+    assert bench.padded_lengths(16, 64, 0.1) == [61, 60, 63, 61, 52, 60, 60, 50, 58, 60, 51, 53, 60, 56, 53, 64]  # docs/benchmarks.md
+    for fraction in (0.0, 0.5, 0.6, 0.9, 63 / 64):
+        lengths = bench.padded_lengths(16, 64, fraction)
+        assert all(1 <= n <= 64 for n in lengths), (fraction, lengths)
+        assert 16 * 64 - sum(lengths) == round(fraction * 16 * 64)
+    with pytest.raises(ValueError, match="at least one real token"):
+        bench.padded_lengths(16, 64, 1.5)
+    with pytest.raises(SystemExit):
+        bench.main(["--pad-fraction", "-0.1", "--variants", "bswa", "--rounds", "1"])
+    assert "--pad-fraction -0.1" in capsys.readouterr().err
