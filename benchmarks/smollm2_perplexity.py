@@ -77,20 +77,26 @@ def perplexity(model: memzoo.MemzooLM, ids: torch.Tensor, chunk: int, tail: int)
     return math.exp(per_token.mean().item()), math.exp(per_token[-tail:].mean().item()), memory
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=["full", "bswa", "xl", "fam"])
-    parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 9216])
+    parser.add_argument("--variants", nargs="+", default=["full", "bswa", "xl", "fam"], choices=["full", "bswa", "xl", "fam"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=None, help="default: 2048 9216 (--quick: 512)")
     parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--tail", type=int, default=1024)
+    parser.add_argument("--tail", type=int, default=None, help="default: 1024 (--quick: 128)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--memory-blocks", type=int, default=3)
     parser.add_argument("--fam-len", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="lengths 512, tail 128: a smoke run")
-    args = parser.parse_args()
-    if args.quick:
-        args.lengths, args.tail = [512], 128
+    parser.add_argument("--quick", action="store_true", help="lengths 512, tail 128 unless given: a smoke run")
+    args = parser.parse_args(argv)
+    # --quick only picks what was not asked for (it replaced an explicit --lengths 2048 with 512)
+    args.lengths = args.lengths or ([512] if args.quick else [2048, 9216])
+    args.tail = args.tail or (128 if args.quick else 1024)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     gguf = smollm2_gguf()
     folder = gguf_folder(gguf)

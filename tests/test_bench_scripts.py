@@ -223,3 +223,18 @@ def test_bench_ragged_row_lengths_stay_in_1_to_t_and_refuse_impossible_fractions
     with pytest.raises(SystemExit):
         bench.main(["--pad-fraction", "-0.1", "--variants", "bswa", "--rounds", "1"])
     assert "--pad-fraction -0.1" in capsys.readouterr().err
+
+
+def test_smollm2_perplexity_quick_keeps_the_lengths_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    """The docstring's ``--variants bswa --lengths 2048 --quick`` measured 512 tokens (``--quick``
+    overwrote the lengths); a variant the script has no fields for was a KeyError."""
+    bench = load("smollm2_perplexity")
+    args = bench.parse_args(["--variants", "bswa", "--lengths", "2048", "--quick"])
+    assert args.lengths == [2048] and args.tail == 128
+    assert bench.parse_args(["--quick"]).lengths == [512]
+    default = bench.parse_args([])
+    assert default.lengths == [2048, 9216] and default.tail == 1024
+    assert bench.parse_args(["--quick", "--tail", "64"]).tail == 64
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "sinks"])
+    assert "invalid choice: 'sinks'" in capsys.readouterr().err
