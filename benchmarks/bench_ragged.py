@@ -54,7 +54,7 @@ import torch
 import memzoo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, also when loaded by path
-from bench_train import git_commit, timed  # noqa: E402
+from bench_train import git_commit, non_negative_int, positive_int, timed  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "leaderboard": {
@@ -155,14 +155,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="leaderboard")
     parser.add_argument("--variants", nargs="+", default=None, help="registered variants (default: per size)")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (each times every variant and feed)")
-    parser.add_argument("--inner", type=int, default=None, help="steps per timing (default: 5 leaderboard, 1 mid)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds (each times every variant and feed)")
+    parser.add_argument("--inner", type=positive_int, default=None, help="steps per timing (default: 5 leaderboard, 1 mid)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--pad-fraction", type=float, default=0.1)
     parser.add_argument("--profile", nargs="*", default=[], help="variants whose padded and unpadded steps to profile")
     args = parser.parse_args(argv)
 
+    unknown = sorted(set(args.variants or ()) - set(memzoo.list_variants()))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; registered: {', '.join(memzoo.list_variants())}")
     torch.set_num_threads(args.threads)
     size = SIZES[args.size]
     inner = args.inner or size["inner"]

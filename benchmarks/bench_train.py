@@ -199,6 +199,22 @@ def make_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[..
     return step
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a count of rounds, steps, threads or a matrix side)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0 (warm-up steps)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
@@ -250,11 +266,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="leaderboard")
     parser.add_argument("--variants", nargs="+", default=None, help="registered variants (default: all)")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (each times every contender)")
-    parser.add_argument("--inner", type=int, default=None, help="steps per timing (default: 5 leaderboard, 1 mid)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--matmul-n", type=int, default=512, help="side of the fp32 square matmul timed alongside")
+    parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds (each times every contender)")
+    parser.add_argument("--inner", type=positive_int, default=None, help="steps per timing (default: 5 leaderboard, 1 mid)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--matmul-n", type=positive_int, default=512, help="side of the fp32 square matmul timed alongside")
     parser.add_argument("--compile", action="store_true",
                         help="also time each contender's step with the loss compiled by torch.compile (inductor, "
                              "fullgraph, memzoo.compare.trainer.compile_options: what memzoo compare --compile uses); "
@@ -276,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "both (with --compile): isolate, and time each compiled step propagating too "
                              "(contender name+compiled(propagate)) in the same rounds")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.variants or ()) - set(memzoo.list_variants()))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; registered: {', '.join(memzoo.list_variants())}")
     if args.non_finite == "both" and not args.compile:
         parser.error("--non-finite both compares compiled steps with and without the isolation: add --compile")
     if args.device == "cuda":

@@ -238,3 +238,23 @@ def test_smollm2_perplexity_quick_keeps_the_lengths_asked_for(capsys: pytest.Cap
     with pytest.raises(SystemExit):
         bench.parse_args(["--variants", "sinks"])
     assert "invalid choice: 'sinks'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["bench_train", "bench_ragged"])
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--inner", "0"], ["--threads", "0"], ["--warmup", "-1"], ["--variants", "nope"]])
+def test_bench_train_and_ragged_refuse_bad_counts_on_the_command_line(
+    script: str, bad: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A count that cannot be timed is an argparse error naming the option, before any model is
+    built (it was a StatisticsError, a RuntimeError or an UnknownNameError traceback after the
+    warm-ups, and ``--inner 0`` was silently the default)."""
+    bench = load(script)
+    with pytest.raises(SystemExit):
+        bench.main(bad)
+    assert bad[0] in capsys.readouterr().err
+
+
+def test_bench_train_refuses_a_zero_matmul(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load("bench_train").main(["--matmul-n", "0"])
+    assert "--matmul-n" in capsys.readouterr().err
