@@ -250,24 +250,41 @@ def probe(impl: str, args: argparse.Namespace, tokens: torch.Tensor) -> None:
 
 
 # -------------------------------------------------------------------------- main
-def main() -> None:
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=1024, help="training sequence length T")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--segment", type=int, default=128, help="block_size L (segment length)")
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--seq-len", type=positive_int, default=1024, help="training sequence length T")
+    parser.add_argument("--d-model", type=positive_int, default=256)
+    parser.add_argument("--n-layers", type=positive_int, default=4)
+    parser.add_argument("--n-heads", type=positive_int, default=4)
+    parser.add_argument("--segment", type=positive_int, default=128, help="block_size L (segment length)")
     parser.add_argument("--memory", type=int, default=128, help="xl memory_len M")
-    parser.add_argument("--memory-tokens", type=int, default=8, help="rmt num_memory_tokens K")
-    parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
-    parser.add_argument("--decode-points", type=int, nargs="+", default=[1000, 100_000])
-    parser.add_argument("--decode-chunk", type=int, default=4096)
+    parser.add_argument("--memory-tokens", type=positive_int, default=8, help="rmt num_memory_tokens K")
+    parser.add_argument("--vocab", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (1: stable timings on a shared CPU)")
+    parser.add_argument("--decode-points", type=positive_int, nargs="+", default=[1000, 100_000])
+    parser.add_argument("--decode-chunk", type=positive_int, default=4096)
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--probe", choices=IMPLS, help=argparse.SUPPRESS)  # internal: memory probe child
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    points = args.decode_points
+    if any(b <= a for a, b in zip(points, points[1:])):
+        # the stream only goes forward: a smaller point after a larger one was timed after the
+        # larger one (plus a segment) and labelled with the smaller
+        parser.error(f"--decode-points must increase (tokens streamed before each timing), got {' '.join(map(str, points))}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     torch.set_num_threads(args.threads)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))

@@ -258,3 +258,14 @@ def test_bench_train_refuses_a_zero_matmul(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         load("bench_train").main(["--matmul-n", "0"])
     assert "--matmul-n" in capsys.readouterr().err
+
+
+def test_bench_peers_refuses_decode_points_out_of_order_and_zero_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--decode-points 64 16`` timed the second point after 64 + a segment of tokens and
+    labelled it ``tokens_streamed_before: 16``; ``--repeats 0`` was a StatisticsError."""
+    bench = load("bench_peers")
+    assert bench.parse_args(["--decode-points", "16", "64"]).decode_points == [16, 64]
+    for bad in (["--decode-points", "64", "16"], ["--decode-points", "16", "16"], ["--repeats", "0"], ["--segment", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+        assert bad[0] in capsys.readouterr().err
