@@ -18,7 +18,8 @@ For every registered variant, every backend that can run on the device, and ever
 * ``attention``: the variant's largest attention call at that T (captured from the
   forward pass), replayed alone through the backend: seconds, *useful* FLOPs (only the
   query-key pairs the layout lets a query see: 4·D per pair forward, x3.5 with the
-  backward), achieved FLOP/s, and the same run's dense square matmul of similar FLOPs
+  backward; a call's relative-position keys, xl's default, are replayed but get no
+  credit, as in ``bench_train.py``), achieved FLOP/s, and the same run's dense square matmul of similar FLOPs
   on the same device, so ``fraction_of_matmul`` reads as a share of what the machine
   can do;
 * ``cost_growth``: time(T_hi)/time(T_lo) per variant and backend (linear = T_hi/T_lo,
@@ -153,7 +154,10 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         if size > captured.get("size", -1):
             captured.update(size=size, q=q.shape, k=k.shape, v=v.shape, layout=kw["layout"], q_start=kw["q_start"],
                             k_mem=kw.get("k_mem") is not None,
-                            extra=None if kw.get("extra_k") is None else tuple(kw["extra_k"].shape))
+                            extra=None if kw.get("extra_k") is None else tuple(kw["extra_k"].shape),
+                            # relative-position keys (xl's default positions): replayed too, or the
+                            # replay would time a cheaper call than the variant makes
+                            rel=None if kw.get("rel_q") is None else (tuple(kw["rel_q"].shape), tuple(kw["rel_k"].shape)))
         return real_attend(q, k, v, **kw)
 
     if device.type == "cuda":
@@ -249,6 +253,8 @@ def replay_attention(c: dict[str, Any], backend: str, device, dtype, trains: boo
         ins["k_mem"], ins["v_mem"] = rnd(c["k"]), rnd(c["v"])
     if c["extra"]:
         ins["extra_k"], ins["extra_v"] = rnd(c["extra"]), rnd((*c["extra"][:-1], c["v"][-1]))
+    if c.get("rel"):
+        ins["rel_q"], ins["rel_k"] = rnd(c["rel"][0]), rnd(c["rel"][1])
     kwargs = dict(layout=c["layout"], q_start=c["q_start"], scale=d**-0.5, backend=backend)
 
     def go():
@@ -280,7 +286,8 @@ def replay_attention(c: dict[str, Any], backend: str, device, dtype, trains: boo
     mm_flops_s = 2 * n**3 * reps / (time.perf_counter() - t0)
     return {
         "call": {"q": list(c["q"]), "k": list(c["k"]), "layout": repr(c["layout"]), "q_start": c["q_start"],
-                 "memory_tensors": c["k_mem"], "extra": list(c["extra"]) if c["extra"] else None},
+                 "memory_tensors": c["k_mem"], "extra": list(c["extra"]) if c["extra"] else None,
+                 "relative_keys": {"rel_q": list(c["rel"][0]), "rel_k": list(c["rel"][1])} if c.get("rel") else None},
         "seconds": seconds,
         "useful_flops": flops,
         "flops_per_s": flops / seconds,

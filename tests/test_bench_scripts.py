@@ -269,3 +269,19 @@ def test_bench_peers_refuses_decode_points_out_of_order_and_zero_counts(capsys: 
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
         assert bad[0] in capsys.readouterr().err
+
+
+def test_bench_backends_replays_xl_attention_with_its_relative_position_keys() -> None:
+    """xl's (default) attention calls carry relative-position keys; the replayed "largest call"
+    dropped them and timed a plain call xl never makes."""
+    bench = load("bench_backends")
+
+    class Args:
+        d_model, n_heads, n_layers, block_size = 16, 2, 1, 8
+
+    cell = dict(variant="xl", backend="sdpa", T=32, device="cpu", dtype="float32", d_model=16, n_heads=2, n_layers=1,
+                block_size=8, options=bench.bench_options("xl", Args), repeats=1, decode_tokens=1, prefill_chunk=32, threads=1)
+    call = bench.run_cell(cell)["attention"]["call"]
+    assert call["relative_keys"] is not None and call["relative_keys"]["rel_q"][:3] == call["q"][:3]
+    rope = bench.run_cell({**cell, "options": {**cell["options"], "positions": "rope"}})["attention"]["call"]
+    assert rope["relative_keys"] is None
