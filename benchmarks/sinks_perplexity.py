@@ -78,8 +78,10 @@ def token_nll(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def ppl(nll: torch.Tensor) -> float:
-    return math.exp(nll.mean().item()) if nll.numel() else float("nan")
+def ppl(nll: torch.Tensor) -> float | None:
+    """Perplexity of the positions in ``nll``; None (JSON null) for none, e.g. after the cache is
+    full when ``--tokens`` does not reach ``--cache`` (a NaN made the output invalid JSON)."""
+    return math.exp(nll.mean().item()) if nll.numel() else None
 
 
 def main() -> None:
@@ -126,7 +128,7 @@ def main() -> None:
         "tokens": args.tokens, "cache": args.cache, "sinks": args.sinks, "chunk": args.chunk, "span": args.span,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "machine": platform.machine(), "memzoo": memzoo.__version__, "results": results,
-    }, indent=2))
+    }, indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -285,3 +285,14 @@ def test_bench_backends_replays_xl_attention_with_its_relative_position_keys() -
     assert call["relative_keys"] is not None and call["relative_keys"]["rel_q"][:3] == call["q"][:3]
     rope = bench.run_cell({**cell, "options": {**cell["options"], "positions": "rope"}})["attention"]["call"]
     assert rope["relative_keys"] is None
+
+
+def test_sinks_perplexity_reports_no_positions_as_null_not_nan() -> None:
+    """``--tokens`` below ``--cache`` leaves no position after the cache is full: its perplexity
+    was printed as a bare NaN, which is not JSON (jq, JSON.parse and allow_nan=False refuse it)."""
+    import json
+
+    bench = load("sinks_perplexity")
+    assert bench.ppl(torch.empty(0)) is None
+    assert bench.ppl(torch.tensor([0.0, 0.0])) == 1.0
+    json.dumps({"ppl_after_cache_full": bench.ppl(torch.empty(0))}, allow_nan=False)
