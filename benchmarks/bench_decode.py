@@ -21,6 +21,9 @@ streaming that many tokens in no-grad chunks), the median time per token of:
     python benchmarks/bench_decode.py --profile bswa  # where a decode step's time goes
     python benchmarks/bench_decode.py --size mid --quick   # d_model 512, 8 layers, 1,024-key windows
 
+Prints JSON Lines: one line per (variant, streamed length) as it is measured, then one
+line with the whole run (the sizes, every row, the largest ``decode_step_over_bare``).
+
 ``generate`` writes the full ring buffers of the state it made in place (one row per cache
 and token); ``decode_step`` on a given state leaves it unchanged, so it writes a new
 buffer (a copy of each cache per token): at the mid size the gap between the two is that
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -244,7 +246,7 @@ def profile(name: str, steps: int = 500) -> None:
                       "share_of_step": {k: round(v, 3) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}}, indent=1))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1k and 8k streamed tokens, fewer repeats")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd decode steps (inductor)")
@@ -252,7 +254,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (default tiny: d_model 64, 2 layers)")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="profile 500 decode steps of VARIANT at 1k (cProfile) and stop")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    names = args.variants.split(",") if args.variants else memzoo.list_variants()  # a new variant runs with its defaults
+    unknown = sorted(set(names) - set(memzoo.list_variants()))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; registered: {', '.join(memzoo.list_variants())}")
+    if args.profile and args.profile not in memzoo.list_variants():
+        parser.error(f"--profile: unknown variant {args.profile}; registered: {', '.join(memzoo.list_variants())}")
     torch.set_num_threads(args.threads)
     globals().update(SIZES[args.size])  # the sizes every function below reads
     if args.profile:
@@ -260,7 +268,6 @@ def main() -> None:
         return
     lengths = [1024, 8192] if args.quick else [1024, 102400]
     repeats = 50 if args.quick else 200
-    names = args.variants.split(",") if args.variants else memzoo.list_variants()  # a new variant runs with its defaults
     rows = []
     for name in names:
         for pos in lengths:
@@ -273,8 +280,8 @@ def main() -> None:
         "benchmark": "decode", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "sizes": {"d_model": D, "n_layers": LAYERS, "n_heads": HEADS,
         "vocab": VOCAB, "block_size": L, "batch": 1, "name": args.size}, "rows": rows,
-        "max_decode_step_over_bare": max((r["decode_step_over_bare"] for r in rows), default=math.nan),
-    }, indent=1))
+        "max_decode_step_over_bare": max((r["decode_step_over_bare"] for r in rows), default=None),
+    }))  # one line, like the rows above: stdout is JSON Lines (the last line the whole run)
 
 
 if __name__ == "__main__":

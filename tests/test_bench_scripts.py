@@ -296,3 +296,24 @@ def test_sinks_perplexity_reports_no_positions_as_null_not_nan() -> None:
     assert bench.ppl(torch.empty(0)) is None
     assert bench.ppl(torch.tensor([0.0, 0.0])) == 1.0
     json.dumps({"ppl_after_cache_full": bench.ppl(torch.empty(0))}, allow_nan=False)
+
+
+def test_bench_decode_prints_json_lines_and_refuses_unknown_variants(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stdout is one JSON document per line (the rows were lines but the closing report was an
+    indented document, so the stream was neither one JSON document nor JSON Lines); an unknown
+    variant is an argparse error, not a pydantic traceback. (The timing itself is stubbed.)"""
+    import json
+
+    bench = load("bench_decode")
+    monkeypatch.setattr(bench, "bench_variant", lambda name, opts, pos, repeats, compile_: {
+        "variant": name, "streamed": pos, "decode_step_over_bare": 1.0})
+    bench.main(["--quick", "--variants", "bswa,fam"])
+    lines = capsys.readouterr().out.splitlines()
+    docs = [json.loads(line) for line in lines]
+    assert [d.get("variant") for d in docs[:-1]] == ["bswa", "bswa", "fam", "fam"]
+    assert docs[-1]["benchmark"] == "decode" and len(docs[-1]["rows"]) == 4
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "nope"])
+    assert "--variants" in capsys.readouterr().err
