@@ -56,7 +56,7 @@ def prompt_ids(encode, length: int, key: int, depth: float = 0.1) -> list[int]:
     return head + unit * before + needle + unit * (n_units - before) + tail
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
     parser.add_argument("--variants", default=",".join(SETTINGS))
@@ -65,7 +65,16 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.png")
     parser.add_argument("--plot-only", default=None, metavar="JSON", help="re-draw OUT.png from a results JSON (no model runs)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.variants.split(",")) - set(SETTINGS))
+    if unknown:
+        parser.error(f"--variants: no settings for {', '.join(unknown)}; known: {','.join(SETTINGS)}")
+    if args.trials < 1:
+        parser.error(f"--trials must be at least 1, got {args.trials}")
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths takes comma-separated token counts, got {args.lengths!r}")
     if args.plot_only:
         plot(json.loads(Path(args.plot_only).read_text())["rows"], Path(args.plot_only).with_suffix(".png"))
         return
@@ -74,7 +83,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = gguf_path()
     codec = load_tokenizer(path)
-    lengths = [int(x) for x in args.lengths.split(",")]
     rng = random.Random(0)
     keys = {n: [rng.randint(10000, 99999) for _ in range(args.trials)] for n in lengths}
     rows = []
@@ -101,7 +109,7 @@ def main() -> None:
         out = Path(args.out)
         out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
         plot(rows, out.with_suffix(".png"))
-    print(json.dumps(result, indent=1))
+    print(json.dumps(result))  # one line, like the rows above: stdout is JSON Lines
 
 
 def plot(rows: list[dict], where: Path) -> None:

@@ -317,3 +317,12 @@ def test_bench_decode_prints_json_lines_and_refuses_unknown_variants(
     with pytest.raises(SystemExit):
         bench.main(["--variants", "nope"])
     assert "--variants" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--variants", "sinks"], ["--trials", "0"], ["--lengths", "1k"]])
+def test_passkey_smollm2_refuses_bad_options_before_loading_the_model(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--variants sinks`` was a KeyError after the GGUF loaded, ``--trials 0`` a ZeroDivisionError."""
+    bench = load("passkey_smollm2")
+    with pytest.raises(SystemExit):
+        bench.main(bad)
+    assert bad[0] in capsys.readouterr().err
