@@ -18,8 +18,9 @@
 # Environment (for a CPU smoke run of the benchmark code; not needed on a GPU):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_T=512 GPU_CHECK_DTYPE=float32 GPU_CHECK_BLOCK=64 GPU_CHECK_HEADS=2
 set -u
-cd "$(dirname "$0")/.."
 OUT_JSON="${1:-gpu_check.json}"
+case "$OUT_JSON" in /*) ;; *) OUT_JSON="$PWD/$OUT_JSON" ;; esac  # relative to the caller's directory, not the repo's
+cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WORK="$(mktemp -d)"

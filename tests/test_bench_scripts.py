@@ -326,3 +326,15 @@ def test_passkey_smollm2_refuses_bad_options_before_loading_the_model(bad: list[
     with pytest.raises(SystemExit):
         bench.main(bad)
     assert bad[0] in capsys.readouterr().err
+
+
+def test_gpu_check_writes_a_relative_output_path_where_it_was_called(tmp_path: pathlib.Path) -> None:
+    """``bash <repo>/benchmarks/gpu_check.sh out.json`` from another directory wrote the JSON
+    (and, on a GPU, the test log) into the repository root."""
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("GPU_CHECK_DEVICE", None)
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "relative_gpu_check.json"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "relative_gpu_check.json").exists()
+    assert not (ROOT / "relative_gpu_check.json").exists()
