@@ -15,7 +15,9 @@ Printed per contender (JSON on stdout):
 * ``vs_xl_rope_median`` / ``vs_xl_rope_min`` (``xl`` with relative positions): the same
   against ``xl`` with RoPE;
 * ``tokens_per_s``: B·T / median step time;
-* ``model_flops_per_step``, ``model_flops_per_s`` and ``fraction_of_matmul``.
+* ``model_flops_per_step``, ``model_flops_per_s`` and ``fraction_of_matmul``;
+* ``executed_flops_per_step`` and ``executed_fraction_of_matmul``: the FLOPs the step
+  actually runs (:func:`executed_flops`), over the same matmul rate.
 
 Model FLOPs, counted the same way for every variant::
 
@@ -33,6 +35,13 @@ multiply-adds for QKᵀ and PV per pair, ``3·`` forward + backward. ``P`` is co
 an untimed forward pass, by wrapping the backends' ``attend``/``dense``.
 ``fraction_of_matmul`` = model FLOP/s over the median FLOP/s of an ``--matmul-n`` square
 fp32 matmul timed in the same rounds.
+
+Two conventions meet in that count: the linear term counts the B·T text tokens only,
+while ``P`` counts every query an attention call runs, memory rows included (rmt's
+memory tokens, FAM's updates, brt's states). So the linear work of those extra rows is
+not credited (rmt's step runs 1.85× the linear term at the leaderboard size). The
+``executed_*`` fields count what the step runs instead, every row: they say how close the
+implementation is to the matmul rate; the model FLOPs say what the model's outputs need.
 
 Sizes (``--size``):
 
@@ -191,6 +200,20 @@ def propagating(step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def executed_flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """FLOPs one eager training step actually runs (forward + backward), as torch's
+    ``FlopCounterMode`` counts them: every matmul and attention kernel on the rows it
+    gets (memory tokens, FAM updates, re-projected memory, padded or gathered blocks), in
+    an untimed step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        training_loss(model, tokens).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
 def make_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[..., torch.Tensor] = training_loss) -> Callable[[], None]:
     def step() -> None:
         loss_fn(model, tokens).backward()
@@ -339,7 +362,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         flops = 6 * n_linear * b * t + 3 * 2 * (head_dim + head_dim) * pairs
         steps[label] = make_step(model, tokens)
         info[label] = {"variant": name, "options": options, "linear_parameters": n_linear,
-                       "attention_pairs_times_heads": pairs, "model_flops_per_step": flops}
+                       "attention_pairs_times_heads": pairs, "model_flops_per_step": flops,
+                       "executed_flops_per_step": executed_flops(model, tokens)}
         if args.count_ops:
             info[label]["ops_per_step"] = count_ops(model, tokens)
         for _ in range(args.warmup):
@@ -414,6 +438,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "tokens_per_s": b * t / med,
             "model_flops_per_s": flops / med,
             "fraction_of_matmul": flops / med / matmul_flops,
+            "executed_fraction_of_matmul": info[base]["executed_flops_per_step"] / med / matmul_flops,
         }
     report = {
         "benchmark": "bench_train",

@@ -64,8 +64,9 @@ def test_bench_train_times_compiled_steps_with_and_without_the_isolation(
         assert rows[f"{v}+compiled(propagate)"]["isolating_over_propagating_median"] > 0
         assert "isolating_over_propagating_median" not in rows[f"{v}+compiled"]
     assert report["non_finite"] == "both"
-    # each compiled step, 2 contenders x (the compiling first call + 2 rounds): one set isolating, one not
-    assert isolating.count(False) == 6 and isolating.count(True) == 6
+    # each compiled step, 2 contenders x (the compiling first call + 2 rounds): one set isolating, one not;
+    # plus each contender's untimed eager step that counts the executed FLOPs (isolating)
+    assert isolating.count(False) == 6 and isolating.count(True) == 6 + 2
     assert ops.isolating_non_finite()
     with pytest.raises(SystemExit):
         bench.main(["--non-finite", "both"])  # without --compile: refused
