@@ -201,15 +201,16 @@ from memzoo.tasks import make_task
 
 torch.set_num_threads(1)
 variant, out = sys.argv[1], sys.argv[2]
+extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 ctx = distributed.context("cpu")
 task = make_task("passkey", n_digits=2, n_filler=3)
 torch.manual_seed(0)
-own = {"fam": {"fam_len": 2, "memory_blocks": 1}, "bswa": {"memory_blocks": 1}}[variant]
+own = {"fam": {"fam_len": 2, "memory_blocks": 1}, "bswa": {"memory_blocks": 1}, "rmt": {"num_memory_tokens": 2}}[variant]
 model = memzoo.build_model(variant, vocab_size=task.vocab_size, d_model=16, n_layers=1, n_heads=2, block_size=4, **own)
-settings = TrainSettings(steps=4, batch_size=4, length=16, warmup_steps=1, chunk_len=8, rsp_prob=0.5)
+settings = TrainSettings(**{"steps": 4, "batch_size": 4, "length": 16, "warmup_steps": 1, "chunk_len": 8, "rsp_prob": 0.5, **extra})
 report = train(model, task, settings, seed=0, dist=ctx)
 if ctx is None or ctx.is_main:
-    torch.save({"losses": report.losses, "params": model.state_dict()}, out)
+    torch.save({"losses": report.losses, "params": model.state_dict(), "carried": report.carried_steps}, out)
 '''
 
 
@@ -232,6 +233,29 @@ def test_ddp_training_equals_one_process(tmp_path: Path, variant: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert len(one["losses"]) == len(two["losses"]) == 4
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
+    for name, value in one["params"].items():
+        torch.testing.assert_close(two["params"][name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(("variant", "extra"), [
+    ("fam", {"chunk_len": 4, "rsp_prob": 1.0}), ("rmt", {"chunk_len": 4, "detach_every": 1, "rsp_prob": 1.0}),
+])
+def test_ddp_carried_and_detached_states_equal_one_process(tmp_path: Path, variant: str, extra: dict) -> None:
+    """Steps that start from a carried state (RSP) and backwards after a detach leave the
+    learned initial state (FAM's prompt, RMT's memory embeddings) out of the loss: DDP's
+    reducer then stopped at the next step ("Expected to have finished reduction"), and once
+    every parameter was in every backward, a zero gradient moved those parameters by AdamW's
+    momentum and decay where one process (no gradient) leaves them."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    single = subprocess.run([sys.executable, str(script), variant, str(tmp_path / "one.pt"), json.dumps(extra)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    done = _torchrun(str(script), variant, str(tmp_path / "two.pt"), json.dumps(extra))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["carried"] == two["carried"] == 3
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
     for name, value in one["params"].items():
         torch.testing.assert_close(two["params"][name], value, atol=1e-5, rtol=1e-4, msg=name)

@@ -146,6 +146,7 @@ def forward_backward(
     detach_every: int,
     denominator: Tensor | float,
     touch_all: list[torch.nn.Parameter] | None = None,
+    used: set[int] | None = None,
     keep_state: bool = True,
 ) -> tuple[Tensor, AnyState | None]:
     """One training sequence batch fed in chunks, the state carried: backpropagates
@@ -156,8 +157,10 @@ def forward_backward(
     token real). ``scored`` must be False at padding (then a pad's id, target and logit
     never reach the loss or the gradient). ``touch_all``: parameters added to every
     backward with weight 0 (see :func:`train`: DDP's reducer needs every parameter in
-    every rank's backward). ``keep_state=False``: the final state is not wanted (None is
-    returned), so the last chunk of a padded batch runs as one call (the rows' real
+    every rank's backward); ``used``: with ``touch_all``, gets the ids of the parameters
+    the loss itself reaches (:func:`graph_parameters`), so that those it does not reach can
+    be given back no gradient (None, as without the touch). ``keep_state=False``: the
+    final state is not wanted (None is returned), so the last chunk of a padded batch runs as one call (the rows' real
     tokens moved to the front; exact by causality, see :func:`memzoo.ragged.forward`)
     instead of one call per distinct row length."""
     chunks = chunk_bounds(tokens.shape[1], chunk_len)
@@ -176,6 +179,8 @@ def forward_backward(
         pending = loss if pending is None else pending + loss
         if last or (detach_every and (i + 1) % detach_every == 0):
             if touch_all:
+                if used is not None:
+                    used |= graph_parameters(pending)
                 pending = pending + sum((p.reshape(-1)[0] * 0.0 for p in touch_all), torch.zeros((), device=tokens.device))
             pending.backward()
             total += pending.detach().double()
@@ -183,6 +188,24 @@ def forward_backward(
             if state is not None:
                 state = state.detach()
     return total, state
+
+
+def graph_parameters(loss: Tensor) -> set[int]:
+    """The ids of the leaf tensors (parameters) whose gradient ``loss.backward()`` sets:
+    the ``AccumulateGrad`` nodes of its autograd graph."""
+    found: set[int] = set()
+    seen: set[object] = set()
+    todo = [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            found.add(id(variable))
+        todo.extend(f for f, _ in node.next_functions)
+    return found
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay: str = "matrices") -> list[dict]:
@@ -309,9 +332,16 @@ def train(
     start = time.perf_counter()
     limit = math.inf
     last_finite: float | None = None
-    # under DDP a rank whose rows are all padding in a chunk would leave the backbone out
-    # of its backward and the ranks' gradient reductions would no longer match
-    touch_all = list(model.parameters()) if (dist is not None and settings.length_range is not None) else None
+    # under DDP every parameter must be in every backward, or the reducer stops at the next
+    # step ("Expected to have finished reduction in the prior iteration"): a rank whose rows
+    # are all padding in a chunk leaves the backbone out; a step that starts from a carried
+    # state (RSP) or a backward after a detach (detach_every) leaves out the learned initial
+    # state (FAM's prompt, RMT's memory embeddings, BRT's initial state) or what only the
+    # state update uses, and those would leave the reducer waiting. Every parameter is touched
+    # (a zero gradient); one that no rank's loss reached is then given back no gradient, as
+    # in one process, so AdamW skips it there too (a zero gradient would still move it by
+    # its momentum and decay it)
+    touch_all = list(model.parameters()) if dist is not None else None
     for step in range(settings.steps):
         # every rank draws the same global batch (same generator) and keeps its own rows
         batch, attention = training_batch(task, settings, data)
@@ -322,13 +352,21 @@ def train(
         pass_state = bool(torch.rand((), generator=coin) < settings.rsp_prob)
         state = carry_state(model, previous) if (pass_state and previous is not None) else None
         report.carried_steps += state is not None
+        used: set[int] | None = set() if dist is not None else None
         # normalised by the global batch's scored positions; x world size because DDP averages gradients
         scored = batch.mask.sum().clamp(min=1) / (dist.world_size if dist is not None else 1)
         with ops.propagate_non_finite(settings.non_finite == "propagate"):
             total_t, state = forward_backward(
                 net, tokens, targets, mask, real, state, chunk_len=settings.chunk_len, detach_every=settings.detach_every,
-                denominator=scored, touch_all=touch_all, keep_state=settings.rsp_prob > 0,
+                denominator=scored, touch_all=touch_all, used=used, keep_state=settings.rsp_prob > 0,
             )
+        if dist is not None and touch_all is not None and used is not None:
+            # a parameter no rank's loss reached gets no gradient, as in one process
+            reached = torch.tensor([float(id(p) in used) for p in touch_all], device=device)
+            torch.distributed.all_reduce(reached, op=torch.distributed.ReduceOp.MAX)
+            for p, r in zip(touch_all, reached.tolist()):
+                if not r:
+                    p.grad = None
         if dist is not None:  # the global batch's loss: the ranks' shares, averaged
             total_t /= dist.world_size
             torch.distributed.all_reduce(total_t)
