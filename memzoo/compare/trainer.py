@@ -181,7 +181,7 @@ def forward_backward(
             if touch_all:
                 if used is not None:
                     used |= graph_parameters(pending)
-                pending = pending + sum((p.reshape(-1)[0] * 0.0 for p in touch_all), torch.zeros((), device=tokens.device))
+                pending = pending + sum((p.reshape(-1)[:1].sum() * 0.0 for p in touch_all), torch.zeros((), device=tokens.device))
             pending.backward()
             total += pending.detach().double()
             pending = None
