@@ -81,6 +81,32 @@ def test_diverged_training_is_recorded_not_published(lr: float) -> None:
     assert "diverged" in md and f"step {d.step}" in md and "0." not in md.split("Settings:")[0].replace("0.0", "")
 
 
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+def test_a_non_finite_gradient_stops_the_run_at_its_step(grad_clip: float | None) -> None:
+    """A NaN gradient with a finite loss is the step's divergence, with or without
+    clipping (without it, the NaN was applied and the next step blamed its NaN loss)."""
+    from memzoo.compare.settings import TrainSettings
+    from memzoo.compare.trainer import train
+    from memzoo.tasks import make_task
+
+    task = make_task("passkey", n_digits=2, n_filler=3)
+    torch.manual_seed(0)
+    model = memzoo.build_model("bswa", vocab_size=task.vocab_size, d_model=16, n_layers=1, n_heads=2, block_size=4, memory_blocks=1)
+    calls = [0]
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return grad * float("nan") if calls[0] == 3 else grad
+
+    model.embed.weight.register_hook(poison)
+    settings = TrainSettings(steps=6, batch_size=2, length=16, warmup_steps=1, grad_clip=grad_clip)
+    report = train(model, task, settings, seed=0)
+    d = report.diverged
+    assert d is not None and d.step == 2 and "gradient norm" in d.reason, d
+    assert len(report.losses) == 3 and all(math.isfinite(x) for x in report.losses)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # the NaN was never applied
+
+
 def test_a_finished_run_is_not_diverged_and_partial_divergence_is_marked(tmp_path: Path) -> None:
     ok = CompareConfig(task="passkey", variants=("bswa",), **MICRO)
     bad = CompareConfig(task="passkey", variants=("full",), **{**MICRO, "train": {**MICRO["train"], "steps": 30, "lr": 1e4}})

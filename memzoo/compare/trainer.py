@@ -384,11 +384,16 @@ def train(
             report.diverged = Diverged(step, last_finite, why)
             break
         last_finite = total
+        # the norm is checked with or without clipping: unchecked, a non-finite gradient would
+        # be applied and the run reported a step late, as a non-finite loss
         if settings.grad_clip is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
-            if not math.isfinite(norm):
-                report.diverged = Diverged(step, last_finite, f"gradient norm {norm} is not finite")
-                break
+        else:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if not math.isfinite(norm):
+            report.diverged = Diverged(step, last_finite, f"gradient norm {norm} is not finite")
+            break
         opt.step()
         lr = sched.get_last_lr()[0]
         sched.step()
