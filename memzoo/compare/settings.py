@@ -95,11 +95,15 @@ class TrainSettings(_Strict):
     lr: float = Field(3e-3, gt=0.0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.01, ge=0.0)
     decay: Literal["matrices", "all"] = Field(
-        "matrices", description="what AdamW decays: the weight matrices of Linear/Embedding modules (nanoGPT's rule), "
+        "matrices", description="what AdamW decays: the weight matrices of Linear/Embedding modules (by module; "
+        "nanoGPT's rule is every parameter of 2+ dimensions, which would also take XL's w_r and the learned states), "
         "or every parameter (norms, biases, prompts too; memzoo before this setting existed)",
     )
     betas: tuple[_Beta, _Beta] = Field((0.9, 0.95), strict=False, description="AdamW's betas, each in [0, 1)")
-    warmup_steps: int = Field(20, ge=0, description="linear warm-up, then cosine decay to min_lr_ratio * lr")
+    warmup_steps: int = Field(
+        20, ge=0, description="linear warm-up, then cosine decay toward min_lr_ratio * lr (reached one step after the last; "
+        "a run no longer than its warm-up never reaches lr)",
+    )
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradient norm; None = no clipping")
     explode_factor: float = Field(

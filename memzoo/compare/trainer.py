@@ -5,9 +5,10 @@ Every variant gets the same optimiser (AdamW), steps, batch, learning-rate sched
 seeded by the run's seed alone, so two variants with the same seed see the same
 sequences. The loss is the mean cross-entropy over the task's scored positions.
 Weight decay applies to weight matrices only — the weights of ``nn.Linear`` and
-``nn.Embedding`` modules — not to norms, biases, or the learned states a variant adds
-(FAM's prompt, RMT's memory embeddings, XL's position biases), as nanoGPT does
-(``TrainSettings.decay``).
+``nn.Embedding`` modules — not to norms, biases, or the parameters a variant adds
+outside such modules (FAM's prompt, RMT's memory embeddings, XL's position biases and
+its relative-position projection ``w_r``); nanoGPT's rule is by shape (every parameter
+of two or more dimensions), memzoo's by module (``TrainSettings.decay``).
 
 Under ``torchrun`` (:mod:`memzoo.compare.distributed`) the model trains data-parallel:
 every rank draws the same global batch and keeps its own rows; the loss is scaled so
@@ -81,7 +82,10 @@ def seeded(*parts: object) -> torch.Generator:
 
 def lr_factor(step: int, settings: TrainSettings) -> float:
     """Multiplier of the peak learning rate at ``step``: linear warm-up over
-    ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at the last step."""
+    ``warmup_steps`` (reaching 1 at step ``warmup_steps - 1``), then a cosine from 1 toward
+    ``min_lr_ratio`` over ``steps - warmup_steps`` steps; the last step is one short of
+    its end (0.1001 for 200 steps, 20 of warm-up, ``min_lr_ratio`` 0.1). With
+    ``warmup_steps >= steps`` the rate only ramps up and never reaches its peak."""
     if step < settings.warmup_steps:
         return (step + 1) / settings.warmup_steps
     decay_steps = max(settings.steps - settings.warmup_steps, 1)
