@@ -372,3 +372,34 @@ def test_compiled_code_follows_use_backend():
         assert torch.equal(compiled(x), x * 3)
     assert torch.equal(compiled(x), x * 2)
     torch._dynamo.reset()
+
+
+def test_use_backend_in_threads_closing_out_of_order_leaves_no_override():
+    """Two threads' use_backend blocks that close out of order (A enters, B enters, A
+    exits, B exits) restored B's 'previous' (A's name): the process-wide override that
+    compiled code reads stayed set for good, and every later compiled call ran that backend."""
+    import threading
+
+    from memzoo import ops
+    from memzoo.ops import base
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with ops.use_backend("flex"):
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def second():
+        a_in.wait()
+        with ops.use_backend("sdpa"):
+            b_in.set()
+            a_out.wait()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert base.BACKEND_OVERRIDE.name is None

@@ -374,6 +374,20 @@ class BackendOverride:
 
     def __init__(self) -> None:
         self.name: str | None = None
+        #: the overrides in force, oldest first (one entry per open use_backend block, any thread)
+        self.active: list[tuple[object, str]] = []
+
+    def enter(self, name: str) -> object:
+        key = object()
+        self.active.append((key, name))
+        self.name = name
+        return key
+
+    def exit(self, key: object) -> None:
+        # blocks of several threads may close out of order: drop this block's own entry, so
+        # the process-wide name is always one still open (never a closed block's, for good)
+        self.active = [e for e in self.active if e[0] is not key]
+        self.name = self.active[-1][1] if self.active else None
 
 
 #: the process-wide :class:`BackendOverride` (compiled code's view of :func:`use_backend`)
@@ -396,11 +410,11 @@ def use_backend(name: str) -> Iterator[None]:
     for another override instead of running the backend it was first traced with; enter
     it from one thread at a time when compiled code runs in several."""
     token = _OVERRIDE.set(check_backend_name(name))
-    previous, BACKEND_OVERRIDE.name = BACKEND_OVERRIDE.name, name
+    key = BACKEND_OVERRIDE.enter(name)
     try:
         yield
     finally:
-        BACKEND_OVERRIDE.name = previous
+        BACKEND_OVERRIDE.exit(key)
         _OVERRIDE.reset(token)
 
 
