@@ -148,8 +148,14 @@ def test_rope_scaling_beside_rope_parameters_is_not_ignored(folders):
     with pytest.raises(PretrainedError, match="both rope_parameters=.* and the older rope_scaling="):
         translate_config(cfg | {"rope_scaling": {"type": "linear", "factor": 4.0}})
     params = cfg["rope_parameters"]
-    repeated = {"type": params["rope_type"], "factor": params["factor"]}
+    repeated = {"type": params["rope_type"], **{k: v for k, v in params.items() if k != "rope_type"}}
     assert translate_config(cfg | {"rope_scaling": repeated}).fields == translate_config(cfg).fields
+    # transformers runs rope_scaling alone, rope_theta from the top level (default 1e4): a
+    # rope_scaling without rope_parameters' theta, or without some of its keys, is not a repeat
+    # (the second one transformers refuses: llama3 without low/high_freq_factor)
+    for partial in ({k: v for k, v in repeated.items() if k != "rope_theta"}, {"type": params["rope_type"], "factor": params["factor"]}):
+        with pytest.raises(PretrainedError, match="both rope_parameters=.* and the older rope_scaling="):
+            translate_config(cfg | {"rope_scaling": partial})
     assert translate_config(cfg | {"rope_scaling": None}).fields == translate_config(cfg).fields
 
 

@@ -126,8 +126,14 @@ def rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     if params is not None and legacy:
         # transformers 5 takes a non-empty rope_scaling *instead of* rope_parameters (and
         # rope_theta from elsewhere): agree when it only repeats rope_parameters, else refuse
-        given = {("rope_type" if k == "type" else k): v for k, v in dict(legacy).items()}
-        if any(params.get(k) != v for k, v in given.items()):
+        # what transformers runs: rope_scaling, with rope_theta from the top level (or its
+        # default) when rope_scaling has none; both ways, so neither has a key the other lacks
+        def norm(d: dict[str, Any]) -> dict[str, Any]:
+            return {("rope_type" if k == "type" else k): v for k, v in d.items()}
+
+        given = {"rope_theta": cfg.get("rope_theta", 10000.0), **norm(dict(legacy))}
+        kept = {"rope_theta": cfg.get("rope_theta", 10000.0), **norm(dict(params))}
+        if given != kept:
             raise PretrainedError(
                 f"checkpoint config has both rope_parameters={params!r} and the older rope_scaling={legacy!r}, which "
                 "differ; transformers 5 uses rope_scaling in place of rope_parameters (and takes rope_theta from "
