@@ -255,3 +255,12 @@ def test_the_kit_catches_a_backward_that_does_not_match_its_forward():
             kit.check_gradient_is_the_derivative(model, kit.random_tokens(model, 2, 12))
     finally:
         unregister_variant("zz_wrong_backward")
+
+
+def test_the_derivative_check_leaves_the_weights_as_they_were():
+    """The finite difference moved every parameter by +eps·d and back: p + e - e is not p
+    in floating point, so the kit changed the model it checked (by ulps)."""
+    model = kit.tiny_model("bswa", {"memory_blocks": 1})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kit.check_gradient_is_the_derivative(model, kit.random_tokens(model, 1, 3 * model.backbone.block_size))
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())

@@ -287,12 +287,17 @@ def check_gradient_is_the_derivative(model: MemzooLM, tokens: Tensor, *, seed: i
         analytic = sum(float((g * d).sum()) for g, d in zip(grads, direction) if g is not None)
         values = []
         with torch.no_grad():
-            for sign in (1.0, -1.0):
-                for p, d in zip(params, direction):
-                    p.add_(sign * eps * d)
-                values.append(float(_loss(model(block, state=state)[0])))
-                for p, d in zip(params, direction):
-                    p.sub_(sign * eps * d)
+            saved = [p.detach().clone() for p in params]
+            try:
+                for sign in (1.0, -1.0):
+                    for p, d in zip(params, direction):
+                        p.add_(sign * eps * d)
+                    values.append(float(_loss(model(block, state=state)[0])))
+                    for p, w in zip(params, saved):
+                        p.copy_(w)  # exactly (p + e - e is not p in floating point)
+            finally:
+                for p, w in zip(params, saved):
+                    p.copy_(w)
         numeric = (values[0] - values[1]) / (2 * eps)
         if abs(numeric - analytic) > 1e-5 * max(1.0, abs(numeric)):
             raise AssertionError(
