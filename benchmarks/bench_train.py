@@ -205,9 +205,17 @@ def executed_flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     ``FlopCounterMode`` counts them: every matmul and attention kernel on the rows it
     gets (memory tokens, FAM updates, re-projected memory, padded or gathered blocks), in
     an untimed step."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    counter = FlopCounterMode(display=False)
+    # torch counts sdpa's CUDA kernels but not its CPU one (the default --device): without
+    # these, a CPU step's attention through sdpa counted 0 FLOPs (the reference's matmuls did)
+    aten = torch.ops.aten
+    cpu_sdpa = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(g, q, k, v),
+    }
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
     with counter:
         training_loss(model, tokens).backward()
     model.zero_grad(set_to_none=True)

@@ -339,3 +339,19 @@ def test_gpu_check_writes_a_relative_output_path_where_it_was_called(tmp_path: p
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "relative_gpu_check.json").exists()
     assert not (ROOT / "relative_gpu_check.json").exists()
+
+
+def test_executed_flops_count_sdpa_on_cpu():
+    """torch's FlopCounterMode counts sdpa's CUDA kernels but not the CPU one (the default
+    --device): a CPU step's attention through sdpa counted nothing, while the reference's
+    matmuls were counted, so executed_flops_per_step depended on the backend."""
+    import memzoo
+
+    bench = load("bench_train")
+    tokens = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for backend in ("reference", "sdpa"):
+        torch.manual_seed(0)
+        model = memzoo.build_model("full", vocab_size=64, d_model=64, n_layers=2, n_heads=4, block_size=16, backend=backend)
+        counts[backend] = bench.executed_flops(model, tokens)
+    assert counts["sdpa"] > 0.9 * counts["reference"], counts
