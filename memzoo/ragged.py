@@ -407,6 +407,9 @@ def forward(
         if one is not None:
             return one, None
     groups = as_groups(state if state is not None else backbone.init_state(b, device=x.device, dtype=x.dtype))
+    # the groups' states take turns in the backbone (a padded batch decoding through forward,
+    # as transformers' generate does): a per-state cache must keep one per group (xl's memo)
+    backbone.expect_streams(len(groups))
     last = documents_of(state, b)
     real_rows = real.cpu().tolist() if real is not None else None
     doc_rows = docs.cpu().tolist() if docs is not None else None

@@ -499,3 +499,33 @@ def test_a_padded_batch_of_many_prompt_lengths_keeps_every_groups_cache(monkeypa
     # the first decode step of each group finds nothing kept from the prefill's last call
     # for the other groups; every later step is a hit
     assert calls["hit"] >= groups * layers * (steps - 2), calls
+
+
+def test_a_padded_batch_decoded_through_forward_keeps_every_groups_cache(monkeypatch):
+    """expect_streams was told only by generate(): a padded batch of more than MEMO_STATES
+    prompt lengths decoded through ``model(token, state=ragged_state)`` (a user's loop,
+    transformers' generate through MemzooForCausalLM) still re-projected the whole memory
+    at every token. The ragged forward tells the backbone how many groups take turns."""
+    from memzoo.variants import xl as xl_module
+
+    model = kit.tiny_model("xl", {"memory_len": 6})
+    backbone, calls = model.backbone, {"hit": 0, "miss": 0}
+    real = backbone._memo_for
+
+    def counted(*args, **kwargs):
+        memo = real(*args, **kwargs)
+        calls["miss" if memo is None else "hit"] += 1
+        return memo
+
+    monkeypatch.setattr(backbone, "_memo_for", counted)
+    groups, steps = xl_module.MEMO_STATES + 3, 5
+    tokens = kit.random_tokens(model, groups, 20)
+    mask = torch.ones_like(tokens)
+    for row in range(groups):
+        mask[row, :row] = 0
+    with torch.no_grad():
+        out = model(tokens, attention_mask=mask)
+        for _ in range(steps):
+            out = model(out.logits[:, -1:].argmax(-1), state=out.state)
+    layers = len(backbone.layers)
+    assert calls["hit"] >= groups * layers * (steps - 2), calls
