@@ -394,7 +394,8 @@ def train(
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
         else:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            # the 2-norm over every gradient, as clip_grad_norm_ computes it (get_total_norm is torch >= 2.6)
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
         if not math.isfinite(norm):
             report.diverged = Diverged(step, last_finite, f"gradient norm {norm} is not finite")
             break
