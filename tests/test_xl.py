@@ -472,11 +472,9 @@ def test_the_cache_lets_go_of_a_dropped_state_at_once():
     assert not any(model.backbone._kv_memo.values())
 
 
-def test_a_padded_batch_of_many_prompt_lengths_keeps_every_groups_cache(monkeypatch):
-    """A padded batch decodes one state per distinct prompt length; with more groups than
-    MEMO_STATES the memo pushed each group's keys/values out before its next step, so
-    every decoded token re-projected the whole memory (2.8× slower at d256, M=1024).
-    ``expect_streams`` sizes the memo to the groups: only each group's first step misses."""
+def _many_lengths_and_memo_counts(monkeypatch):
+    """A tiny xl model whose memo look-ups are counted, and a padded batch of
+    MEMO_STATES + 3 distinct prompt lengths (one decode group each)."""
     from memzoo.variants import xl as xl_module
 
     model = kit.tiny_model("xl", {"memory_len": 6})
@@ -489,16 +487,25 @@ def test_a_padded_batch_of_many_prompt_lengths_keeps_every_groups_cache(monkeypa
         return memo
 
     monkeypatch.setattr(backbone, "_memo_for", counted)
-    groups, steps = xl_module.MEMO_STATES + 3, 5
+    groups = xl_module.MEMO_STATES + 3
     tokens = kit.random_tokens(model, groups, 20)
     mask = torch.ones_like(tokens)
     for row in range(groups):
         mask[row, :row] = 0  # a distinct prompt length per row: one decode group each
+    return model, tokens, mask, calls
+
+
+def test_a_padded_batch_of_many_prompt_lengths_keeps_every_groups_cache(monkeypatch):
+    """A padded batch decodes one state per distinct prompt length; with more groups than
+    MEMO_STATES the memo pushed each group's keys/values out before its next step, so
+    every decoded token re-projected the whole memory (2.8× slower at d256, M=1024).
+    ``expect_streams`` sizes the memo to the groups: only each group's first step misses."""
+    model, tokens, mask, calls = _many_lengths_and_memo_counts(monkeypatch)
+    steps = 5
     model.generate(tokens, steps, attention_mask=mask)
-    layers = len(backbone.layers)
     # the first decode step of each group finds nothing kept from the prefill's last call
     # for the other groups; every later step is a hit
-    assert calls["hit"] >= groups * layers * (steps - 2), calls
+    assert calls["hit"] >= tokens.shape[0] * len(model.backbone.layers) * (steps - 2), calls
 
 
 def test_a_padded_batch_decoded_through_forward_keeps_every_groups_cache(monkeypatch):
@@ -506,26 +513,10 @@ def test_a_padded_batch_decoded_through_forward_keeps_every_groups_cache(monkeyp
     prompt lengths decoded through ``model(token, state=ragged_state)`` (a user's loop,
     transformers' generate through MemzooForCausalLM) still re-projected the whole memory
     at every token. The ragged forward tells the backbone how many groups take turns."""
-    from memzoo.variants import xl as xl_module
-
-    model = kit.tiny_model("xl", {"memory_len": 6})
-    backbone, calls = model.backbone, {"hit": 0, "miss": 0}
-    real = backbone._memo_for
-
-    def counted(*args, **kwargs):
-        memo = real(*args, **kwargs)
-        calls["miss" if memo is None else "hit"] += 1
-        return memo
-
-    monkeypatch.setattr(backbone, "_memo_for", counted)
-    groups, steps = xl_module.MEMO_STATES + 3, 5
-    tokens = kit.random_tokens(model, groups, 20)
-    mask = torch.ones_like(tokens)
-    for row in range(groups):
-        mask[row, :row] = 0
+    model, tokens, mask, calls = _many_lengths_and_memo_counts(monkeypatch)
+    steps = 5
     with torch.no_grad():
         out = model(tokens, attention_mask=mask)
         for _ in range(steps):
             out = model(out.logits[:, -1:].argmax(-1), state=out.state)
-    layers = len(backbone.layers)
-    assert calls["hit"] >= groups * layers * (steps - 2), calls
+    assert calls["hit"] >= tokens.shape[0] * len(model.backbone.layers) * (steps - 2), calls
