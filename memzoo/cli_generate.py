@@ -179,6 +179,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("the prompt encodes to no tokens; give a non-empty --prompt")
     model = load_model(args.model, args.variant, _parse_fields(args.options))
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    # ids only the model knows the range of: checked here, before the prompt is printed
+    sampling_config(eos_token_id=eos).check_vocab(model.vocab_size)
+    outside = sorted({i for i in ids if i >= model.vocab_size})
+    if outside:
+        raise InputError(f"the prompt has token ids {outside[:5]} outside the model's vocabulary (vocab_size={model.vocab_size}): is --tokenizer the model's?")
     tokens = torch.tensor([ids], dtype=torch.long, device=args.device)
 
     out = sys.stdout

@@ -240,3 +240,19 @@ def test_a_gguf_tokenizer_adds_its_special_tokens_like_tokenizer_json(tmp_path, 
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF")
     assert load_tokenizer(path).encode("hi") == [1, 5, 6]
+
+
+def test_generate_checks_ids_against_the_vocabulary_before_printing(tmp_path, capsys):
+    """An --eos-token-id past the model's vocabulary, or a prompt whose tokenizer has ids
+    the model lacks, is one line on stderr and exit 2, before the prompt is printed."""
+    model = kit.tiny_model("full", dtype=torch.float32)
+    save_folder(model, tmp_path / "m")
+    v = model.vocab_size
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w1 w2", "--eos-token-id", str(v)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "must lie in" in captured.err and len(captured.err.strip().splitlines()) == 1
+    word_tokenizer(v + 8).save(str(tmp_path / "big.json"))  # a tokenizer with ids the model has no row for
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "big.json"),
+                     "--prompt", f"w1 w{v + 3}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "outside the model's vocabulary" in captured.err and len(captured.err.strip().splitlines()) == 1
