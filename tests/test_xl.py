@@ -210,6 +210,31 @@ def test_two_streams_taking_turns_each_keep_their_decode_cache(monkeypatch):
             kit.assert_close(torch.cat(outs, 1), model(tokens).logits[:, 10:], "turn-taking streams vs one call")
 
 
+def test_two_conversations_taking_turns_through_generate_keep_their_decode_cache(monkeypatch):
+    """generate() decodes in place (ring.written_in_place): every token leaves the same state
+    tensor at a new version. Those stale entries replace the stream's own entry; they must
+    not push the other conversation's out (it would re-project its whole memory every turn)."""
+    model = kit.tiny_model("xl", {"memory_len": 12})
+    rows: list[int] = []
+    original = type(model.backbone)._kv
+
+    def counting(self, layer, normed, *rest):
+        rows.append(normed.shape[1])
+        return original(self, layer, normed, *rest)
+
+    gen = torch.Generator().manual_seed(0)
+    states = {}
+    for c in "ab":
+        _, states[c] = model.generate(torch.randint(0, model.vocab_size, (1, 40), generator=gen), 1, return_state=True)
+    monkeypatch.setattr(type(model.backbone), "_kv", counting)
+    for _ in range(3):
+        for c in "ab":
+            prompt = torch.randint(0, model.vocab_size, (1, 3), generator=gen)
+            _, states[c] = model.generate(prompt, 8, state=states[c], return_state=True)
+    monkeypatch.undo()
+    assert max(rows) <= 3, f"rows projected per call: {sorted(set(rows))} (the memory re-projected)"
+
+
 def test_xl_decode_cache_notices_a_change_of_formulation(monkeypatch):
     """The no-grad key cache holds keys of one formulation; a call on a backend that needs
     the other re-projects (it would otherwise attend widened queries to plain keys)."""

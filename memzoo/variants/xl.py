@@ -311,7 +311,10 @@ class TransformerXL(Backbone):
         # the last memo_states states per layer whose tensors are still alive: streams that
         # take turns (two conversations, a validated and an unvalidated loop) each keep theirs
         memos = self._kv_memo
-        kept = [m for m in memos.get(i, ()) if m.h() is not None]
+        # an entry for this very tensor is stale (a decode step wrote into it in place: its
+        # version moved on), so it is replaced, not kept beside: in-place decoding of one
+        # stream must not push the other streams' entries out
+        kept = [m for m in memos.get(i, ()) if m.h() is not None and m.h() is not h]
         kept = kept[max(0, len(kept) - getattr(self, "memo_states", MEMO_STATES) + 1) :]
 
         def forget(ref: "weakref.ref[Tensor]", i: int = i) -> None:
