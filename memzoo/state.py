@@ -339,16 +339,24 @@ def load_state(path: str, device: str | torch.device = "cpu", *, model: Any = No
     values. With ``model`` (a memzoo model or backbone), the state must also be one
     that model can continue: same config, and every tensor's shape right for the
     state's position."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
 
     from memzoo.registry import get_variant
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            flat = {k: f.get_tensor(k) for k in f.keys()}
+        # the bytes, not safe_open: safe_open(...).get_tensor keeps ~64 bytes per tensor it
+        # hands out (safetensors 0.8), a leak a loop that reloads states would grow without end
+        with open(str(path), "rb") as fh:
+            raw = fh.read()
+        flat = load_bytes(raw)
+        # the header (valid: load() accepted it): 8-byte little-endian length, then JSON
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        meta = header.get("__metadata__") or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise StateError(f"{path} is not a readable safetensors state file: {exc}") from None
+    if not isinstance(meta, dict):
+        raise StateError(f"{path} is not a readable safetensors state file: its metadata is not a mapping")
     if "__variant__" not in flat:
         raise StateError(f"{path} is not a memzoo state file (no __variant__ entry)")
     if CHECKSUM_KEY not in meta:
