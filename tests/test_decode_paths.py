@@ -10,13 +10,15 @@ tolerance where it computes the same thing another way.
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
 
 import memzoo
 from memzoo import testing as kit
-from memzoo.layers.positions import _ANGLES, _ANGLES_ENTRIES, RoPE, RopeScaling
+from memzoo.layers.positions import _ANGLES, _ANGLES_ENTRIES, _ANGLES_MAX, RoPE, RopeScaling
 
 
 def _plain_rotate(rope: RoPE, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -118,6 +120,27 @@ def test_rope_angle_memo_is_shared_by_equal_ropes_and_notices_changes() -> None:
     for p in range(20):  # bounded: the oldest entries go
         a.key(x, torch.tensor([p]))
     assert len(_ANGLES) <= _ANGLES_ENTRIES and key not in _ANGLES
+
+
+def test_rope_angle_memo_shares_a_long_calls_angles_only_while_its_positions_live() -> None:
+    """A training step's or a prefill's positions (more than ``_ANGLES_MAX``): the layers
+    share one computation of the angles, and the memo does not keep them after the call."""
+    rope = RoPE(8)
+    x = torch.randn(1, 2, _ANGLES_MAX + 1, 8)
+    pos = torch.arange(_ANGLES_MAX + 1)
+    first = rope._cos_sin(pos, x)
+    assert all(a is b for a, b in zip(rope._cos_sin(pos, x), first))  # the second layer's: the same tensors
+    assert torch.equal(rope.key(x, pos), _plain_rotate(rope, x, pos))
+    key = (8, 10000.0, None, x.dtype, x.device, id(pos))
+    cos = weakref.ref(first[0])
+    del first, pos
+    gc.collect()
+    assert key not in _ANGLES and cos() is None  # gone with the positions
+    pos = torch.arange(_ANGLES_MAX + 1)
+    pos.add_(1)  # in place: the version changes, the memo is not used
+    rope._cos_sin(pos, x)
+    pos.sub_(1)
+    assert torch.equal(rope.key(x, pos), _plain_rotate(rope, x, pos))
 
 
 # ------------------------------------------------------------------ sinks

@@ -147,12 +147,13 @@ class RoPE(PositionScheme):
     def _cos_sin(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`_angles` (the rotation's factors), in ``like``'s dtype: (T, Dh) or (B, 1, T, Dh).
 
-        The results of the last few small calls are kept (:data:`_ANGLES`) for every RoPE
-        of the same frequencies: the layers of a decode step rotate at the same position
-        tensors, so their angles are computed once per step, not once per layer. Reused
-        only for that very tensor (identity and in-place version), in eager code."""
+        The results of the last few calls are kept (:data:`_ANGLES`) for every RoPE of the
+        same frequencies: the layers of a call rotate at the same position tensor, so its
+        angles are computed once per call (a decode step, a training step), not once per
+        layer; a long call's only while its positions tensor lives. Reused only for that
+        very tensor (identity and in-place version), in eager code."""
         key = None
-        if not torch.compiler.is_compiling() and pos.numel() <= _ANGLES_MAX and not pos.is_inference():  # compiling: first
+        if not torch.compiler.is_compiling() and not pos.is_inference():  # compiling: first
             # id(pos) is not reused while the entry holds pos itself
             key = (self.head_dim, self.base, self.scaling, like.dtype, like.device, id(pos))
             hit = _ANGLES.lookup(key, pos)
@@ -166,8 +167,8 @@ class RoPE(PositionScheme):
             # inlined cos (measured: a compiled bswa decode step 417 -> 276 µs)
             return torch.ops.memzoo.rope_factors(pos, self._freqs(like.device), self.attention_factor, like.dtype)
         cos, sin = self._angles(pos, like)
-        if key is not None:
-            _ANGLES.keep(key, pos, cos, sin)
+        if key is not None:  # a long call's angles (a prefill, a training step) only while its positions live
+            _ANGLES.keep(key, pos, cos, sin, weak=pos.numel() > _ANGLES_MAX)
         return cos, sin
 
     def _angles(self, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,9 +288,10 @@ def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = N
 
 
 #: RoPE's angle memo: (head width, base, scaling, dtype, device, id of the positions) ->
-#: (the positions tensor, its version, cos, sin), for the last ``_ANGLES_ENTRIES`` calls
-#: with at most ``_ANGLES_MAX`` positions, oldest first. The frequencies are a function
-#: of the first three (set in ``__init__``).
+#: (the positions tensor, its version, cos, sin), for the last ``_ANGLES_ENTRIES`` calls,
+#: oldest first. The frequencies are a function of the first three (set in ``__init__``).
+#: Positions tensors of more than ``_ANGLES_MAX`` entries are held weakly: their angles
+#: (a training step's or a prefill's, shared by the layers of the call) go with them.
 _ANGLES_ENTRIES = 8
 _ANGLES = TensorMemo(_ANGLES_ENTRIES)
 _ANGLES_MAX = 1024
