@@ -103,6 +103,29 @@ def test_compiled_rope_computes_its_factors_in_one_op(dynamic) -> None:
     torch._dynamo.reset()
 
 
+def test_positions_at_rotates_as_at_each_position_apart() -> None:
+    """A scan's rotations made at once (``positions_at``) apply exactly what ``query``/``key``
+    at each ``pos[:, j]`` apply, for RoPE (sliced factors, bitwise) and for a scheme that
+    keeps the base class's default (NoPE)."""
+    from memzoo.layers.positions import NoPositions
+
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.tensor([[[-2, -1], [6, 7], [14, 15]], [[3, 4], [11, 12], [19, 20]]])  # (B, n, F)
+    q, k = torch.randn(2, 4, 2, 8, generator=gen), torch.randn(2, 2, 2, 8, generator=gen)
+    for scheme in (RoPE(8), RoPE(8, 500.0, RopeScaling(type="yarn", factor=2.0, original_max_position_embeddings=64)), NoPositions(8)):
+        at = scheme.positions_at(pos, q)
+        assert len(at) == pos.shape[1]
+        for j, one in enumerate(at):
+            want_q, want_k = scheme.query(q, pos[:, j]), scheme.key(k, pos[:, j])
+            assert torch.equal(scheme.query_at(q, one), want_q) and torch.equal(scheme.key_at(k, one), want_k)
+            got_q, got_k = scheme.query_key_at(q, k, one)
+            assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+            if isinstance(scheme, RoPE):
+                assert not torch.equal(got_k, k)  # it did rotate
+    with pytest.raises(ValueError, match="must match"):
+        RoPE(8).query_key_at(q, k.double(), RoPE(8).positions_at(pos, q)[0])
+
+
 def test_rope_angle_memo_is_shared_by_equal_ropes_and_notices_changes() -> None:
     a, b, other = RoPE(8), RoPE(8), RoPE(8, base=20.0)
     x = torch.randn(1, 2, 1, 8)

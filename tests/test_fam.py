@@ -216,12 +216,22 @@ def test_fam_positions_used_by_the_fast_path():
             return original(t, pos)
         setattr(rope, kind, recording)
 
-    def recording_both(q, k, pos, original=rope.query_key):  # the scan rotates an update's q and k at once
-        if pos.shape[-1] == 2:
-            seen["query"].append(pos.tolist())
-            seen["key"].append(pos.tolist())
-        return original(q, k, pos)
-    rope.query_key = recording_both
+    # the scan makes every update's rotations at once (positions_at) and applies them with
+    # the *_at methods: record the positions each one was made for
+    made_for: dict[int, list[list[int]]] = {}
+
+    def recording_at(pos, like, original=rope.positions_at):
+        made = original(pos, like)
+        for j, at in enumerate(made):
+            made_for[id(at)] = pos[:, j].tolist()
+        return made
+    rope.positions_at = recording_at
+    for name, kinds in (("query_at", ("query",)), ("key_at", ("key",)), ("query_key_at", ("query", "key"))):
+        def recording_one(*args, original=getattr(rope, name), kinds=kinds):
+            for kind in kinds:
+                seen[kind].append(made_for[id(args[-1])])
+            return original(*args)
+        setattr(rope, name, recording_one)
 
     def shifted(*blocks):
         return [[[a + 5, b + 5], [a, b]] for a, b in blocks]

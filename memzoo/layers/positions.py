@@ -11,7 +11,7 @@ Shapes: ``x`` (B, H, T, Dh); ``pos`` (T,) shared by the batch or (B, T) per row
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -83,6 +83,25 @@ class PositionScheme(nn.Module):
     def query_key(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """``(query(q, pos), key(k, pos))``; a scheme may share work between the two."""
         return self.query(q, pos), self.key(k, pos)
+
+    def positions_at(self, pos: Tensor, like: Tensor) -> list[Any]:
+        """For positions ``pos`` (B, n, T), what :meth:`query_at`, :meth:`key_at` and
+        :meth:`query_key_at` take for each ``pos[:, j]`` (tensors like ``like``), made in one
+        go: a scan applying positions at many small steps (FAM's updates) prepares them once.
+        Here the positions themselves; :class:`RoPE` computes all the rotations at once."""
+        return list(pos.unbind(1))
+
+    def query_at(self, q: Tensor, at: Any) -> Tensor:
+        """:meth:`query` at one entry of :meth:`positions_at`."""
+        return self.query(q, at)
+
+    def key_at(self, k: Tensor, at: Any) -> Tensor:
+        """:meth:`key` at one entry of :meth:`positions_at`."""
+        return self.key(k, at)
+
+    def query_key_at(self, q: Tensor, k: Tensor, at: Any) -> tuple[Tensor, Tensor]:
+        """:meth:`query_key` at one entry of :meth:`positions_at`."""
+        return self.query_key(q, k, at)
 
 
 class NoPositions(PositionScheme):
@@ -204,6 +223,24 @@ class RoPE(PositionScheme):
 
     def key(self, k: Tensor, pos: Tensor) -> Tensor:
         return self._rotate(k, pos)
+
+    def positions_at(self, pos: Tensor, like: Tensor) -> list[Any]:
+        """The factors of :meth:`_angles` for every ``pos[:, j]`` (B, n, T) from one
+        computation (slices of it, so the same values as computing each apart)."""
+        cos, sin = self._cos_sin(pos.flatten(1), like)  # (B, 1, n·T, Dh) each
+        shape = pos.shape[1:]
+        return list(zip(cos.unflatten(2, shape).unbind(2), sin.unflatten(2, shape).unbind(2)))
+
+    def query_at(self, q: Tensor, at: Any) -> Tensor:
+        return self._turn(q, *at)
+
+    def key_at(self, k: Tensor, at: Any) -> Tensor:
+        return self._turn(k, *at)
+
+    def query_key_at(self, q: Tensor, k: Tensor, at: Any) -> tuple[Tensor, Tensor]:
+        if q.dtype != k.dtype or q.device != k.device:
+            raise ValueError(f"query_key_at: q ({q.dtype}, {q.device}) and k ({k.dtype}, {k.device}) must match (the factors are made for one)")
+        return self._turn(q, *at), self._turn(k, *at)
 
     def unrotate(self, x: Tensor, pos: Tensor) -> Tensor:
         """The inverse of :meth:`key` (and :meth:`query`): ``unrotate(key(k, p), p) == k``

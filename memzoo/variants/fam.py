@@ -272,9 +272,10 @@ class FAM(BlockWindowBackbone):
         * ``F`` is carried as (B·F, D) rows, so every projection is a plain 2-D matmul
           (a 3-D ``nn.Linear`` input adds a view before and after the matmul, forward and
           backward); the projections are still called as modules;
-        * the positions of every update are made at once, and an update rotates the new
-          ``F``'s queries and keys with one ``query_key`` call (one computation of the
-          angles); the queries only when a later update uses them;
+        * the positions of every update are made at once, and so are their rotations
+          (:meth:`~memzoo.layers.positions.PositionScheme.positions_at`: RoPE's angles in one
+          computation, not one per update); an update rotates the new ``F``'s queries and
+          keys with one ``query_key_at`` call, the queries only when a later update uses them;
         * ``F`` from the state gets its queries projected alone (its keys/values came with it).
         """
         assert isinstance(state, FAMState)
@@ -299,12 +300,14 @@ class FAM(BlockWindowBackbone):
             lo = first_block * size - k_start  # >= 0: the cache holds the partial block from its start
             block_k = keys[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)  # (B, Hkv, L, Dh) each
             block_v = values[:, :, lo : lo + n_done * size].unflatten(2, (n_done, size)).unbind(2)
-            # F's positions at blocks first_block + j, j = 0 … n_done: (B, F) each
+            # F's positions at blocks first_block + j, j = 0 … n_done: (B, n_done + 1, F),
+            # made ready for the rotations at once (RoPE: one computation of the angles)
             offsets = torch.arange(0, (n_done + 1) * size, size, device=fam.device)
-            pos = (self.fam_positions(first_block, state.offset)[:, None, :] + offsets[None, :, None]).unbind(1)
+            pos = self.fam_positions(first_block, state.offset)[:, None, :] + offsets[None, :, None]
+            at = positions.positions_at(pos, keys)
             r: Tensor | None = state.residual  # None: 1 (after the first update)
             rows = fam.reshape(b * f, d)  # F as (B·F, D)
-            fq = positions.query(heads_of(attn.q_proj(layer.input_layernorm(rows))), pos[0])
+            fq = positions.query_at(heads_of(attn.q_proj(layer.input_layernorm(rows))), at[0])
             for j in range(n_done):
                 fam_k.append(fk)
                 fam_v.append(fv)
@@ -322,9 +325,9 @@ class FAM(BlockWindowBackbone):
                 normed = layer.input_layernorm(rows)
                 fv = heads_of(attn.v_proj(normed))
                 if j + 1 < n_done:
-                    fq, fk = positions.query_key(heads_of(attn.q_proj(normed)), heads_of(attn.k_proj(normed)), pos[j + 1])
+                    fq, fk = positions.query_key_at(heads_of(attn.q_proj(normed)), heads_of(attn.k_proj(normed)), at[j + 1])
                 else:
-                    fk = positions.key(heads_of(attn.k_proj(normed)), pos[j + 1])
+                    fk = positions.key_at(heads_of(attn.k_proj(normed)), at[j + 1])
             fam = rows.reshape(b, f, d)
         if n_blocks > n_done:  # the call ends in a partial block: it sees the last F
             fam_k.append(fk)
