@@ -39,10 +39,12 @@ class TensorMemo(dict):
         if weak:
             def forget(ref: "weakref.ref[Tensor]", memo: "weakref.ref[TensorMemo]" = weakref.ref(self)) -> None:
                 owner = memo()
-                if owner is not None and key in owner and owner[key][0] is ref:
-                    del owner[key]
+                hit = None if owner is None else owner.get(key)
+                if hit is not None and hit[0] is ref:  # not an entry made since for a new tensor
+                    owner.pop(key, None)
 
             held = weakref.ref(tensor, forget)
         self[key] = (held, tensor._version, *values)
-        while len(self) > self.entries:
-            self.pop(next(iter(self)), None)
+        # the oldest, listed in one step: a weak entry's callback may drop an entry meanwhile
+        for oldest in list(self)[: max(0, len(self) - self.entries)]:
+            self.pop(oldest, None)
