@@ -226,7 +226,8 @@ class RoPE(PositionScheme):
 
     def positions_at(self, pos: Tensor, like: Tensor) -> list[Any]:
         """The factors of :meth:`_angles` for every ``pos[:, j]`` (B, n, T) from one
-        computation (slices of it, so the same values as computing each apart)."""
+        computation: slices of it, the same elementwise factors as computing each apart
+        (bitwise in ``tests/test_decode_paths.py``)."""
         cos, sin = self._cos_sin(pos.flatten(1), like)  # (B, 1, n·T, Dh) each
         shape = pos.shape[1:]
         return list(zip(cos.unflatten(2, shape).unbind(2), sin.unflatten(2, shape).unbind(2)))
